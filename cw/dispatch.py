@@ -1,0 +1,242 @@
+"""The master's scheduling state, with no I/O.
+
+Everything that decides where a job goes lives in this file.  The master's
+asyncio shell turns what peers send into calls of ``Dispatcher`` methods
+(events) and writes what the dispatcher leaves in ``outbox``: pairs of
+``(peer id, frame)`` where a frame is ``bytes`` or a ``(head, payload)``
+tuple.  Tests drive it with plain calls and read the outbox, no sockets.
+
+Rules kept here:
+- Jobs wait in one FIFO queue and go to idle workers, one job per worker
+  at a time.
+- A result goes only to the client that submitted the job, exactly once.
+  An outcome for a job its worker no longer holds (the job was re-queued or
+  cancelled) is dropped.
+- A worker that leaves with a job gives the job back to the head of the
+  queue; after ``max_attempts`` workers died running it, it fails with LOST.
+- A client that leaves has its queued jobs dropped; outcomes of its running
+  jobs are dropped when they arrive.
+- Before a worker's first job of some client it gets that client's CONTEXT
+  (working directory and sys.path); when the client leaves it is told to
+  forget it (an empty context).
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections import deque
+
+from . import protocol
+from .errors import ProtocolError
+
+#: How many times a job may be started before a lost worker fails it.
+DEFAULT_MAX_ATTEMPTS = 3
+#: SUBMIT's retries byte that means "use the master's default".
+DEFAULT_RETRIES = 0xFF
+
+QUEUED, RUNNING, DONE = "queued", "running", "done"
+
+
+class Job:
+    __slots__ = ("gid", "client", "jobid", "payload", "state", "worker", "attempts", "max_attempts", "lost_on")
+
+    def __init__(self, gid, client, jobid, payload, max_attempts):
+        self.gid = gid
+        self.client = client          # ClientState, or None once the client left
+        self.jobid = jobid            # the client's own id for it
+        self.payload = payload
+        self.state = QUEUED
+        self.worker = None            # WorkerState while running
+        self.attempts = 0
+        self.max_attempts = max_attempts
+        self.lost_on = None           # labels of workers that died running it
+
+
+class ClientState:
+    __slots__ = ("cid", "info", "context", "jobs", "submitted", "done")
+
+    def __init__(self, cid, info):
+        self.cid = cid
+        self.info = info
+        self.context = b"{}"
+        self.jobs = {}                # client jobid -> Job, queued or running
+        self.submitted = 0
+        self.done = 0
+
+
+class WorkerState:
+    __slots__ = ("wid", "info", "label", "job", "contexts", "done", "since")
+
+    def __init__(self, wid, info, label, now):
+        self.wid = wid
+        self.info = info
+        self.label = label            # b"host:pid", sent with each of its results
+        self.job = None
+        self.contexts = set()         # client ids whose CONTEXT it holds
+        self.done = 0
+        self.since = now
+
+
+def worker_label(info: dict) -> bytes:
+    label = f"{info.get('host', '?')}:{info.get('pid', '?')}".encode("utf-8", "replace")
+    return label[:255]
+
+
+class Dispatcher:
+    def __init__(self, max_attempts: int = DEFAULT_MAX_ATTEMPTS, clock=time.monotonic):
+        self.max_attempts = max_attempts
+        self.clock = clock
+        self.started = clock()
+        self.outbox: list = []
+        self.clients: dict[int, ClientState] = {}
+        self.workers: dict[int, WorkerState] = {}
+        self.queue: deque[Job] = deque()
+        self.jobs: dict[int, Job] = {}      # gid -> Job, queued or running
+        self.idle: dict[int, None] = {}     # wids with no job, in the order they freed up
+        self._next_gid = 1
+
+    # --- peers come and go ------------------------------------------------
+
+    def add_client(self, cid: int, info: dict) -> None:
+        self.clients[cid] = ClientState(cid, info)
+
+    def set_context(self, cid: int, context_json: bytes) -> None:
+        protocol.decode_json(context_json, "CONTEXT")  # refuse garbage before workers see it
+        self.clients[cid].context = bytes(context_json)
+
+    def remove_client(self, cid: int) -> None:
+        client = self.clients.pop(cid, None)
+        if client is None:
+            return
+        for job in client.jobs.values():
+            job.client = None
+            if job.state == QUEUED:
+                job.state = DONE             # skipped when it reaches the head of the queue
+                self.jobs.pop(job.gid, None)
+        client.jobs.clear()
+        forget = protocol.encode_context_for_worker(cid, b"{}")
+        for worker in self.workers.values():
+            if cid in worker.contexts:
+                worker.contexts.discard(cid)
+                self.outbox.append((worker.wid, forget))
+
+    def add_worker(self, wid: int, info: dict) -> None:
+        self.workers[wid] = WorkerState(wid, info, worker_label(info), self.clock())
+        self.idle[wid] = None
+        self._pump()
+
+    def remove_worker(self, wid: int) -> None:
+        worker = self.workers.pop(wid, None)
+        if worker is None:
+            return
+        self.idle.pop(wid, None)
+        job = worker.job
+        if job is not None:
+            self._job_lost(job, worker)
+        self._pump()
+
+    def _job_lost(self, job: Job, worker: WorkerState) -> None:
+        job.worker = None
+        job.lost_on = (job.lost_on or ()) + (worker.label.decode("utf-8", "replace"),)
+        if job.client is None:
+            job.state = DONE
+            self.jobs.pop(job.gid, None)
+        elif job.attempts >= job.max_attempts:
+            body = json.dumps({"attempts": job.attempts, "workers": list(job.lost_on)}).encode()
+            self._finish(job, protocol.LOST, worker.label, body)
+        else:
+            job.state = QUEUED
+            self.queue.appendleft(job)  # it waited its turn once already
+
+    # --- jobs ---------------------------------------------------------------
+
+    def submit(self, cid: int, jobid: int, retries: int, payload) -> None:
+        client = self.clients[cid]
+        if jobid in client.jobs:
+            raise ProtocolError(f"the client submitted job id {jobid} twice")
+        max_attempts = self.max_attempts if retries == DEFAULT_RETRIES else retries + 1
+        job = Job(self._next_gid, client, jobid, payload, max_attempts)
+        self._next_gid += 1
+        client.jobs[jobid] = job
+        client.submitted += 1
+        self.jobs[job.gid] = job
+        self.queue.append(job)
+        if self.idle:
+            self._pump()
+
+    def cancel(self, cid: int, jobid: int) -> None:
+        client = self.clients[cid]
+        job = client.jobs.get(jobid)
+        if job is None or job.state != QUEUED:
+            # Finished already (its result is on the way) or running: the
+            # client drops whatever arrives for a cancelled future.
+            self.outbox.append((cid, protocol.encode_cancelled(jobid, False)))
+            return
+        job.state = DONE
+        job.payload = None
+        del client.jobs[jobid]
+        self.jobs.pop(job.gid, None)
+        self.outbox.append((cid, protocol.encode_cancelled(jobid, True)))
+
+    def outcome(self, wid: int, gid: int, status: int, payload) -> None:
+        worker = self.workers[wid]
+        job = worker.job
+        if job is None or job.gid != gid:
+            raise ProtocolError(f"the worker sent an outcome for job {gid}, which it was not running")
+        worker.job = None
+        worker.done += 1
+        self.idle[wid] = None
+        if job.client is None:
+            job.state = DONE
+            self.jobs.pop(gid, None)
+        else:
+            self._finish(job, status, worker.label, payload)
+        self._pump()
+
+    def _finish(self, job: Job, status: int, label: bytes, payload) -> None:
+        client = job.client
+        job.state = DONE
+        job.payload = None
+        self.jobs.pop(job.gid, None)
+        del client.jobs[job.jobid]
+        client.done += 1
+        self.outbox.append((client.cid, protocol.encode_result(job.jobid, status, label, payload)))
+
+    def _pump(self) -> None:
+        """Hands queued jobs to idle workers."""
+        queue, idle, outbox = self.queue, self.idle, self.outbox
+        while queue and idle:
+            job = queue.popleft()
+            if job.state != QUEUED:
+                continue                     # cancelled, or its client left
+            wid = next(iter(idle))
+            del idle[wid]
+            worker = self.workers[wid]
+            cid = job.client.cid
+            if cid not in worker.contexts:
+                worker.contexts.add(cid)
+                outbox.append((wid, protocol.encode_context_for_worker(cid, job.client.context)))
+            job.state = RUNNING
+            job.worker = worker
+            job.attempts += 1
+            worker.job = job
+            outbox.append((wid, protocol.encode_job(job.gid, cid, job.payload)))
+
+    # --- what the master can tell ------------------------------------------
+
+    def status(self) -> dict:
+        now = self.clock()
+        workers = [{
+            "id": w.wid, "host": w.info.get("host"), "pid": w.info.get("pid"),
+            "state": "busy" if w.job is not None else "idle", "jobs_done": w.done,
+            "connected_s": round(now - w.since, 3),
+        } for w in self.workers.values()]
+        clients = [{
+            "id": c.cid, "host": c.info.get("host"), "pid": c.info.get("pid"),
+            "submitted": c.submitted, "done": c.done,
+            "queued": sum(1 for j in c.jobs.values() if j.state == QUEUED),
+            "running": sum(1 for j in c.jobs.values() if j.state == RUNNING),
+        } for c in self.clients.values()]
+        running = sum(1 for w in self.workers.values() if w.job is not None)
+        return {"workers": workers, "clients": clients, "queued": len(self.jobs) - running,
+                "running": running, "uptime_s": round(now - self.started, 3)}

@@ -1,0 +1,77 @@
+"""The exceptions cw raises.  Imports nothing from cw, so every module may use it.
+
+The family is shallow on purpose (see CPython's BrokenExecutor): catch
+``cw.CwError`` for anything cw itself reports; every failed future gets its
+own instance.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+
+
+class CwError(Exception):
+    """Base class of every error cw reports itself."""
+
+
+class ProtocolError(CwError):
+    """A peer sent bytes that are not valid cw frames (bad length, bad type)."""
+
+
+class AuthenticationError(CwError):
+    """The shared-secret handshake failed: the two sides hold different secrets."""
+
+
+class SecretFileError(CwError):
+    """The secret file is missing, unsafe (readable by others) or too short."""
+
+
+class BrokenCluster(CwError, concurrent.futures.BrokenExecutor):
+    """The connection to the master was lost; pending futures fail with this."""
+
+
+class WorkerLost(CwError):
+    """A job's worker died under it on every attempt it was given."""
+
+    def __init__(self, message: str, jobid=None, attempts: int = 0, workers=()):
+        super().__init__(message)
+        self.jobid = jobid
+        self.attempts = attempts
+        self.workers = tuple(workers)
+
+    def __reduce__(self):
+        return (type(self), (self.args[0], self.jobid, self.attempts, self.workers))
+
+
+class SerializationError(CwError):
+    """User data could not be pickled or unpickled; the subclass says where."""
+
+
+class CallPicklingError(SerializationError):
+    """The client could not pickle the function or its arguments."""
+
+
+class CallUnpicklingError(SerializationError):
+    """The worker could not unpickle the function or its arguments."""
+
+
+class ResultPicklingError(SerializationError):
+    """The worker could not pickle the job's result (or its exception)."""
+
+
+class ResultUnpicklingError(SerializationError):
+    """The client could not unpickle the result the worker sent."""
+
+
+class RemoteTraceback(Exception):
+    """Carries the worker's traceback text; set as ``__cause__`` of a job's exception."""
+
+    def __init__(self, tb: str):
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return self.tb
+
+
+class RemoteError(CwError):
+    """Stands in for a job's exception that could not travel back as itself."""

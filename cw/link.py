@@ -1,0 +1,136 @@
+"""A blocking, authenticated connection to the master, for workers and clients.
+
+``open_link`` connects (retrying while the master is not up yet), runs the
+handshake and says HELLO; ``Link.recv`` returns one frame at a time and
+``Link.send`` writes frames from any thread.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+
+from . import PORT, protocol
+from .errors import AuthenticationError, BrokenCluster, ProtocolError
+
+log = logging.getLogger("cw.link")
+
+#: Seconds allowed for the handshake once the TCP connection is up.
+HANDSHAKE_TIMEOUT = 10.0
+_RECV_SIZE = 256 * 1024
+
+
+def parse_address(address: str | None, default_port: int = PORT) -> tuple[str, int]:
+    """'host', 'host:port', '[v6]:port' or None -> (host, port)."""
+    if not address:
+        return "localhost", default_port
+    if address.startswith("["):
+        host, _, rest = address[1:].partition("]")
+        return host, int(rest[1:]) if rest.startswith(":") else default_port
+    if address.count(":") == 1:
+        host, port = address.split(":")
+        try:
+            return host or "localhost", int(port)
+        except ValueError:
+            raise ValueError(f"bad port in master address {address!r}; expected HOST:PORT") from None
+    return address, default_port
+
+
+class Link:
+    def __init__(self, sock: socket.socket, decoder: protocol.FrameDecoder, address: str):
+        self.sock = sock
+        self.decoder = decoder
+        self.address = address
+        self._send_lock = threading.Lock()
+
+    def send(self, *chunks) -> None:
+        """Sends whole frames; ``chunks`` may mix bytes and (head, payload) pairs."""
+        flat = []
+        for chunk in chunks:
+            if type(chunk) is tuple:
+                flat.extend(chunk)
+            else:
+                flat.append(chunk)
+        with self._send_lock:
+            if sum(len(c) for c in flat) < 64 * 1024:
+                self.sock.sendall(b"".join(flat))
+            else:
+                for c in flat:          # big payloads go out as they are, uncopied
+                    self.sock.sendall(c)
+
+    def recv(self):
+        """The next frame as ``(type, body)``, or None when the master closed."""
+        decoder = self.decoder
+        while True:
+            item = decoder.next_frame()
+            if item is not None:
+                return item
+            data = self.sock.recv(_RECV_SIZE)
+            if not data:
+                if decoder.buffered:
+                    raise ProtocolError(f"the master at {self.address} closed the connection mid-frame")
+                return None
+            decoder.feed(data)
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+def open_link(host: str, port: int, secret: bytes, hello: dict, connect_timeout: float = 10.0) -> Link:
+    """Connects and authenticates, retrying refused connections with backoff
+    for up to ``connect_timeout`` seconds.  Raises BrokenCluster when the
+    master cannot be reached, AuthenticationError when secrets differ."""
+    address = f"{host}:{port}"
+    deadline = time.monotonic() + connect_timeout
+    delay = 0.05
+    while True:
+        try:
+            sock = socket.create_connection((host, port), timeout=HANDSHAKE_TIMEOUT)
+            break
+        except OSError as exc:
+            if time.monotonic() + delay > deadline:
+                raise BrokenCluster(
+                    f"cannot reach a cw master at {address} ({exc.strerror or exc}) within {connect_timeout:g} s: "
+                    "start one with `python -m cw.master`, or check the host and port") from None
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    link = Link(sock, protocol.FrameDecoder(protocol.PREAUTH_MAX_FRAME), address)
+    try:
+        _handshake(link, secret)
+        link.send(protocol.encode_json(protocol.HELLO, hello))
+    except socket.timeout:
+        link.close()
+        raise BrokenCluster(f"the master at {address} did not finish the handshake within "
+                            f"{HANDSHAKE_TIMEOUT:g} s; is that port a cw master?") from None
+    except (OSError, ProtocolError, AuthenticationError):
+        link.close()
+        raise
+    sock.settimeout(None)
+    link.decoder.max_frame = protocol.DEFAULT_MAX_FRAME
+    return link
+
+
+def _handshake(link: Link, secret: bytes) -> None:
+    item = link.recv()
+    if item is None:
+        raise BrokenCluster(f"the master at {link.address} closed the connection before the handshake")
+    challenge_type, challenge = item
+    nonce, response = protocol.peer_response(secret, challenge_type, challenge)
+    link.send(response)
+    item = link.recv()
+    if item is None:
+        raise AuthenticationError(
+            f"the master at {link.address} closed the connection during the handshake; "
+            "its secret file probably differs from this machine's")
+    protocol.verify_proof(secret, challenge, nonce, *item)
+
+
+def peer_info(role: str) -> dict:
+    return {"role": role, "host": socket.gethostname(), "pid": os.getpid()}

@@ -1,0 +1,149 @@
+"""A cw cluster of local processes: ``cw.allocate``, ``cw.start``, ``cw.stop``.
+
+The master is started first and its readiness line read (it names the real
+port, so port 0 works); the workers follow.  ``stop`` ends exactly the
+processes ``start`` created, by pid: the worker supervisors (which stop their
+own children) and the master.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
+
+from . import PORT
+from .errors import CwError
+
+#: Seconds to wait for the master's readiness line.
+READY_TIMEOUT = 30.0
+#: Seconds a process gets to exit on SIGTERM before it is killed.
+STOP_TIMEOUT = 10.0
+READY_PREFIX = "cw master listening on "
+
+
+class LocalCluster:
+    def __init__(self, master: subprocess.Popen, host: str, port: int):
+        self.master = master
+        self.host = host
+        self.port = port
+        self.workers: list[subprocess.Popen] = []
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def add_workers(self, n: int, connect_timeout: float = 60.0) -> subprocess.Popen:
+        """Starts one supervisor running ``n`` worker processes."""
+        proc = subprocess.Popen([sys.executable, "-m", "cw.worker", self.address, "-n", str(n),
+                                 "--connect-timeout", str(connect_timeout), "--log-level", "WARNING"],
+                                stdin=subprocess.DEVNULL)
+        self.workers.append(proc)
+        return proc
+
+    def executor(self, **options):
+        from .client import ClusterExecutor
+        return ClusterExecutor(self.host, self.port, **options)
+
+    def wait_for_workers(self, n: int, timeout: float = 60.0) -> None:
+        """Blocks until ``n`` workers are connected to the master."""
+        with self.executor() as ex:
+            deadline = time.monotonic() + timeout
+            while len(ex.status()["workers"]) < n:
+                if time.monotonic() > deadline:
+                    raise CwError(f"only {len(ex.status()['workers'])} of {n} workers connected to "
+                                  f"{self.address} within {timeout:g} s; see the workers' log on stderr")
+                if self.master.poll() is not None:
+                    raise CwError(f"the master at {self.address} exited with status {self.master.returncode}")
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        for proc in self.workers + [self.master]:
+            _terminate(proc)
+        for proc in self.workers + [self.master]:
+            _reap(proc)
+
+
+def _terminate(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        try:
+            proc.send_signal(signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+
+def _reap(proc: subprocess.Popen) -> None:
+    try:
+        proc.wait(STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    if proc.stdout is not None:
+        proc.stdout.close()
+
+
+def start_master(port: int = PORT, bind: str = "127.0.0.1", env=None) -> LocalCluster:
+    """Starts ``python -m cw.master`` and waits for its readiness line."""
+    proc = subprocess.Popen([sys.executable, "-m", "cw.master", "--bind", bind, "--port", str(port),
+                             "--log-level", "WARNING"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        line = read_line(proc, READY_TIMEOUT)
+    except BaseException:
+        _terminate(proc)
+        _reap(proc)
+        raise
+    if not line.startswith(READY_PREFIX):
+        _terminate(proc)
+        _reap(proc)
+        raise CwError(f"the master did not start (it printed {line!r}); see its error above")
+    host, _, real_port = line[len(READY_PREFIX):].strip().rpartition(":")
+    return LocalCluster(proc, host, int(real_port))
+
+
+def read_line(proc: subprocess.Popen, timeout: float) -> str:
+    """Reads one line of a child's stdout, waiting at most ``timeout`` seconds."""
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        if not sel.select(timeout):
+            raise CwError(f"process {proc.pid} ({' '.join(proc.args[:3])}) printed nothing within {timeout:g} s")
+    return proc.stdout.readline()
+
+
+def start(nworkers: int | None = None, port: int = PORT, wait: bool = True) -> LocalCluster:
+    """Starts a master and ``nworkers`` workers (default: one per core) on this machine."""
+    nworkers = nworkers or os.cpu_count() or 1
+    cluster = start_master(port)
+    try:
+        cluster.add_workers(nworkers)
+        if wait:
+            cluster.wait_for_workers(nworkers)
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
+
+
+def stop(cluster: LocalCluster) -> None:
+    cluster.stop()
+
+
+@contextlib.contextmanager
+def allocate(nworkers: int | None = None, port: int = PORT):
+    """Runs a local cluster for the ``with`` block.  Inside it, a client made
+    with no host (``ClusterExecutor()``) finds this cluster's master."""
+    from .client import ENV_MASTER
+    cluster = start(nworkers, port)
+    previous = os.environ.get(ENV_MASTER)
+    os.environ[ENV_MASTER] = cluster.address
+    try:
+        yield cluster
+    finally:
+        if previous is None:
+            os.environ.pop(ENV_MASTER, None)
+        else:
+            os.environ[ENV_MASTER] = previous
+        cluster.stop()

@@ -1,0 +1,278 @@
+"""The master: an asyncio server around the pure ``Dispatcher``.
+
+Each TCP connection gets a ``PeerConnection``.  It authenticates the peer,
+learns from HELLO whether it is a client or a worker, decodes its frames and
+turns them into dispatcher events.  After each batch of received bytes the
+master writes everything the dispatcher queued, one write per peer, so many
+small frames share a system call.
+
+Usage: ``python -m cw.master [--bind ADDR] [--port N]``; when it is ready it
+prints ``cw master listening on HOST:PORT`` on stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import logging
+import signal
+import sys
+
+from . import PORT, protocol
+from .auth import load_secret
+from .dispatch import Dispatcher
+from .errors import AuthenticationError, CwError, ProtocolError
+
+log = logging.getLogger("cw.master")
+
+#: Seconds a new connection has to finish the handshake and say HELLO.
+HANDSHAKE_TIMEOUT = 10.0
+#: Largest HELLO (JSON) accepted, before a peer's role is known.
+MAX_HELLO = 64 * 1024
+#: Listen backlog: thousands of workers may connect at once when a cluster starts.
+BACKLOG = 4096
+
+
+class Master:
+    def __init__(self, secret: bytes, dispatcher: Dispatcher | None = None):
+        self.secret = secret
+        self.dispatcher = dispatcher or Dispatcher()
+        self.peers: dict[int, PeerConnection] = {}
+        self.connections: set[PeerConnection] = set()
+        self._next_id = 1
+
+    def new_peer_id(self) -> int:
+        pid = self._next_id
+        self._next_id += 1
+        return pid
+
+    def flush(self) -> None:
+        """Writes what the dispatcher queued, gathered into one write per peer."""
+        outbox = self.dispatcher.outbox
+        if not outbox:
+            return
+        self.dispatcher.outbox = []
+        gathered: dict[int, list] = {}
+        for peer_id, data in outbox:
+            chunks = gathered.get(peer_id)
+            if chunks is None:
+                chunks = gathered[peer_id] = []
+            if type(data) is tuple:
+                chunks.extend(data)
+            else:
+                chunks.append(data)
+        for peer_id, chunks in gathered.items():
+            conn = self.peers.get(peer_id)
+            if conn is not None:
+                conn.write(chunks)
+
+    def close_all(self) -> None:
+        for conn in list(self.connections):
+            conn.transport.close()
+
+
+class PeerConnection(asyncio.Protocol):
+    def __init__(self, master: Master):
+        self.master = master
+        self.dispatcher = master.dispatcher
+        self.transport = None
+        self.address = "?"
+        self.role = None            # "client" or "worker" after HELLO
+        self.peer_id = None
+        self.name = "unauthenticated peer"
+        self.decoder = protocol.FrameDecoder(protocol.PREAUTH_MAX_FRAME)
+        self.handler = self._on_handshake
+        self.timer = None
+        self.nonce = b""
+
+    # --- asyncio callbacks ------------------------------------------------
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.address = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self.name = f"peer {self.address}"
+        self.master.connections.add(self)
+        self.nonce, challenge = protocol.server_challenge()
+        transport.write(challenge)
+        self.timer = asyncio.get_running_loop().call_later(HANDSHAKE_TIMEOUT, self._handshake_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.decoder.feed(data)
+            while self.handler is not None:
+                item = self.decoder.next_frame()
+                if item is None:
+                    break
+                self.handler(*item)
+        except (ProtocolError, AuthenticationError) as exc:
+            self.drop(str(exc))
+        except Exception:  # a bug must cost one connection, never the master
+            log.exception("internal error while handling %s; dropping it", self.name)
+            self.drop("internal error in the master (see its log)")
+        finally:
+            self.master.flush()
+
+    def eof_received(self):
+        return False  # close our side too
+
+    def connection_lost(self, exc) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.handler = None
+        self.master.connections.discard(self)
+        if self.peer_id is not None:
+            self.master.peers.pop(self.peer_id, None)
+            if self.role == "client":
+                self.dispatcher.remove_client(self.peer_id)
+            elif self.role == "worker":
+                self.dispatcher.remove_worker(self.peer_id)
+            log.info("%s disconnected", self.name)
+            self.master.flush()
+
+    # --- writing and dropping ----------------------------------------------
+
+    def write(self, chunks: list) -> None:
+        if not self.transport.is_closing():
+            self.transport.writelines(chunks)
+
+    def drop(self, reason: str) -> None:
+        """Tells the peer why, then closes: a bad peer costs only itself."""
+        if self.handler is None:
+            return
+        log.warning("dropping %s: %s", self.name, reason)
+        self.handler = None
+        if not self.transport.is_closing():
+            self.transport.write(protocol.encode_error(reason))
+            self.transport.close()
+
+    def _handshake_timeout(self) -> None:
+        self.drop(f"no handshake and HELLO within {HANDSHAKE_TIMEOUT:g} s")
+
+    # --- frame handlers, one per connection state ---------------------------
+
+    def _on_handshake(self, ftype: int, body: bytes) -> None:
+        proof = protocol.verify_response(self.master.secret, self.nonce, ftype, body)
+        self.transport.write(proof)
+        self.decoder.max_frame = MAX_HELLO
+        self.handler = self._on_hello
+
+    def _on_hello(self, ftype: int, body: bytes) -> None:
+        if ftype != protocol.HELLO:
+            raise ProtocolError(f"expected HELLO after the handshake, got {protocol.FRAME_NAMES.get(ftype, ftype)}")
+        info = protocol.decode_json(body, "HELLO")
+        role = info.get("role")
+        if role not in ("client", "worker"):
+            raise ProtocolError(f"HELLO names role {role!r}; expected 'client' or 'worker'")
+        self.timer.cancel()
+        self.timer = None
+        self.role = role
+        self.peer_id = self.master.new_peer_id()
+        self.master.peers[self.peer_id] = self
+        self.name = f"{role} {self.peer_id} ({info.get('host')} pid {info.get('pid')}, from {self.address})"
+        self.decoder.max_frame = protocol.DEFAULT_MAX_FRAME
+        log.info("%s connected", self.name)
+        if role == "client":
+            self.dispatcher.add_client(self.peer_id, info)
+            self.handler = self._on_client_frame
+        else:
+            self.dispatcher.add_worker(self.peer_id, info)
+            self.handler = self._on_worker_frame
+
+    def _on_client_frame(self, ftype: int, body: bytes) -> None:
+        if ftype == protocol.SUBMIT:
+            jobid, retries, payload = protocol.decode_submit(body)
+            self.dispatcher.submit(self.peer_id, jobid, retries, payload)
+        elif ftype == protocol.CANCEL:
+            self.dispatcher.cancel(self.peer_id, protocol.decode_cancel(body))
+        elif ftype == protocol.CONTEXT:
+            self.dispatcher.set_context(self.peer_id, body)
+        elif ftype == protocol.STATUS_REQ:
+            reqid = protocol.decode_status_request(body)
+            self.transport.write(protocol.encode_status(reqid, self.dispatcher.status()))
+        else:
+            self._unexpected(ftype, body)
+
+    def _on_worker_frame(self, ftype: int, body: bytes) -> None:
+        if ftype == protocol.OUTCOME:
+            gid, status, payload = protocol.decode_outcome(body)
+            self.dispatcher.outcome(self.peer_id, gid, status, payload)
+        else:
+            self._unexpected(ftype, body)
+
+    def _unexpected(self, ftype: int, body: bytes) -> None:
+        if ftype == protocol.ERROR:
+            raise ProtocolError(f"it reported an error: {bytes(body[:500]).decode('utf-8', 'replace')}")
+        raise ProtocolError(f"a {self.role} may not send frame type {protocol.FRAME_NAMES.get(ftype, ftype)}")
+
+
+async def serve(bind: str = "127.0.0.1", port: int = PORT, secret: bytes | None = None,
+                ready=None, stop: asyncio.Event | None = None) -> None:
+    """Runs a master until ``stop`` is set (or SIGINT/SIGTERM when run as a program)."""
+    if secret is None:
+        secret = load_secret(create=True)
+    master = Master(secret)
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: PeerConnection(master), bind, port, backlog=BACKLOG)
+    host, real_port = server.sockets[0].getsockname()[:2]
+    if ready is not None:
+        ready(host, real_port)
+    stop = stop or asyncio.Event()
+    try:
+        await stop.wait()
+    finally:
+        server.close()
+        master.close_all()
+        await server.wait_closed()
+
+
+def _is_loopback(bind: str) -> bool:
+    if bind == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(bind).is_loopback
+    except ValueError:
+        return False
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cw.master", description="Run a cw master.")
+    parser.add_argument("--bind", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
+    parser.add_argument("--port", type=int, default=PORT, help=f"TCP port (default {PORT}; 0 picks a free one)")
+    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        secret = load_secret(create=True)
+    except CwError as exc:
+        print(f"cw.master: {exc}", file=sys.stderr)
+        return 2
+    if not _is_loopback(args.bind):
+        log.warning("listening on %s: any machine that can reach it and holds the secret file can run code "
+                    "on your workers; keep the secret file private", args.bind)
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+
+        def ready(host, port):
+            print(f"cw master listening on {host}:{port}", flush=True)
+
+        await serve(args.bind, args.port, secret, ready, stop)
+
+    try:
+        asyncio.run(run())
+    except OSError as exc:
+        print(f"cw.master: cannot listen on {args.bind}:{args.port}: {exc.strerror}; is another master "
+              "running there? choose another --port", file=sys.stderr)
+        return 1
+    log.info("master stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""The only module that pickles and unpickles user data.
+
+A job payload is ``cloudpickle.dumps((func, args, kwargs))``, or for a chunk
+of ``map`` calls ``(BATCH, func, [args, ...])``.  An outcome payload is the
+pickled return value, or a pickled ``(exception, traceback text)`` pair.  Each
+stage that can fail raises its own ``SerializationError`` subclass, so the
+user learns whether the call or the result could not travel, and on which side.
+"""
+from __future__ import annotations
+
+import pickle
+import traceback
+
+import cloudpickle
+
+from . import protocol
+from .errors import (CallPicklingError, CallUnpicklingError, RemoteError, RemoteTraceback,
+                     ResultPicklingError, ResultUnpicklingError)
+
+PROTOCOL = 5
+BATCH = "cw-batch"
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+# --- client side ------------------------------------------------------------
+
+def dumps_call(func, args, kwargs) -> bytes:
+    try:
+        return cloudpickle.dumps((func, args, kwargs), protocol=PROTOCOL)
+    except Exception as exc:
+        raise CallPicklingError(
+            f"cannot pickle the call {_name(func)}(...) to send it to a worker ({_describe(exc)}); "
+            "pass arguments that pickle, or create unpicklable objects inside the job") from exc
+
+
+def dumps_batch(func, arglists) -> bytes:
+    try:
+        return cloudpickle.dumps((BATCH, func, arglists), protocol=PROTOCOL)
+    except Exception as exc:
+        raise CallPicklingError(
+            f"cannot pickle a chunk of map calls to {_name(func)} ({_describe(exc)}); "
+            "pass arguments that pickle") from exc
+
+
+def load_outcome(status: int, data):
+    """Returns ``(True, value)`` or ``(False, exception)`` for a RESULT's payload."""
+    if status == protocol.OK:
+        try:
+            return True, pickle.loads(data)
+        except BaseException as exc:  # noqa: BLE001 - any failure of user code in __setstate__
+            return False, _unpickling_error("the job's result", exc)
+    try:
+        exc, tb = pickle.loads(data)
+    except BaseException as exc:  # noqa: BLE001
+        return False, _unpickling_error("the exception the job raised", exc)
+    if tb:
+        exc.__cause__ = RemoteTraceback(tb)
+    return False, exc
+
+
+def _unpickling_error(what: str, exc: BaseException) -> ResultUnpicklingError:
+    err = ResultUnpicklingError(
+        f"cannot unpickle {what} in the client ({_describe(exc)}); the class or module it needs "
+        "may be missing or different here: install the same code on client and workers")
+    err.__cause__ = exc
+    return err
+
+
+def batch_items(outcomes):
+    """Yields ``(True, value)`` or ``(False, exception)`` for each call of a map chunk."""
+    for ok, value in outcomes:
+        if ok:
+            yield True, value
+        else:
+            exc, tb = value
+            exc.__cause__ = RemoteTraceback(tb)
+            yield False, exc
+
+
+# --- worker side ------------------------------------------------------------
+
+def run_payload(data) -> tuple[int, bytes]:
+    """Runs one job payload; returns ``(status, outcome payload)``.  Never raises
+    for anything the job does, except KeyboardInterrupt and the like, which end
+    the worker (the master then re-runs the job elsewhere)."""
+    try:
+        call = pickle.loads(data)
+    except (Exception, SystemExit) as exc:
+        return _error_outcome(CallUnpicklingError(
+            f"the worker cannot unpickle the job ({_describe(exc)}); the function's module may be "
+            "missing on the worker: install it there, or define the function in the client's script"), exc)
+    if len(call) == 3 and call[0] == BATCH:
+        _, func, arglists = call
+        return _run_batch(func, arglists)
+    func, args, kwargs = call
+    try:
+        value = func(*args, **kwargs)
+    except (Exception, SystemExit) as exc:
+        return _error_outcome(exc)
+    try:
+        return protocol.OK, cloudpickle.dumps(value, protocol=PROTOCOL)
+    except (Exception, SystemExit) as exc:
+        return _error_outcome(ResultPicklingError(
+            f"the worker cannot pickle the result of {_name(func)} ({_describe(exc)}); "
+            "return plain data (numbers, strings, lists, dicts, arrays) instead"), exc)
+
+
+def _run_batch(func, arglists) -> tuple[int, bytes]:
+    outcomes = []
+    for args in arglists:
+        try:
+            outcomes.append((True, func(*args)))
+        except (Exception, SystemExit) as exc:
+            outcomes.append((False, (exc, traceback.format_exc())))
+    try:
+        return protocol.OK, cloudpickle.dumps(outcomes, protocol=PROTOCOL)
+    except (Exception, SystemExit):
+        pass
+    # One item would not pickle: send each on its own so only that one fails.
+    safe = []
+    for ok, value in outcomes:
+        try:
+            cloudpickle.dumps(value, protocol=PROTOCOL)
+            safe.append((ok, value))
+        except (Exception, SystemExit) as exc:
+            err = ResultPicklingError(
+                f"the worker cannot pickle the result of {_name(func)} ({_describe(exc)})")
+            safe.append((False, (err, traceback.format_exc())))
+    return protocol.OK, cloudpickle.dumps(safe, protocol=PROTOCOL)
+
+
+def _error_outcome(exc: BaseException, cause: BaseException | None = None) -> tuple[int, bytes]:
+    tb = "".join(traceback.format_exception(cause or exc))
+    try:
+        data = cloudpickle.dumps((exc, tb), protocol=PROTOCOL)
+        pickle.loads(data)  # an exception that pickles may still fail to unpickle (odd __init__)
+        return protocol.RAISED, data
+    except Exception as pickling_exc:
+        stand_in = RemoteError(
+            f"the job raised {_describe(exc)}, which cannot be pickled to travel back "
+            f"({_describe(pickling_exc)}); its traceback follows as the cause")
+        return protocol.RAISED, cloudpickle.dumps((stand_in, tb), protocol=PROTOCOL)
+
+
+def _name(func) -> str:
+    return getattr(func, "__qualname__", None) or repr(func)

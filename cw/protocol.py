@@ -1,0 +1,312 @@
+"""cw's wire protocol, with no I/O (in the manner of h11).
+
+Every connection carries frames::
+
+    +----------------+---------+----------------------+
+    | length: u32 BE | type:u8 | body (length bytes)  |
+    +----------------+---------+----------------------+
+
+A frame's body starts with a few fixed fields (``struct``) and may end with an
+opaque payload: pickled user data that only clients and workers ever look at.
+The master moves payloads as bytes and never unpickles them.
+
+Before anything else each connection runs a mutual HMAC-SHA256 handshake on a
+shared secret (``server_challenge`` ... ``verify_proof``); until it succeeds the
+decoder refuses frames bigger than ``PREAUTH_MAX_FRAME``, so an unauthenticated
+peer can make us hold only a few KiB.
+
+Data flow of one job::
+
+    client --SUBMIT(jobid, payload)--> master --JOB(gid, ctx, payload)--> worker
+    client <--RESULT(jobid, status, worker, payload)-- master <--OUTCOME(gid, status, payload)-- worker
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import struct
+
+from .errors import AuthenticationError, ProtocolError
+
+VERSION = 1
+HEADER = struct.Struct("!IB")
+HEADER_SIZE = HEADER.size
+
+#: Largest frame accepted after authentication (a job or result payload).
+DEFAULT_MAX_FRAME = 1 << 30
+#: Largest frame accepted before the peer has authenticated.
+PREAUTH_MAX_FRAME = 4096
+
+# Frame types.  Handshake first, then the messages of an authenticated link.
+CHALLENGE = 1   # server -> peer: version u8, nonce[32]
+RESPONSE = 2    # peer -> server: nonce[32], mac[32]
+PROOF = 3       # server -> peer: mac[32]
+HELLO = 10      # peer -> master: JSON {"role": "client"|"worker", "host", "pid", ...}
+CONTEXT = 11    # client -> master: JSON {"cwd", "path"}; master -> worker: ctx u32 + that JSON
+SUBMIT = 12     # client -> master: jobid u64, retries u8 (255: master default) + payload
+CANCEL = 13     # client -> master: jobid u64
+JOB = 14        # master -> worker: gid u64, ctx u32 + payload
+OUTCOME = 15    # worker -> master: gid u64, status u8 + payload
+RESULT = 16     # master -> client: jobid u64, status u8, label length u8, label + payload
+CANCELLED = 17  # master -> client: jobid u64, cancelled u8 (0: too late, it runs)
+STATUS_REQ = 18  # client -> master: request id u32
+STATUS = 19     # master -> client: request id u32 + JSON
+ERROR = 20      # either way, before closing: UTF-8 text saying why
+
+FRAME_NAMES = {
+    CHALLENGE: "CHALLENGE", RESPONSE: "RESPONSE", PROOF: "PROOF", HELLO: "HELLO", CONTEXT: "CONTEXT",
+    SUBMIT: "SUBMIT", CANCEL: "CANCEL", JOB: "JOB", OUTCOME: "OUTCOME", RESULT: "RESULT",
+    CANCELLED: "CANCELLED", STATUS_REQ: "STATUS_REQ", STATUS: "STATUS", ERROR: "ERROR",
+}
+
+# Outcome status codes (OUTCOME and RESULT frames).
+OK = 0        # payload: the pickled return value
+RAISED = 1    # payload: a pickled exception with its remote traceback
+LOST = 2      # made by the master; payload: JSON {"attempts", "workers"}
+
+_U32 = struct.Struct("!I")
+_U64 = struct.Struct("!Q")
+_SUBMIT = struct.Struct("!QB")
+_JOB = struct.Struct("!QI")
+_OUTCOME = struct.Struct("!QB")
+_RESULT = struct.Struct("!QBB")
+_CANCELLED = struct.Struct("!QB")
+
+
+def frame(ftype: int, body: bytes = b"") -> bytes:
+    """One whole frame: header and body."""
+    return HEADER.pack(len(body), ftype) + body
+
+
+def _head(ftype: int, fields: bytes, payload_len: int) -> bytes:
+    return HEADER.pack(len(fields) + payload_len, ftype) + fields
+
+
+# --- encoders.  Those carrying a payload return (head, payload) so that a big
+# payload is handed to the socket as it is instead of being copied into a frame.
+
+def encode_json(ftype: int, obj) -> bytes:
+    return frame(ftype, json.dumps(obj, separators=(",", ":")).encode())
+
+
+def encode_submit(jobid: int, retries: int, payload: bytes) -> tuple[bytes, bytes]:
+    return _head(SUBMIT, _SUBMIT.pack(jobid, retries), len(payload)), payload
+
+
+def encode_cancel(jobid: int) -> bytes:
+    return frame(CANCEL, _U64.pack(jobid))
+
+
+def encode_job(gid: int, ctx: int, payload: bytes) -> tuple[bytes, bytes]:
+    return _head(JOB, _JOB.pack(gid, ctx), len(payload)), payload
+
+
+def encode_outcome(gid: int, status: int, payload: bytes) -> tuple[bytes, bytes]:
+    return _head(OUTCOME, _OUTCOME.pack(gid, status), len(payload)), payload
+
+
+def encode_result(jobid: int, status: int, label: bytes, payload: bytes) -> tuple[bytes, bytes]:
+    fields = _RESULT.pack(jobid, status, len(label)) + label
+    return _head(RESULT, fields, len(payload)), payload
+
+
+def encode_cancelled(jobid: int, cancelled: bool) -> bytes:
+    return frame(CANCELLED, _CANCELLED.pack(jobid, cancelled))
+
+
+def encode_context_for_worker(ctx: int, context_json: bytes) -> bytes:
+    return frame(CONTEXT, _U32.pack(ctx) + context_json)
+
+
+def encode_status_request(reqid: int) -> bytes:
+    return frame(STATUS_REQ, _U32.pack(reqid))
+
+
+def encode_status(reqid: int, obj) -> bytes:
+    return frame(STATUS, _U32.pack(reqid) + json.dumps(obj, separators=(",", ":")).encode())
+
+
+def encode_error(text: str) -> bytes:
+    return frame(ERROR, text.encode("utf-8", "replace")[:4000])
+
+
+# --- decoders of frame bodies.  Each raises ProtocolError on a malformed body.
+
+def _fields(st: struct.Struct, body, name: str):
+    if len(body) < st.size:
+        raise ProtocolError(f"{name} frame of {len(body)} bytes is shorter than its {st.size}-byte header")
+    return st.unpack_from(body)
+
+
+def decode_json(body, name: str = "JSON"):
+    try:
+        obj = json.loads(bytes(body))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"{name} frame is not valid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"{name} frame must hold a JSON object, not {type(obj).__name__}")
+    return obj
+
+
+def decode_submit(body) -> tuple[int, int, bytes]:
+    jobid, retries = _fields(_SUBMIT, body, "SUBMIT")
+    return jobid, retries, body[_SUBMIT.size:]
+
+
+def decode_cancel(body) -> int:
+    return _fields(_U64, body, "CANCEL")[0]
+
+
+def decode_job(body) -> tuple[int, int, bytes]:
+    gid, ctx = _fields(_JOB, body, "JOB")
+    return gid, ctx, body[_JOB.size:]
+
+
+def decode_outcome(body) -> tuple[int, int, bytes]:
+    gid, status = _fields(_OUTCOME, body, "OUTCOME")
+    if status not in (OK, RAISED):
+        raise ProtocolError(f"OUTCOME frame has unknown status {status}")
+    return gid, status, body[_OUTCOME.size:]
+
+
+def decode_result(body) -> tuple[int, int, bytes, bytes]:
+    jobid, status, label_len = _fields(_RESULT, body, "RESULT")
+    start = _RESULT.size + label_len
+    if len(body) < start:
+        raise ProtocolError("RESULT frame is shorter than its worker label")
+    return jobid, status, bytes(body[_RESULT.size:start]), body[start:]
+
+
+def decode_cancelled(body) -> tuple[int, bool]:
+    jobid, cancelled = _fields(_CANCELLED, body, "CANCELLED")
+    return jobid, bool(cancelled)
+
+
+def decode_context_for_worker(body) -> tuple[int, dict]:
+    (ctx,) = _fields(_U32, body, "CONTEXT")
+    return ctx, decode_json(body[_U32.size:], "CONTEXT")
+
+
+def decode_status_request(body) -> int:
+    return _fields(_U32, body, "STATUS_REQ")[0]
+
+
+def decode_status(body) -> tuple[int, dict]:
+    (reqid,) = _fields(_U32, body, "STATUS")
+    return reqid, decode_json(body[_U32.size:], "STATUS")
+
+
+class FrameDecoder:
+    """Incremental frame decoder shared by every peer.
+
+    ``feed(data)`` buffers bytes; ``next_frame()`` returns ``(type, body)`` or
+    ``None`` when more data is needed.  A length above ``max_frame`` raises
+    ``ProtocolError`` as soon as the header is seen, before anything is
+    allocated for it.  ``max_frame`` may be raised later (after the handshake).
+    """
+
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME):
+        self.max_frame = max_frame
+        self._buf = bytearray()
+        self._pos = 0
+
+    def feed(self, data) -> None:
+        if self._pos and self._pos == len(self._buf):
+            # Everything so far was consumed: start over instead of growing.
+            self._buf.clear()
+            self._pos = 0
+        self._buf += data
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet returned as frames."""
+        return len(self._buf) - self._pos
+
+    def next_frame(self):
+        buf, pos = self._buf, self._pos
+        if len(buf) - pos < HEADER_SIZE:
+            self._compact()
+            return None
+        length, ftype = HEADER.unpack_from(buf, pos)
+        if length > self.max_frame:
+            raise ProtocolError(
+                f"frame of {length} bytes (type {ftype}) exceeds the limit of {self.max_frame} bytes")
+        end = pos + HEADER_SIZE + length
+        if len(buf) < end:
+            self._compact()
+            return None
+        body = bytes(buf[pos + HEADER_SIZE:end])
+        self._pos = end
+        return ftype, body
+
+    def _compact(self) -> None:
+        # Drop consumed bytes once they are the larger part of the buffer, so
+        # a long-lived connection's buffer stays proportional to what is pending.
+        if self._pos and self._pos * 2 >= len(self._buf):
+            del self._buf[:self._pos]
+            self._pos = 0
+
+
+# --- the handshake's pure functions ---------------------------------------
+#
+# server -> peer   CHALLENGE  version, server nonce
+# peer -> server   RESPONSE   peer nonce, HMAC(secret, "cw-peer" | server nonce | peer nonce)
+# server -> peer   PROOF      HMAC(secret, "cw-master" | peer nonce | server nonce)
+#
+# Fresh nonces on both sides make a recorded exchange useless to replay, and
+# the distinct labels stop a reflected MAC from passing for the other side's.
+
+NONCE_SIZE = 32
+MAC_SIZE = 32
+_PEER_LABEL = b"cw-peer"
+_SERVER_LABEL = b"cw-master"
+
+
+def _mac(secret: bytes, label: bytes, first: bytes, second: bytes) -> bytes:
+    return hmac.new(secret, label + first + second, hashlib.sha256).digest()
+
+
+def server_challenge() -> tuple[bytes, bytes]:
+    """Returns (server nonce, CHALLENGE frame)."""
+    nonce = os.urandom(NONCE_SIZE)
+    return nonce, frame(CHALLENGE, bytes([VERSION]) + nonce)
+
+
+def peer_response(secret: bytes, ftype: int, body: bytes) -> tuple[bytes, bytes]:
+    """Answers a CHALLENGE frame; returns (peer nonce, RESPONSE frame)."""
+    if ftype == ERROR:
+        raise AuthenticationError(f"the master refused the connection: {bytes(body).decode('utf-8', 'replace')}")
+    if ftype != CHALLENGE or len(body) != 1 + NONCE_SIZE:
+        raise ProtocolError("the server did not start with a cw challenge; is it a cw master?")
+    if body[0] != VERSION:
+        raise ProtocolError(f"the master speaks cw protocol version {body[0]}, this side speaks {VERSION}; "
+                            "install the same cw version on every machine")
+    server_nonce = bytes(body[1:])
+    nonce = os.urandom(NONCE_SIZE)
+    return nonce, frame(RESPONSE, nonce + _mac(secret, _PEER_LABEL, server_nonce, nonce))
+
+
+def verify_response(secret: bytes, server_nonce: bytes, ftype: int, body: bytes) -> bytes:
+    """Checks a peer's RESPONSE; returns the PROOF frame to send back."""
+    if ftype != RESPONSE or len(body) != NONCE_SIZE + MAC_SIZE:
+        raise ProtocolError(f"expected a handshake response, got frame type {ftype} of {len(body)} bytes")
+    peer_nonce, mac = bytes(body[:NONCE_SIZE]), bytes(body[NONCE_SIZE:])
+    if not hmac.compare_digest(mac, _mac(secret, _PEER_LABEL, server_nonce, peer_nonce)):
+        raise AuthenticationError("the peer's handshake does not match our secret")
+    return frame(PROOF, _mac(secret, _SERVER_LABEL, peer_nonce, server_nonce))
+
+
+def verify_proof(secret: bytes, challenge_body: bytes, peer_nonce: bytes, ftype: int, body: bytes) -> None:
+    """Checks the master's PROOF, so a peer never talks to an impostor."""
+    if ftype == ERROR:
+        raise AuthenticationError(
+            f"the master refused our handshake ({bytes(body).decode('utf-8', 'replace')}); "
+            "this machine's secret file differs from the master's: copy the master's secret file here")
+    if ftype != PROOF or len(body) != MAC_SIZE:
+        raise ProtocolError(f"expected the master's handshake proof, got frame type {ftype}")
+    server_nonce = bytes(challenge_body[1:])
+    if not hmac.compare_digest(bytes(body), _mac(secret, _SERVER_LABEL, peer_nonce, server_nonce)):
+        raise AuthenticationError("the master's handshake proof does not match our secret: it is not our master, "
+                                  "or it uses another secret file")
