@@ -77,6 +77,9 @@ class ClusterFuture(concurrent.futures.Future):
         if not super().cancel():
             return False
         if was_pending:
+            # CANCELLED -> CANCELLED_AND_NOTIFIED, or wait() and as_completed()
+            # would never count this future as done.
+            self.set_running_or_notify_cancel()
             self._executor._withdraw(self.jobid)
         return True
 

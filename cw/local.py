@@ -85,11 +85,11 @@ def _reap(proc: subprocess.Popen) -> None:
         proc.stdout.close()
 
 
-def start_master(port: int = PORT, bind: str = "127.0.0.1", env=None) -> LocalCluster:
+def start_master(port: int = PORT, bind: str = "127.0.0.1", args=(), stderr=None) -> LocalCluster:
     """Starts ``python -m cw.master`` and waits for its readiness line."""
     proc = subprocess.Popen([sys.executable, "-m", "cw.master", "--bind", bind, "--port", str(port),
-                             "--log-level", "WARNING"],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True, env=env)
+                             "--log-level", "WARNING", *args],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr, text=True)
     try:
         line = read_line(proc, READY_TIMEOUT)
     except BaseException:

@@ -34,8 +34,10 @@ BACKLOG = 4096
 
 
 class Master:
-    def __init__(self, secret: bytes, dispatcher: Dispatcher | None = None):
+    def __init__(self, secret: bytes, dispatcher: Dispatcher | None = None,
+                 handshake_timeout: float = HANDSHAKE_TIMEOUT):
         self.secret = secret
+        self.handshake_timeout = handshake_timeout
         self.dispatcher = dispatcher or Dispatcher()
         self.peers: dict[int, PeerConnection] = {}
         self.connections: set[PeerConnection] = set()
@@ -95,7 +97,7 @@ class PeerConnection(asyncio.Protocol):
         self.master.connections.add(self)
         self.nonce, challenge = protocol.server_challenge()
         transport.write(challenge)
-        self.timer = asyncio.get_running_loop().call_later(HANDSHAKE_TIMEOUT, self._handshake_timeout)
+        self.timer = asyncio.get_running_loop().call_later(self.master.handshake_timeout, self._handshake_timeout)
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -147,7 +149,7 @@ class PeerConnection(asyncio.Protocol):
             self.transport.close()
 
     def _handshake_timeout(self) -> None:
-        self.drop(f"no handshake and HELLO within {HANDSHAKE_TIMEOUT:g} s")
+        self.drop(f"no handshake and HELLO within {self.master.handshake_timeout:g} s")
 
     # --- frame handlers, one per connection state ---------------------------
 
@@ -207,11 +209,12 @@ class PeerConnection(asyncio.Protocol):
 
 
 async def serve(bind: str = "127.0.0.1", port: int = PORT, secret: bytes | None = None,
-                ready=None, stop: asyncio.Event | None = None) -> None:
+                ready=None, stop: asyncio.Event | None = None,
+                handshake_timeout: float = HANDSHAKE_TIMEOUT) -> None:
     """Runs a master until ``stop`` is set (or SIGINT/SIGTERM when run as a program)."""
     if secret is None:
         secret = load_secret(create=True)
-    master = Master(secret)
+    master = Master(secret, handshake_timeout=handshake_timeout)
     loop = asyncio.get_running_loop()
     server = await loop.create_server(lambda: PeerConnection(master), bind, port, backlog=BACKLOG)
     host, real_port = server.sockets[0].getsockname()[:2]
@@ -240,6 +243,8 @@ def main(argv=None) -> int:
     parser.add_argument("--bind", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
     parser.add_argument("--port", type=int, default=PORT, help=f"TCP port (default {PORT}; 0 picks a free one)")
+    parser.add_argument("--handshake-timeout", type=float, default=HANDSHAKE_TIMEOUT,
+                        help=f"seconds a new connection has to authenticate (default {HANDSHAKE_TIMEOUT:g})")
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
@@ -262,7 +267,7 @@ def main(argv=None) -> int:
         def ready(host, port):
             print(f"cw master listening on {host}:{port}", flush=True)
 
-        await serve(args.bind, args.port, secret, ready, stop)
+        await serve(args.bind, args.port, secret, ready, stop, args.handshake_timeout)
 
     try:
         asyncio.run(run())

@@ -1,0 +1,22 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="cw",
+    version="0.2.0",
+    description="cluster-workers: spread Python function calls over many machines",
+    long_description=open("README.rst", encoding="utf-8").read(),
+    long_description_content_type="text/x-rst",
+    packages=find_packages(include=["cw", "cw.*"]),
+    python_requires=">=3.10",
+    install_requires=["cloudpickle>=2.2"],
+    extras_require={
+        "test": ["pytest>=7", "pytest-timeout>=2.1", "hypothesis>=6", "numpy"],
+        "demo": ["numpy"],
+        "bench": ["loky", "distributed", "matplotlib", "numpy"],
+    },
+    entry_points={"console_scripts": [
+        "cw-master = cw.master:main",
+        "cw-worker = cw.worker:main",
+    ]},
+    license="MIT",
+)
