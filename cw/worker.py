@@ -186,7 +186,10 @@ class Supervisor:
                 self.exit_status = 2
                 self.stop()
                 continue
-            if code in (EXIT_NO_MASTER, 0):
+            if code == EXIT_NO_MASTER:
+                self.exit_status = EXIT_NO_MASTER
+                continue
+            if code == 0:
                 continue
             lived = time.monotonic() - proc.started
             quick_deaths = quick_deaths + 1 if lived < QUICK_DEATH else 0

@@ -166,10 +166,11 @@ def test_outcome_for_a_job_the_worker_does_not_run_raises():
     client(d, C1)
     worker(d, W1)
     worker(d, W2)
-    submit(d, C1, 1)
-    gid = of(drain(d), p.JOB, W1)[0][0]
+    submit(d, C1, 1, 2)
+    gid1 = of(drain(d), p.JOB, W1)[0][0]
     with pytest.raises(ProtocolError):
-        d.outcome(W2, gid, p.OK, b"")
+        d.outcome(W2, gid1, p.OK, b"")
+    assert drain(d) == []
 
 
 # --- lost workers ------------------------------------------------------------
@@ -330,6 +331,11 @@ def test_status_counts_workers_clients_queued_running():
     assert [(w["id"], w["state"], w["jobs_done"]) for w in s["workers"]] == [(W1, "busy", 1)]
     clients = {c["id"]: (c["submitted"], c["done"], c["queued"], c["running"]) for c in s["clients"]}
     assert clients == {C1: (3, 1, 1, 1), C2: (1, 0, 1, 0)}
+    d.cancel(C2, 1)
+    d.remove_client(C1)
+    s = d.status()
+    assert (s["queued"], s["running"]) == (0, 1)
+    assert [c["id"] for c in s["clients"]] == [C2]
 
 
 def test_two_clients_all_jobs_complete_each_gets_only_its_results():
