@@ -226,6 +226,8 @@ class ClusterExecutor(concurrent.futures.Executor):
                     break
         except (OSError, ProtocolError) as exc:
             reason = str(exc) or type(exc).__name__
+        except Exception as exc:  # a bug here must fail the futures, not leave them hanging
+            reason = f"internal error in the client's reader: {exc!r}"
         if not self._closing:
             self._set_broken(f"lost the connection to the cw master at {self._link.address}: {reason}")
 

@@ -10,8 +10,8 @@ Rules kept here:
 - Jobs wait in one FIFO queue and go to idle workers, one job per worker
   at a time.
 - A result goes only to the client that submitted the job, exactly once.
-  An outcome for a job its worker no longer holds (the job was re-queued or
-  cancelled) is dropped.
+  A worker may only report the job it holds; anything else is a protocol
+  error that costs the worker its connection.
 - A worker that leaves with a job gives the job back to the head of the
   queue; after ``max_attempts`` workers died running it, it fails with LOST.
 - A client that leaves has its queued jobs dropped; outcomes of its running
@@ -112,6 +112,7 @@ class Dispatcher:
             job.client = None
             if job.state == QUEUED:
                 job.state = DONE             # skipped when it reaches the head of the queue
+                job.payload = None
                 self.jobs.pop(job.gid, None)
         client.jobs.clear()
         forget = protocol.encode_context_for_worker(cid, b"{}")

@@ -143,7 +143,7 @@ def _fields(st: struct.Struct, body, name: str):
 def decode_json(body, name: str = "JSON"):
     try:
         obj = json.loads(bytes(body))
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: "[[[[..."
         raise ProtocolError(f"{name} frame is not valid JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise ProtocolError(f"{name} frame must hold a JSON object, not {type(obj).__name__}")
