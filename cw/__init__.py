@@ -9,9 +9,20 @@ import random
 
 PORT = 5494
 
-from .errors import (AuthenticationError, BrokenCluster, CallPicklingError, CallUnpicklingError,  # noqa: E402
-                     CwError, ProtocolError, RemoteError, ResultPicklingError, ResultUnpicklingError,
-                     SecretFileError, SerializationError, WorkerLost)
+from .errors import (  # noqa: E402
+    AuthenticationError,
+    BrokenCluster,
+    CallPicklingError,
+    CallUnpicklingError,
+    CwError,
+    ProtocolError,
+    RemoteError,
+    ResultPicklingError,
+    ResultUnpicklingError,
+    SecretFileError,
+    SerializationError,
+    WorkerLost,
+)
 
 
 def randid() -> int:

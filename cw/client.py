@@ -39,7 +39,7 @@ class WorkerInfo(NamedTuple):
     pid: int
 
     @classmethod
-    def from_label(cls, label: bytes) -> "WorkerInfo":
+    def from_label(cls, label: bytes) -> WorkerInfo:
         host, _, pid = label.decode("utf-8", "replace").rpartition(":")
         return cls(host, int(pid) if pid.isdigit() else -1)
 
@@ -63,7 +63,7 @@ def resolve_master(host: str | None, port: int = PORT) -> tuple[str, int]:
 class ClusterFuture(concurrent.futures.Future):
     """A future for one job; ``worker`` names the worker that ran it."""
 
-    def __init__(self, executor: "ClusterExecutor", jobid: int):
+    def __init__(self, executor: ClusterExecutor, jobid: int):
         super().__init__()
         self.jobid = jobid
         self.worker: WorkerInfo | None = None
@@ -152,7 +152,7 @@ class ClusterExecutor(concurrent.futures.Executor):
             raise ValueError("window must be >= 1")
         from .payload import batch_items, dumps_batch
         deadline = None if timeout is None else time.monotonic() + timeout
-        calls = zip(*iterables)
+        calls = zip(*iterables, strict=False)
         inflight: collections.deque[ClusterFuture] = collections.deque()
 
         def submit_next() -> bool:
@@ -380,7 +380,7 @@ class ClientThread:
             if threading.current_thread() is not self._thread:
                 self._thread.join()
 
-    def __enter__(self) -> "ClientThread":
+    def __enter__(self) -> ClientThread:
         self.start()
         return self
 

@@ -105,7 +105,7 @@ def open_link(host: str, port: int, secret: bytes, hello: dict, connect_timeout:
     try:
         _handshake(link, secret)
         link.send(protocol.encode_json(protocol.HELLO, hello))
-    except socket.timeout:
+    except TimeoutError:
         link.close()
         raise BrokenCluster(f"the master at {address} did not finish the handshake within "
                             f"{HANDSHAKE_TIMEOUT:g} s; is that port a cw master?") from None

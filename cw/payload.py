@@ -14,8 +14,14 @@ import traceback
 import cloudpickle
 
 from . import protocol
-from .errors import (CallPicklingError, CallUnpicklingError, RemoteError, RemoteTraceback,
-                     ResultPicklingError, ResultUnpicklingError)
+from .errors import (
+    CallPicklingError,
+    CallUnpicklingError,
+    RemoteError,
+    RemoteTraceback,
+    ResultPicklingError,
+    ResultUnpicklingError,
+)
 
 PROTOCOL = 5
 BATCH = "cw-batch"

@@ -6,14 +6,20 @@ import itertools
 import os
 import threading
 
+import jobs
 import pytest
+from conftest import wait_until
 
 import cw
-import jobs
-from conftest import wait_until
 from cw.client import ClientThread, ClusterExecutor
-from cw.errors import (CallPicklingError, CallUnpicklingError, RemoteError, RemoteTraceback,
-                       ResultPicklingError, ResultUnpicklingError)
+from cw.errors import (
+    CallPicklingError,
+    CallUnpicklingError,
+    RemoteError,
+    RemoteTraceback,
+    ResultPicklingError,
+    ResultUnpicklingError,
+)
 
 
 def worker_pids(executor):

@@ -8,10 +8,10 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
-
 import jobs
+import pytest
 from conftest import wait_until
+
 from cw.auth import load_secret
 from cw.client import ClusterExecutor
 from cw.errors import AuthenticationError, BrokenCluster, WorkerLost

@@ -8,9 +8,9 @@ import socket
 import subprocess
 import sys
 
+import jobs
 import pytest
 
-import jobs
 from cw import protocol
 from cw.auth import load_secret
 from cw.local import start_master
