@@ -15,6 +15,7 @@ from .errors import (  # noqa: E402
     CallPicklingError,
     CallUnpicklingError,
     CwError,
+    JobTimeout,
     ProtocolError,
     RemoteError,
     ResultPicklingError,
@@ -40,6 +41,6 @@ def __getattr__(name):
 
 
 __all__ = ["PORT", "randid", "allocate", "start", "stop", "LocalCluster", "CwError", "BrokenCluster",
-           "WorkerLost", "AuthenticationError", "SecretFileError", "ProtocolError", "SerializationError",
+           "WorkerLost", "JobTimeout", "AuthenticationError", "SecretFileError", "ProtocolError", "SerializationError",
            "CallPicklingError", "CallUnpicklingError", "ResultPicklingError", "ResultUnpicklingError",
            "RemoteError"]

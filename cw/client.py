@@ -18,18 +18,15 @@ import threading
 import time
 from typing import NamedTuple
 
-from . import PORT, protocol
+from . import PORT, protocol, settings
 from .auth import load_secret
 from .dispatch import DEFAULT_RETRIES
 from .errors import BrokenCluster, CwError, ProtocolError, WorkerLost
-from .link import open_link, parse_address, peer_info
+from .link import master_timeout, open_link, parse_address, peer_info
 
-#: Seconds a client keeps trying to reach its master when it starts.
-DEFAULT_CONNECT_TIMEOUT = 10.0
-#: map() keeps at most this many chunks submitted ahead of the caller.
-DEFAULT_MAP_WINDOW = 256
-#: Seconds status() waits for the master's answer.
-STATUS_TIMEOUT = 10.0
+DEFAULT_CONNECT_TIMEOUT = settings.CLIENT_CONNECT_TIMEOUT
+DEFAULT_MAP_WINDOW = settings.MAP_WINDOW
+STATUS_TIMEOUT = settings.STATUS_TIMEOUT
 ENV_MASTER = "CW_MASTER"
 
 
@@ -58,6 +55,22 @@ def resolve_master(host: str | None, port: int = PORT) -> tuple[str, int]:
     except (ImportError, AttributeError, LookupError):
         pass
     return "localhost", port
+
+
+def _check_retries(max_retries: int | None) -> int:
+    if max_retries is None:
+        return DEFAULT_RETRIES
+    if not 0 <= max_retries < DEFAULT_RETRIES:
+        raise ValueError(f"max_retries must be between 0 and {DEFAULT_RETRIES - 1}, not {max_retries}")
+    return max_retries
+
+
+def _check_timeout(timeout: float | None) -> float:
+    if timeout is None:
+        return 0.0
+    if not timeout > 0:
+        raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
+    return float(timeout)
 
 
 class ClusterFuture(concurrent.futures.Future):
@@ -93,11 +106,11 @@ class ClusterExecutor(concurrent.futures.Executor):
     """
 
     def __init__(self, host: str | None = None, port: int = PORT, *,
-                 connect_timeout: float = DEFAULT_CONNECT_TIMEOUT, max_retries: int | None = None):
-        if max_retries is not None and not 0 <= max_retries < DEFAULT_RETRIES:
-            raise ValueError(f"max_retries must be between 0 and {DEFAULT_RETRIES - 1}, not {max_retries}")
+                 connect_timeout: float = DEFAULT_CONNECT_TIMEOUT, max_retries: int | None = None,
+                 timeout: float | None = None):
+        self._retries = _check_retries(max_retries)
+        self._timeout = _check_timeout(timeout)
         self.host, self.port = resolve_master(host, port)
-        self._retries = DEFAULT_RETRIES if max_retries is None else max_retries
         self._link = open_link(self.host, self.port, load_secret(), peer_info("client"), connect_timeout)
         self._link.send(protocol.encode_json(protocol.CONTEXT, {"cwd": os.getcwd(), "path": sys.path}))
         self._lock = threading.Lock()
@@ -113,14 +126,24 @@ class ClusterExecutor(concurrent.futures.Executor):
     # --- submitting -----------------------------------------------------------
 
     def submit(self, fn, /, *args, **kwargs) -> ClusterFuture:
+        return self.submit_with(fn, args, kwargs)
+
+    def submit_with(self, fn, args=(), kwargs=None, *, timeout: float | None = None,
+                    max_retries: int | None = None) -> ClusterFuture:
+        """``submit`` with per-job options (they cannot be keywords of ``submit``
+        itself: those go to ``fn``).  ``timeout``: seconds the job may run
+        before it is stopped and fails with JobTimeout (default: the
+        executor's).  ``max_retries``: re-runs after a worker died under it."""
         from .payload import dumps_call
+        retries = self._retries if max_retries is None else _check_retries(max_retries)
+        timeout = self._timeout if timeout is None else _check_timeout(timeout)
         try:
-            payload = dumps_call(fn, args, kwargs)
+            payload = dumps_call(fn, args, kwargs or {})
         except CwError as exc:
             future = self._new_future(register=False)
             future.set_exception(exc)
             return future
-        return self._send_job(payload)
+        return self._send_job(payload, retries, timeout)
 
     def _new_future(self, register: bool = True) -> ClusterFuture:
         with self._lock:
@@ -133,10 +156,10 @@ class ClusterExecutor(concurrent.futures.Executor):
                 self._pending[future.jobid] = future
         return future
 
-    def _send_job(self, payload: bytes) -> ClusterFuture:
+    def _send_job(self, payload: bytes, retries: int, timeout: float) -> ClusterFuture:
         future = self._new_future()
         try:
-            self._link.send(protocol.encode_submit(future.jobid, self._retries, payload))
+            self._link.send(protocol.encode_submit(future.jobid, retries, timeout, payload))
         except OSError as exc:
             self._set_broken(f"lost the connection to the cw master at {self._link.address} ({exc})")
         return future
@@ -160,7 +183,7 @@ class ClusterExecutor(concurrent.futures.Executor):
             if not chunk:
                 return False
             try:
-                inflight.append(self._send_job(dumps_batch(fn, chunk)))
+                inflight.append(self._send_job(dumps_batch(fn, chunk), self._retries, self._timeout))
             except CwError as exc:
                 future = self._new_future(register=False)
                 future.set_exception(exc)
@@ -204,15 +227,15 @@ class ClusterExecutor(concurrent.futures.Executor):
         reason = None
         try:
             while True:
-                item = self._link.recv()
+                item = self._link.recv(master_timeout(self._link))
                 if item is None:
                     reason = "the master closed the connection"
                     break
                 ftype, body = item
                 if ftype == protocol.RESULT:
                     self._on_result(*protocol.decode_result(body))
-                elif ftype == protocol.CANCELLED:
-                    pass  # the future was cancelled already when CANCEL was sent
+                elif ftype in (protocol.CANCELLED, protocol.PING):
+                    pass  # a cancelled future is done already; a PING only shows the master lives
                 elif ftype == protocol.STATUS:
                     reqid, status = protocol.decode_status(body)
                     waiter = self._status_waiters.pop(reqid, None)
@@ -224,7 +247,7 @@ class ClusterExecutor(concurrent.futures.Executor):
                 else:
                     reason = f"the master sent an unexpected {protocol.FRAME_NAMES.get(ftype, ftype)} frame"
                     break
-        except (OSError, ProtocolError) as exc:
+        except (OSError, ProtocolError) as exc:  # TimeoutError included: the master stopped answering
             reason = str(exc) or type(exc).__name__
         except Exception as exc:  # a bug here must fail the futures, not leave them hanging
             reason = f"internal error in the client's reader: {exc!r}"

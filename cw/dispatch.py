@@ -7,15 +7,21 @@ asyncio shell turns what peers send into calls of ``Dispatcher`` methods
 tuple.  Tests drive it with plain calls and read the outbox, no sockets.
 
 Rules kept here:
-- Jobs wait in one FIFO queue and go to idle workers, one job per worker
-  at a time.
+- Each client has a FIFO queue.  Idle workers take jobs from the clients'
+  queues in turn (round-robin), so one client's 100,000 queued jobs do not
+  starve another's ten.  A worker holds one job at a time.
+- A client that is behind on reading its results is paused: its jobs wait
+  until it catches up, so its results cannot pile up in the master.
 - A result goes only to the client that submitted the job, exactly once.
   A worker may only report the job it holds; anything else is a protocol
   error that costs the worker its connection.
-- A worker that leaves with a job gives the job back to the head of the
-  queue; after ``max_attempts`` workers died running it, it fails with LOST.
-- A client that leaves has its queued jobs dropped; outcomes of its running
-  jobs are dropped when they arrive.
+- A worker that leaves with a job gives the job back to the head of its
+  client's queue; after ``max_attempts`` workers died running it, it fails
+  with LOST.  A draining worker finishes its job and gets no other.
+- Cancelling a queued job removes it; cancelling a running job aborts it on
+  its worker (the worker process is replaced) and drops its result.
+- A client that leaves has its queued jobs dropped and its running jobs
+  aborted.
 - Before a worker's first job of some client it gets that client's CONTEXT
   (working directory and sys.path); when the client leaves it is told to
   forget it (an empty context).
@@ -26,11 +32,10 @@ import json
 import time
 from collections import deque
 
-from . import protocol
+from . import protocol, settings
 from .errors import ProtocolError
 
-#: How many times a job may be started before a lost worker fails it.
-DEFAULT_MAX_ATTEMPTS = 3
+DEFAULT_MAX_ATTEMPTS = settings.MAX_ATTEMPTS
 #: SUBMIT's retries byte that means "use the master's default".
 DEFAULT_RETRIES = 0xFF
 
@@ -38,34 +43,38 @@ QUEUED, RUNNING, DONE = "queued", "running", "done"
 
 
 class Job:
-    __slots__ = ("gid", "client", "jobid", "payload", "state", "worker", "attempts", "max_attempts", "lost_on")
+    __slots__ = ("attempts", "client", "gid", "jobid", "lost_on", "max_attempts", "payload", "state",
+                 "timeout", "worker")
 
-    def __init__(self, gid, client, jobid, payload, max_attempts):
+    def __init__(self, gid, client, jobid, payload, max_attempts, timeout):
         self.gid = gid
-        self.client = client          # ClientState, or None once the client left
+        self.client = client          # ClientState, or None once nobody wants the result
         self.jobid = jobid            # the client's own id for it
         self.payload = payload
         self.state = QUEUED
         self.worker = None            # WorkerState while running
         self.attempts = 0
         self.max_attempts = max_attempts
+        self.timeout = timeout        # seconds, enforced by the worker; 0 for none
         self.lost_on = None           # labels of workers that died running it
 
 
 class ClientState:
-    __slots__ = ("cid", "info", "context", "jobs", "submitted", "done")
+    __slots__ = ("cid", "context", "done", "info", "jobs", "paused", "queue", "submitted")
 
     def __init__(self, cid, info):
         self.cid = cid
         self.info = info
         self.context = b"{}"
         self.jobs = {}                # client jobid -> Job, queued or running
+        self.queue = deque()          # its queued Jobs (and cancelled ones, skipped lazily)
+        self.paused = False
         self.submitted = 0
         self.done = 0
 
 
 class WorkerState:
-    __slots__ = ("wid", "info", "label", "job", "contexts", "done", "since")
+    __slots__ = ("contexts", "done", "draining", "info", "job", "label", "since", "wid")
 
     def __init__(self, wid, info, label, now):
         self.wid = wid
@@ -73,6 +82,7 @@ class WorkerState:
         self.label = label            # b"host:pid", sent with each of its results
         self.job = None
         self.contexts = set()         # client ids whose CONTEXT it holds
+        self.draining = False
         self.done = 0
         self.since = now
 
@@ -90,9 +100,9 @@ class Dispatcher:
         self.outbox: list = []
         self.clients: dict[int, ClientState] = {}
         self.workers: dict[int, WorkerState] = {}
-        self.queue: deque[Job] = deque()
-        self.jobs: dict[int, Job] = {}      # gid -> Job, queued or running
+        self.ready: dict[int, None] = {}    # cids with queued jobs and not paused, in turn order
         self.idle: dict[int, None] = {}     # wids with no job, in the order they freed up
+        self.queued = 0
         self._next_gid = 1
 
     # --- peers come and go ------------------------------------------------
@@ -108,23 +118,45 @@ class Dispatcher:
         client = self.clients.pop(cid, None)
         if client is None:
             return
+        self.ready.pop(cid, None)
         for job in client.jobs.values():
-            job.client = None
             if job.state == QUEUED:
-                job.state = DONE             # skipped when it reaches the head of the queue
-                job.payload = None
-                self.jobs.pop(job.gid, None)
+                self._drop_queued(job)
+            else:
+                self._abort(job)
         client.jobs.clear()
+        client.queue.clear()
         forget = protocol.encode_context_for_worker(cid, b"{}")
         for worker in self.workers.values():
             if cid in worker.contexts:
                 worker.contexts.discard(cid)
                 self.outbox.append((worker.wid, forget))
 
+    def pause_client(self, cid: int) -> None:
+        """The client is not reading its results fast enough: hold its jobs back."""
+        client = self.clients.get(cid)
+        if client is not None:
+            client.paused = True
+            self.ready.pop(cid, None)
+
+    def resume_client(self, cid: int) -> None:
+        client = self.clients.get(cid)
+        if client is not None and client.paused:
+            client.paused = False
+            if client.queue:
+                self.ready[cid] = None
+            self._pump()
+
     def add_worker(self, wid: int, info: dict) -> None:
         self.workers[wid] = WorkerState(wid, info, worker_label(info), self.clock())
         self.idle[wid] = None
         self._pump()
+
+    def drain_worker(self, wid: int) -> None:
+        """The worker finishes its current job and takes no other (it is stopping)."""
+        worker = self.workers[wid]
+        worker.draining = True
+        self.idle.pop(wid, None)
 
     def remove_worker(self, wid: int) -> None:
         worker = self.workers.pop(wid, None)
@@ -139,45 +171,60 @@ class Dispatcher:
     def _job_lost(self, job: Job, worker: WorkerState) -> None:
         job.worker = None
         job.lost_on = (job.lost_on or ()) + (worker.label.decode("utf-8", "replace"),)
-        if job.client is None:
+        client = job.client
+        if client is None:
             job.state = DONE
-            self.jobs.pop(job.gid, None)
         elif job.attempts >= job.max_attempts:
             body = json.dumps({"attempts": job.attempts, "workers": list(job.lost_on)}).encode()
             self._finish(job, protocol.LOST, worker.label, body)
         else:
             job.state = QUEUED
-            self.queue.appendleft(job)  # it waited its turn once already
+            self.queued += 1
+            client.queue.appendleft(job)  # it waited its turn once already
+            if not client.paused:
+                self.ready[client.cid] = None
 
     # --- jobs ---------------------------------------------------------------
 
-    def submit(self, cid: int, jobid: int, retries: int, payload) -> None:
+    def submit(self, cid: int, jobid: int, retries: int, timeout: float, payload) -> None:
         client = self.clients[cid]
         if jobid in client.jobs:
             raise ProtocolError(f"the client submitted job id {jobid} twice")
         max_attempts = self.max_attempts if retries == DEFAULT_RETRIES else retries + 1
-        job = Job(self._next_gid, client, jobid, payload, max_attempts)
+        job = Job(self._next_gid, client, jobid, payload, max_attempts, timeout)
         self._next_gid += 1
         client.jobs[jobid] = job
         client.submitted += 1
-        self.jobs[job.gid] = job
-        self.queue.append(job)
-        if self.idle:
-            self._pump()
+        client.queue.append(job)
+        self.queued += 1
+        if not client.paused:
+            self.ready[cid] = None
+            if self.idle:
+                self._pump()
 
     def cancel(self, cid: int, jobid: int) -> None:
         client = self.clients[cid]
-        job = client.jobs.get(jobid)
-        if job is None or job.state != QUEUED:
-            # Finished already (its result is on the way) or running: the
-            # client drops whatever arrives for a cancelled future.
+        job = client.jobs.pop(jobid, None)
+        if job is None:
+            # Finished already: its result is on the way, and the client drops it.
             self.outbox.append((cid, protocol.encode_cancelled(jobid, False)))
             return
-        job.state = DONE
-        job.payload = None
-        del client.jobs[jobid]
-        self.jobs.pop(job.gid, None)
+        if job.state == QUEUED:
+            self._drop_queued(job)
+        else:
+            self._abort(job)
         self.outbox.append((cid, protocol.encode_cancelled(jobid, True)))
+
+    def _drop_queued(self, job: Job) -> None:
+        job.state = DONE                 # skipped when it reaches the head of its queue
+        job.payload = None
+        job.client = None
+        self.queued -= 1
+
+    def _abort(self, job: Job) -> None:
+        """Nobody wants this running job's result: stop it on its worker."""
+        job.client = None
+        self.outbox.append((job.worker.wid, protocol.encode_abort(job.gid)))
 
     def outcome(self, wid: int, gid: int, status: int, payload) -> None:
         worker = self.workers[wid]
@@ -186,10 +233,10 @@ class Dispatcher:
             raise ProtocolError(f"the worker sent an outcome for job {gid}, which it was not running")
         worker.job = None
         worker.done += 1
-        self.idle[wid] = None
+        if not worker.draining:
+            self.idle[wid] = None
         if job.client is None:
             job.state = DONE
-            self.jobs.pop(gid, None)
         else:
             self._finish(job, status, worker.label, payload)
         self._pump()
@@ -198,18 +245,38 @@ class Dispatcher:
         client = job.client
         job.state = DONE
         job.payload = None
-        self.jobs.pop(job.gid, None)
         del client.jobs[job.jobid]
         client.done += 1
         self.outbox.append((client.cid, protocol.encode_result(job.jobid, status, label, payload)))
 
+    def _next_job(self) -> Job | None:
+        """The next job in round-robin order over the ready clients."""
+        ready = self.ready
+        while ready:
+            cid = next(iter(ready))
+            client = self.clients[cid]
+            queue = client.queue
+            job = None
+            while queue:
+                candidate = queue.popleft()
+                if candidate.state == QUEUED:
+                    job = candidate
+                    break
+            del ready[cid]
+            if queue:
+                ready[cid] = None          # back of the line
+            if job is not None:
+                return job
+        return None
+
     def _pump(self) -> None:
         """Hands queued jobs to idle workers."""
-        queue, idle, outbox = self.queue, self.idle, self.outbox
-        while queue and idle:
-            job = queue.popleft()
-            if job.state != QUEUED:
-                continue                     # cancelled, or its client left
+        idle, outbox = self.idle, self.outbox
+        while idle and self.ready:
+            job = self._next_job()
+            if job is None:
+                return
+            self.queued -= 1
             wid = next(iter(idle))
             del idle[wid]
             worker = self.workers[wid]
@@ -221,7 +288,7 @@ class Dispatcher:
             job.worker = worker
             job.attempts += 1
             worker.job = job
-            outbox.append((wid, protocol.encode_job(job.gid, cid, job.payload)))
+            outbox.append((wid, protocol.encode_job(job.gid, cid, job.timeout, job.payload)))
 
     # --- what the master can tell ------------------------------------------
 
@@ -229,15 +296,15 @@ class Dispatcher:
         now = self.clock()
         workers = [{
             "id": w.wid, "host": w.info.get("host"), "pid": w.info.get("pid"),
-            "state": "busy" if w.job is not None else "idle", "jobs_done": w.done,
-            "connected_s": round(now - w.since, 3),
+            "state": "draining" if w.draining else "busy" if w.job is not None else "idle",
+            "jobs_done": w.done, "connected_s": round(now - w.since, 3),
         } for w in self.workers.values()]
         clients = [{
             "id": c.cid, "host": c.info.get("host"), "pid": c.info.get("pid"),
-            "submitted": c.submitted, "done": c.done,
+            "submitted": c.submitted, "done": c.done, "paused": c.paused,
             "queued": sum(1 for j in c.jobs.values() if j.state == QUEUED),
             "running": sum(1 for j in c.jobs.values() if j.state == RUNNING),
         } for c in self.clients.values()]
         running = sum(1 for w in self.workers.values() if w.job is not None)
-        return {"workers": workers, "clients": clients, "queued": len(self.jobs) - running,
+        return {"workers": workers, "clients": clients, "queued": self.queued,
                 "running": running, "uptime_s": round(now - self.started, 3)}

@@ -42,6 +42,10 @@ class WorkerLost(CwError):
         return (type(self), (self.args[0], self.jobid, self.attempts, self.workers))
 
 
+class JobTimeout(CwError, TimeoutError):
+    """The job ran longer than its timeout and was stopped; its worker was replaced."""
+
+
 class SerializationError(CwError):
     """User data could not be pickled or unpickled; the subclass says where."""
 

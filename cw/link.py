@@ -8,17 +8,17 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import socket
 import threading
 import time
 
-from . import PORT, protocol
+from . import PORT, protocol, settings
 from .errors import AuthenticationError, BrokenCluster, ProtocolError
 
 log = logging.getLogger("cw.link")
 
-#: Seconds allowed for the handshake once the TCP connection is up.
-HANDSHAKE_TIMEOUT = 10.0
+HANDSHAKE_TIMEOUT = settings.HANDSHAKE_TIMEOUT
 _RECV_SIZE = 256 * 1024
 
 
@@ -43,6 +43,7 @@ class Link:
         self.sock = sock
         self.decoder = decoder
         self.address = address
+        self.welcome: dict = {}
         self._send_lock = threading.Lock()
 
     def send(self, *chunks) -> None:
@@ -60,13 +61,28 @@ class Link:
                 for c in flat:          # big payloads go out as they are, uncopied
                     self.sock.sendall(c)
 
-    def recv(self):
-        """The next frame as ``(type, body)``, or None when the master closed."""
+    def try_send(self, frame: bytes) -> bool:
+        """Sends a small frame unless another thread is sending right now (whose
+        bytes show the master we are alive anyway).  Never blocks on the lock, so
+        a reader thread cannot deadlock behind a writer the master is not reading."""
+        if not self._send_lock.acquire(blocking=False):
+            return False
+        try:
+            self.sock.sendall(frame)
+        finally:
+            self._send_lock.release()
+        return True
+
+    def recv(self, timeout: float | None = None):
+        """The next frame as ``(type, body)``, or None when the master closed.
+        Raises TimeoutError when nothing arrives for ``timeout`` seconds."""
         decoder = self.decoder
         while True:
             item = decoder.next_frame()
             if item is not None:
                 return item
+            if timeout is not None and not select.select([self.sock], [], [], timeout)[0]:
+                raise TimeoutError(f"nothing heard from the master at {self.address} for {timeout:g} s")
             data = self.sock.recv(_RECV_SIZE)
             if not data:
                 if decoder.buffered:
@@ -101,10 +117,13 @@ def open_link(host: str, port: int, secret: bytes, hello: dict, connect_timeout:
             time.sleep(delay)
             delay = min(delay * 2, 2.0)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     link = Link(sock, protocol.FrameDecoder(protocol.PREAUTH_MAX_FRAME), address)
     try:
         _handshake(link, secret)
+        link.decoder.max_frame = protocol.DEFAULT_MAX_FRAME
         link.send(protocol.encode_json(protocol.HELLO, hello))
+        link.welcome = _welcome(link)
     except TimeoutError:
         link.close()
         raise BrokenCluster(f"the master at {address} did not finish the handshake within "
@@ -113,8 +132,28 @@ def open_link(host: str, port: int, secret: bytes, hello: dict, connect_timeout:
         link.close()
         raise
     sock.settimeout(None)
-    link.decoder.max_frame = protocol.DEFAULT_MAX_FRAME
     return link
+
+
+def _welcome(link: Link) -> dict:
+    item = link.recv()
+    if item is None:
+        raise BrokenCluster(f"the master at {link.address} closed the connection after the handshake")
+    ftype, body = item
+    if ftype == protocol.ERROR:
+        raise BrokenCluster(f"the master at {link.address} refused us: {bytes(body).decode('utf-8', 'replace')}")
+    if ftype != protocol.WELCOME:
+        raise ProtocolError(f"expected WELCOME from the master, got {protocol.FRAME_NAMES.get(ftype, ftype)}")
+    welcome = protocol.decode_json(body, "WELCOME")
+    timeout = welcome.get("timeout")
+    if not isinstance(timeout, (int, float)) or timeout <= 0:
+        raise ProtocolError(f"the master's WELCOME has no valid peer timeout: {welcome!r}")
+    return welcome
+
+
+def master_timeout(link: Link) -> float:
+    """Seconds without a frame (the master pings) after which the master counts as lost."""
+    return float(link.welcome["timeout"])
 
 
 def _handshake(link: Link, secret: bytes) -> None:

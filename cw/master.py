@@ -18,26 +18,25 @@ import logging
 import signal
 import sys
 
-from . import PORT, protocol
+from . import PORT, protocol, settings
 from .auth import load_secret
 from .dispatch import Dispatcher
 from .errors import AuthenticationError, CwError, ProtocolError
 
 log = logging.getLogger("cw.master")
 
-#: Seconds a new connection has to finish the handshake and say HELLO.
-HANDSHAKE_TIMEOUT = 10.0
-#: Largest HELLO (JSON) accepted, before a peer's role is known.
-MAX_HELLO = 64 * 1024
-#: Listen backlog: thousands of workers may connect at once when a cluster starts.
-BACKLOG = 4096
+HANDSHAKE_TIMEOUT = settings.HANDSHAKE_TIMEOUT
+_READ_SIZE = 256 * 1024
 
 
 class Master:
     def __init__(self, secret: bytes, dispatcher: Dispatcher | None = None,
-                 handshake_timeout: float = HANDSHAKE_TIMEOUT):
+                 handshake_timeout: float = HANDSHAKE_TIMEOUT,
+                 heartbeat: float = settings.HEARTBEAT_INTERVAL, peer_timeout: float = settings.PEER_TIMEOUT):
         self.secret = secret
         self.handshake_timeout = handshake_timeout
+        self.heartbeat = heartbeat
+        self.peer_timeout = peer_timeout
         self.dispatcher = dispatcher or Dispatcher()
         self.peers: dict[int, PeerConnection] = {}
         self.connections: set[PeerConnection] = set()
@@ -68,12 +67,30 @@ class Master:
             if conn is not None:
                 conn.write(chunks)
 
+    async def keep_alive(self) -> None:
+        """Pings every peer; drops those silent for longer than peer_timeout."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.heartbeat)
+            now = loop.time()
+            for conn in list(self.peers.values()):
+                if now - conn.last_heard > self.peer_timeout:
+                    conn.drop(f"nothing heard for {now - conn.last_heard:.1f} s (peer timeout "
+                              f"{self.peer_timeout:g} s); a frozen machine or a cut network?")
+                else:
+                    conn.write((protocol.PING_FRAME,))
+            self.flush()
+
     def close_all(self) -> None:
         for conn in list(self.connections):
             conn.transport.close()
 
 
-class PeerConnection(asyncio.Protocol):
+class PeerConnection(asyncio.BufferedProtocol):
+    """One peer.  Reads go straight into a buffer of ours (``get_buffer``); until
+    the peer has authenticated that buffer is only PREAUTH_MAX_FRAME bytes, so
+    an unknown peer can make us read no more than that at a time."""
+
     def __init__(self, master: Master):
         self.master = master
         self.dispatcher = master.dispatcher
@@ -83,9 +100,12 @@ class PeerConnection(asyncio.Protocol):
         self.peer_id = None
         self.name = "unauthenticated peer"
         self.decoder = protocol.FrameDecoder(protocol.PREAUTH_MAX_FRAME)
+        self.buffer = memoryview(bytearray(protocol.PREAUTH_MAX_FRAME))
         self.handler = self._on_handshake
         self.timer = None
         self.nonce = b""
+        self.last_heard = 0.0
+        self.reading_paused = False
 
     # --- asyncio callbacks ------------------------------------------------
 
@@ -95,13 +115,20 @@ class PeerConnection(asyncio.Protocol):
         self.address = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         self.name = f"peer {self.address}"
         self.master.connections.add(self)
+        transport.set_write_buffer_limits(settings.WRITE_HIGH_WATER, settings.WRITE_LOW_WATER)
         self.nonce, challenge = protocol.server_challenge()
         transport.write(challenge)
-        self.timer = asyncio.get_running_loop().call_later(self.master.handshake_timeout, self._handshake_timeout)
+        loop = asyncio.get_running_loop()
+        self.last_heard = loop.time()
+        self.timer = loop.call_later(self.master.handshake_timeout, self._handshake_timeout)
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int):
+        return self.buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.last_heard = asyncio.get_running_loop().time()
         try:
-            self.decoder.feed(data)
+            self.decoder.feed(self.buffer[:nbytes])
             while self.handler is not None:
                 item = self.decoder.next_frame()
                 if item is None:
@@ -117,6 +144,23 @@ class PeerConnection(asyncio.Protocol):
 
     def eof_received(self):
         return False  # close our side too
+
+    def pause_writing(self) -> None:
+        # The peer does not read as fast as we write.  Stop reading from it and
+        # hold back its jobs, so its results cannot pile up here.
+        if self.role == "client":
+            self.dispatcher.pause_client(self.peer_id)
+        if not self.reading_paused and not self.transport.is_closing():
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.reading_paused and not self.transport.is_closing():
+            self.reading_paused = False
+            self.transport.resume_reading()
+        if self.role == "client":
+            self.dispatcher.resume_client(self.peer_id)
+            self.master.flush()
 
     def connection_lost(self, exc) -> None:
         if self.timer is not None:
@@ -134,19 +178,21 @@ class PeerConnection(asyncio.Protocol):
 
     # --- writing and dropping ----------------------------------------------
 
-    def write(self, chunks: list) -> None:
+    def write(self, chunks) -> None:
         if not self.transport.is_closing():
             self.transport.writelines(chunks)
 
     def drop(self, reason: str) -> None:
         """Tells the peer why, then closes: a bad peer costs only itself."""
-        if self.handler is None:
+        if self.handler is None and self.transport.is_closing():
             return
         log.warning("dropping %s: %s", self.name, reason)
         self.handler = None
         if not self.transport.is_closing():
             self.transport.write(protocol.encode_error(reason))
             self.transport.close()
+        if self.reading_paused or self.transport.get_write_buffer_size() > settings.WRITE_HIGH_WATER:
+            self.transport.abort()  # it does not read: do not wait to flush what it will never take
 
     def _handshake_timeout(self) -> None:
         self.drop(f"no handshake and HELLO within {self.master.handshake_timeout:g} s")
@@ -156,7 +202,7 @@ class PeerConnection(asyncio.Protocol):
     def _on_handshake(self, ftype: int, body: bytes) -> None:
         proof = protocol.verify_response(self.master.secret, self.nonce, ftype, body)
         self.transport.write(proof)
-        self.decoder.max_frame = MAX_HELLO
+        self.decoder.max_frame = settings.MAX_HELLO
         self.handler = self._on_hello
 
     def _on_hello(self, ftype: int, body: bytes) -> None:
@@ -173,6 +219,9 @@ class PeerConnection(asyncio.Protocol):
         self.master.peers[self.peer_id] = self
         self.name = f"{role} {self.peer_id} ({info.get('host')} pid {info.get('pid')}, from {self.address})"
         self.decoder.max_frame = protocol.DEFAULT_MAX_FRAME
+        self.buffer = memoryview(bytearray(_READ_SIZE))
+        self.transport.write(protocol.encode_json(protocol.WELCOME, {
+            "id": self.peer_id, "heartbeat": self.master.heartbeat, "timeout": self.master.peer_timeout}))
         log.info("%s connected", self.name)
         if role == "client":
             self.dispatcher.add_client(self.peer_id, info)
@@ -183,8 +232,8 @@ class PeerConnection(asyncio.Protocol):
 
     def _on_client_frame(self, ftype: int, body: bytes) -> None:
         if ftype == protocol.SUBMIT:
-            jobid, retries, payload = protocol.decode_submit(body)
-            self.dispatcher.submit(self.peer_id, jobid, retries, payload)
+            jobid, retries, timeout, payload = protocol.decode_submit(body)
+            self.dispatcher.submit(self.peer_id, jobid, retries, timeout, payload)
         elif ftype == protocol.CANCEL:
             self.dispatcher.cancel(self.peer_id, protocol.decode_cancel(body))
         elif ftype == protocol.CONTEXT:
@@ -192,14 +241,17 @@ class PeerConnection(asyncio.Protocol):
         elif ftype == protocol.STATUS_REQ:
             reqid = protocol.decode_status_request(body)
             self.transport.write(protocol.encode_status(reqid, self.dispatcher.status()))
-        else:
+        elif ftype != protocol.PONG:
             self._unexpected(ftype, body)
 
     def _on_worker_frame(self, ftype: int, body: bytes) -> None:
         if ftype == protocol.OUTCOME:
             gid, status, payload = protocol.decode_outcome(body)
             self.dispatcher.outcome(self.peer_id, gid, status, payload)
-        else:
+        elif ftype == protocol.DRAIN:
+            log.info("%s is draining: it finishes its job and takes no other", self.name)
+            self.dispatcher.drain_worker(self.peer_id)
+        elif ftype != protocol.PONG:
             self._unexpected(ftype, body)
 
     def _unexpected(self, ftype: int, body: bytes) -> None:
@@ -209,14 +261,15 @@ class PeerConnection(asyncio.Protocol):
 
 
 async def serve(bind: str = "127.0.0.1", port: int = PORT, secret: bytes | None = None,
-                ready=None, stop: asyncio.Event | None = None,
-                handshake_timeout: float = HANDSHAKE_TIMEOUT) -> None:
-    """Runs a master until ``stop`` is set (or SIGINT/SIGTERM when run as a program)."""
+                ready=None, stop: asyncio.Event | None = None, **options) -> None:
+    """Runs a master until ``stop`` is set (or SIGINT/SIGTERM when run as a program).
+    ``options`` are Master's keyword arguments (timeouts)."""
     if secret is None:
         secret = load_secret(create=True)
-    master = Master(secret, handshake_timeout=handshake_timeout)
+    master = Master(secret, **options)
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: PeerConnection(master), bind, port, backlog=BACKLOG)
+    server = await loop.create_server(lambda: PeerConnection(master), bind, port, backlog=settings.BACKLOG)
+    keep_alive = asyncio.create_task(master.keep_alive())
     host, real_port = server.sockets[0].getsockname()[:2]
     if ready is not None:
         ready(host, real_port)
@@ -224,6 +277,7 @@ async def serve(bind: str = "127.0.0.1", port: int = PORT, secret: bytes | None 
     try:
         await stop.wait()
     finally:
+        keep_alive.cancel()
         server.close()
         master.close_all()
         await server.wait_closed()
@@ -245,6 +299,11 @@ def main(argv=None) -> int:
     parser.add_argument("--port", type=int, default=PORT, help=f"TCP port (default {PORT}; 0 picks a free one)")
     parser.add_argument("--handshake-timeout", type=float, default=HANDSHAKE_TIMEOUT,
                         help=f"seconds a new connection has to authenticate (default {HANDSHAKE_TIMEOUT:g})")
+    parser.add_argument("--heartbeat", type=float, default=settings.HEARTBEAT_INTERVAL,
+                        help=f"seconds between pings to every peer (default {settings.HEARTBEAT_INTERVAL:g})")
+    parser.add_argument("--peer-timeout", type=float, default=settings.PEER_TIMEOUT,
+                        help="seconds of silence after which a worker or client is declared lost "
+                             f"(default {settings.PEER_TIMEOUT:g})")
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
@@ -267,7 +326,8 @@ def main(argv=None) -> int:
         def ready(host, port):
             print(f"cw master listening on {host}:{port}", flush=True)
 
-        await serve(args.bind, args.port, secret, ready, stop, args.handshake_timeout)
+        await serve(args.bind, args.port, secret, ready, stop, handshake_timeout=args.handshake_timeout,
+                    heartbeat=args.heartbeat, peer_timeout=args.peer_timeout)
 
     try:
         asyncio.run(run())

@@ -138,6 +138,11 @@ def _run_batch(func, arglists) -> tuple[int, bytes]:
     return protocol.OK, cloudpickle.dumps(safe, protocol=PROTOCOL)
 
 
+def exception_outcome(exc: BaseException) -> tuple[int, bytes]:
+    """The outcome of a job that cw itself stopped (a timeout)."""
+    return _error_outcome(exc)
+
+
 def _error_outcome(exc: BaseException, cause: BaseException | None = None) -> tuple[int, bytes]:
     tb = "".join(traceback.format_exception(cause or exc))
     try:

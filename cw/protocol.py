@@ -28,16 +28,15 @@ import json
 import os
 import struct
 
+from . import settings
 from .errors import AuthenticationError, ProtocolError
 
 VERSION = 1
 HEADER = struct.Struct("!IB")
 HEADER_SIZE = HEADER.size
 
-#: Largest frame accepted after authentication (a job or result payload).
-DEFAULT_MAX_FRAME = 1 << 30
-#: Largest frame accepted before the peer has authenticated.
-PREAUTH_MAX_FRAME = 4096
+DEFAULT_MAX_FRAME = settings.MAX_FRAME
+PREAUTH_MAX_FRAME = settings.PREAUTH_MAX_FRAME
 
 # Frame types.  Handshake first, then the messages of an authenticated link.
 CHALLENGE = 1   # server -> peer: version u8, nonce[32]
@@ -45,20 +44,26 @@ RESPONSE = 2    # peer -> server: nonce[32], mac[32]
 PROOF = 3       # server -> peer: mac[32]
 HELLO = 10      # peer -> master: JSON {"role": "client"|"worker", "host", "pid", ...}
 CONTEXT = 11    # client -> master: JSON {"cwd", "path"}; master -> worker: ctx u32 + that JSON
-SUBMIT = 12     # client -> master: jobid u64, retries u8 (255: master default) + payload
+SUBMIT = 12     # client -> master: jobid u64, retries u8 (255: master default), timeout f64 (0: none) + payload
 CANCEL = 13     # client -> master: jobid u64
-JOB = 14        # master -> worker: gid u64, ctx u32 + payload
+JOB = 14        # master -> worker: gid u64, ctx u32, timeout f64 + payload
 OUTCOME = 15    # worker -> master: gid u64, status u8 + payload
 RESULT = 16     # master -> client: jobid u64, status u8, label length u8, label + payload
 CANCELLED = 17  # master -> client: jobid u64, cancelled u8 (0: too late, it runs)
 STATUS_REQ = 18  # client -> master: request id u32
 STATUS = 19     # master -> client: request id u32 + JSON
 ERROR = 20      # either way, before closing: UTF-8 text saying why
+WELCOME = 21    # master -> peer after HELLO: JSON {"id", "heartbeat", "timeout"}
+PING = 22       # master -> peer, every heartbeat interval: empty
+PONG = 23       # peer -> master, in answer: empty
+ABORT = 24      # master -> worker: gid u64; stop that job now (cancelled by its client)
+DRAIN = 25      # worker -> master: empty; finishing the current job, send no more
 
 FRAME_NAMES = {
     CHALLENGE: "CHALLENGE", RESPONSE: "RESPONSE", PROOF: "PROOF", HELLO: "HELLO", CONTEXT: "CONTEXT",
     SUBMIT: "SUBMIT", CANCEL: "CANCEL", JOB: "JOB", OUTCOME: "OUTCOME", RESULT: "RESULT",
     CANCELLED: "CANCELLED", STATUS_REQ: "STATUS_REQ", STATUS: "STATUS", ERROR: "ERROR",
+    WELCOME: "WELCOME", PING: "PING", PONG: "PONG", ABORT: "ABORT", DRAIN: "DRAIN",
 }
 
 # Outcome status codes (OUTCOME and RESULT frames).
@@ -68,8 +73,8 @@ LOST = 2      # made by the master; payload: JSON {"attempts", "workers"}
 
 _U32 = struct.Struct("!I")
 _U64 = struct.Struct("!Q")
-_SUBMIT = struct.Struct("!QB")
-_JOB = struct.Struct("!QI")
+_SUBMIT = struct.Struct("!QBd")
+_JOB = struct.Struct("!QId")
 _OUTCOME = struct.Struct("!QB")
 _RESULT = struct.Struct("!QBB")
 _CANCELLED = struct.Struct("!QB")
@@ -91,16 +96,16 @@ def encode_json(ftype: int, obj) -> bytes:
     return frame(ftype, json.dumps(obj, separators=(",", ":")).encode())
 
 
-def encode_submit(jobid: int, retries: int, payload: bytes) -> tuple[bytes, bytes]:
-    return _head(SUBMIT, _SUBMIT.pack(jobid, retries), len(payload)), payload
+def encode_submit(jobid: int, retries: int, timeout: float, payload: bytes) -> tuple[bytes, bytes]:
+    return _head(SUBMIT, _SUBMIT.pack(jobid, retries, timeout), len(payload)), payload
 
 
 def encode_cancel(jobid: int) -> bytes:
     return frame(CANCEL, _U64.pack(jobid))
 
 
-def encode_job(gid: int, ctx: int, payload: bytes) -> tuple[bytes, bytes]:
-    return _head(JOB, _JOB.pack(gid, ctx), len(payload)), payload
+def encode_job(gid: int, ctx: int, timeout: float, payload: bytes) -> tuple[bytes, bytes]:
+    return _head(JOB, _JOB.pack(gid, ctx, timeout), len(payload)), payload
 
 
 def encode_outcome(gid: int, status: int, payload: bytes) -> tuple[bytes, bytes]:
@@ -110,6 +115,15 @@ def encode_outcome(gid: int, status: int, payload: bytes) -> tuple[bytes, bytes]
 def encode_result(jobid: int, status: int, label: bytes, payload: bytes) -> tuple[bytes, bytes]:
     fields = _RESULT.pack(jobid, status, len(label)) + label
     return _head(RESULT, fields, len(payload)), payload
+
+
+def encode_abort(gid: int) -> bytes:
+    return frame(ABORT, _U64.pack(gid))
+
+
+PING_FRAME = frame(PING)
+PONG_FRAME = frame(PONG)
+DRAIN_FRAME = frame(DRAIN)
 
 
 def encode_cancelled(jobid: int, cancelled: bool) -> bytes:
@@ -150,18 +164,24 @@ def decode_json(body, name: str = "JSON"):
     return obj
 
 
-def decode_submit(body) -> tuple[int, int, bytes]:
-    jobid, retries = _fields(_SUBMIT, body, "SUBMIT")
-    return jobid, retries, body[_SUBMIT.size:]
+def decode_submit(body) -> tuple[int, int, float, bytes]:
+    jobid, retries, timeout = _fields(_SUBMIT, body, "SUBMIT")
+    if not timeout >= 0.0:  # also refuses NaN
+        raise ProtocolError(f"SUBMIT frame has an invalid timeout {timeout!r}")
+    return jobid, retries, timeout, body[_SUBMIT.size:]
 
 
 def decode_cancel(body) -> int:
     return _fields(_U64, body, "CANCEL")[0]
 
 
-def decode_job(body) -> tuple[int, int, bytes]:
-    gid, ctx = _fields(_JOB, body, "JOB")
-    return gid, ctx, body[_JOB.size:]
+def decode_job(body) -> tuple[int, int, float, bytes]:
+    gid, ctx, timeout = _fields(_JOB, body, "JOB")
+    return gid, ctx, timeout, body[_JOB.size:]
+
+
+def decode_abort(body) -> int:
+    return _fields(_U64, body, "ABORT")[0]
 
 
 def decode_outcome(body) -> tuple[int, int, bytes]:

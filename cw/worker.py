@@ -18,27 +18,29 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import queue
 import signal
 import subprocess
 import sys
 import threading
 import time
 
-from . import PORT, protocol
+from . import PORT, protocol, settings
 from .auth import load_secret
 from .errors import AuthenticationError, BrokenCluster, CwError, ProtocolError
-from .link import open_link, parse_address, peer_info
+from .link import master_timeout, open_link, parse_address, peer_info
 
 log = logging.getLogger("cw.worker")
 
-#: Seconds a worker keeps trying to reach a master before it exits.
-DEFAULT_CONNECT_TIMEOUT = 60.0
+DEFAULT_CONNECT_TIMEOUT = settings.WORKER_CONNECT_TIMEOUT
 #: A child that dies sooner than this after starting counts as crash-looping.
 QUICK_DEATH = 1.0
 MAX_RESTART_DELAY = 10.0
 
 EXIT_NO_MASTER = 3   # gave up reaching a master: do not restart
 EXIT_CONFIG = 4      # wrong secret or unreadable secret file: restarting cannot help
+EXIT_REPLACE = 5     # its job timed out or was aborted: start a fresh process at once
+EXIT_NOW = 6         # a second SIGTERM: stopped mid-job
 
 
 class JobRunner:
@@ -70,26 +72,144 @@ class JobRunner:
         self.current = ctx
 
 
-def serve(link, runner: JobRunner) -> None:
-    """Runs jobs from one connection until the master closes it."""
-    from .payload import run_payload  # only workers and clients load pickle machinery
-    while True:
-        item = link.recv()
-        if item is None:
-            return
-        ftype, body = item
-        if ftype == protocol.JOB:
-            gid, ctx, payload = protocol.decode_job(body)
-            runner.enter(ctx)
+_LOST = object()   # the reader thread lost the master
+_STOP = object()   # SIGTERM while idle: stop now
+
+
+class Session:
+    """One connection to the master.  A reader thread takes frames off the
+    socket (answering PINGs and ABORTs at once, even while a job runs); this
+    process's main thread runs the jobs it queues, one at a time."""
+
+    def __init__(self, link, runner: JobRunner, state: "WorkerState"):
+        self.link = link
+        self.runner = runner
+        self.state = state
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.reader = threading.Thread(target=self._read, name="cw-worker-reader", daemon=True)
+
+    def _read(self) -> None:
+        link, inbox = self.link, self.inbox
+        try:
+            while True:
+                item = link.recv(master_timeout(link))
+                if item is None:
+                    log.warning("the master at %s closed the connection", link.address)
+                    break
+                ftype, body = item
+                if ftype in (protocol.JOB, protocol.CONTEXT):
+                    inbox.put(item)
+                elif ftype == protocol.PING:
+                    link.try_send(protocol.PONG_FRAME)
+                elif ftype == protocol.ABORT:
+                    self.state.abort(protocol.decode_abort(body))
+                elif ftype == protocol.ERROR:
+                    log.warning("the master closed our connection: %s", bytes(body).decode("utf-8", "replace"))
+                    break
+                else:
+                    log.warning("the master sent an unexpected %s frame", protocol.FRAME_NAMES.get(ftype, ftype))
+                    break
+        except (OSError, ProtocolError) as exc:   # TimeoutError included: the master stopped answering
+            log.warning("lost the master at %s: %s", link.address, exc)
+        inbox.put(_LOST)
+
+    def run(self) -> bool:
+        """Runs jobs until the master is lost (returns False: reconnect) or this
+        worker drains (returns True: exit)."""
+        from .payload import run_payload  # only workers and clients load pickle machinery
+        self.state.session = self
+        self.reader.start()
+        while True:
+            item = self.inbox.get()
+            if item is _LOST:
+                return False
+            if item is _STOP or self.state.draining:
+                return True      # a job that came after DRAIN is re-run elsewhere
+            ftype, body = item
+            if ftype == protocol.CONTEXT:
+                self.runner.set_context(*protocol.decode_context_for_worker(body))
+                continue
+            gid, ctx, timeout, payload = protocol.decode_job(body)
+            self.runner.enter(ctx)
+            self.state.start(gid, timeout)
             status, data = run_payload(payload)
-            link.send(protocol.encode_outcome(gid, status, data))
-        elif ftype == protocol.CONTEXT:
-            runner.set_context(*protocol.decode_context_for_worker(body))
-        elif ftype == protocol.ERROR:
-            log.warning("the master closed our connection: %s", bytes(body).decode("utf-8", "replace"))
+            if self.state.finish(gid):
+                try:
+                    self.link.send(protocol.encode_outcome(gid, status, data))
+                except OSError as exc:
+                    log.warning("could not send job %d's outcome (%s); the master re-runs it", gid, exc)
+            if self.state.draining:
+                return True
+
+
+class WorkerState:
+    """What the signal handlers, the reader thread and the watchdog share."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.current = None          # gid of the running job
+        self.timer = None
+        self.draining = False
+        self.session: Session | None = None
+
+    def start(self, gid: int, timeout: float) -> None:
+        with self.lock:
+            self.current = gid
+            if timeout > 0:
+                self.timer = threading.Timer(timeout, self._timed_out, (gid, timeout))
+                self.timer.daemon = True
+                self.timer.start()
+
+    def finish(self, gid: int) -> bool:
+        """True if the job's outcome is still ours to send (no timeout took it)."""
+        with self.lock:
+            if self.timer is not None:
+                self.timer.cancel()
+                self.timer = None
+            if self.current != gid:
+                return False
+            self.current = None
+            return True
+
+    def _timed_out(self, gid: int, timeout: float) -> None:
+        from .errors import JobTimeout
+        from .payload import exception_outcome
+        with self.lock:
+            if self.current != gid:
+                return
+            self.current = None
+        status, data = exception_outcome(JobTimeout(
+            f"job stopped after its timeout of {timeout:g} s on worker pid {os.getpid()}; the worker "
+            "process was replaced. Raise the timeout if the job needs longer"))
+        try:
+            self.session.link.send(protocol.encode_outcome(gid, status, data))
+        finally:
+            os._exit(EXIT_REPLACE)   # the job's thread cannot be stopped; the process can
+
+    def abort(self, gid: int) -> None:
+        with self.lock:
+            if self.current == gid:
+                log.info("job %d was cancelled by its client; this worker process is replaced", gid)
+                os._exit(EXIT_REPLACE)
+
+    def on_sigterm(self, signum, frame) -> None:
+        """First SIGTERM: drain.  Second: exit now; the master re-runs the job."""
+        if self.draining:
+            os._exit(EXIT_NOW)
+        self.on_drain(signum, frame)
+
+    def on_drain(self, signum, frame) -> None:
+        """Finish the current job, take no other, exit (SIGUSR1 from the
+        supervisor; idempotent, because SLURM may also have sent SIGTERM)."""
+        if self.draining:
             return
-        else:
-            raise ProtocolError(f"the master sent an unexpected {protocol.FRAME_NAMES.get(ftype, ftype)} frame")
+        self.draining = True
+        session = self.session
+        if session is None:
+            raise SystemExit(0)      # not connected: nothing to finish
+        # From a thread: this handler may have interrupted a send holding the lock.
+        threading.Thread(target=session.link.try_send, args=(protocol.DRAIN_FRAME,), daemon=True).start()
+        session.inbox.put(_STOP)     # wakes the main thread if it is idle
 
 
 def run_worker(host: str, port: int, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT) -> int:
@@ -100,7 +220,10 @@ def run_worker(host: str, port: int, connect_timeout: float = DEFAULT_CONNECT_TI
         log.error("%s", exc)
         return EXIT_CONFIG
     runner = JobRunner()
-    while True:
+    state = WorkerState()
+    signal.signal(signal.SIGTERM, state.on_sigterm)
+    signal.signal(signal.SIGUSR1, state.on_drain)   # the supervisor's "drain"
+    while not state.draining:
         try:
             link = open_link(host, port, secret, peer_info("worker"), connect_timeout)
         except BrokenCluster as exc:
@@ -115,13 +238,13 @@ def run_worker(host: str, port: int, connect_timeout: float = DEFAULT_CONNECT_TI
             continue
         log.info("worker %d connected to %s:%s", os.getpid(), host, port)
         try:
-            serve(link, runner)
-        except (OSError, ProtocolError) as exc:
-            log.warning("lost the master at %s:%s (%s); reconnecting", host, port, exc)
-        else:
-            log.warning("the master at %s:%s went away; reconnecting", host, port)
+            if Session(link, runner, state).run():
+                break
         finally:
+            state.session = None
             link.close()
+    log.info("worker %d drained and stops", os.getpid())
+    return 0
 
 
 def _watch_lifeline(fd: int) -> None:
@@ -143,6 +266,7 @@ class Supervisor:
         self.log_level = log_level
         self.children: dict[int, subprocess.Popen] = {}
         self.stopping = False
+        self.stop_requests = 0
         self.lifeline_r, self.lifeline_w = os.pipe()
         self.exit_status = 0
 
@@ -154,12 +278,19 @@ class Supervisor:
         self.children[proc.pid] = proc
 
     def stop(self, signum=None, frame=None) -> None:
-        if self.stopping:
-            return
-        self.stopping = True
+        """First call: workers finish their jobs and exit (SIGUSR1).  Second:
+        they are killed now.  SLURM signals every process of a job, so a worker
+        may get SIGTERM from SLURM and SIGUSR1 from here at once: both mean
+        "drain", the same request, which is why this does not forward SIGTERM."""
+        self.stop_requests += 1
+        if self.stop_requests == 1:
+            self.stopping = True
+            sig = signal.SIGUSR1
+        else:
+            sig = signal.SIGKILL
         for proc in self.children.values():
             try:
-                proc.send_signal(signal.SIGTERM)
+                proc.send_signal(sig)
             except ProcessLookupError:
                 pass
 
@@ -190,6 +321,9 @@ class Supervisor:
                 self.exit_status = EXIT_NO_MASTER
                 continue
             if code == 0:
+                continue
+            if code == EXIT_REPLACE:
+                self.spawn()      # it stopped a timed-out or cancelled job on purpose
                 continue
             lived = time.monotonic() - proc.started
             quick_deaths = quick_deaths + 1 if lived < QUICK_DEATH else 0

@@ -43,10 +43,10 @@ ROUND_TRIPS = [
     # (encoded frame, expected type, decoder, expected decoded value)
     (p.encode_json(p.HELLO, {"role": "worker", "host": "h", "pid": 3}), p.HELLO,
      p.decode_json, {"role": "worker", "host": "h", "pid": 3}),
-    (p.encode_submit(2**64 - 1, 7, b"payload"), p.SUBMIT, p.decode_submit, (2**64 - 1, 7, b"payload")),
-    (p.encode_submit(1, 255, b""), p.SUBMIT, p.decode_submit, (1, 255, b"")),
+    (p.encode_submit(2**64 - 1, 7, 2.5, b"payload"), p.SUBMIT, p.decode_submit, (2**64 - 1, 7, 2.5, b"payload")),
+    (p.encode_submit(1, 255, 0.0, b""), p.SUBMIT, p.decode_submit, (1, 255, 0.0, b"")),
     (p.encode_cancel(42), p.CANCEL, p.decode_cancel, 42),
-    (p.encode_job(5, 2**32 - 1, b"\x00job"), p.JOB, p.decode_job, (5, 2**32 - 1, b"\x00job")),
+    (p.encode_job(5, 2**32 - 1, 30.0, b"\x00job"), p.JOB, p.decode_job, (5, 2**32 - 1, 30.0, b"\x00job")),
     (p.encode_outcome(9, p.OK, b"ok"), p.OUTCOME, p.decode_outcome, (9, p.OK, b"ok")),
     (p.encode_outcome(9, p.RAISED, b"exc"), p.OUTCOME, p.decode_outcome, (9, p.RAISED, b"exc")),
     (p.encode_result(11, p.OK, b"host:123", b"value"), p.RESULT, p.decode_result,
@@ -84,9 +84,9 @@ def test_error_frame_carries_utf8_text_and_fits_before_auth():
 def _many_frames():
     return [
         p.frame(p.HELLO, b""),
-        raw(p.encode_submit(1, 3, b"a" * 300)),
+        raw(p.encode_submit(1, 3, 0.0, b"a" * 300)),
         p.encode_cancel(1),
-        raw(p.encode_job(2, 1, b"")),
+        raw(p.encode_job(2, 1, 0.0, b"")),
         raw(p.encode_result(3, p.OK, b"h:1", bytes(range(256)))),
         p.encode_error("bye"),
     ] * 5
@@ -105,7 +105,7 @@ def test_decoder_one_byte_at_a_time_returns_all_frames_in_order():
     assert dec.buffered == 0
 
 
-@pytest.mark.parametrize("encoded", [p.frame(p.HELLO, b""), raw(p.encode_submit(1, 2, b"xyz" * 10))])
+@pytest.mark.parametrize("encoded", [p.frame(p.HELLO, b""), raw(p.encode_submit(1, 2, 0.0, b"xyz" * 10))])
 def test_decoder_frame_split_at_every_position(encoded):
     """A frame cut in two anywhere is returned only once its last byte arrives."""
     for cut in range(len(encoded) + 1):
@@ -121,7 +121,7 @@ def test_decoder_frame_split_at_every_position(encoded):
 
 def test_decoder_two_frames_split_at_every_position():
     """Two back-to-back frames cut anywhere come out whole and in order."""
-    stream = raw(p.encode_job(1, 2, b"first")) + p.encode_cancel(9)
+    stream = raw(p.encode_job(1, 2, 0.0, b"first")) + p.encode_cancel(9)
     for cut in range(len(stream) + 1):
         dec = p.FrameDecoder()
         dec.feed(stream[:cut])
@@ -129,7 +129,7 @@ def test_decoder_two_frames_split_at_every_position():
         dec.feed(stream[cut:])
         got += drain(dec)
         assert [t for t, _ in got] == [p.JOB, p.CANCEL]
-        assert p.decode_job(got[0][1]) == (1, 2, b"first") and p.decode_cancel(got[1][1]) == 9
+        assert p.decode_job(got[0][1]) == (1, 2, 0.0, b"first") and p.decode_cancel(got[1][1]) == 9
 
 
 def test_oversized_length_raises_at_header_before_body():
@@ -167,9 +167,9 @@ def test_frame_of_exactly_max_frame_is_accepted_and_limit_can_be_raised():
 # --- malformed bodies ------------------------------------------------------------
 
 MALFORMED = [
-    (p.decode_submit, b"\x00" * 8),
+    (p.decode_submit, b"\x00" * 16),
     (p.decode_cancel, b"\x00" * 7),
-    (p.decode_job, b"\x00" * 11),
+    (p.decode_job, b"\x00" * 19),
     (p.decode_outcome, b"\x00" * 8),
     (p.decode_result, b"\x00" * 9),
     (p.decode_result, b"\x00" * 9 + b"\x05abc"),          # label of 5 bytes, only 3 present

@@ -1,0 +1,41 @@
+"""Every default timeout and limit of cw, in one place.
+
+Each is the default of a command-line option or keyword argument (named in
+the comment); the README's "Failures and guarantees" table lists them.
+"""
+
+#: Seconds a new connection has to authenticate and say HELLO (master --handshake-timeout).
+HANDSHAKE_TIMEOUT = 10.0
+#: Largest frame before authentication, in bytes: all an unknown peer can make the master hold.
+PREAUTH_MAX_FRAME = 4096
+#: Largest HELLO frame (JSON), in bytes.
+MAX_HELLO = 64 * 1024
+#: Largest frame after authentication (a job's call or result), in bytes.
+MAX_FRAME = 1 << 30
+
+#: Seconds between the master's PINGs to every peer (master --heartbeat).
+HEARTBEAT_INTERVAL = 5.0
+#: Seconds of silence after which a peer is declared lost: the master drops a
+#: worker (its job runs elsewhere) or a client; a worker or client drops the
+#: master (master --peer-timeout; the master tells its peers).
+PEER_TIMEOUT = 30.0
+
+#: Attempts a job gets when its worker dies under it (client max_retries + 1).
+MAX_ATTEMPTS = 3
+
+#: Seconds a worker keeps trying to reach a master before it exits (worker --connect-timeout).
+WORKER_CONNECT_TIMEOUT = 60.0
+#: Seconds a client keeps trying to reach its master when it starts (connect_timeout=).
+CLIENT_CONNECT_TIMEOUT = 10.0
+#: map() keeps at most this many chunks in flight (map(window=)).
+MAP_WINDOW = 256
+#: Seconds status() waits for the master's answer.
+STATUS_TIMEOUT = 10.0
+
+#: Bytes waiting to be written to one peer before the master stops reading from
+#: it and holds back its jobs (flow control for clients that do not read).
+WRITE_HIGH_WATER = 8 * 1024 * 1024
+WRITE_LOW_WATER = 1 * 1024 * 1024
+
+#: Listen backlog: thousands of workers may connect at once when a cluster starts.
+BACKLOG = 4096
