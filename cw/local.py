@@ -22,6 +22,8 @@ from .errors import CwError
 READY_TIMEOUT = 30.0
 #: Seconds a process gets to exit on SIGTERM before it is killed.
 STOP_TIMEOUT = 10.0
+#: Seconds running jobs get to finish when a local cluster stops.
+STOP_GRACE = 2.0
 READY_PREFIX = "cw master listening on "
 
 
@@ -60,11 +62,15 @@ class LocalCluster:
                     raise CwError(f"the master at {self.address} exited with status {self.master.returncode}")
                 time.sleep(0.05)
 
-    def stop(self) -> None:
+    def stop(self, grace: float = STOP_GRACE) -> None:
+        """Stops the workers (running jobs get ``grace`` seconds to finish; then
+        their supervisors are killed, and with them, through the lifeline pipe,
+        the worker processes), then the master."""
         for proc in self.workers + [self.master]:
             _terminate(proc)
-        for proc in self.workers + [self.master]:
-            _reap(proc)
+        for proc in self.workers:
+            _reap(proc, grace)
+        _reap(self.master)
 
 
 def _terminate(proc: subprocess.Popen) -> None:
@@ -75,9 +81,9 @@ def _terminate(proc: subprocess.Popen) -> None:
             pass
 
 
-def _reap(proc: subprocess.Popen) -> None:
+def _reap(proc: subprocess.Popen, timeout: float = STOP_TIMEOUT) -> None:
     try:
-        proc.wait(STOP_TIMEOUT)
+        proc.wait(timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
