@@ -113,6 +113,7 @@ class ClusterExecutor(concurrent.futures.Executor):
         self.host, self.port = resolve_master(host, port)
         self._link = open_link(self.host, self.port, load_secret(), peer_info("client"), connect_timeout)
         self._link.send(protocol.encode_json(protocol.CONTEXT, {"cwd": os.getcwd(), "path": sys.path}))
+        self._link.start_writer()
         self._lock = threading.Lock()
         self._pending: dict[int, ClusterFuture] = {}
         self._status_waiters: dict[int, concurrent.futures.Future] = {}
@@ -159,7 +160,7 @@ class ClusterExecutor(concurrent.futures.Executor):
     def _send_job(self, payload: bytes, retries: int, timeout: float) -> ClusterFuture:
         future = self._new_future()
         try:
-            self._link.send(protocol.encode_submit(future.jobid, retries, timeout, payload))
+            self._link.post(protocol.encode_submit(future.jobid, retries, timeout, payload))
         except OSError as exc:
             self._set_broken(f"lost the connection to the cw master at {self._link.address} ({exc})")
         return future
@@ -216,7 +217,7 @@ class ClusterExecutor(concurrent.futures.Executor):
             if self._pending.pop(jobid, None) is None or self._broken is not None:
                 return
         try:
-            self._link.send(protocol.encode_cancel(jobid))
+            self._link.post(protocol.encode_cancel(jobid))
         except OSError:
             pass  # the reader will see the broken connection
         self._maybe_close()
@@ -304,7 +305,7 @@ class ClusterExecutor(concurrent.futures.Executor):
                 raise BrokenCluster(self._broken)
             reqid = next(self._ids) & 0xFFFFFFFF
             self._status_waiters[reqid] = waiter
-        self._link.send(protocol.encode_status_request(reqid))
+        self._link.post(protocol.encode_status_request(reqid))
         try:
             return waiter.result(timeout)
         except concurrent.futures.TimeoutError:

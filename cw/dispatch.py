@@ -8,7 +8,8 @@ tuple.  Tests drive it with plain calls and read the outbox, no sockets.
 
 Rules kept here:
 - Each client has a FIFO queue.  Idle workers take jobs from the clients'
-  queues in turn (round-robin), so one client's 100,000 queued jobs do not
+  queues in turn: the next job comes from the client with queued jobs that
+  was served least recently, so one client's 100,000 queued jobs do not
   starve another's ten.  A worker holds one job at a time.
 - A client that is behind on reading its results is paused: its jobs wait
   until it catches up, so its results cannot pile up in the master.
@@ -28,6 +29,7 @@ Rules kept here:
 """
 from __future__ import annotations
 
+import heapq
 import json
 import time
 from collections import deque
@@ -60,7 +62,8 @@ class Job:
 
 
 class ClientState:
-    __slots__ = ("cid", "context", "done", "info", "jobs", "paused", "queue", "submitted")
+    __slots__ = ("cid", "context", "done", "in_ready", "info", "jobs", "last_served", "paused", "queue",
+                 "submitted")
 
     def __init__(self, cid, info):
         self.cid = cid
@@ -69,6 +72,8 @@ class ClientState:
         self.jobs = {}                # client jobid -> Job, queued or running
         self.queue = deque()          # its queued Jobs (and cancelled ones, skipped lazily)
         self.paused = False
+        self.in_ready = False         # has an entry in Dispatcher.ready
+        self.last_served = 0          # Dispatcher turn in which it last got a worker
         self.submitted = 0
         self.done = 0
 
@@ -100,9 +105,10 @@ class Dispatcher:
         self.outbox: list = []
         self.clients: dict[int, ClientState] = {}
         self.workers: dict[int, WorkerState] = {}
-        self.ready: dict[int, None] = {}    # cids with queued jobs and not paused, in turn order
+        self.ready: list = []               # heap of (last_served, cid): clients that may have jobs to run
         self.idle: dict[int, None] = {}     # wids with no job, in the order they freed up
         self.queued = 0
+        self._turn = 0
         self._next_gid = 1
 
     # --- peers come and go ------------------------------------------------
@@ -113,12 +119,13 @@ class Dispatcher:
     def set_context(self, cid: int, context_json: bytes) -> None:
         protocol.decode_json(context_json, "CONTEXT")  # refuse garbage before workers see it
         self.clients[cid].context = bytes(context_json)
+        for worker in self.workers.values():
+            worker.contexts.discard(cid)   # a changed context goes out again
 
     def remove_client(self, cid: int) -> None:
         client = self.clients.pop(cid, None)
         if client is None:
-            return
-        self.ready.pop(cid, None)
+            return                         # its entry in self.ready is skipped when popped
         for job in client.jobs.values():
             if job.state == QUEUED:
                 self._drop_queued(job)
@@ -136,15 +143,13 @@ class Dispatcher:
         """The client is not reading its results fast enough: hold its jobs back."""
         client = self.clients.get(cid)
         if client is not None:
-            client.paused = True
-            self.ready.pop(cid, None)
+            client.paused = True          # its entry in self.ready is skipped when popped
 
     def resume_client(self, cid: int) -> None:
         client = self.clients.get(cid)
         if client is not None and client.paused:
             client.paused = False
-            if client.queue:
-                self.ready[cid] = None
+            self._make_ready(client)
             self._pump()
 
     def add_worker(self, wid: int, info: dict) -> None:
@@ -154,9 +159,10 @@ class Dispatcher:
 
     def drain_worker(self, wid: int) -> None:
         """The worker finishes its current job and takes no other (it is stopping)."""
-        worker = self.workers[wid]
-        worker.draining = True
-        self.idle.pop(wid, None)
+        worker = self.workers.get(wid)
+        if worker is not None:
+            worker.draining = True
+            self.idle.pop(wid, None)
 
     def remove_worker(self, wid: int) -> None:
         worker = self.workers.pop(wid, None)
@@ -181,8 +187,7 @@ class Dispatcher:
             job.state = QUEUED
             self.queued += 1
             client.queue.appendleft(job)  # it waited its turn once already
-            if not client.paused:
-                self.ready[client.cid] = None
+            self._make_ready(client)
 
     # --- jobs ---------------------------------------------------------------
 
@@ -197,10 +202,9 @@ class Dispatcher:
         client.submitted += 1
         client.queue.append(job)
         self.queued += 1
-        if not client.paused:
-            self.ready[cid] = None
-            if self.idle:
-                self._pump()
+        self._make_ready(client)
+        if self.idle:
+            self._pump()
 
     def cancel(self, cid: int, jobid: int) -> None:
         client = self.clients[cid]
@@ -249,24 +253,30 @@ class Dispatcher:
         client.done += 1
         self.outbox.append((client.cid, protocol.encode_result(job.jobid, status, label, payload)))
 
+    def _make_ready(self, client: ClientState) -> None:
+        if not client.in_ready and not client.paused and client.queue:
+            client.in_ready = True
+            heapq.heappush(self.ready, (client.last_served, client.cid))
+
     def _next_job(self) -> Job | None:
-        """The next job in round-robin order over the ready clients."""
+        """The next job of the client served least recently (see the rules)."""
         ready = self.ready
         while ready:
-            cid = next(iter(ready))
-            client = self.clients[cid]
+            _, cid = heapq.heappop(ready)
+            client = self.clients.get(cid)
+            if client is None:
+                continue                   # it left
+            client.in_ready = False
+            if client.paused:
+                continue                   # resume_client puts it back
             queue = client.queue
-            job = None
             while queue:
-                candidate = queue.popleft()
-                if candidate.state == QUEUED:
-                    job = candidate
-                    break
-            del ready[cid]
-            if queue:
-                ready[cid] = None          # back of the line
-            if job is not None:
-                return job
+                job = queue.popleft()
+                if job.state == QUEUED:
+                    self._turn += 1
+                    client.last_served = self._turn
+                    self._make_ready(client)
+                    return job
         return None
 
     def _pump(self) -> None:

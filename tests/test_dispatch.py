@@ -18,6 +18,7 @@ BODY_DECODERS = {
     p.CONTEXT: p.decode_context_for_worker,
     p.RESULT: p.decode_result,
     p.CANCELLED: p.decode_cancelled,
+    p.ABORT: p.decode_abort,
 }
 
 
@@ -52,7 +53,7 @@ def client(d, cid, context=None):
 
 def submit(d, cid, *jobids, retries=DEFAULT_RETRIES):
     for jobid in jobids:
-        d.submit(cid, jobid, retries, b"payload-%d-%d" % (cid, jobid))
+        d.submit(cid, jobid, retries, 0.0, b"payload-%d-%d" % (cid, jobid))
 
 
 def payload(cid, jobid):
@@ -69,10 +70,10 @@ def test_jobs_go_to_idle_workers_in_fifo_order():
     worker(d, W1)
     worker(d, W2)
     msgs = drain(d)
-    assert [(peer, job[2]) for peer, t, job in msgs if t == p.JOB] == [(W1, payload(C1, 10)), (W2, payload(C1, 11))]
+    assert [(peer, job[3]) for peer, t, job in msgs if t == p.JOB] == [(W1, payload(C1, 10)), (W2, payload(C1, 11))]
     gid = of(msgs, p.JOB, W1)[0][0]
     d.outcome(W1, gid, p.OK, b"r")
-    assert [job[2] for job in of(drain(d), p.JOB, W1)] == [payload(C1, 12)]
+    assert [job[3] for job in of(drain(d), p.JOB, W1)] == [payload(C1, 12)]
 
 
 def test_one_job_per_worker_at_a_time():
@@ -99,7 +100,7 @@ def test_context_sent_once_before_first_job_of_each_client():
     msgs = drain(d)
     assert [t for _, t, _ in msgs] == [p.CONTEXT, p.JOB]
     assert of(msgs, p.CONTEXT, W1) == [(C1, json.loads(CTX1))]
-    gid, ctx, _ = of(msgs, p.JOB, W1)[0]
+    gid, ctx, _, _ = of(msgs, p.JOB, W1)[0]
     assert ctx == C1
     d.outcome(W1, gid, p.OK, b"")
     submit(d, C1, 2)
@@ -126,6 +127,179 @@ def test_client_leaving_makes_its_workers_forget_its_context():
     d.remove_client(C1)
     assert d.outbox == [(W1, p.encode_context_for_worker(C1, b"{}"))]
     assert drain(d) == [(W1, p.CONTEXT, (C1, {}))]
+
+
+def run_one_worker(d, wid):
+    """Has worker wid finish every job it gets, until none is left; returns [(ctx, payload)] in dispatch order,
+    starting with any JOB already in the outbox."""
+    order = []
+    msgs = drain(d)
+    while True:
+        jobs = of(msgs, p.JOB, wid)
+        if not jobs:
+            return order
+        assert len(jobs) == 1
+        gid, ctx, _timeout, job_payload = jobs[0]
+        order.append((ctx, job_payload))
+        d.outcome(wid, gid, p.OK, b"")
+        msgs = drain(d)
+
+
+def rr_expected():
+    a = [(C1, payload(C1, jobid)) for jobid in range(100)]
+    b = [(C2, payload(C2, jobid)) for jobid in range(3)]
+    return [a[0], b[0], a[1], b[1], a[2], b[2]] + a[3:]
+
+
+def test_round_robin_between_clients_while_a_job_runs():
+    """Client A queues 100 jobs (its first one running), then B queues 3: B's first job goes right after
+    A's running one, then the clients alternate while both have jobs; each client's jobs go FIFO."""
+    d = Dispatcher()
+    client(d, C1)
+    client(d, C2)
+    worker(d, W1)
+    submit(d, C1, *range(100))
+    submit(d, C2, 0, 1, 2)
+    assert run_one_worker(d, W1) == rr_expected()
+    assert d.status()["queued"] == 0
+
+
+def test_round_robin_between_clients_queued_before_any_worker():
+    """The same alternation when both clients queued their jobs before the first worker came."""
+    d = Dispatcher()
+    client(d, C1)
+    client(d, C2)
+    submit(d, C1, *range(100))
+    submit(d, C2, 0, 1, 2)
+    worker(d, W1)
+    assert run_one_worker(d, W1) == rr_expected()
+
+
+def test_lost_job_goes_back_to_the_head_of_its_own_clients_queue():
+    """A lost job is re-queued at the head of its client's queue: ahead of that client's later jobs,
+    but it waits for the turn of its client (another client's turn comes first)."""
+    d = Dispatcher()
+    client(d, C1)
+    client(d, C2)
+    worker(d, W1)
+    worker(d, W2)
+    submit(d, C1, 1, 2)
+    jobs = {peer: fields for peer, t, fields in drain(d) if t == p.JOB}
+    assert jobs[W2][3] == payload(C1, 2)
+    submit(d, C2, 1, 2)        # C2's turn comes before C1's next one
+    submit(d, C1, 3)
+    d.remove_worker(W2)
+    assert drain(d) == []
+    d.outcome(W1, jobs[W1][0], p.OK, b"")
+    order = run_one_worker(d, W1)
+    assert order == [(C2, payload(C2, 1)), (C1, payload(C1, 2)), (C2, payload(C2, 2)), (C1, payload(C1, 3))]
+
+
+def test_pause_client_holds_its_jobs_while_others_run_and_resume_releases_them():
+    """A paused client's queued jobs wait (also ones submitted while paused) while other clients' jobs still
+    go out; once the worker is idle, resume_client dispatches the paused client's next job (FIFO) at once."""
+    d = Dispatcher()
+    client(d, C1)
+    client(d, C2)
+    worker(d, W1)
+    submit(d, C1, 1, 2)
+    gid = of(drain(d), p.JOB, W1)[0][0]
+    d.pause_client(C1)
+    submit(d, C2, 1, 2)
+    submit(d, C1, 3)
+    assert drain(d) == []
+    assert {c["id"]: c["paused"] for c in d.status()["clients"]} == {C1: True, C2: False}
+    d.outcome(W1, gid, p.OK, b"")
+    msgs = drain(d)
+    assert of(msgs, p.RESULT, C1) == [(1, p.OK, b"h1:101", b"")]
+    assert [(job[1], job[3]) for job in of(msgs, p.JOB, W1)] == [(C2, payload(C2, 1))]
+    d.outcome(W1, of(msgs, p.JOB, W1)[0][0], p.OK, b"")
+    assert run_one_worker(d, W1) == [(C2, payload(C2, 2))]
+    assert drain(d) == [] and d.status()["queued"] == 2
+    d.resume_client(C1)
+    assert {c["id"]: c["paused"] for c in d.status()["clients"]} == {C1: False, C2: False}
+    assert run_one_worker(d, W1) == [(C1, payload(C1, 2)), (C1, payload(C1, 3))]
+
+
+def test_resume_client_with_no_idle_worker_releases_jobs_at_next_outcome():
+    """Resuming while every worker is busy sends nothing; the client's job goes out when a worker frees up."""
+    d = Dispatcher()
+    client(d, C1)
+    client(d, C2)
+    worker(d, W1)
+    d.pause_client(C1)
+    submit(d, C1, 1)
+    submit(d, C2, 1)
+    gid = of(drain(d), p.JOB, W1)[0][0]
+    d.resume_client(C1)
+    assert drain(d) == []
+    d.outcome(W1, gid, p.OK, b"")
+    assert [job[3] for job in of(drain(d), p.JOB, W1)] == [payload(C1, 1)]
+
+
+def test_paused_clients_lost_job_waits_for_resume():
+    """A paused client's job whose worker dies is re-queued but held back until the client resumes."""
+    d = Dispatcher()
+    client(d, C1)
+    worker(d, W1)
+    submit(d, C1, 1)
+    gid = of(drain(d), p.JOB, W1)[0][0]
+    d.pause_client(C1)
+    d.remove_worker(W1)
+    worker(d, W2)
+    assert drain(d) == [] and d.status()["queued"] == 1
+    d.resume_client(C1)
+    assert of(drain(d), p.JOB, W2) == [(gid, C1, 0.0, payload(C1, 1))]
+
+
+def test_draining_worker_finishes_its_job_and_gets_no_other():
+    """After drain_worker its current job's result is delivered, but no new job goes to it though jobs wait;
+    its status state is 'draining'."""
+    d = Dispatcher()
+    client(d, C1)
+    worker(d, W1)
+    worker(d, W2)
+    submit(d, C1, 1, 2, 3)
+    jobs = {peer: fields for peer, t, fields in drain(d) if t == p.JOB}
+    d.drain_worker(W1)
+    assert {w["id"]: w["state"] for w in d.status()["workers"]} == {W1: "draining", W2: "busy"}
+    d.outcome(W1, jobs[W1][0], p.OK, b"r")
+    msgs = drain(d)
+    assert of(msgs, p.RESULT, C1) == [(1, p.OK, b"h1:101", b"r")]
+    assert of(msgs, p.JOB) == []
+    assert d.status()["queued"] == 1
+    assert {w["id"]: w["state"] for w in d.status()["workers"]} == {W1: "draining", W2: "busy"}
+    d.outcome(W2, jobs[W2][0], p.OK, b"")
+    assert [(peer, job[3]) for peer, t, job in drain(d) if t == p.JOB] == [(W2, payload(C1, 3))]
+
+
+def test_draining_idle_worker_gets_no_job():
+    """An idle worker that drains gets no job submitted afterwards."""
+    d = Dispatcher()
+    client(d, C1)
+    worker(d, W1)
+    d.drain_worker(W1)
+    submit(d, C1, 1)
+    assert drain(d) == []
+    assert [w["state"] for w in d.status()["workers"]] == ["draining"]
+    worker(d, W2)
+    assert [(peer, job[3]) for peer, t, job in drain(d) if t == p.JOB] == [(W2, payload(C1, 1))]
+
+
+def test_timeout_given_at_submit_is_carried_in_the_job_frame():
+    """Each JOB carries the timeout its SUBMIT gave (0.0 for none), also when a lost job is sent again."""
+    d = Dispatcher()
+    client(d, C1)
+    d.submit(C1, 1, DEFAULT_RETRIES, 12.5, b"a")
+    d.submit(C1, 2, DEFAULT_RETRIES, 0.0, b"b")
+    worker(d, W1)
+    worker(d, W2)
+    jobs = {peer: fields for peer, t, fields in drain(d) if t == p.JOB}
+    assert jobs[W1][1:] == (C1, 12.5, b"a")
+    assert jobs[W2][1:] == (C1, 0.0, b"b")
+    d.remove_worker(W1)
+    worker(d, W3)
+    assert of(drain(d), p.JOB, W3) == [(jobs[W1][0], C1, 12.5, b"a")]
 
 
 # --- results -------------------------------------------------------------------
@@ -187,7 +361,7 @@ def test_lost_worker_puts_job_back_at_head_of_queue():
     worker(d, W2)
     msgs = drain(d)
     assert of(msgs, p.CONTEXT, W2) == [(C1, json.loads(CTX1))]
-    assert of(msgs, p.JOB, W2) == [(gid, C1, payload(C1, 1))]
+    assert of(msgs, p.JOB, W2) == [(gid, C1, 0.0, payload(C1, 1))]
 
 
 def test_lost_worker_job_goes_to_idle_worker_at_once():
@@ -199,7 +373,7 @@ def test_lost_worker_job_goes_to_idle_worker_at_once():
     gid = of(drain(d), p.JOB, W1)[0][0]
     worker(d, W2)
     d.remove_worker(W1)
-    assert of(drain(d), p.JOB, W2) == [(gid, C1, payload(C1, 1))]
+    assert of(drain(d), p.JOB, W2) == [(gid, C1, 0.0, payload(C1, 1))]
 
 
 @pytest.mark.parametrize("retries, attempts", [(DEFAULT_RETRIES, 3), (0, 1), (1, 2)])
@@ -246,33 +420,73 @@ def test_cancel_queued_job_answers_true_and_never_dispatches_it():
     worker(d, W1)
     worker(d, W2)
     jobs = of(drain(d), p.JOB)
-    assert [job[2] for job in jobs] == [payload(C1, 2)]
+    assert [job[3] for job in jobs] == [payload(C1, 2)]
 
 
-def test_cancel_running_job_answers_false():
-    """Cancelling a running job answers CANCELLED(jobid, False); its result still comes."""
+def test_cancel_running_job_answers_true_aborts_it_and_drops_its_outcome():
+    """Cancelling a running job answers CANCELLED(jobid, True) and sends ABORT(gid) to its worker only;
+    an outcome the worker still sends is dropped, and the worker is free for the next job."""
+    d = Dispatcher()
+    client(d, C1)
+    worker(d, W1)
+    worker(d, W2)
+    submit(d, C1, 1, 2)
+    jobs = {peer: fields for peer, t, fields in drain(d) if t == p.JOB}
+    gid = jobs[W1][0]
+    d.cancel(C1, 1)
+    msgs = drain(d)
+    assert sorted(msgs) == sorted([(C1, p.CANCELLED, (1, True)), (W1, p.ABORT, gid)])
+    submit(d, C1, 3)
+    assert drain(d) == []     # W1 still holds the aborted job until it reports or leaves
+    d.outcome(W1, gid, p.OK, b"r")
+    msgs = drain(d)
+    assert of(msgs, p.RESULT) == []
+    assert [job[3] for job in of(msgs, p.JOB, W1)] == [payload(C1, 3)]
+    d.outcome(W2, jobs[W2][0], p.OK, b"two")
+    assert of(drain(d), p.RESULT, C1) == [(2, p.OK, b"h2:102", b"two")]
+
+
+def test_cancel_after_result_answers_false():
+    """Cancelling a job whose RESULT was already sent answers CANCELLED(jobid, False) and aborts nothing."""
     d = Dispatcher()
     client(d, C1)
     worker(d, W1)
     submit(d, C1, 1)
     gid = of(drain(d), p.JOB)[0][0]
+    d.outcome(W1, gid, p.OK, b"r")
+    drain(d)
     d.cancel(C1, 1)
     assert drain(d) == [(C1, p.CANCELLED, (1, False))]
-    d.outcome(W1, gid, p.OK, b"r")
-    assert of(drain(d), p.RESULT, C1) == [(1, p.OK, b"h1:101", b"r")]
+
+
+def test_cancelled_running_job_is_not_requeued_when_its_worker_dies():
+    """A cancelled running job whose worker then leaves (e.g. replaced after ABORT) is not run again."""
+    d = Dispatcher()
+    client(d, C1)
+    worker(d, W1)
+    submit(d, C1, 1)
+    drain(d)
+    d.cancel(C1, 1)
+    drain(d)
+    d.remove_worker(W1)
+    worker(d, W2)
+    assert drain(d) == []
+    assert d.status()["queued"] == 0 and d.status()["running"] == 0
 
 
 # --- clients leaving --------------------------------------------------------
 
 def test_client_leaving_drops_queued_jobs_and_later_outcome():
-    """A departed client's queued jobs are never dispatched and its running job's outcome is dropped silently."""
+    """A departed client's queued jobs are never dispatched, its running job gets ABORT on its worker,
+    and that job's outcome, if the worker still sends one, is dropped silently."""
     d = Dispatcher()
     client(d, C1)
     worker(d, W1)
     submit(d, C1, 1, 2, 3)
     gid = of(drain(d), p.JOB, W1)[0][0]
     d.remove_client(C1)
-    drain(d)
+    msgs = drain(d)
+    assert of(msgs, p.ABORT) == [gid] and of(msgs, p.ABORT, W1) == [gid]
     d.outcome(W1, gid, p.OK, b"late")
     worker(d, W2)
     msgs = drain(d)
@@ -280,19 +494,42 @@ def test_client_leaving_drops_queued_jobs_and_later_outcome():
     assert d.status()["queued"] == 0 and d.status()["running"] == 0
 
 
+def test_client_leaving_aborts_each_running_job_on_its_worker():
+    """A client leaving sends one ABORT(gid) to each worker running one of its jobs, and nothing to others."""
+    d = Dispatcher()
+    client(d, C1)
+    client(d, C2)
+    worker(d, W1)
+    worker(d, W2)
+    worker(d, W3)
+    submit(d, C1, 1)
+    submit(d, C2, 1)
+    submit(d, C1, 2, 3)
+    jobs = {peer: fields for peer, t, fields in drain(d) if t == p.JOB}
+    assert {peer: fields[1] for peer, fields in jobs.items()} == {W1: C1, W2: C2, W3: C1}
+    d.remove_client(C1)
+    msgs = drain(d)
+    assert of(msgs, p.ABORT, W1) == [jobs[W1][0]]
+    assert of(msgs, p.ABORT, W3) == [jobs[W3][0]]
+    assert of(msgs, p.ABORT, W2) == []
+    assert [t for to, t, _ in msgs if to == W2] == []
+    d.outcome(W2, jobs[W2][0], p.OK, b"ok")
+    assert of(drain(d), p.RESULT, C2) == [(1, p.OK, b"h2:102", b"ok")]
+
+
 def test_client_leaving_then_worker_lost_does_not_requeue():
-    """A departed client's running job is not re-queued when its worker dies."""
+    """A departed client's running job is aborted, and not re-queued when its worker then dies."""
     d = Dispatcher()
     client(d, C1)
     worker(d, W1)
     submit(d, C1, 1)
-    drain(d)
+    gid = of(drain(d), p.JOB, W1)[0][0]
     d.remove_client(C1)
-    drain(d)
+    assert of(drain(d), p.ABORT, W1) == [gid]
     d.remove_worker(W1)
     worker(d, W2)
     assert drain(d) == []
-    assert d.status()["queued"] == 0
+    assert d.status()["queued"] == 0 and d.status()["running"] == 0
 
 
 def test_duplicate_jobid_from_a_client_raises():
@@ -314,8 +551,9 @@ def test_status_counts_workers_clients_queued_running():
     client(d, C2)
     worker(d, W1)
     worker(d, W2)
-    submit(d, C1, 1, 2, 3)
-    submit(d, C2, 1)
+    submit(d, C1, 1, 2)
+    submit(d, C2, 1)      # queued before C1's job 3, so it goes next under any round-robin
+    submit(d, C1, 3)
     now[0] += 2.5
     s = d.status()
     assert (s["queued"], s["running"]) == (2, 2)
@@ -330,12 +568,54 @@ def test_status_counts_workers_clients_queued_running():
     assert (s["queued"], s["running"]) == (2, 1)
     assert [(w["id"], w["state"], w["jobs_done"]) for w in s["workers"]] == [(W1, "busy", 1)]
     clients = {c["id"]: (c["submitted"], c["done"], c["queued"], c["running"]) for c in s["clients"]}
-    assert clients == {C1: (3, 1, 1, 1), C2: (1, 0, 1, 0)}
+    assert clients == {C1: (3, 1, 2, 0), C2: (1, 0, 0, 1)}
     d.cancel(C2, 1)
     d.remove_client(C1)
     s = d.status()
     assert (s["queued"], s["running"]) == (0, 1)
     assert [c["id"] for c in s["clients"]] == [C2]
+
+
+def counts(d):
+    """(global queued, global running, {cid: (queued, running)}) from status(); the per-client queued
+    counts must add up to the global one."""
+    s = d.status()
+    clients = {c["id"]: (c["queued"], c["running"]) for c in s["clients"]}
+    assert sum(q for q, _ in clients.values()) == s["queued"]
+    return s["queued"], s["running"], clients
+
+
+def test_status_queued_counts_through_submit_dispatch_cancel_leave_and_lost_worker():
+    """status()'s queued counts, global and per client, are right after each event that changes them."""
+    d = Dispatcher()
+    client(d, C1)
+    client(d, C2)
+    submit(d, C1, 1, 2, 3)
+    assert counts(d) == (3, 0, {C1: (3, 0), C2: (0, 0)})
+    submit(d, C2, 1, 2)
+    assert counts(d) == (5, 0, {C1: (3, 0), C2: (2, 0)})
+    worker(d, W1)                                   # dispatches C1's job 1
+    assert counts(d) == (4, 1, {C1: (2, 1), C2: (2, 0)})
+    d.cancel(C1, 2)                                 # a queued job
+    assert counts(d) == (3, 1, {C1: (1, 1), C2: (2, 0)})
+    d.cancel(C1, 1)                                 # the running job: W1 stays busy until it reports
+    assert counts(d) == (3, 1, {C1: (1, 0), C2: (2, 0)})
+    worker(d, W2)                                   # dispatches C2's job 1
+    assert counts(d) == (2, 2, {C1: (1, 0), C2: (1, 1)})
+    jobs = {peer: fields for peer, t, fields in drain(d) if t == p.JOB}
+    d.outcome(W1, jobs[W1][0], p.OK, b"")           # aborted job's outcome, dropped; W1 takes C1's job 3
+    assert counts(d) == (1, 2, {C1: (0, 1), C2: (1, 1)})
+    d.remove_worker(W1)                             # C1's job 3 is re-queued
+    assert counts(d) == (2, 1, {C1: (1, 0), C2: (1, 1)})
+    d.remove_client(C2)                             # drops C2's job 2, aborts C2's job 1 on W2
+    assert counts(d) == (1, 1, {C1: (1, 0)})
+    d.outcome(W2, jobs[W2][0], p.OK, b"")           # dropped; W2 takes C1's job 3
+    assert counts(d) == (0, 1, {C1: (0, 1)})
+    msgs = drain(d)
+    assert [job[3] for job in of(msgs, p.JOB, W2)] == [payload(C1, 3)]
+    d.outcome(W2, of(msgs, p.JOB, W2)[0][0], p.OK, b"")
+    assert counts(d) == (0, 0, {C1: (0, 0)})
+    assert [fields[0] for fields in of(drain(d), p.RESULT, C1)] == [3]
 
 
 def test_two_clients_all_jobs_complete_each_gets_only_its_results():
@@ -359,7 +639,7 @@ def test_two_clients_all_jobs_complete_each_gets_only_its_results():
         running = [(peer, fields) for peer, ftype, fields in msgs if ftype == p.JOB]
         if not running:
             break
-        for wid, (gid, _ctx, job_payload) in running:
+        for wid, (gid, _ctx, _timeout, job_payload) in running:
             d.outcome(wid, gid, p.OK, b"done:" + job_payload)
     for cid in (C1, C2):
         assert results[cid] == {jobid: b"done:" + payload(cid, jobid) for jobid in range(10)}
