@@ -43,17 +43,18 @@ class WorkerInfo(NamedTuple):
 
 def resolve_master(host: str | None, port: int = PORT) -> tuple[str, int]:
     """Where the master is: the given host, else ``$CW_MASTER`` (HOST:PORT, set
-    by ``cw.allocate``), else the SLURM helpers' discovery when available,
-    else this machine."""
+    by ``cw.allocate``), else the master of the SLURM cluster ``$CW_CLUSTER``
+    (default "default") when one has published its address, else this machine."""
     if host:
         return parse_address(host, port)
     if os.environ.get(ENV_MASTER):
         return parse_address(os.environ[ENV_MASTER], port)
-    try:
-        from . import slurm  # noqa: F401  - provided by the SLURM helpers
-        return slurm.master_address(port=port)
-    except (ImportError, AttributeError, LookupError):
-        pass
+    from . import slurm
+    if slurm.address_file(os.environ.get("CW_CLUSTER") or slurm.DEFAULT_NAME).exists() and slurm.available():
+        try:
+            return slurm.master_address(port=port)
+        except LookupError:
+            pass
     return "localhost", port
 
 

@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     from cw.client import ClusterExecutor
 
     print(f"starting a local cluster with {args.workers} workers ...", flush=True)
-    with cw.allocate(args.workers, port=0) as cluster:
+    with cw.allocate(args.workers, port=0, backend="local") as cluster:
         print(f"master at {cluster.address}", flush=True)
         with ClusterExecutor() as executor:
             # Warm up: each worker imports numpy once, outside the timing.

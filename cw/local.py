@@ -138,11 +138,23 @@ def stop(cluster: LocalCluster) -> None:
 
 
 @contextlib.contextmanager
-def allocate(nworkers: int | None = None, port: int = PORT):
-    """Runs a local cluster for the ``with`` block.  Inside it, a client made
-    with no host (``ClusterExecutor()``) finds this cluster's master."""
+def allocate(nworkers: int | None = None, port: int = PORT, backend: str | None = None):
+    """Runs a cluster for the ``with`` block: on SLURM when it is available
+    (``backend="slurm"``), else local processes (``backend="local"``);
+    ``$CW_BACKEND`` sets the default.  Inside the block, a client made with no
+    host (``ClusterExecutor()``) finds this cluster's master."""
     from .client import ENV_MASTER
-    cluster = start(nworkers, port)
+    backend = backend or os.environ.get("CW_BACKEND")
+    if backend is None:
+        from . import slurm
+        backend = "slurm" if slurm.available() else "local"
+    if backend == "slurm":
+        from .slurm import SlurmCluster
+        cluster = SlurmCluster.start(nworkers or 1)
+    elif backend == "local":
+        cluster = start(nworkers, port)
+    else:
+        raise ValueError(f"backend must be 'local' or 'slurm', not {backend!r}")
     previous = os.environ.get(ENV_MASTER)
     os.environ[ENV_MASTER] = cluster.address
     try:

@@ -14,8 +14,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ipaddress
+import json
 import logging
+import os
 import signal
+import socket
 import sys
 
 from . import PORT, protocol, settings
@@ -289,6 +292,34 @@ async def serve(bind: str = "127.0.0.1", port: int = PORT, secret: bytes | None 
         await server.wait_closed()
 
 
+def advertised_host(bound: str) -> str:
+    """A name other machines can use to reach a master bound to ``bound``."""
+    if bound in ("0.0.0.0", "::", ""):
+        return socket.getfqdn()
+    return bound
+
+
+def publish_address(path: str, host: str, port: int) -> None:
+    """Writes {"host", "port", "pid", "job"} atomically: readers never see half a file."""
+    record = {"host": host, "port": port, "pid": os.getpid(), "job": os.environ.get("SLURM_JOB_ID")}
+    tmp = f"{path}.{os.getpid()}.tmp"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(tmp, "w") as f:
+        json.dump(record, f)
+    os.replace(tmp, path)
+
+
+def unpublish_address(path: str) -> None:
+    """Removes the address file if it is still ours (a newer master may own it)."""
+    try:
+        with open(path) as f:
+            if json.load(f).get("pid") != os.getpid():
+                return
+        os.unlink(path)
+    except (OSError, ValueError):
+        pass
+
+
 def _is_loopback(bind: str) -> bool:
     if bind == "localhost":
         return True
@@ -310,6 +341,12 @@ def main(argv=None) -> int:
     parser.add_argument("--peer-timeout", type=float, default=settings.PEER_TIMEOUT,
                         help="seconds of silence after which a worker or client is declared lost "
                              f"(default {settings.PEER_TIMEOUT:g})")
+    parser.add_argument("--address-file", default=None,
+                        help="once listening, write the master's reachable address to this file as JSON "
+                             "(the SLURM helpers use it to find the master)")
+    parser.add_argument("--advertise", default=None,
+                        help="host name to publish in --address-file (default: this machine's name when "
+                             "bound to every interface, else the bind address)")
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
@@ -330,6 +367,8 @@ def main(argv=None) -> int:
             loop.add_signal_handler(sig, stop.set)
 
         def ready(host, port):
+            if args.address_file:
+                publish_address(args.address_file, args.advertise or advertised_host(host), port)
             print(f"cw master listening on {host}:{port}", flush=True)
 
         await serve(args.bind, args.port, secret, ready, stop, handshake_timeout=args.handshake_timeout,
@@ -338,9 +377,15 @@ def main(argv=None) -> int:
     try:
         asyncio.run(run())
     except OSError as exc:
+        if args.address_file and str(exc.filename or "").startswith(args.address_file):
+            print(f"cw.master: cannot write the address file {args.address_file}: {exc.strerror}", file=sys.stderr)
+            return 1
         print(f"cw.master: cannot listen on {args.bind}:{args.port}: {exc.strerror}; is another master "
               "running there? choose another --port", file=sys.stderr)
         return 1
+    finally:
+        if args.address_file:
+            unpublish_address(args.address_file)
     log.info("master stopped")
     return 0
 

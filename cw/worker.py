@@ -81,7 +81,7 @@ class Session:
     socket (answering PINGs and ABORTs at once, even while a job runs); this
     process's main thread runs the jobs it queues, one at a time."""
 
-    def __init__(self, link, runner: JobRunner, state: "WorkerState"):
+    def __init__(self, link, runner: JobRunner, state: WorkerState):
         self.link = link
         self.runner = runner
         self.state = state
@@ -212,7 +212,22 @@ class WorkerState:
         session.inbox.put(_STOP)     # wakes the main thread if it is idle
 
 
-def run_worker(host: str, port: int, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT) -> int:
+def master_resolver(spec: str, port: int, connect_timeout: float):
+    """A function giving the master's (host, port), asked again at every
+    (re)connection: ``HOST[:PORT]``, or ``slurm:NAME`` for the master of the
+    SLURM cluster NAME, which may have moved since the last connection."""
+    if spec.startswith("slurm:"):
+        name = spec[len("slurm:"):]
+
+        def resolve():
+            from .slurm import master_address
+            return master_address(name, port, timeout=connect_timeout)
+        return resolve
+    address = parse_address(spec, port)
+    return lambda: address
+
+
+def run_worker(resolve, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT) -> int:
     """One worker process: connect, run jobs, reconnect; returns an exit status."""
     try:
         secret = load_secret()
@@ -225,13 +240,17 @@ def run_worker(host: str, port: int, connect_timeout: float = DEFAULT_CONNECT_TI
     signal.signal(signal.SIGUSR1, state.on_drain)   # the supervisor's "drain"
     while not state.draining:
         try:
+            host, port = resolve()
             link = open_link(host, port, secret, peer_info("worker"), connect_timeout)
-        except BrokenCluster as exc:
+        except (BrokenCluster, LookupError) as exc:
             log.error("giving up: %s", exc)
             return EXIT_NO_MASTER
         except AuthenticationError as exc:
             log.error("%s", exc)
             return EXIT_CONFIG
+        except CwError as exc:       # SLURM discovery failed
+            log.error("giving up: %s", exc)
+            return EXIT_NO_MASTER
         except (OSError, ProtocolError) as exc:
             log.warning("handshake with %s:%s failed (%s); retrying", host, port, exc)
             time.sleep(1.0)
@@ -259,8 +278,9 @@ def _watch_lifeline(fd: int) -> None:
 class Supervisor:
     """Keeps ``n`` worker processes running."""
 
-    def __init__(self, address: str, n: int, connect_timeout: float, log_level: str):
+    def __init__(self, address: str, port: int, n: int, connect_timeout: float, log_level: str):
         self.address = address
+        self.port = port
         self.n = n
         self.connect_timeout = connect_timeout
         self.log_level = log_level
@@ -271,7 +291,8 @@ class Supervisor:
         self.exit_status = 0
 
     def spawn(self) -> None:
-        cmd = [sys.executable, "-m", "cw.worker", self.address, "--child", str(self.lifeline_r),
+        cmd = [sys.executable, "-m", "cw.worker", self.address, "--port", str(self.port),
+               "--child", str(self.lifeline_r),
                "--connect-timeout", str(self.connect_timeout), "--log-level", self.log_level]
         proc = subprocess.Popen(cmd, pass_fds=(self.lifeline_r,))
         proc.started = time.monotonic()
@@ -338,7 +359,10 @@ class Supervisor:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cw.worker", description="Run cw workers.")
     parser.add_argument("master", nargs="?", default=f"localhost:{PORT}",
-                        help=f"the master's HOST[:PORT] (default localhost:{PORT})")
+                        help=f"the master's HOST[:PORT] (default localhost:{PORT}), or slurm:NAME for the "
+                             "master of the SLURM cluster NAME")
+    parser.add_argument("--port", type=int, default=PORT,
+                        help=f"the master's port when HOST gives none (default {PORT})")
     parser.add_argument("-n", "--processes", type=int, default=1, help="worker processes to run (default 1)")
     parser.add_argument("--connect-timeout", type=float, default=DEFAULT_CONNECT_TIMEOUT,
                         help=f"seconds to keep trying to reach the master (default {DEFAULT_CONNECT_TIMEOUT:g})")
@@ -348,7 +372,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s")
     try:
-        host, port = parse_address(args.master)
+        resolve = master_resolver(args.master, args.port, args.connect_timeout)
     except ValueError as exc:
         parser.error(str(exc))
     if args.child is not None:
@@ -356,10 +380,10 @@ def main(argv=None) -> int:
         # whole process group must not kill a job half-way with a traceback.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         _watch_lifeline(args.child)
-        return run_worker(host, port, args.connect_timeout)
+        return run_worker(resolve, args.connect_timeout)
     if args.processes < 1:
         parser.error("-n must be at least 1")
-    return Supervisor(f"{host}:{port}", args.processes, args.connect_timeout, args.log_level).run()
+    return Supervisor(args.master, args.port, args.processes, args.connect_timeout, args.log_level).run()
 
 
 if __name__ == "__main__":

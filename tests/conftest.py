@@ -16,6 +16,10 @@ def pytest_configure(config):
     import tempfile
     _SECRET_DIR = tempfile.mkdtemp(prefix="cw-test-")
     os.environ["CW_SECRET_FILE"] = os.path.join(_SECRET_DIR, "secret")
+    # Cluster records of SLURM tests go here, never to ~/.cw; cw.allocate is
+    # local unless a test asks for SLURM.
+    os.environ["CW_STATE_DIR"] = os.path.join(_SECRET_DIR, "state")
+    os.environ["CW_BACKEND"] = "local"
     from cw.auth import load_secret
     load_secret(create=True)
 
