@@ -68,3 +68,55 @@ def wait_until(predicate, timeout: float = 30.0, what: str = "condition"):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(0.02)
+
+
+def _slurm_answers() -> bool:
+    import shutil
+    if not os.environ.get("SLURM_CONF") or not shutil.which("sinfo"):
+        return False
+    try:
+        r = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=15)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return r.returncode == 0 and r.stdout.split()[:1] in (["idle"], ["mixed"], ["allocated"])
+
+
+@pytest.fixture(scope="session")
+def local_slurm():
+    """A real single-node SLURM: the one in the environment, or one started
+    with scripts/local-slurm.sh (root only) and stopped at the end.  Where none
+    can be had the SLURM tests skip, unless $CW_REQUIRE_SLURM=1 (CI) makes
+    that a failure."""
+    from pathlib import Path
+
+    def unavailable(reason):
+        if os.environ.get("CW_REQUIRE_SLURM") == "1":
+            pytest.fail(f"SLURM is required here (CW_REQUIRE_SLURM=1) but {reason}")
+        pytest.skip(reason)
+
+    if _slurm_answers():
+        yield
+        return
+    script = Path(__file__).resolve().parent.parent / "scripts" / "local-slurm.sh"
+    if os.geteuid() != 0:
+        unavailable("no SLURM answers here, and starting a local one needs root: "
+                    "run `sudo bash scripts/local-slurm.sh start` and export what it prints")
+    proc = subprocess.run(["bash", str(script), "start"], capture_output=True, text=True, timeout=900,
+                          stdin=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        unavailable(f"scripts/local-slurm.sh start failed: {proc.stderr[-3000:]}")
+    saved = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("export ") and "=" in line:
+            key, value = line[len("export "):].split("=", 1)
+            saved[key] = os.environ.get(key)
+            os.environ[key] = value.strip("'\"")
+    try:
+        yield
+    finally:
+        subprocess.run(["bash", str(script), "stop"], capture_output=True, timeout=300, stdin=subprocess.DEVNULL)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
