@@ -295,7 +295,13 @@ async def serve(bind: str = "127.0.0.1", port: int = PORT, secret: bytes | None 
 def advertised_host(bound: str) -> str:
     """A name other machines can use to reach a master bound to ``bound``."""
     if bound in ("0.0.0.0", "::", ""):
-        return socket.getfqdn()
+        # The host name, which a cluster's nodes resolve; the fully qualified
+        # name when there is a real one (getfqdn says "localhost" on machines
+        # whose /etc/hosts maps the host name to 127.0.0.1 first).
+        fqdn = socket.getfqdn()
+        if "." in fqdn and not fqdn.startswith("localhost"):
+            return fqdn
+        return socket.gethostname()
     return bound
 
 
