@@ -14,7 +14,7 @@ import threading
 import time
 
 from . import PORT, protocol, settings
-from .errors import AuthenticationError, BrokenCluster, ProtocolError
+from .errors import BrokenCluster, ProtocolError
 
 log = logging.getLogger("cw.link")
 
@@ -178,10 +178,16 @@ class _Writer:
             self.cond.notify_all()
 
 
+class HandshakeFailed(BrokenCluster):
+    """The master was reached but the handshake did not complete (it hung up,
+    timed out, or sent garbage); worth another try, unlike a wrong secret."""
+
+
 def open_link(host: str, port: int, secret: bytes, hello: dict, connect_timeout: float = 10.0) -> Link:
     """Connects and authenticates, retrying refused connections with backoff
     for up to ``connect_timeout`` seconds.  Raises BrokenCluster when the
-    master cannot be reached, AuthenticationError when secrets differ."""
+    master cannot be reached, HandshakeFailed when it was reached but the
+    handshake broke off, AuthenticationError when the secrets differ."""
     address = f"{host}:{port}"
     deadline = time.monotonic() + connect_timeout
     delay = 0.05
@@ -206,10 +212,13 @@ def open_link(host: str, port: int, secret: bytes, hello: dict, connect_timeout:
         link.welcome = _welcome(link)
     except TimeoutError:
         link.close()
-        raise BrokenCluster(f"the master at {address} did not finish the handshake within "
-                            f"{HANDSHAKE_TIMEOUT:g} s; is that port a cw master?") from None
-    except (OSError, ProtocolError, AuthenticationError):
+        raise HandshakeFailed(f"the master at {address} did not finish the handshake within "
+                              f"{HANDSHAKE_TIMEOUT:g} s; is that port a cw master?") from None
+    except (OSError, ProtocolError) as exc:
         link.close()
+        raise HandshakeFailed(f"the handshake with the master at {address} failed: {exc}") from exc
+    except BaseException:
+        link.close()  # AuthenticationError, HandshakeFailed, or anything else: never leak the socket
         raise
     sock.settimeout(None)
     return link
@@ -218,10 +227,10 @@ def open_link(host: str, port: int, secret: bytes, hello: dict, connect_timeout:
 def _welcome(link: Link) -> dict:
     item = link.recv()
     if item is None:
-        raise BrokenCluster(f"the master at {link.address} closed the connection after the handshake")
+        raise HandshakeFailed(f"the master at {link.address} closed the connection after the handshake")
     ftype, body = item
     if ftype == protocol.ERROR:
-        raise BrokenCluster(f"the master at {link.address} refused us: {bytes(body).decode('utf-8', 'replace')}")
+        raise HandshakeFailed(f"the master at {link.address} refused us: {bytes(body).decode('utf-8', 'replace')}")
     if ftype != protocol.WELCOME:
         raise ProtocolError(f"expected WELCOME from the master, got {protocol.FRAME_NAMES.get(ftype, ftype)}")
     welcome = protocol.decode_json(body, "WELCOME")
@@ -239,15 +248,13 @@ def master_timeout(link: Link) -> float:
 def _handshake(link: Link, secret: bytes) -> None:
     item = link.recv()
     if item is None:
-        raise BrokenCluster(f"the master at {link.address} closed the connection before the handshake")
+        raise HandshakeFailed(f"the master at {link.address} closed the connection before the handshake")
     challenge_type, challenge = item
     nonce, response = protocol.peer_response(secret, challenge_type, challenge)
     link.send(response)
     item = link.recv()
     if item is None:
-        raise AuthenticationError(
-            f"the master at {link.address} closed the connection during the handshake; "
-            "its secret file probably differs from this machine's")
+        raise HandshakeFailed(f"the master at {link.address} closed the connection during the handshake")
     protocol.verify_proof(secret, challenge, nonce, *item)
 
 

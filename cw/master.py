@@ -143,7 +143,9 @@ class PeerConnection(asyncio.BufferedProtocol):
                 if item is None:
                     break
                 self.handler(*item)
-        except (ProtocolError, AuthenticationError) as exc:
+        except AuthenticationError as exc:
+            self.drop(f"{protocol.AUTH_FAILED}: {exc}")
+        except ProtocolError as exc:
             self.drop(str(exc))
         except Exception:  # a bug must cost one connection, never the master
             log.exception("internal error while handling %s; dropping it", self.name)

@@ -280,6 +280,10 @@ class FrameDecoder:
 
 NONCE_SIZE = 32
 MAC_SIZE = 32
+#: How the master's ERROR frame starts when the peer's secret is wrong (and
+#: only then): a peer must tell that, which retrying cannot fix, from a
+#: handshake cut short for another reason.
+AUTH_FAILED = "authentication failed"
 _PEER_LABEL = b"cw-peer"
 _SERVER_LABEL = b"cw-master"
 
@@ -321,9 +325,12 @@ def verify_response(secret: bytes, server_nonce: bytes, ftype: int, body: bytes)
 def verify_proof(secret: bytes, challenge_body: bytes, peer_nonce: bytes, ftype: int, body: bytes) -> None:
     """Checks the master's PROOF, so a peer never talks to an impostor."""
     if ftype == ERROR:
-        raise AuthenticationError(
-            f"the master refused our handshake ({bytes(body).decode('utf-8', 'replace')}); "
-            "this machine's secret file differs from the master's: copy the master's secret file here")
+        text = bytes(body).decode("utf-8", "replace")
+        if text.startswith(AUTH_FAILED):
+            raise AuthenticationError(
+                f"the master refused our handshake ({text}); this machine's secret file differs from "
+                "the master's: copy the master's secret file here")
+        raise ProtocolError(f"the master ended the handshake: {text}")  # e.g. its handshake timeout
     if ftype != PROOF or len(body) != MAC_SIZE:
         raise ProtocolError(f"expected the master's handshake proof, got frame type {ftype}")
     server_nonce = bytes(challenge_body[1:])

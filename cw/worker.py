@@ -28,7 +28,7 @@ import time
 from . import PORT, protocol, settings
 from .auth import load_secret
 from .errors import AuthenticationError, BrokenCluster, CwError, ProtocolError
-from .link import master_timeout, open_link, parse_address, peer_info
+from .link import HandshakeFailed, master_timeout, open_link, parse_address, peer_info
 
 log = logging.getLogger("cw.worker")
 
@@ -238,10 +238,19 @@ def run_worker(resolve, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT) -> int
     state = WorkerState()
     signal.signal(signal.SIGTERM, state.on_sigterm)
     signal.signal(signal.SIGUSR1, state.on_drain)   # the supervisor's "drain"
+    deadline = time.monotonic() + connect_timeout
     while not state.draining:
+        host, port = "?", "?"
         try:
             host, port = resolve()
-            link = open_link(host, port, secret, peer_info("worker"), connect_timeout)
+            link = open_link(host, port, secret, peer_info("worker"), max(1.0, deadline - time.monotonic()))
+        except HandshakeFailed as exc:
+            if time.monotonic() > deadline:
+                log.error("giving up: %s", exc)
+                return EXIT_NO_MASTER
+            log.warning("%s; retrying", exc)
+            time.sleep(0.5)
+            continue
         except (BrokenCluster, LookupError) as exc:
             log.error("giving up: %s", exc)
             return EXIT_NO_MASTER
@@ -251,10 +260,6 @@ def run_worker(resolve, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT) -> int
         except CwError as exc:       # SLURM discovery failed
             log.error("giving up: %s", exc)
             return EXIT_NO_MASTER
-        except (OSError, ProtocolError) as exc:
-            log.warning("handshake with %s:%s failed (%s); retrying", host, port, exc)
-            time.sleep(1.0)
-            continue
         log.info("worker %d connected to %s:%s", os.getpid(), host, port)
         try:
             if Session(link, runner, state).run():
@@ -262,6 +267,7 @@ def run_worker(resolve, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT) -> int
         finally:
             state.session = None
             link.close()
+        deadline = time.monotonic() + connect_timeout   # lost it: the same time again to find it
     log.info("worker %d drained and stops", os.getpid())
     return 0
 
@@ -297,6 +303,8 @@ class Supervisor:
         proc = subprocess.Popen(cmd, pass_fds=(self.lifeline_r,))
         proc.started = time.monotonic()
         self.children[proc.pid] = proc
+        if self.stopping:   # stop() ran while it started: it missed this one
+            proc.send_signal(signal.SIGUSR1)
 
     def stop(self, signum=None, frame=None) -> None:
         """First call: workers finish their jobs and exit (SIGUSR1).  Second:

@@ -340,10 +340,19 @@ def test_error_frame_instead_of_challenge_raises_authentication_error():
 
 
 def test_error_frame_instead_of_proof_raises_authentication_error():
-    """An ERROR frame where the PROOF should be raises AuthenticationError pointing at the secret file."""
+    """The master's "authentication failed" ERROR where the PROOF should be raises AuthenticationError
+    pointing at the secret file."""
     h = handshake(SECRET, SECRET)
     with pytest.raises(AuthenticationError, match="secret file"):
-        p.verify_proof(SECRET, h["challenge"], h["peer_nonce"], p.ERROR, b"bad secret")
+        p.verify_proof(SECRET, h["challenge"], h["peer_nonce"], p.ERROR, b"authentication failed: bad secret")
+
+
+def test_other_error_frame_instead_of_proof_is_retryable():
+    """Any other ERROR there (say the master's handshake timeout on a loaded machine) is a ProtocolError,
+    which a worker retries, never the wrong-secret error that stops it for good."""
+    h = handshake(SECRET, SECRET)
+    with pytest.raises(ProtocolError, match="no handshake"):
+        p.verify_proof(SECRET, h["challenge"], h["peer_nonce"], p.ERROR, b"no handshake and HELLO within 10 s")
 
 
 def test_non_cw_server_is_a_protocol_error():

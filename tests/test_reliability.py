@@ -5,10 +5,10 @@ import os
 import signal
 import socket
 
-import pytest
-
 import jobs
+import pytest
 from conftest import wait_until
+
 from cw import protocol
 from cw.auth import load_secret
 from cw.errors import BrokenCluster, JobTimeout
@@ -167,7 +167,8 @@ def rss_kib(pid: int) -> int:
 def test_a_client_that_stops_reading_is_paused_and_hurts_no_one(cluster):
     link = open_link(cluster.host, cluster.port, load_secret(), peer_info("client"))
     try:
-        link.send(protocol.encode_json(protocol.CONTEXT, {"cwd": os.getcwd(), "path": [os.path.dirname(jobs.__file__)]}))
+        context = {"cwd": os.getcwd(), "path": [os.path.dirname(jobs.__file__)]}
+        link.send(protocol.encode_json(protocol.CONTEXT, context))
         payload = dumps_call(big_result, (1 << 20,), {})
         before = rss_kib(cluster.master.pid)
         for jobid in range(300):      # 300 MB of results it never reads

@@ -6,10 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 import jobs
+import pytest
 from conftest import wait_until
+
 from cw import slurm
 from cw.client import ClusterExecutor
 
@@ -99,3 +99,38 @@ def test_a_cancelled_worker_job_has_its_running_job_rerun(cluster_name, tmp_path
         release.touch()
         assert future.result(timeout=60) == "survived"
         assert future.worker.pid == int(rerun[0])
+
+
+def test_allocate_uses_slurm_when_asked(monkeypatch):
+    import cw
+    monkeypatch.delenv("CW_MASTER", raising=False)
+    with cw.allocate(2, backend="slurm") as cluster:
+        name = cluster.name
+        assert len(slurm.cluster_jobs(name)) == 2
+        with ClusterExecutor() as ex:
+            assert ex.port == cluster.port
+            assert sorted(ex.map(jobs.square, range(5))) == [0, 1, 4, 9, 16]
+    assert slurm.cluster_jobs(name) == []
+
+
+def test_without_an_address_file_the_master_is_found_through_squeue(cluster_name):
+    name = cluster_name[0]
+    import socket
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    slurm.start(1, name=name, port=port)
+    assert slurm.master_address(name) == (socket.gethostname(), port)   # published
+    slurm.address_file(name).unlink()                                     # as if home were not shared
+    host, found_port = slurm.master_address(name, port=port, timeout=4)
+    assert found_port == port and host == os.environ.get("CW_SLURM_NODE", host)
+    with ClusterExecutor(host, port) as ex:
+        assert ex.submit(jobs.identity, "via squeue").result(timeout=60) == "via squeue"
+
+
+def test_an_unknown_cluster_is_a_clear_error():
+    with pytest.raises(LookupError, match="no cw cluster named 'nosuch'.*slurm.py start"):
+        slurm.master_address("nosuch", timeout=1)
+    proc = subprocess.run([sys.executable, str(ROOT / "slurm.py"), "status", "--name", "nosuch"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "no jobs" in proc.stdout
