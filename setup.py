@@ -10,7 +10,8 @@ setup(
     python_requires=">=3.10",
     install_requires=["cloudpickle>=2.2"],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout>=2.1", "hypothesis>=6", "numpy"],
+        "test": ["pytest>=7", "pytest-timeout>=2.1", "hypothesis>=6", "numpy",
+                 "atheris>=2.3; sys_platform == 'linux' and platform_machine == 'x86_64' and python_version < '3.13'"],
         "demo": ["numpy"],
         "bench": ["loky", "distributed", "matplotlib", "numpy"],
     },
