@@ -10,15 +10,21 @@ Rules kept here:
 - Each client has a FIFO queue.  Idle workers take jobs from the clients'
   queues in turn: the next job comes from the client with queued jobs that
   was served least recently, so one client's 100,000 queued jobs do not
-  starve another's ten.  A worker holds one job at a time.
+  starve another's ten.
+- A worker holds up to ``slots`` jobs (default 2): the one it runs and the
+  next, so it never waits a round trip between jobs.  Jobs go to idle
+  workers first.  A worker that falls idle while another holds a job it has
+  not started takes that job over (REVOKE, then REVOKED gives it back), so a
+  job never waits behind a long one while a worker is free.
 - A client that is behind on reading its results is paused: its jobs wait
   until it catches up, so its results cannot pile up in the master.
 - A result goes only to the client that submitted the job, exactly once.
   A worker may only report the job it holds; anything else is a protocol
   error that costs the worker its connection.
-- A worker that leaves with a job gives the job back to the head of its
-  client's queue; after ``max_attempts`` workers died running it, it fails
-  with LOST.  A draining worker finishes its job and gets no other.
+- A worker that leaves gives its jobs back to the head of their clients'
+  queues; the one it was running counts as an attempt, and after
+  ``max_attempts`` workers died running it, it fails with LOST.  A draining
+  worker finishes its job and gets no other.
 - Cancelling a queued job removes it; cancelling a running job aborts it on
   its worker (the worker process is replaced) and drops its result.
 - A client that leaves has its queued jobs dropped and its running jobs
@@ -41,7 +47,7 @@ DEFAULT_MAX_ATTEMPTS = settings.MAX_ATTEMPTS
 #: SUBMIT's retries byte that means "use the master's default".
 DEFAULT_RETRIES = 0xFF
 
-QUEUED, RUNNING, DONE = "queued", "running", "done"
+QUEUED, HELD, RUNNING, DONE = "queued", "held", "running", "done"   # HELD: sent to a busy worker
 
 
 class Job:
@@ -79,13 +85,14 @@ class ClientState:
 
 
 class WorkerState:
-    __slots__ = ("contexts", "done", "draining", "info", "job", "label", "since", "wid")
+    __slots__ = ("contexts", "done", "draining", "info", "jobs", "label", "revoking", "since", "wid")
 
     def __init__(self, wid, info, label, now):
         self.wid = wid
         self.info = info
         self.label = label            # b"host:pid", sent with each of its results
-        self.job = None
+        self.jobs = deque()           # jobs sent to it, in order; the first one runs
+        self.revoking = None          # gid of a held job we asked it to give back
         self.contexts = set()         # client ids whose CONTEXT it holds
         self.draining = False
         self.done = 0
@@ -98,8 +105,10 @@ def worker_label(info: dict) -> bytes:
 
 
 class Dispatcher:
-    def __init__(self, max_attempts: int = DEFAULT_MAX_ATTEMPTS, clock=time.monotonic):
+    def __init__(self, max_attempts: int = DEFAULT_MAX_ATTEMPTS, clock=time.monotonic,
+                 slots: int = settings.WORKER_SLOTS):
         self.max_attempts = max_attempts
+        self.slots = max(1, slots)
         self.clock = clock
         self.started = clock()
         self.outbox: list = []
@@ -107,6 +116,9 @@ class Dispatcher:
         self.workers: dict[int, WorkerState] = {}
         self.ready: list = []               # heap of (last_served, cid): clients that may have jobs to run
         self.idle: dict[int, None] = {}     # wids with no job, in the order they freed up
+        self.spare: dict[int, None] = {}    # wids running a job with a slot free for the next
+        self.donors: dict[int, None] = {}   # wids holding a job they have not started (and no REVOKE out)
+        self.revokes = 0                    # REVOKEs awaiting an answer
         self.queued = 0
         self._turn = 0
         self._next_gid = 1
@@ -153,41 +165,69 @@ class Dispatcher:
             self._pump()
 
     def add_worker(self, wid: int, info: dict) -> None:
-        self.workers[wid] = WorkerState(wid, info, worker_label(info), self.clock())
-        self.idle[wid] = None
+        worker = self.workers[wid] = WorkerState(wid, info, worker_label(info), self.clock())
+        self._place(worker)
         self._pump()
+
+    def _place(self, worker: WorkerState) -> None:
+        """Files the worker under idle, spare and donors by what it holds."""
+        wid, held = worker.wid, len(worker.jobs)
+        self.idle.pop(wid, None)
+        self.spare.pop(wid, None)
+        self.donors.pop(wid, None)
+        if wid not in self.workers:
+            return
+        if not worker.draining:
+            if held == 0:
+                self.idle[wid] = None
+            elif held < self.slots:
+                self.spare[wid] = None
+        if held >= 2 and worker.revoking is None:
+            self.donors[wid] = None
 
     def drain_worker(self, wid: int) -> None:
         """The worker finishes its current job and takes no other (it is stopping)."""
         worker = self.workers.get(wid)
         if worker is not None:
             worker.draining = True
-            self.idle.pop(wid, None)
+            self._place(worker)
 
     def remove_worker(self, wid: int) -> None:
         worker = self.workers.pop(wid, None)
         if worker is None:
             return
-        self.idle.pop(wid, None)
-        job = worker.job
-        if job is not None:
-            self._job_lost(job, worker)
+        self._place(worker)
+        if worker.revoking is not None:
+            self.revokes -= 1
+        jobs = list(worker.jobs)
+        worker.jobs.clear()
+        # Back to the heads of their queues in the order they were sent; only
+        # the first had started, so only it counts as an attempt.
+        for job in reversed(jobs[1:]):
+            job.attempts -= 1
+            self._requeue(job)
+        if jobs:
+            self._job_lost(jobs[0], worker)
         self._pump()
 
     def _job_lost(self, job: Job, worker: WorkerState) -> None:
-        job.worker = None
         job.lost_on = (job.lost_on or ()) + (worker.label.decode("utf-8", "replace"),)
-        client = job.client
-        if client is None:
-            job.state = DONE
-        elif job.attempts >= job.max_attempts:
+        if job.client is not None and job.attempts >= job.max_attempts:
             body = json.dumps({"attempts": job.attempts, "workers": list(job.lost_on)}).encode()
             self._finish(job, protocol.LOST, worker.label, body)
         else:
-            job.state = QUEUED
-            self.queued += 1
-            client.queue.appendleft(job)  # it waited its turn once already
-            self._make_ready(client)
+            self._requeue(job)
+
+    def _requeue(self, job: Job) -> None:
+        """Puts a job that had gone to a worker back at the head of its client's queue."""
+        job.worker = None
+        if job.client is None:
+            job.state = DONE             # nobody wants it any more
+            return
+        job.state = QUEUED
+        self.queued += 1
+        job.client.queue.appendleft(job)  # it waited its turn once already
+        self._make_ready(job.client)
 
     # --- jobs ---------------------------------------------------------------
 
@@ -226,23 +266,41 @@ class Dispatcher:
         self.queued -= 1
 
     def _abort(self, job: Job) -> None:
-        """Nobody wants this running job's result: stop it on its worker."""
+        """Nobody wants this job's result: its worker stops it if it runs, or
+        gives it back (REVOKED) if it has not started it."""
         job.client = None
         self.outbox.append((job.worker.wid, protocol.encode_abort(job.gid)))
 
     def outcome(self, wid: int, gid: int, status: int, payload) -> None:
         worker = self.workers[wid]
-        job = worker.job
-        if job is None or job.gid != gid:
+        jobs = worker.jobs
+        if not jobs or jobs[0].gid != gid:
             raise ProtocolError(f"the worker sent an outcome for job {gid}, which it was not running")
-        worker.job = None
+        job = jobs.popleft()
+        if jobs:
+            jobs[0].state = RUNNING
         worker.done += 1
-        if not worker.draining:
-            self.idle[wid] = None
+        self._place(worker)
         if job.client is None:
             job.state = DONE
         else:
             self._finish(job, status, worker.label, payload)
+        self._pump()
+
+    def revoked(self, wid: int, gid: int, given_back: bool) -> None:
+        """The worker answers a REVOKE, or gives back a held job it was told to ABORT."""
+        worker = self.workers[wid]
+        if worker.revoking == gid:
+            worker.revoking = None
+            self.revokes -= 1
+        if given_back:
+            job = next((j for j in worker.jobs if j.gid == gid), None)
+            if job is None or job is worker.jobs[0]:
+                raise ProtocolError(f"the worker gave back job {gid}, which it did not hold unstarted")
+            worker.jobs.remove(job)
+            job.attempts -= 1
+            self._requeue(job)
+        self._place(worker)
         self._pump()
 
     def _finish(self, job: Job, status: int, label: bytes, payload) -> None:
@@ -280,25 +338,31 @@ class Dispatcher:
         return None
 
     def _pump(self) -> None:
-        """Hands queued jobs to idle workers."""
-        idle, outbox = self.idle, self.outbox
-        while idle and self.ready:
+        """Hands queued jobs to workers, idle ones first; then lets idle
+        workers take over jobs held unstarted by busy ones."""
+        idle, spare, outbox = self.idle, self.spare, self.outbox
+        while self.ready and (idle or spare):
             job = self._next_job()
             if job is None:
-                return
+                break
             self.queued -= 1
-            wid = next(iter(idle))
-            del idle[wid]
-            worker = self.workers[wid]
+            worker = self.workers[next(iter(idle or spare))]
             cid = job.client.cid
             if cid not in worker.contexts:
                 worker.contexts.add(cid)
-                outbox.append((wid, protocol.encode_context_for_worker(cid, job.client.context)))
-            job.state = RUNNING
+                outbox.append((worker.wid, protocol.encode_context_for_worker(cid, job.client.context)))
+            job.state = HELD if worker.jobs else RUNNING
             job.worker = worker
             job.attempts += 1
-            worker.job = job
-            outbox.append((wid, protocol.encode_job(job.gid, cid, job.timeout, job.payload)))
+            worker.jobs.append(job)
+            self._place(worker)
+            outbox.append((worker.wid, protocol.encode_job(job.gid, cid, job.timeout, job.payload)))
+        while self.donors and len(idle) > self.revokes and not self.ready:
+            donor = self.workers[next(iter(self.donors))]
+            donor.revoking = donor.jobs[-1].gid
+            self.revokes += 1
+            self._place(donor)
+            outbox.append((donor.wid, protocol.encode_revoke(donor.revoking)))
 
     # --- what the master can tell ------------------------------------------
 
@@ -306,15 +370,17 @@ class Dispatcher:
         now = self.clock()
         workers = [{
             "id": w.wid, "host": w.info.get("host"), "pid": w.info.get("pid"),
-            "state": "draining" if w.draining else "busy" if w.job is not None else "idle",
-            "jobs_done": w.done, "connected_s": round(now - w.since, 3),
+            "state": "draining" if w.draining else "busy" if w.jobs else "idle",
+            "held": max(0, len(w.jobs) - 1), "jobs_done": w.done, "connected_s": round(now - w.since, 3),
         } for w in self.workers.values()]
         clients = [{
             "id": c.cid, "host": c.info.get("host"), "pid": c.info.get("pid"),
             "submitted": c.submitted, "done": c.done, "paused": c.paused,
-            "queued": sum(1 for j in c.jobs.values() if j.state == QUEUED),
+            "queued": sum(1 for j in c.jobs.values() if j.state in (QUEUED, HELD)),
             "running": sum(1 for j in c.jobs.values() if j.state == RUNNING),
         } for c in self.clients.values()]
-        running = sum(1 for w in self.workers.values() if w.job is not None)
-        return {"workers": workers, "clients": clients, "queued": self.queued,
+        running = sum(1 for w in self.workers.values() if w.jobs)
+        held = sum(len(w.jobs) - 1 for w in self.workers.values() if w.jobs)
+        # A job held by a busy worker has not started: it counts as queued.
+        return {"workers": workers, "clients": clients, "queued": self.queued + held,
                 "running": running, "uptime_s": round(now - self.started, 3)}

@@ -58,6 +58,12 @@ class Link:
         else:
             self._writer.post(chunks)
 
+    def post_and_wait(self, *chunks, timeout: float = 10.0) -> None:
+        """Posts frames after those already posted, and waits until all are sent."""
+        self.post(*chunks)
+        if self._writer is not None:
+            self._writer.drain(timeout)
+
     def send(self, *chunks) -> None:
         """Sends whole frames; ``chunks`` may mix bytes and (head, payload) pairs."""
         flat = []
@@ -95,6 +101,13 @@ class Link:
                 return item
             if timeout is not None and not select.select([self.sock], [], [], timeout)[0]:
                 raise TimeoutError(f"nothing heard from the master at {self.address} for {timeout:g} s")
+            direct = decoder.direct_buffer()
+            if direct is not None:      # the rest of a large frame, straight into its own buffer
+                n = self.sock.recv_into(direct)
+                if not n:
+                    raise ProtocolError(f"the master at {self.address} closed the connection mid-frame")
+                decoder.direct_filled(n)
+                continue
             data = self.sock.recv(_RECV_SIZE)
             if not data:
                 if decoder.buffered:
@@ -102,8 +115,11 @@ class Link:
                 return None
             decoder.feed(data)
 
-    def close(self) -> None:
+    def close(self, flush_timeout: float = 10.0) -> None:
+        """Closes the connection, after sending what was posted (a worker's last
+        outcome must not be lost on the way out); a dead socket ends that wait."""
         if self._writer is not None:
+            self._writer.drain(flush_timeout)
             self._writer.stop()
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
@@ -133,6 +149,7 @@ class _Writer:
         self.pending_bytes = 0
         self.error: OSError | None = None
         self.stopped = False
+        self.sending = False
         self.thread = threading.Thread(target=self._run, name="cw-writer", daemon=True)
         self.thread.start()
 
@@ -163,14 +180,24 @@ class _Writer:
                 if self.stopped:
                     return
                 batch, self.pending, self.pending_bytes = self.pending, [], 0
+                self.sending = True
                 self.cond.notify_all()
             try:
                 self.link.send(*batch)
             except OSError as exc:
                 with self.cond:
                     self.error = exc
+                    self.sending = False
                     self.cond.notify_all()
                 return
+            with self.cond:
+                self.sending = False
+                self.cond.notify_all()
+
+    def drain(self, timeout: float) -> None:
+        """Waits until everything posted so far has been sent (or failed)."""
+        with self.cond:
+            self.cond.wait_for(lambda: not (self.pending or self.sending) or self.error or self.stopped, timeout)
 
     def stop(self) -> None:
         with self.cond:

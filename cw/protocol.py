@@ -58,12 +58,15 @@ PING = 22       # master -> peer, every heartbeat interval: empty
 PONG = 23       # peer -> master, in answer: empty
 ABORT = 24      # master -> worker: gid u64; stop that job now (cancelled by its client)
 DRAIN = 25      # worker -> master: empty; finishing the current job, send no more
+REVOKE = 26     # master -> worker: gid u64; give back that job if it has not started
+REVOKED = 27    # worker -> master: gid u64, given back u8 (0: it started, its outcome follows)
 
 FRAME_NAMES = {
     CHALLENGE: "CHALLENGE", RESPONSE: "RESPONSE", PROOF: "PROOF", HELLO: "HELLO", CONTEXT: "CONTEXT",
     SUBMIT: "SUBMIT", CANCEL: "CANCEL", JOB: "JOB", OUTCOME: "OUTCOME", RESULT: "RESULT",
     CANCELLED: "CANCELLED", STATUS_REQ: "STATUS_REQ", STATUS: "STATUS", ERROR: "ERROR",
     WELCOME: "WELCOME", PING: "PING", PONG: "PONG", ABORT: "ABORT", DRAIN: "DRAIN",
+    REVOKE: "REVOKE", REVOKED: "REVOKED",
 }
 
 # Outcome status codes (OUTCOME and RESULT frames).
@@ -121,6 +124,19 @@ def encode_abort(gid: int) -> bytes:
     return frame(ABORT, _U64.pack(gid))
 
 
+def encode_revoke(gid: int) -> bytes:
+    return frame(REVOKE, _U64.pack(gid))
+
+
+def encode_revoked(gid: int, given_back: bool) -> bytes:
+    return frame(REVOKED, _CANCELLED.pack(gid, given_back))
+
+
+def decode_revoked(body) -> tuple[int, bool]:
+    gid, given_back = _fields(_CANCELLED, body, "REVOKED")
+    return gid, bool(given_back)
+
+
 PING_FRAME = frame(PING)
 PONG_FRAME = frame(PONG)
 DRAIN_FRAME = frame(DRAIN)
@@ -148,6 +164,11 @@ def encode_error(text: str) -> bytes:
 
 # --- decoders of frame bodies.  Each raises ProtocolError on a malformed body.
 
+def _tail(body, start: int):
+    """The payload after a frame's fixed fields: a view, not a copy, of a large body."""
+    return memoryview(body)[start:] if len(body) >= LARGE_FRAME else body[start:]
+
+
 def _fields(st: struct.Struct, body, name: str):
     if len(body) < st.size:
         raise ProtocolError(f"{name} frame of {len(body)} bytes is shorter than its {st.size}-byte header")
@@ -168,7 +189,7 @@ def decode_submit(body) -> tuple[int, int, float, bytes]:
     jobid, retries, timeout = _fields(_SUBMIT, body, "SUBMIT")
     if not timeout >= 0.0:  # also refuses NaN
         raise ProtocolError(f"SUBMIT frame has an invalid timeout {timeout!r}")
-    return jobid, retries, timeout, body[_SUBMIT.size:]
+    return jobid, retries, timeout, _tail(body, _SUBMIT.size)
 
 
 def decode_cancel(body) -> int:
@@ -177,18 +198,21 @@ def decode_cancel(body) -> int:
 
 def decode_job(body) -> tuple[int, int, float, bytes]:
     gid, ctx, timeout = _fields(_JOB, body, "JOB")
-    return gid, ctx, timeout, body[_JOB.size:]
+    return gid, ctx, timeout, _tail(body, _JOB.size)
 
 
 def decode_abort(body) -> int:
     return _fields(_U64, body, "ABORT")[0]
 
 
+decode_revoke = decode_abort
+
+
 def decode_outcome(body) -> tuple[int, int, bytes]:
     gid, status = _fields(_OUTCOME, body, "OUTCOME")
     if status not in (OK, RAISED):
         raise ProtocolError(f"OUTCOME frame has unknown status {status}")
-    return gid, status, body[_OUTCOME.size:]
+    return gid, status, _tail(body, _OUTCOME.size)
 
 
 def decode_result(body) -> tuple[int, int, bytes, bytes]:
@@ -196,7 +220,7 @@ def decode_result(body) -> tuple[int, int, bytes, bytes]:
     start = _RESULT.size + label_len
     if len(body) < start:
         raise ProtocolError("RESULT frame is shorter than its worker label")
-    return jobid, status, bytes(body[_RESULT.size:start]), body[start:]
+    return jobid, status, bytes(body[_RESULT.size:start]), _tail(body, start)
 
 
 def decode_cancelled(body) -> tuple[int, bool]:
@@ -218,6 +242,11 @@ def decode_status(body) -> tuple[int, dict]:
     return reqid, decode_json(body[_U32.size:], "STATUS")
 
 
+#: Frames at least this big are received straight into a buffer of their own
+#: size (see FrameDecoder.direct_buffer): no growing, no copy at the end.
+LARGE_FRAME = 1 << 20
+
+
 class FrameDecoder:
     """Incremental frame decoder shared by every peer.
 
@@ -225,14 +254,29 @@ class FrameDecoder:
     ``None`` when more data is needed.  A length above ``max_frame`` raises
     ``ProtocolError`` as soon as the header is seen, before anything is
     allocated for it.  ``max_frame`` may be raised later (after the handshake).
+
+    For a large frame whose header has arrived, ``direct_buffer()`` hands out
+    the writable rest of a buffer of exactly the frame's size, for the socket
+    to receive into (``recv_into``, asyncio's BufferedProtocol); the caller
+    then reports the bytes it wrote with ``direct_filled(n)``.  The body is
+    returned as that bytearray, never copied.
     """
 
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME):
         self.max_frame = max_frame
         self._buf = bytearray()
         self._pos = 0
+        self._large = None        # (type, bytearray body, bytes filled so far)
 
     def feed(self, data) -> None:
+        if self._large is not None:
+            ftype, body, filled = self._large
+            take = min(len(data), len(body) - filled)
+            body[filled:filled + take] = data[:take]
+            self._large = (ftype, body, filled + take)
+            data = data[take:]
+            if not data:
+                return
         if self._pos and self._pos == len(self._buf):
             # Everything so far was consumed: start over instead of growing.
             self._buf.clear()
@@ -242,9 +286,41 @@ class FrameDecoder:
     @property
     def buffered(self) -> int:
         """Bytes received but not yet returned as frames."""
-        return len(self._buf) - self._pos
+        extra = self._large[2] + HEADER_SIZE if self._large is not None else 0
+        return len(self._buf) - self._pos + extra
+
+    def direct_buffer(self):
+        """A memoryview to receive the rest of a large frame into, or None."""
+        if self._large is None:
+            buf, pos = self._buf, self._pos
+            if len(buf) - pos < HEADER_SIZE or self._large_pending_check(buf, pos) is None:
+                return None
+        ftype, body, filled = self._large
+        return memoryview(body)[filled:] if filled < len(body) else None
+
+    def direct_filled(self, n: int) -> None:
+        ftype, body, filled = self._large
+        self._large = (ftype, body, filled + n)
+
+    def _large_pending_check(self, buf, pos):
+        length, ftype = HEADER.unpack_from(buf, pos)
+        if length < LARGE_FRAME or length > self.max_frame or len(buf) - pos - HEADER_SIZE >= length:
+            return None
+        body = bytearray(length)
+        have = len(buf) - pos - HEADER_SIZE
+        body[:have] = buf[pos + HEADER_SIZE:]
+        del buf[:]
+        self._pos = 0
+        self._large = (ftype, body, have)
+        return self._large
 
     def next_frame(self):
+        if self._large is not None:
+            ftype, body, filled = self._large
+            if filled < len(body):
+                return None
+            self._large = None
+            return ftype, body
         buf, pos = self._buf, self._pos
         if len(buf) - pos < HEADER_SIZE:
             self._compact()
@@ -255,7 +331,10 @@ class FrameDecoder:
                 f"frame of {length} bytes (type {ftype}) exceeds the limit of {self.max_frame} bytes")
         end = pos + HEADER_SIZE + length
         if len(buf) < end:
-            self._compact()
+            if length >= LARGE_FRAME:
+                self._large_pending_check(buf, pos)
+            else:
+                self._compact()
             return None
         body = bytes(buf[pos + HEADER_SIZE:end])
         self._pos = end

@@ -20,6 +20,10 @@ HEARTBEAT_INTERVAL = 5.0
 #: master (master --peer-timeout; the master tells its peers).
 PEER_TIMEOUT = 30.0
 
+#: Jobs a worker holds at once: the one it runs and the next ones, sent ahead so
+#: that it never waits a round trip between jobs (master --slots; 1: no prefetch).
+WORKER_SLOTS = 2
+
 #: Attempts a job gets when its worker dies under it (client max_retries + 1).
 MAX_ATTEMPTS = 3
 

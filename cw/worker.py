@@ -16,9 +16,9 @@ master for ``--connect-timeout`` seconds exits.
 from __future__ import annotations
 
 import argparse
+import collections
 import logging
 import os
-import queue
 import signal
 import subprocess
 import sys
@@ -72,24 +72,23 @@ class JobRunner:
         self.current = ctx
 
 
-_LOST = object()   # the reader thread lost the master
-_STOP = object()   # SIGTERM while idle: stop now
-
-
 class Session:
     """One connection to the master.  A reader thread takes frames off the
-    socket (answering PINGs and ABORTs at once, even while a job runs); this
-    process's main thread runs the jobs it queues, one at a time."""
+    socket: jobs (and the contexts they need) go to a local queue; PINGs,
+    REVOKEs and ABORTs are answered at once, even while a job runs.  This
+    process's main thread runs the queued jobs, one at a time, in order."""
 
     def __init__(self, link, runner: JobRunner, state: WorkerState):
         self.link = link
         self.runner = runner
         self.state = state
-        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.queue: collections.deque = collections.deque()   # ("job", gid, ...) / ("ctx", ctx, context)
+        self.cond = threading.Condition()
+        self.lost = False
         self.reader = threading.Thread(target=self._read, name="cw-worker-reader", daemon=True)
 
     def _read(self) -> None:
-        link, inbox = self.link, self.inbox
+        link = self.link
         try:
             while True:
                 item = link.recv(master_timeout(link))
@@ -97,12 +96,21 @@ class Session:
                     log.warning("the master at %s closed the connection", link.address)
                     break
                 ftype, body = item
-                if ftype in (protocol.JOB, protocol.CONTEXT):
-                    inbox.put(item)
+                if ftype == protocol.JOB:
+                    self._put(("job", *protocol.decode_job(body)))
+                elif ftype == protocol.CONTEXT:
+                    self._put(("ctx", *protocol.decode_context_for_worker(body)))
                 elif ftype == protocol.PING:
                     link.try_send(protocol.PONG_FRAME)
+                elif ftype == protocol.REVOKE:
+                    gid = protocol.decode_revoke(body)
+                    link.send(protocol.encode_revoked(gid, self._take_back(gid)))
                 elif ftype == protocol.ABORT:
-                    self.state.abort(protocol.decode_abort(body))
+                    gid = protocol.decode_abort(body)
+                    if self._take_back(gid):      # not started: hand it back, nothing to stop
+                        link.send(protocol.encode_revoked(gid, True))
+                    else:
+                        self.state.abort(gid)
                 elif ftype == protocol.ERROR:
                     log.warning("the master closed our connection: %s", bytes(body).decode("utf-8", "replace"))
                     break
@@ -111,35 +119,70 @@ class Session:
                     break
         except (OSError, ProtocolError) as exc:   # TimeoutError included: the master stopped answering
             log.warning("lost the master at %s: %s", link.address, exc)
-        inbox.put(_LOST)
+        with self.cond:
+            self.lost = True
+            self.cond.notify_all()
+
+    def _put(self, item) -> None:
+        with self.cond:
+            self.queue.append(item)
+            self.cond.notify_all()
+
+    def _take_back(self, gid: int) -> bool:
+        """Removes a job that has not started from the local queue."""
+        with self.cond:
+            for item in self.queue:
+                if item[0] == "job" and item[1] == gid:
+                    self.queue.remove(item)
+                    return True
+        return False
+
+    def wake(self) -> None:
+        with self.cond:
+            self.cond.notify_all()
+
+    def _next(self):
+        with self.cond:
+            while not self.queue and not self.lost and not self.state.draining:
+                self.cond.wait()
+            if self.state.draining:
+                return "drain"      # jobs held here go back to the master when we disconnect
+            if self.queue:
+                return self.queue.popleft()
+            return None
 
     def run(self) -> bool:
         """Runs jobs until the master is lost (returns False: reconnect) or this
         worker drains (returns True: exit)."""
         from .payload import run_payload  # only workers and clients load pickle machinery
         self.state.session = self
+        self.link.start_writer()    # outcomes of quick jobs share sends (see link._Writer)
         self.reader.start()
         while True:
-            item = self.inbox.get()
-            if item is _LOST:
+            item = self._next()
+            if item is None:
                 return False
-            if item is _STOP or self.state.draining:
-                return True      # a job that came after DRAIN is re-run elsewhere
-            ftype, body = item
-            if ftype == protocol.CONTEXT:
-                self.runner.set_context(*protocol.decode_context_for_worker(body))
+            if item == "drain":
+                return True
+            if item[0] == "ctx":
+                self.runner.set_context(item[1], item[2])
                 continue
-            gid, ctx, timeout, payload = protocol.decode_job(body)
+            _, gid, ctx, timeout, payload = item
             self.runner.enter(ctx)
             self.state.start(gid, timeout)
             status, data = run_payload(payload)
             if self.state.finish(gid):
                 try:
-                    self.link.send(protocol.encode_outcome(gid, status, data))
+                    self.link.post(protocol.encode_outcome(gid, status, data))
                 except OSError as exc:
                     log.warning("could not send job %d's outcome (%s); the master re-runs it", gid, exc)
-            if self.state.draining:
-                return True
+
+
+def _send_quietly(link, frame: bytes) -> None:
+    try:
+        link.try_send(frame)
+    except OSError:
+        pass  # the master is gone already: there is nobody left to tell
 
 
 class WorkerState:
@@ -182,7 +225,8 @@ class WorkerState:
             f"job stopped after its timeout of {timeout:g} s on worker pid {os.getpid()}; the worker "
             "process was replaced. Raise the timeout if the job needs longer"))
         try:
-            self.session.link.send(protocol.encode_outcome(gid, status, data))
+            # After the outcomes posted before it, or the master would see them out of order.
+            self.session.link.post_and_wait(protocol.encode_outcome(gid, status, data))
         finally:
             os._exit(EXIT_REPLACE)   # the job's thread cannot be stopped; the process can
 
@@ -208,8 +252,8 @@ class WorkerState:
         if session is None:
             raise SystemExit(0)      # not connected: nothing to finish
         # From a thread: this handler may have interrupted a send holding the lock.
-        threading.Thread(target=session.link.try_send, args=(protocol.DRAIN_FRAME,), daemon=True).start()
-        session.inbox.put(_STOP)     # wakes the main thread if it is idle
+        threading.Thread(target=_send_quietly, args=(session.link, protocol.DRAIN_FRAME), daemon=True).start()
+        threading.Thread(target=session.wake, daemon=True).start()   # the main thread, if it waits idle
 
 
 def master_resolver(spec: str, port: int, connect_timeout: float):

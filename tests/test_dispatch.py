@@ -64,7 +64,7 @@ def payload(cid, jobid):
 
 def test_jobs_go_to_idle_workers_in_fifo_order():
     """Queued jobs are handed out in submission order, as workers become idle."""
-    d = Dispatcher()
+    d = Dispatcher(slots=1)
     client(d, C1)
     submit(d, C1, 10, 11, 12)
     worker(d, W1)
@@ -78,7 +78,7 @@ def test_jobs_go_to_idle_workers_in_fifo_order():
 
 def test_one_job_per_worker_at_a_time():
     """A busy worker gets no second job until it reports an outcome."""
-    d = Dispatcher()
+    d = Dispatcher(slots=1)
     client(d, C1)
     worker(d, W1)
     submit(d, C1, 1, 2, 3)
@@ -92,7 +92,7 @@ def test_one_job_per_worker_at_a_time():
 
 def test_context_sent_once_before_first_job_of_each_client():
     """A worker gets a client's CONTEXT just before its first job of that client, and never again."""
-    d = Dispatcher()
+    d = Dispatcher(slots=1)
     client(d, C1, CTX1)
     client(d, C2)
     worker(d, W1)
@@ -116,7 +116,7 @@ def test_context_sent_once_before_first_job_of_each_client():
 
 def test_client_leaving_makes_its_workers_forget_its_context():
     """When a client leaves, each worker holding its context gets an empty-context CONTEXT; others get nothing."""
-    d = Dispatcher()
+    d = Dispatcher(slots=1)
     client(d, C1, CTX1)
     worker(d, W1)
     worker(d, W2)
@@ -154,7 +154,7 @@ def rr_expected():
 def test_round_robin_between_clients_while_a_job_runs():
     """Client A queues 100 jobs (its first one running), then B queues 3: B's first job goes right after
     A's running one, then the clients alternate while both have jobs; each client's jobs go FIFO."""
-    d = Dispatcher()
+    d = Dispatcher(slots=1)
     client(d, C1)
     client(d, C2)
     worker(d, W1)
@@ -166,7 +166,7 @@ def test_round_robin_between_clients_while_a_job_runs():
 
 def test_round_robin_between_clients_queued_before_any_worker():
     """The same alternation when both clients queued their jobs before the first worker came."""
-    d = Dispatcher()
+    d = Dispatcher(slots=1)
     client(d, C1)
     client(d, C2)
     submit(d, C1, *range(100))
@@ -178,7 +178,7 @@ def test_round_robin_between_clients_queued_before_any_worker():
 def test_lost_job_goes_back_to_the_head_of_its_own_clients_queue():
     """A lost job is re-queued at the head of its client's queue: ahead of that client's later jobs,
     but it waits for the turn of its client (another client's turn comes first)."""
-    d = Dispatcher()
+    d = Dispatcher(slots=1)
     client(d, C1)
     client(d, C2)
     worker(d, W1)
@@ -198,7 +198,7 @@ def test_lost_job_goes_back_to_the_head_of_its_own_clients_queue():
 def test_pause_client_holds_its_jobs_while_others_run_and_resume_releases_them():
     """A paused client's queued jobs wait (also ones submitted while paused) while other clients' jobs still
     go out; once the worker is idle, resume_client dispatches the paused client's next job (FIFO) at once."""
-    d = Dispatcher()
+    d = Dispatcher(slots=1)
     client(d, C1)
     client(d, C2)
     worker(d, W1)
@@ -223,7 +223,7 @@ def test_pause_client_holds_its_jobs_while_others_run_and_resume_releases_them()
 
 def test_resume_client_with_no_idle_worker_releases_jobs_at_next_outcome():
     """Resuming while every worker is busy sends nothing; the client's job goes out when a worker frees up."""
-    d = Dispatcher()
+    d = Dispatcher(slots=1)
     client(d, C1)
     client(d, C2)
     worker(d, W1)
@@ -239,7 +239,7 @@ def test_resume_client_with_no_idle_worker_releases_jobs_at_next_outcome():
 
 def test_paused_clients_lost_job_waits_for_resume():
     """A paused client's job whose worker dies is re-queued but held back until the client resumes."""
-    d = Dispatcher()
+    d = Dispatcher(slots=1)
     client(d, C1)
     worker(d, W1)
     submit(d, C1, 1)
@@ -255,7 +255,7 @@ def test_paused_clients_lost_job_waits_for_resume():
 def test_draining_worker_finishes_its_job_and_gets_no_other():
     """After drain_worker its current job's result is delivered, but no new job goes to it though jobs wait;
     its status state is 'draining'."""
-    d = Dispatcher()
+    d = Dispatcher(slots=1)
     client(d, C1)
     worker(d, W1)
     worker(d, W2)
@@ -275,7 +275,7 @@ def test_draining_worker_finishes_its_job_and_gets_no_other():
 
 def test_draining_idle_worker_gets_no_job():
     """An idle worker that drains gets no job submitted afterwards."""
-    d = Dispatcher()
+    d = Dispatcher(slots=1)
     client(d, C1)
     worker(d, W1)
     d.drain_worker(W1)
@@ -288,7 +288,7 @@ def test_draining_idle_worker_gets_no_job():
 
 def test_timeout_given_at_submit_is_carried_in_the_job_frame():
     """Each JOB carries the timeout its SUBMIT gave (0.0 for none), also when a lost job is sent again."""
-    d = Dispatcher()
+    d = Dispatcher(slots=1)
     client(d, C1)
     d.submit(C1, 1, DEFAULT_RETRIES, 12.5, b"a")
     d.submit(C1, 2, DEFAULT_RETRIES, 0.0, b"b")
@@ -306,7 +306,7 @@ def test_timeout_given_at_submit_is_carried_in_the_job_frame():
 
 def test_result_goes_only_to_submitting_client_with_its_jobid_and_worker_label():
     """RESULT goes to the job's own client, with that client's jobid, the status and b"host:pid"."""
-    d = Dispatcher()
+    d = Dispatcher(slots=1)
     client(d, C1)
     client(d, C2)
     label1, label2 = worker(d, W1), worker(d, W2)
@@ -322,7 +322,7 @@ def test_result_goes_only_to_submitting_client_with_its_jobid_and_worker_label()
 
 def test_result_is_sent_exactly_once():
     """A second outcome for the same gid raises ProtocolError and sends no second RESULT."""
-    d = Dispatcher()
+    d = Dispatcher(slots=1)
     client(d, C1)
     worker(d, W1)
     submit(d, C1, 1)
@@ -336,7 +336,7 @@ def test_result_is_sent_exactly_once():
 
 def test_outcome_for_a_job_the_worker_does_not_run_raises():
     """A worker reporting on another worker's job is a protocol error."""
-    d = Dispatcher()
+    d = Dispatcher(slots=1)
     client(d, C1)
     worker(d, W1)
     worker(d, W2)
@@ -351,7 +351,7 @@ def test_outcome_for_a_job_the_worker_does_not_run_raises():
 
 def test_lost_worker_puts_job_back_at_head_of_queue():
     """A job whose worker leaves is re-queued ahead of jobs submitted before it, and goes to the next worker."""
-    d = Dispatcher()
+    d = Dispatcher(slots=1)
     client(d, C1, CTX1)
     worker(d, W1)
     submit(d, C1, 1, 2)
@@ -366,7 +366,7 @@ def test_lost_worker_puts_job_back_at_head_of_queue():
 
 def test_lost_worker_job_goes_to_idle_worker_at_once():
     """If a worker is idle when another dies, the orphaned job is handed to it right away."""
-    d = Dispatcher()
+    d = Dispatcher(slots=1)
     client(d, C1)
     worker(d, W1)
     submit(d, C1, 1)
@@ -379,7 +379,7 @@ def test_lost_worker_job_goes_to_idle_worker_at_once():
 @pytest.mark.parametrize("retries, attempts", [(DEFAULT_RETRIES, 3), (0, 1), (1, 2)])
 def test_job_fails_lost_after_max_attempts(retries, attempts):
     """After its allowed attempts all lost their worker, the client gets RESULT LOST listing attempts and workers."""
-    d = Dispatcher()
+    d = Dispatcher(slots=1)
     client(d, C1)
     submit(d, C1, 5, retries=retries)
     labels = []
@@ -399,8 +399,8 @@ def test_job_fails_lost_after_max_attempts(retries, attempts):
 
 
 def test_dispatcher_max_attempts_is_the_default_for_submits():
-    """Dispatcher(max_attempts=N) fails a default-retries job after N lost workers."""
-    d = Dispatcher(max_attempts=1)
+    """Dispatcher(max_attempts=N, slots=1) fails a default-retries job after N lost workers."""
+    d = Dispatcher(max_attempts=1, slots=1)
     client(d, C1)
     submit(d, C1, 1)
     worker(d, W1)
@@ -412,7 +412,7 @@ def test_dispatcher_max_attempts_is_the_default_for_submits():
 
 def test_cancel_queued_job_answers_true_and_never_dispatches_it():
     """Cancelling a queued job answers CANCELLED(jobid, True); no worker ever sees it."""
-    d = Dispatcher()
+    d = Dispatcher(slots=1)
     client(d, C1)
     submit(d, C1, 1, 2)
     d.cancel(C1, 1)
@@ -426,7 +426,7 @@ def test_cancel_queued_job_answers_true_and_never_dispatches_it():
 def test_cancel_running_job_answers_true_aborts_it_and_drops_its_outcome():
     """Cancelling a running job answers CANCELLED(jobid, True) and sends ABORT(gid) to its worker only;
     an outcome the worker still sends is dropped, and the worker is free for the next job."""
-    d = Dispatcher()
+    d = Dispatcher(slots=1)
     client(d, C1)
     worker(d, W1)
     worker(d, W2)
@@ -448,7 +448,7 @@ def test_cancel_running_job_answers_true_aborts_it_and_drops_its_outcome():
 
 def test_cancel_after_result_answers_false():
     """Cancelling a job whose RESULT was already sent answers CANCELLED(jobid, False) and aborts nothing."""
-    d = Dispatcher()
+    d = Dispatcher(slots=1)
     client(d, C1)
     worker(d, W1)
     submit(d, C1, 1)
@@ -461,7 +461,7 @@ def test_cancel_after_result_answers_false():
 
 def test_cancelled_running_job_is_not_requeued_when_its_worker_dies():
     """A cancelled running job whose worker then leaves (e.g. replaced after ABORT) is not run again."""
-    d = Dispatcher()
+    d = Dispatcher(slots=1)
     client(d, C1)
     worker(d, W1)
     submit(d, C1, 1)
@@ -479,7 +479,7 @@ def test_cancelled_running_job_is_not_requeued_when_its_worker_dies():
 def test_client_leaving_drops_queued_jobs_and_later_outcome():
     """A departed client's queued jobs are never dispatched, its running job gets ABORT on its worker,
     and that job's outcome, if the worker still sends one, is dropped silently."""
-    d = Dispatcher()
+    d = Dispatcher(slots=1)
     client(d, C1)
     worker(d, W1)
     submit(d, C1, 1, 2, 3)
@@ -496,7 +496,7 @@ def test_client_leaving_drops_queued_jobs_and_later_outcome():
 
 def test_client_leaving_aborts_each_running_job_on_its_worker():
     """A client leaving sends one ABORT(gid) to each worker running one of its jobs, and nothing to others."""
-    d = Dispatcher()
+    d = Dispatcher(slots=1)
     client(d, C1)
     client(d, C2)
     worker(d, W1)
@@ -519,7 +519,7 @@ def test_client_leaving_aborts_each_running_job_on_its_worker():
 
 def test_client_leaving_then_worker_lost_does_not_requeue():
     """A departed client's running job is aborted, and not re-queued when its worker then dies."""
-    d = Dispatcher()
+    d = Dispatcher(slots=1)
     client(d, C1)
     worker(d, W1)
     submit(d, C1, 1)
@@ -534,7 +534,7 @@ def test_client_leaving_then_worker_lost_does_not_requeue():
 
 def test_duplicate_jobid_from_a_client_raises():
     """A client submitting a jobid it already has pending is a protocol error."""
-    d = Dispatcher()
+    d = Dispatcher(slots=1)
     client(d, C1)
     submit(d, C1, 1)
     with pytest.raises(ProtocolError):
@@ -546,7 +546,7 @@ def test_duplicate_jobid_from_a_client_raises():
 def test_status_counts_workers_clients_queued_running():
     """status() reports each worker's and client's state and the global queued/running counts."""
     now = [1000.0]
-    d = Dispatcher(clock=lambda: now[0])
+    d = Dispatcher(clock=lambda: now[0], slots=1)
     client(d, C1)
     client(d, C2)
     worker(d, W1)
@@ -587,7 +587,7 @@ def counts(d):
 
 def test_status_queued_counts_through_submit_dispatch_cancel_leave_and_lost_worker():
     """status()'s queued counts, global and per client, are right after each event that changes them."""
-    d = Dispatcher()
+    d = Dispatcher(slots=1)
     client(d, C1)
     client(d, C2)
     submit(d, C1, 1, 2, 3)
@@ -620,7 +620,7 @@ def test_status_queued_counts_through_submit_dispatch_cancel_leave_and_lost_work
 
 def test_two_clients_all_jobs_complete_each_gets_only_its_results():
     """Interleaved jobs of two clients on two workers all finish; each client gets exactly its own results."""
-    d = Dispatcher()
+    d = Dispatcher(slots=1)
     client(d, C1)
     client(d, C2)
     for jobid in range(10):
