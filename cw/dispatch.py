@@ -51,7 +51,7 @@ QUEUED, HELD, RUNNING, DONE = "queued", "held", "running", "done"   # HELD: sent
 
 
 class Job:
-    __slots__ = ("attempts", "client", "gid", "jobid", "lost_on", "max_attempts", "payload", "state",
+    __slots__ = ("attempts", "client", "gid", "jobid", "lost_on", "max_attempts", "payload", "pinned", "state",
                  "timeout", "worker")
 
     def __init__(self, gid, client, jobid, payload, max_attempts, timeout):
@@ -65,6 +65,7 @@ class Job:
         self.max_attempts = max_attempts
         self.timeout = timeout        # seconds, enforced by the worker; 0 for none
         self.lost_on = None           # labels of workers that died running it
+        self.pinned = False           # its worker said it started it: never ask for it back
 
 
 class ClientState:
@@ -85,7 +86,7 @@ class ClientState:
 
 
 class WorkerState:
-    __slots__ = ("contexts", "done", "draining", "info", "jobs", "label", "revoking", "since", "wid")
+    __slots__ = ("contexts", "done", "drain_head", "draining", "info", "jobs", "label", "revoking", "since", "wid")
 
     def __init__(self, wid, info, label, now):
         self.wid = wid
@@ -93,6 +94,7 @@ class WorkerState:
         self.label = label            # b"host:pid", sent with each of its results
         self.jobs = deque()           # jobs sent to it, in order; the first one runs
         self.revoking = None          # gid of a held job we asked it to give back
+        self.drain_head = None        # gid of the job it was running when it said DRAIN
         self.contexts = set()         # client ids whose CONTEXT it holds
         self.draining = False
         self.done = 0
@@ -182,7 +184,7 @@ class Dispatcher:
                 self.idle[wid] = None
             elif held < self.slots:
                 self.spare[wid] = None
-        if held >= 2 and worker.revoking is None:
+        if held >= 2 and worker.revoking is None and not worker.draining and not worker.jobs[-1].pinned:
             self.donors[wid] = None
 
     def drain_worker(self, wid: int) -> None:
@@ -190,6 +192,8 @@ class Dispatcher:
         worker = self.workers.get(wid)
         if worker is not None:
             worker.draining = True
+            # It gives back (REVOKED) every job it has not started; only this one runs.
+            worker.drain_head = worker.jobs[0].gid if worker.jobs else None
             self._place(worker)
 
     def remove_worker(self, wid: int) -> None:
@@ -201,13 +205,15 @@ class Dispatcher:
             self.revokes -= 1
         jobs = list(worker.jobs)
         worker.jobs.clear()
-        # Back to the heads of their queues in the order they were sent; only
-        # the first had started, so only it counts as an attempt.
-        for job in reversed(jobs[1:]):
+        # Back to the heads of their queues in the order they were sent.  Only
+        # the first had started (a draining worker starts none after the one
+        # it ran when it said DRAIN), so only it counts as an attempt.
+        started = jobs[:1] if not worker.draining or (jobs and jobs[0].gid == worker.drain_head) else []
+        for job in reversed(jobs[len(started):]):
             job.attempts -= 1
             self._requeue(job)
-        if jobs:
-            self._job_lost(jobs[0], worker)
+        if started:
+            self._job_lost(started[0], worker)
         self._pump()
 
     def _job_lost(self, job: Job, worker: WorkerState) -> None:
@@ -243,7 +249,7 @@ class Dispatcher:
         client.queue.append(job)
         self.queued += 1
         self._make_ready(client)
-        if self.idle:
+        if self.idle or self.spare:
             self._pump()
 
     def cancel(self, cid: int, jobid: int) -> None:
@@ -293,13 +299,19 @@ class Dispatcher:
         if worker.revoking == gid:
             worker.revoking = None
             self.revokes -= 1
+        job = next((j for j in worker.jobs if j.gid == gid), None)
         if given_back:
-            job = next((j for j in worker.jobs if j.gid == gid), None)
-            if job is None or job is worker.jobs[0]:
-                raise ProtocolError(f"the worker gave back job {gid}, which it did not hold unstarted")
+            # The worker knows best: even the job we took for its running one
+            # (its outcome for the one before came first) may not have started.
+            if job is None:
+                raise ProtocolError(f"the worker gave back job {gid}, which it did not hold")
             worker.jobs.remove(job)
+            if worker.jobs:
+                worker.jobs[0].state = RUNNING
             job.attempts -= 1
             self._requeue(job)
+        elif job is not None:
+            job.pinned = True             # it started: asking again cannot get it back
         self._place(worker)
         self._pump()
 

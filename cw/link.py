@@ -58,6 +58,14 @@ class Link:
         else:
             self._writer.post(chunks)
 
+    def post_nowait(self, frame: bytes) -> None:
+        """Posts a small frame unless a backlog is waiting (then the backlog
+        going out shows the master we live); never blocks a reader thread."""
+        if self._writer is None:
+            self.try_send(frame)
+        elif self._writer.pending_bytes < _Writer.MAX_PENDING:
+            self._writer.post((frame,))
+
     def post_and_wait(self, *chunks, timeout: float = 10.0) -> None:
         """Posts frames after those already posted, and waits until all are sent."""
         self.post(*chunks)

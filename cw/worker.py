@@ -97,18 +97,22 @@ class Session:
                     break
                 ftype, body = item
                 if ftype == protocol.JOB:
-                    self._put(("job", *protocol.decode_job(body)))
+                    job = ("job", *protocol.decode_job(body))
+                    if self.state.draining:      # sent before the master saw our DRAIN
+                        link.post(protocol.encode_revoked(job[1], True))
+                    else:
+                        self._put(job)
                 elif ftype == protocol.CONTEXT:
                     self._put(("ctx", *protocol.decode_context_for_worker(body)))
                 elif ftype == protocol.PING:
-                    link.try_send(protocol.PONG_FRAME)
+                    link.post_nowait(protocol.PONG_FRAME)
                 elif ftype == protocol.REVOKE:
                     gid = protocol.decode_revoke(body)
-                    link.send(protocol.encode_revoked(gid, self._take_back(gid)))
+                    link.post(protocol.encode_revoked(gid, self._take_back(gid)))
                 elif ftype == protocol.ABORT:
                     gid = protocol.decode_abort(body)
                     if self._take_back(gid):      # not started: hand it back, nothing to stop
-                        link.send(protocol.encode_revoked(gid, True))
+                        link.post(protocol.encode_revoked(gid, True))
                     else:
                         self.state.abort(gid)
                 elif ftype == protocol.ERROR:
@@ -137,9 +141,20 @@ class Session:
                     return True
         return False
 
-    def wake(self) -> None:
+    def drain(self) -> None:
+        """Gives back every job not started, says DRAIN, wakes the main thread.
+        Every frame a worker sends goes through its one writer, in order: the
+        master sees an outcome before a later DRAIN or REVOKED."""
         with self.cond:
+            unstarted = [item[1] for item in self.queue if item[0] == "job"]
+            self.queue = collections.deque(item for item in self.queue if item[0] != "job")
             self.cond.notify_all()
+        try:
+            for gid in unstarted:
+                self.link.post(protocol.encode_revoked(gid, True))
+            self.link.post(protocol.DRAIN_FRAME)
+        except OSError:
+            pass  # the master is gone already: there is nobody left to tell
 
     def _next(self):
         with self.cond:
@@ -176,13 +191,6 @@ class Session:
                     self.link.post(protocol.encode_outcome(gid, status, data))
                 except OSError as exc:
                     log.warning("could not send job %d's outcome (%s); the master re-runs it", gid, exc)
-
-
-def _send_quietly(link, frame: bytes) -> None:
-    try:
-        link.try_send(frame)
-    except OSError:
-        pass  # the master is gone already: there is nobody left to tell
 
 
 class WorkerState:
@@ -251,9 +259,8 @@ class WorkerState:
         session = self.session
         if session is None:
             raise SystemExit(0)      # not connected: nothing to finish
-        # From a thread: this handler may have interrupted a send holding the lock.
-        threading.Thread(target=_send_quietly, args=(session.link, protocol.DRAIN_FRAME), daemon=True).start()
-        threading.Thread(target=session.wake, daemon=True).start()   # the main thread, if it waits idle
+        # From a thread: this handler may have interrupted code holding the locks it needs.
+        threading.Thread(target=session.drain, daemon=True).start()
 
 
 def master_resolver(spec: str, port: int, connect_timeout: float):

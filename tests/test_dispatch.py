@@ -644,3 +644,357 @@ def test_two_clients_all_jobs_complete_each_gets_only_its_results():
     for cid in (C1, C2):
         assert results[cid] == {jobid: b"done:" + payload(cid, jobid) for jobid in range(10)}
     assert d.status()["queued"] == 0 and d.status()["running"] == 0
+
+
+# --- slots (a held next job per worker) and work stealing --------------------
+
+BODY_DECODERS[p.REVOKE] = p.decode_revoke
+
+
+def jobs_by_worker(msgs):
+    """[(worker, client jobid)] of the JOB frames, in the order sent (payload b"payload-<cid>-<jobid>")."""
+    return [(to, int(fields[3].rsplit(b"-", 1)[1])) for to, t, fields in msgs if t == p.JOB]
+
+
+def gids_by_jobid(msgs):
+    """{client jobid: gid} of the JOB frames."""
+    return {int(fields[3].rsplit(b"-", 1)[1]): fields[0] for _, t, fields in msgs if t == p.JOB}
+
+
+def test_slots_two_queued_jobs_fill_idle_workers_first_then_one_held_each():
+    """With 2 idle workers and 4 jobs becoming runnable at once, jobs 1 and 2 go one to each worker
+    (idle first), then 3 and 4 one to each as held jobs; no worker is sent a third while it holds 2."""
+    d = Dispatcher(slots=2)
+    client(d, C1)
+    worker(d, W1)
+    worker(d, W2)
+    d.pause_client(C1)
+    submit(d, C1, 1, 2, 3, 4)
+    assert of(drain(d), p.JOB) == []
+    d.resume_client(C1)
+    msgs = drain(d)
+    assert jobs_by_worker(msgs) == [(W1, 1), (W2, 2), (W1, 3), (W2, 4)]
+    gids = gids_by_jobid(msgs)
+    submit(d, C1, 5, 6)
+    worker(d, W3)                      # an idle worker takes a queued job; W1 and W2 get nothing
+    msgs = drain(d)
+    assert jobs_by_worker(msgs) == [(W3, 5), (W3, 6)]
+    submit(d, C1, 7)
+    assert of(drain(d), p.JOB) == []   # every worker holds 2
+    d.outcome(W1, gids[1], p.OK, b"")  # W1 runs 3 now, with a free slot: it takes 7 as held
+    assert jobs_by_worker(drain(d)) == [(W1, 7)]
+    d.outcome(W2, gids[2], p.OK, b"")
+    assert of(drain(d), p.JOB) == []   # nothing queued
+
+
+def test_slots_two_jobs_submitted_to_busy_workers_are_sent_as_held_jobs():
+    """Jobs submitted one by one while both workers run one get sent at once as held jobs, one to
+    each, so neither worker waits a round trip for its next job; a third is never sent."""
+    d = Dispatcher(slots=2)
+    client(d, C1)
+    worker(d, W1)
+    worker(d, W2)
+    submit(d, C1, 1, 2)
+    assert jobs_by_worker(drain(d)) == [(W1, 1), (W2, 2)]
+    submit(d, C1, 3, 4)
+    assert jobs_by_worker(drain(d)) == [(W1, 3), (W2, 4)]
+    submit(d, C1, 5)
+    assert of(drain(d), p.JOB) == []
+
+
+def test_slots_held_job_counts_as_queued_until_the_worker_reports_the_one_before():
+    """status() counts a held job as queued, not running, globally and per client; it becomes
+    running when the worker's outcome for the job before it arrives."""
+    d = Dispatcher(slots=2)
+    client(d, C1)
+    client(d, C2)
+    submit(d, C1, 1, 2, 3)
+    submit(d, C2, 1)
+    worker(d, W1)                      # C1's 1 runs, C2's 1 is held (the clients take turns)
+    msgs = drain(d)
+    assert [(fields[1], fields[3]) for fields in of(msgs, p.JOB, W1)] == [(C1, payload(C1, 1)), (C2, payload(C2, 1))]
+    gids = {(fields[1], fields[3]): fields[0] for fields in of(msgs, p.JOB, W1)}
+    assert counts(d) == (3, 1, {C1: (2, 1), C2: (1, 0)})
+    s = d.status()
+    assert [(w["id"], w["state"], w["held"]) for w in s["workers"]] == [(W1, "busy", 1)]
+    d.outcome(W1, gids[(C1, payload(C1, 1))], p.OK, b"")   # C2's 1 runs, C1's 2 is held
+    msgs = drain(d)
+    assert [fields[3] for fields in of(msgs, p.JOB, W1)] == [payload(C1, 2)]
+    assert counts(d) == (2, 1, {C1: (2, 0), C2: (0, 1)})
+    d.outcome(W1, gids[(C2, payload(C2, 1))], p.OK, b"")   # C1's 2 runs, C1's 3 is held
+    assert [fields[3] for fields in of(drain(d), p.JOB, W1)] == [payload(C1, 3)]
+    assert counts(d) == (1, 1, {C1: (1, 1), C2: (0, 0)})
+    assert [(w["state"], w["held"]) for w in d.status()["workers"]] == [("busy", 1)]
+
+
+@pytest.mark.parametrize("slots", [2, 3])
+def test_slots_lost_worker_requeues_held_jobs_in_order_without_an_attempt(slots):
+    """A worker lost while holding [running, held...] counts an attempt (and its label) for the
+    running job only; the held ones go back to the head of the queue in the order they were sent,
+    ahead of jobs still queued, and a job only ever held on dying workers never fails LOST."""
+    d = Dispatcher(max_attempts=2, slots=slots)
+    client(d, C1)
+    submit(d, C1, *range(1, 7))
+    labels = {}
+    held = list(range(2, slots + 1))
+    # Twice: job 1 runs and the next ones are held on a worker that dies.
+    for wid in (W1, W2):
+        labels[wid] = worker(d, wid).decode()
+        assert jobs_by_worker(drain(d)) == [(wid, 1)] + [(wid, j) for j in held]
+        d.remove_worker(wid)
+    msgs = drain(d)
+    assert [(jobid, status, json.loads(body)) for jobid, status, _, body in of(msgs, p.RESULT, C1)] == [
+        (1, p.LOST, {"attempts": 2, "workers": [labels[W1], labels[W2]]})]
+    assert counts(d) == (5, 0, {C1: (5, 0)})
+    # Job 2 was held on both dead workers: it has had no attempt yet, so it survives two more.
+    for wid in (W3, 4):
+        labels[wid] = worker(d, wid).decode()
+        assert jobs_by_worker(drain(d)) == [(wid, j) for j in range(2, slots + 2)]
+        d.remove_worker(wid)
+    msgs = drain(d)
+    assert [(jobid, status, json.loads(body)) for jobid, status, _, body in of(msgs, p.RESULT, C1)] == [
+        (2, p.LOST, {"attempts": 2, "workers": [labels[W3], labels[4]]})]
+    worker(d, 5)
+    assert jobs_by_worker(drain(d)) == [(5, j) for j in range(3, slots + 3)]
+
+
+def test_slots_idle_worker_steals_held_job_given_back():
+    """W1 holds [A running, B held]; W2 finishes its job and is idle with nothing queued: the
+    dispatcher sends REVOKE(B) to W1, once; REVOKED(B, True) hands B to W2 at once."""
+    d = Dispatcher(slots=2)
+    client(d, C1)
+    submit(d, C1, 1, 2, 3)
+    worker(d, W1)
+    worker(d, W2)
+    msgs = drain(d)
+    assert jobs_by_worker(msgs) == [(W1, 1), (W1, 2), (W2, 3)]
+    gids = gids_by_jobid(msgs)
+    assert of(msgs, p.REVOKE) == []    # W2 is not idle
+    d.outcome(W2, gids[3], p.OK, b"three")
+    msgs = drain(d)
+    assert of(msgs, p.RESULT, C1) == [(3, p.OK, b"h2:102", b"three")]
+    assert [(to, t, fields) for to, t, fields in msgs if t != p.RESULT] == [(W1, p.REVOKE, gids[2])]
+    # Later events send no second REVOKE while the first awaits its answer.
+    client(d, C2)
+    worker(d, W3)
+    d.remove_worker(W3)
+    d.pause_client(C1)
+    d.resume_client(C1)
+    d.status()
+    assert drain(d) == []
+    d.revoked(W1, gids[2], True)
+    msgs = drain(d)
+    assert [(to, t, fields[0]) for to, t, fields in msgs] == [(W2, p.JOB, gids[2])]
+    assert counts(d) == (0, 2, {C1: (0, 2), C2: (0, 0)})
+    d.outcome(W2, gids[2], p.OK, b"two")
+    d.outcome(W1, gids[1], p.OK, b"one")
+    msgs = drain(d)
+    assert of(msgs, p.RESULT, C1) == [(2, p.OK, b"h2:102", b"two"), (1, p.OK, b"h1:101", b"one")]
+    assert of(msgs, p.REVOKE) == [] and of(msgs, p.JOB) == []
+
+
+def test_slots_steal_refused_leaves_held_job_on_its_worker():
+    """REVOKED(B, False) (B had started: its outcome follows, after A's) leaves B on W1: no other
+    worker gets it, no second REVOKE goes out, and B's outcome is accepted later."""
+    d = Dispatcher(slots=2)
+    client(d, C1)
+    submit(d, C1, 1, 2, 3)
+    worker(d, W1)
+    worker(d, W2)
+    gids = gids_by_jobid(drain(d))
+    d.outcome(W2, gids[3], p.OK, b"three")
+    assert of(drain(d), p.REVOKE, W1) == [gids[2]]
+    d.outcome(W1, gids[1], p.OK, b"one")
+    d.revoked(W1, gids[2], False)
+    msgs = drain(d)
+    assert of(msgs, p.RESULT, C1) == [(1, p.OK, b"h1:101", b"one")]
+    assert of(msgs, p.JOB) == [] and of(msgs, p.REVOKE) == []
+    assert counts(d) == (0, 1, {C1: (0, 1)})
+    d.outcome(W1, gids[2], p.OK, b"two")
+    assert of(drain(d), p.RESULT, C1) == [(2, p.OK, b"h1:101", b"two")]
+    assert counts(d) == (0, 0, {C1: (0, 0)})
+
+
+def test_slots_steal_refused_before_the_previous_outcome_arrives_is_not_asked_again():
+    """The worker answers REVOKE from its reader thread while the outcome of the job before is still
+    in its writer's queue, so REVOKED(B, False) may arrive before OUTCOME(A): B has started all
+    the same, and the dispatcher must not send REVOKE(B) again."""
+    d = Dispatcher(slots=2)
+    client(d, C1)
+    submit(d, C1, 1, 2, 3)
+    worker(d, W1)
+    worker(d, W2)
+    gids = gids_by_jobid(drain(d))
+    d.outcome(W2, gids[3], p.OK, b"three")
+    assert of(drain(d), p.REVOKE, W1) == [gids[2]]
+    d.revoked(W1, gids[2], False)
+    assert of(drain(d), p.REVOKE) == []
+    d.outcome(W1, gids[1], p.OK, b"one")
+    d.outcome(W1, gids[2], p.OK, b"two")
+    msgs = drain(d)
+    assert [fields[0] for fields in of(msgs, p.RESULT, C1)] == [1, 2]
+    assert of(msgs, p.REVOKE) == [] and of(msgs, p.JOB) == []
+
+
+def test_slots_cancel_held_job_aborts_it_and_the_worker_gives_it_back():
+    """Cancelling a held job sends ABORT to its worker; REVOKED(gid, True) removes it without
+    re-queueing it (no worker ever runs it, its client gets no result), and the worker's next
+    job is the next queued one."""
+    d = Dispatcher(slots=2)
+    client(d, C1)
+    submit(d, C1, 1, 2, 3)
+    worker(d, W1)
+    msgs = drain(d)
+    assert jobs_by_worker(msgs) == [(W1, 1), (W1, 2)]
+    gids = gids_by_jobid(msgs)
+    d.cancel(C1, 2)
+    assert sorted(drain(d)) == sorted([(C1, p.CANCELLED, (2, True)), (W1, p.ABORT, gids[2])])
+    d.revoked(W1, gids[2], True)
+    msgs = drain(d)
+    assert jobs_by_worker(msgs) == [(W1, 3)]
+    gids.update(gids_by_jobid(msgs))
+    assert counts(d) == (1, 1, {C1: (1, 1)})   # job 3 held; job 2 is gone, not re-queued
+    d.outcome(W1, gids[1], p.OK, b"one")
+    d.outcome(W1, gids[3], p.OK, b"three")
+    worker(d, W3)
+    d.remove_worker(W1)
+    msgs = drain(d)
+    assert [fields[0] for fields in of(msgs, p.RESULT, C1)] == [1, 3]
+    assert of(msgs, p.JOB) == []
+    assert counts(d) == (0, 0, {C1: (0, 0)})
+
+
+def test_slots_worker_giving_back_a_job_it_does_not_hold_raises():
+    """REVOKED(gid, True) for another worker's job or for an unknown gid is a protocol error."""
+    d = Dispatcher(slots=2)
+    client(d, C1)
+    submit(d, C1, 1, 2, 3)
+    worker(d, W1)
+    worker(d, W2)
+    gids = gids_by_jobid(drain(d))     # W1: [1 running, 2 held], W2: [3 running]
+    with pytest.raises(ProtocolError):
+        d.revoked(W2, gids[2], True)
+    with pytest.raises(ProtocolError):
+        d.revoked(W1, 999, True)
+
+
+def test_slots_the_worker_may_give_back_the_job_we_took_for_its_running_one():
+    """Its outcome for job 1 arrives first, so job 2 looks running; but the worker had not started it
+    when a REVOKE reached it: the give-back is accepted and job 2 runs elsewhere, no attempt counted."""
+    d = Dispatcher(slots=2, max_attempts=1)
+    client(d, C1)
+    submit(d, C1, 1, 2)
+    worker(d, W1)
+    gids = gids_by_jobid(drain(d))     # W1: [1 running, 2 held]
+    worker(d, W2)                      # idle: REVOKE(2) to W1
+    assert of(drain(d), p.REVOKE, W1) == [gids[2]]
+    d.outcome(W1, gids[1], p.OK, b"")
+    drain(d)
+    d.revoked(W1, gids[2], True)
+    assert [f[0] for f in of(drain(d), p.JOB, W2)] == [gids[2]]
+    d.remove_worker(W2)                # it dies running job 2: the first real attempt, and the last
+    results = of(drain(d), p.RESULT, C1)
+    assert [(r[0], r[1]) for r in results] == [(2, p.LOST)]
+    assert json.loads(bytes(results[0][3]))["attempts"] == 1
+
+
+def test_slots_one_never_sends_a_second_job_or_revoke():
+    """With slots=1 a busy worker is never sent another job and nothing is ever revoked."""
+    d = Dispatcher(slots=1)
+    client(d, C1)
+    worker(d, W1)
+    worker(d, W2)
+    d.pause_client(C1)
+    submit(d, C1, 1, 2, 3, 4)
+    d.resume_client(C1)
+    msgs = drain(d)
+    assert jobs_by_worker(msgs) == [(W1, 1), (W2, 2)]
+    gids = gids_by_jobid(msgs)
+    submit(d, C1, 5)
+    assert of(drain(d), p.JOB) == []
+    d.outcome(W2, gids[2], p.OK, b"")
+    msgs = drain(d)
+    assert jobs_by_worker(msgs) == [(W2, 3)]
+    gids.update(gids_by_jobid(msgs))
+    d.outcome(W2, gids[3], p.OK, b"")
+    msgs = drain(d)
+    assert jobs_by_worker(msgs) == [(W2, 4)]
+    gids.update(gids_by_jobid(msgs))
+    d.outcome(W2, gids[4], p.OK, b"")
+    msgs = drain(d)
+    assert jobs_by_worker(msgs) == [(W2, 5)]
+    gids.update(gids_by_jobid(msgs))
+    d.outcome(W2, gids[5], p.OK, b"")  # W2 idle, W1 still runs 1, nothing queued
+    worker(d, W3)
+    msgs = drain(d)
+    assert of(msgs, p.JOB) == [] and of(msgs, p.REVOKE) == []
+    assert counts(d) == (0, 1, {C1: (0, 1)})
+
+
+def test_slots_draining_worker_keeps_its_held_job_until_it_leaves():
+    """A draining worker gets no new job and keeps its held job; when it disconnects while running
+    its job, the held job goes back to the head of the queue with no attempt counted."""
+    d = Dispatcher(slots=2)
+    client(d, C1)
+    submit(d, C1, 1)
+    submit(d, C1, 2, retries=0)        # one attempt allowed: counting one would fail it LOST
+    submit(d, C1, 3)
+    worker(d, W1)
+    gids = gids_by_jobid(drain(d))
+    assert sorted(gids) == [1, 2]
+    d.drain_worker(W1)
+    worker(d, W2)                      # takes the queued job 3, not W1's held job
+    msgs = drain(d)
+    assert jobs_by_worker(msgs) == [(W2, 3)]
+    gids.update(gids_by_jobid(msgs))
+    d.outcome(W2, gids[3], p.OK, b"")
+    assert of(drain(d), p.JOB) == []
+    d.remove_worker(W1)                # lost running job 1: an attempt; job 2 was only held
+    msgs = drain(d)
+    assert of(msgs, p.RESULT) == []
+    assert jobs_by_worker(msgs) == [(W2, 1), (W2, 2)]
+    gids.update(gids_by_jobid(msgs))
+    d.outcome(W2, gids[1], p.OK, b"")
+    d.outcome(W2, gids[2], p.OK, b"two")
+    assert of(drain(d), p.RESULT, C1) == [(1, p.OK, b"h2:102", b""), (2, p.OK, b"h2:102", b"two")]
+
+
+def test_slots_draining_worker_gets_no_job_into_its_free_slot():
+    """Once a draining worker reports its running job, its free slot is not filled: queued jobs
+    wait for other workers."""
+    d = Dispatcher(slots=2)
+    client(d, C1)
+    submit(d, C1, 1, 2, 3)
+    worker(d, W1)
+    gids = gids_by_jobid(drain(d))
+    assert sorted(gids) == [1, 2]
+    d.drain_worker(W1)
+    d.outcome(W1, gids[1], p.OK, b"one")
+    msgs = drain(d)
+    assert of(msgs, p.RESULT, C1) == [(1, p.OK, b"h1:101", b"one")]
+    assert of(msgs, p.JOB) == []
+    worker(d, W2)
+    assert jobs_by_worker(drain(d)) == [(W2, 3)]
+
+def test_slots_draining_worker_leaving_after_its_last_outcome_requeues_held_job_without_an_attempt():
+    """A draining worker reports its running job, then disconnects without starting its held job:
+    that job was never run, so it is re-queued with no attempt counted (not failed LOST)."""
+    d = Dispatcher(slots=2)
+    client(d, C1)
+    submit(d, C1, 1)
+    submit(d, C1, 2, retries=0)
+    worker(d, W1)
+    gids = gids_by_jobid(drain(d))
+    d.drain_worker(W1)
+    d.outcome(W1, gids[1], p.OK, b"one")
+    msgs = drain(d)
+    assert of(msgs, p.RESULT, C1) == [(1, p.OK, b"h1:101", b"one")]
+    assert of(msgs, p.JOB) == []
+    d.remove_worker(W1)
+    assert drain(d) == []
+    assert counts(d) == (1, 0, {C1: (1, 0)})
+    worker(d, W2)
+    msgs = drain(d)
+    assert [fields[0] for fields in of(msgs, p.JOB, W2)] == [gids[2]]
+    d.outcome(W2, gids[2], p.OK, b"two")
+    assert of(drain(d), p.RESULT, C1) == [(2, p.OK, b"h2:102", b"two")]
