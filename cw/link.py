@@ -66,6 +66,11 @@ class Link:
         elif self._writer.pending_bytes < _Writer.MAX_PENDING:
             self._writer.post((frame,))
 
+    def flush(self, timeout: float = 10.0) -> None:
+        """Waits until everything posted so far has been sent."""
+        if self._writer is not None:
+            self._writer.drain(timeout)
+
     def post_and_wait(self, *chunks, timeout: float = 10.0) -> None:
         """Posts frames after those already posted, and waits until all are sent."""
         self.post(*chunks)

@@ -242,12 +242,19 @@ class WorkerState:
         with self.lock:
             if self.current == gid:
                 log.info("job %d was cancelled by its client; this worker process is replaced", gid)
-                os._exit(EXIT_REPLACE)
+                self._exit(EXIT_REPLACE)
+
+    def _exit(self, status: int) -> None:
+        """Exits at once, but not before the outcomes of finished jobs are out:
+        lost, they would make the master run those jobs again."""
+        if self.session is not None:
+            self.session.link.flush(timeout=5.0)
+        os._exit(status)
 
     def on_sigterm(self, signum, frame) -> None:
         """First SIGTERM: drain.  Second: exit now; the master re-runs the job."""
         if self.draining:
-            os._exit(EXIT_NOW)
+            self._exit(EXIT_NOW)
         self.on_drain(signum, frame)
 
     def on_drain(self, signum, frame) -> None:
