@@ -44,6 +44,8 @@ class Link:
         self.decoder = decoder
         self.address = address
         self.welcome: dict = {}
+        self._recv_buf = bytearray(_RECV_SIZE)
+        self._recv_view = memoryview(self._recv_buf)
         self._send_lock = threading.Lock()
         self._writer: _Writer | None = None
 
@@ -51,12 +53,13 @@ class Link:
         """From now on ``post`` hands frames to a writer thread (see _Writer)."""
         self._writer = _Writer(self)
 
-    def post(self, *chunks) -> None:
-        """Sends frames, through the writer thread when there is one."""
+    def post(self, *chunks, direct: bool = True) -> None:
+        """Sends frames, through the writer thread when there is one.  A reader
+        thread passes ``direct=False``: it must never block on the socket."""
         if self._writer is None:
             self.send(*chunks)
         else:
-            self._writer.post(chunks)
+            self._writer.post(chunks, direct)
 
     def post_nowait(self, frame: bytes) -> None:
         """Posts a small frame unless a backlog is waiting (then the backlog
@@ -64,7 +67,7 @@ class Link:
         if self._writer is None:
             self.try_send(frame)
         elif self._writer.pending_bytes < _Writer.MAX_PENDING:
-            self._writer.post((frame,))
+            self._writer.post((frame,), direct=False)
 
     def flush(self, timeout: float = 10.0) -> None:
         """Waits until everything posted so far has been sent."""
@@ -121,12 +124,12 @@ class Link:
                     raise ProtocolError(f"the master at {self.address} closed the connection mid-frame")
                 decoder.direct_filled(n)
                 continue
-            data = self.sock.recv(_RECV_SIZE)
-            if not data:
+            n = self.sock.recv_into(self._recv_buf)   # one buffer for every read: no allocation per read
+            if not n:
                 if decoder.buffered:
                     raise ProtocolError(f"the master at {self.address} closed the connection mid-frame")
                 return None
-            decoder.feed(data)
+            decoder.feed(self._recv_view[:n])
 
     def close(self, flush_timeout: float = 10.0) -> None:
         """Closes the connection, after sending what was posted (a worker's last
@@ -166,7 +169,7 @@ class _Writer:
         self.thread = threading.Thread(target=self._run, name="cw-writer", daemon=True)
         self.thread.start()
 
-    def post(self, chunks) -> None:
+    def post(self, chunks, direct: bool = True) -> None:
         with self.cond:
             while self.pending_bytes > self.MAX_PENDING and self.error is None and not self.stopped:
                 self.cond.wait()
@@ -174,6 +177,24 @@ class _Writer:
                 raise self.error
             if self.stopped:
                 raise OSError(f"the connection to {self.link.address} is closed")
+            # Nothing queued or going out: send from this thread, with no
+            # hand-over to the writer (a lone round trip stays fast).
+            direct = direct and not self.pending and not self.sending
+            if direct:
+                self.sending = True
+        if direct:
+            try:
+                self.link.send(*chunks)
+            except OSError as exc:
+                with self.cond:
+                    self.error = exc
+                raise
+            finally:
+                with self.cond:
+                    self.sending = False
+                    self.cond.notify_all()
+            return
+        with self.cond:
             wake = not self.pending
             for chunk in chunks:
                 if type(chunk) is tuple:
@@ -188,8 +209,8 @@ class _Writer:
     def _run(self) -> None:
         while True:
             with self.cond:
-                while not self.pending and not self.stopped:
-                    self.cond.wait()
+                while (not self.pending or self.sending) and not self.stopped:
+                    self.cond.wait()   # (while a post sends directly, the order is kept by waiting)
                 if self.stopped:
                     return
                 batch, self.pending, self.pending_bytes = self.pending, [], 0

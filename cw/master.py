@@ -139,7 +139,7 @@ class PeerConnection(asyncio.BufferedProtocol):
         transport.set_write_buffer_limits(settings.WRITE_HIGH_WATER, settings.WRITE_LOW_WATER)
         self.nonce, challenge = protocol.server_challenge()
         transport.write(challenge)
-        loop = asyncio.get_running_loop()
+        self.loop = loop = asyncio.get_running_loop()   # kept: asking for it on every read costs a getpid()
         self.last_heard = loop.time()
         self.timer = loop.call_later(self.master.handshake_timeout, self._handshake_timeout)
 
@@ -149,7 +149,7 @@ class PeerConnection(asyncio.BufferedProtocol):
         return self.buffer if self.direct is None else self.direct
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.last_heard = asyncio.get_running_loop().time()
+        self.last_heard = self.loop.time()
         try:
             if self.direct is not None:
                 self.decoder.direct_filled(nbytes)

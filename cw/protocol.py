@@ -336,7 +336,8 @@ class FrameDecoder:
             else:
                 self._compact()
             return None
-        body = bytes(buf[pos + HEADER_SIZE:end])
+        with memoryview(buf) as view:   # one copy (a bytearray slice would make two)
+            body = bytes(view[pos + HEADER_SIZE:end])
         self._pos = end
         return ftype, body
 

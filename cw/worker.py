@@ -99,7 +99,7 @@ class Session:
                 if ftype == protocol.JOB:
                     job = ("job", *protocol.decode_job(body))
                     if self.state.draining:      # sent before the master saw our DRAIN
-                        link.post(protocol.encode_revoked(job[1], True))
+                        link.post(protocol.encode_revoked(job[1], True), direct=False)
                     else:
                         self._put(job)
                 elif ftype == protocol.CONTEXT:
@@ -108,11 +108,11 @@ class Session:
                     link.post_nowait(protocol.PONG_FRAME)
                 elif ftype == protocol.REVOKE:
                     gid = protocol.decode_revoke(body)
-                    link.post(protocol.encode_revoked(gid, self._take_back(gid)))
+                    link.post(protocol.encode_revoked(gid, self._take_back(gid)), direct=False)
                 elif ftype == protocol.ABORT:
                     gid = protocol.decode_abort(body)
                     if self._take_back(gid):      # not started: hand it back, nothing to stop
-                        link.post(protocol.encode_revoked(gid, True))
+                        link.post(protocol.encode_revoked(gid, True), direct=False)
                     else:
                         self.state.abort(gid)
                 elif ftype == protocol.ERROR:
