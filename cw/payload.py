@@ -121,7 +121,7 @@ def run_payload(data) -> tuple[int, bytes]:
     try:
         call = pickle.loads(data)
     except (Exception, SystemExit) as exc:
-        return _error_outcome(CallUnpicklingError(
+        return error_outcome(CallUnpicklingError(
             f"the worker cannot unpickle the job ({_describe(exc)}); the function's module may be "
             "missing on the worker: install it there, or define the function in the client's script"), exc)
     if len(call) == 3 and call[0] == BATCH:
@@ -131,11 +131,11 @@ def run_payload(data) -> tuple[int, bytes]:
     try:
         value = func(*args, **kwargs)
     except (Exception, SystemExit) as exc:
-        return _error_outcome(exc)
+        return error_outcome(exc)
     try:
         return protocol.OK, dumps(value)
     except (Exception, SystemExit) as exc:
-        return _error_outcome(ResultPicklingError(
+        return error_outcome(ResultPicklingError(
             f"the worker cannot pickle the result of {_name(func)} ({_describe(exc)}); "
             "return plain data (numbers, strings, lists, dicts, arrays) instead"), exc)
 
@@ -146,40 +146,41 @@ def _run_batch(func, arglists) -> tuple[int, bytes]:
         try:
             outcomes.append((True, func(*args)))
         except (Exception, SystemExit) as exc:
-            outcomes.append((False, (exc, traceback.format_exc())))
+            outcomes.append((False, _portable(exc, traceback.format_exc())))
     try:
         return protocol.OK, dumps(outcomes)
     except (Exception, SystemExit):
         pass
-    # One item would not pickle: send each on its own so only that one fails.
+    # One result would not pickle: check each, so that only that one fails.
     safe = []
     for ok, value in outcomes:
         try:
-            cloudpickle.dumps(value, protocol=PROTOCOL)
+            dumps(value)
             safe.append((ok, value))
         except (Exception, SystemExit) as exc:
             err = ResultPicklingError(
                 f"the worker cannot pickle the result of {_name(func)} ({_describe(exc)})")
             safe.append((False, (err, traceback.format_exc())))
-    return protocol.OK, cloudpickle.dumps(safe, protocol=PROTOCOL)
+    return protocol.OK, dumps(safe)
 
 
-def exception_outcome(exc: BaseException) -> tuple[int, bytes]:
-    """The outcome of a job that cw itself stopped (a timeout)."""
-    return _error_outcome(exc)
-
-
-def _error_outcome(exc: BaseException, cause: BaseException | None = None) -> tuple[int, bytes]:
+def error_outcome(exc: BaseException, cause: BaseException | None = None) -> tuple[int, bytes]:
+    """The outcome of a job that raised ``exc`` (or that cw stopped, as a timeout)."""
     tb = "".join(traceback.format_exception(cause or exc))
+    return protocol.RAISED, dumps(_portable(exc, tb))
+
+
+def _portable(exc: BaseException, tb: str) -> tuple[BaseException, str]:
+    """``(exc, tb)``, or a RemoteError standing in for an exception that would
+    not survive the trip: one that pickles may still fail to unpickle (an
+    ``__init__`` with other arguments than ``args``)."""
     try:
-        data = cloudpickle.dumps((exc, tb), protocol=PROTOCOL)
-        pickle.loads(data)  # an exception that pickles may still fail to unpickle (odd __init__)
-        return protocol.RAISED, data
-    except Exception as pickling_exc:
-        stand_in = RemoteError(
+        pickle.loads(dumps((exc, tb)))
+        return exc, tb
+    except Exception as pickling_exc:  # noqa: BLE001 - whatever the exception's own code raises
+        return RemoteError(
             f"the job raised {_describe(exc)}, which cannot be pickled to travel back "
-            f"({_describe(pickling_exc)}); its traceback follows as the cause")
-        return protocol.RAISED, cloudpickle.dumps((stand_in, tb), protocol=PROTOCOL)
+            f"({_describe(pickling_exc)}); its traceback follows as the cause"), tb
 
 
 def _name(func) -> str:

@@ -224,12 +224,12 @@ class WorkerState:
 
     def _timed_out(self, gid: int, timeout: float) -> None:
         from .errors import JobTimeout
-        from .payload import exception_outcome
+        from .payload import error_outcome
         with self.lock:
             if self.current != gid:
                 return
             self.current = None
-        status, data = exception_outcome(JobTimeout(
+        status, data = error_outcome(JobTimeout(
             f"job stopped after its timeout of {timeout:g} s on worker pid {os.getpid()}; the worker "
             "process was replaced. Raise the timeout if the job needs longer"))
         try:

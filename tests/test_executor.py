@@ -200,6 +200,19 @@ def test_exception_that_cannot_be_unpickled_arrives_as_remote_error(executor):
     assert "_raise_odd" in exc.__cause__.tb
 
 
+def _odd_on_two(x):
+    if x == 2:
+        raise _OddError("a", "b")
+    return x
+
+
+def test_an_unpicklable_exception_in_a_map_chunk_fails_only_its_item(executor):
+    results = executor.map(_odd_on_two, range(4), chunksize=4)
+    assert [next(results), next(results)] == [0, 1]
+    with pytest.raises(RemoteError, match="_OddError"):
+        next(results)
+
+
 def test_job_runs_in_the_clients_directory_and_path(cluster, tmp_path, monkeypatch):
     (tmp_path / "cw_helper_mod.py").write_text("VALUE = 'from the client path'\n")
     workdir = tmp_path / "work"
