@@ -318,7 +318,10 @@ class ClusterExecutor(concurrent.futures.Executor):
             self._shutdown = True
             pending = list(self._pending.values())
         if cancel_futures:
-            for future in pending:
+            # Newest first: the CANCELs of queued jobs then reach the master
+            # before those of running ones, so a worker freed by an abort
+            # cannot pick up a job whose CANCEL is still on its way.
+            for future in reversed(pending):
                 future.cancel()
         if wait:
             concurrent.futures.wait(pending)
