@@ -142,9 +142,7 @@ class ClusterExecutor(concurrent.futures.Executor):
         try:
             payload = dumps_call(fn, args, kwargs or {})
         except CwError as exc:
-            future = self._new_future(register=False)
-            future.set_exception(exc)
-            return future
+            return self._failed_future(exc)
         return self._send_job(payload, retries, timeout)
 
     def _new_future(self, register: bool = True) -> ClusterFuture:
@@ -156,6 +154,12 @@ class ClusterExecutor(concurrent.futures.Executor):
             future = ClusterFuture(self, next(self._ids))
             if register:
                 self._pending[future.jobid] = future
+        return future
+
+    def _failed_future(self, exc: BaseException) -> ClusterFuture:
+        """A future that failed before it could be sent (its call did not pickle)."""
+        future = self._new_future(register=False)
+        future.set_exception(exc)
         return future
 
     def _send_job(self, payload: bytes, retries: int, timeout: float) -> ClusterFuture:
@@ -187,9 +191,7 @@ class ClusterExecutor(concurrent.futures.Executor):
             try:
                 inflight.append(self._send_job(dumps_batch(fn, chunk), self._retries, self._timeout))
             except CwError as exc:
-                future = self._new_future(register=False)
-                future.set_exception(exc)
-                inflight.append(future)
+                inflight.append(self._failed_future(exc))
             return True
 
         while len(inflight) < window and submit_next():

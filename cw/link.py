@@ -77,8 +77,7 @@ class Link:
     def post_and_wait(self, *chunks, timeout: float = 10.0) -> None:
         """Posts frames after those already posted, and waits until all are sent."""
         self.post(*chunks)
-        if self._writer is not None:
-            self._writer.drain(timeout)
+        self.flush(timeout)
 
     def send(self, *chunks) -> None:
         """Sends whole frames; ``chunks`` may mix bytes and (head, payload) pairs."""
