@@ -2,7 +2,7 @@ from setuptools import find_packages, setup
 
 setup(
     name="cw",
-    version="0.2.0",
+    version="0.3.0",
     description="cluster-workers: spread Python function calls over many machines",
     long_description=open("README.rst", encoding="utf-8").read(),
     long_description_content_type="text/x-rst",

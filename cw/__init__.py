@@ -8,6 +8,7 @@ from __future__ import annotations
 import random
 
 PORT = 5494
+__version__ = "0.3.0"
 
 from .errors import (  # noqa: E402
     AuthenticationError,
@@ -22,6 +23,7 @@ from .errors import (  # noqa: E402
     ResultUnpicklingError,
     SecretFileError,
     SerializationError,
+    Unplaceable,
     WorkerLost,
 )
 
@@ -31,16 +33,24 @@ def randid() -> int:
     return random.getrandbits(128)
 
 
+_LAZY = {"allocate": "local", "start": "local", "stop": "local", "LocalCluster": "local",
+         "ClusterExecutor": "client", "ClientThread": "client", "get_executor": "client",
+         "command": "commands", "CommandResult": "commands",
+         "progress": "tracking", "track": "tracking", "Progress": "tracking"}
+
+
 def __getattr__(name):
-    # The local-cluster helpers start processes; import them only when asked,
-    # so that `import cw` in the master stays light.
-    if name in ("allocate", "start", "stop", "LocalCluster"):
-        from . import local
-        return getattr(local, name)
+    # Imported only when asked, so that `import cw` in the master stays light
+    # (no pickling machinery, no process helpers).
+    module = _LAZY.get(name)
+    if module is not None:
+        import importlib
+        return getattr(importlib.import_module(f"cw.{module}"), name)
     raise AttributeError(f"module 'cw' has no attribute {name!r}")
 
 
-__all__ = ["PORT", "randid", "allocate", "start", "stop", "LocalCluster", "CwError", "BrokenCluster",
-           "WorkerLost", "JobTimeout", "AuthenticationError", "SecretFileError", "ProtocolError", "SerializationError",
-           "CallPicklingError", "CallUnpicklingError", "ResultPicklingError", "ResultUnpicklingError",
-           "RemoteError"]
+__all__ = ["PORT", "randid", "allocate", "start", "stop", "LocalCluster", "ClusterExecutor", "ClientThread",
+           "get_executor", "command", "CommandResult", "progress", "track", "Progress",
+           "CwError", "BrokenCluster", "WorkerLost", "Unplaceable", "JobTimeout", "AuthenticationError",
+           "SecretFileError", "ProtocolError", "SerializationError", "CallPicklingError", "CallUnpicklingError",
+           "ResultPicklingError", "ResultUnpicklingError", "RemoteError"]

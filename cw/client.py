@@ -11,6 +11,7 @@ import collections
 import concurrent.futures
 import itertools
 import json
+import logging
 import os
 import queue
 import sys
@@ -21,8 +22,10 @@ from typing import NamedTuple
 from . import PORT, protocol, settings
 from .auth import load_secret
 from .dispatch import DEFAULT_RETRIES
-from .errors import BrokenCluster, CwError, ProtocolError, WorkerLost
+from .errors import BrokenCluster, CwError, ProtocolError, Unplaceable, WorkerLost
 from .link import master_timeout, open_link, parse_address, peer_info
+
+log = logging.getLogger("cw.client")
 
 DEFAULT_CONNECT_TIMEOUT = settings.CLIENT_CONNECT_TIMEOUT
 DEFAULT_MAP_WINDOW = settings.MAP_WINDOW
@@ -39,6 +42,25 @@ class WorkerInfo(NamedTuple):
     def from_label(cls, label: bytes) -> WorkerInfo:
         host, _, pid = label.decode("utf-8", "replace").rpartition(":")
         return cls(host, int(pid) if pid.isdigit() else -1)
+
+
+class WorkerDescription(NamedTuple):
+    """A connected worker, as ``ClusterExecutor.workers()`` lists it.  Pass it
+    (or its ``id``) in ``workers=[...]`` to run a job on that worker."""
+    id: int
+    host: str
+    pid: int
+    node: str | None
+    resources: dict
+    state: str
+    jobs_done: int
+
+    @property
+    def info(self) -> WorkerInfo:
+        return WorkerInfo(self.host, self.pid)
+
+    def __hash__(self) -> int:      # resources is a dict: hash by the worker's id
+        return hash(self.id)
 
 
 def resolve_master(host: str | None, port: int = PORT) -> tuple[str, int]:
@@ -74,14 +96,67 @@ def _check_timeout(timeout: float | None) -> float:
     return float(timeout)
 
 
+_MAX_PRIORITY = 2 ** 31 - 1
+
+
+def scheduling_options(priority=0, resources=None, tag=None, workers=None) -> tuple[int, dict]:
+    """Checks a job's scheduling options; returns (priority, SUBMIT_WITH options)."""
+    from .resources import PLAIN, normalize_need
+    if isinstance(priority, bool) or not isinstance(priority, int) or not -_MAX_PRIORITY <= priority <= _MAX_PRIORITY:
+        raise ValueError(f"priority must be a whole number between {-_MAX_PRIORITY} and {_MAX_PRIORITY}, "
+                         f"not {priority!r}")
+    options = {}
+    need = normalize_need(resources)
+    if need is not PLAIN:
+        options["resources"] = need
+    if tag is not None:
+        if not isinstance(tag, str) or not tag or len(tag) > 200:
+            raise ValueError(f"tag must be a non-empty string of at most 200 characters, not {tag!r}")
+        options["tag"] = tag
+    if workers is not None:
+        if isinstance(workers, (str, int, WorkerDescription)):
+            workers = [workers]
+        names = []
+        for w in workers:
+            if isinstance(w, WorkerDescription):
+                names.append(w.id)
+            elif isinstance(w, (int, str)) and not isinstance(w, bool):
+                names.append(w)
+            else:
+                raise ValueError(f"workers= takes worker ids, host names or the entries of executor.workers(), "
+                                 f"not {w!r}")
+        if not names:
+            raise ValueError("workers= is empty: the job could run nowhere")
+        options["workers"] = names
+    return priority, options
+
+
+#: Set by a worker process: called as hook(future, timeout) when a job waits
+#: on a future, so that the worker can run other jobs meanwhile (see
+#: cw.worker.Session.help_while).
+_wait_hook = None
+
+
 class ClusterFuture(concurrent.futures.Future):
-    """A future for one job; ``worker`` names the worker that ran it."""
+    """A future for one job; ``worker`` names the worker that ran it;
+    ``notice`` says why it waits, if the master said so."""
 
     def __init__(self, executor: ClusterExecutor, jobid: int):
         super().__init__()
         self.jobid = jobid
         self.worker: WorkerInfo | None = None
+        self.notice: str | None = None
         self._executor = executor
+
+    def result(self, timeout=None):
+        if _wait_hook is not None and not self.done():
+            _wait_hook(self, timeout)
+        return super().result(timeout)
+
+    def exception(self, timeout=None):
+        if _wait_hook is not None and not self.done():
+            _wait_hook(self, timeout)
+        return super().exception(timeout)
 
     def cancel(self) -> bool:
         # Unlike a thread pool, a cw job can be withdrawn until its result is
@@ -108,11 +183,15 @@ class ClusterExecutor(concurrent.futures.Executor):
 
     def __init__(self, host: str | None = None, port: int = PORT, *,
                  connect_timeout: float = DEFAULT_CONNECT_TIMEOUT, max_retries: int | None = None,
-                 timeout: float | None = None):
+                 timeout: float | None = None, weight: float = 1.0):
         self._retries = _check_retries(max_retries)
         self._timeout = _check_timeout(timeout)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight <= 1e6:
+            raise ValueError(f"weight must be a number above 0 (a share relative to other clients), not {weight!r}")
         self.host, self.port = resolve_master(host, port)
-        self._link = open_link(self.host, self.port, load_secret(), peer_info("client"), connect_timeout)
+        info = peer_info("client")
+        info["weight"] = weight
+        self._link = open_link(self.host, self.port, load_secret(), info, connect_timeout)
         self._link.send(protocol.encode_json(protocol.CONTEXT, {"cwd": os.getcwd(), "path": sys.path}))
         self._link.start_writer()
         self._lock = threading.Lock()
@@ -127,23 +206,41 @@ class ClusterExecutor(concurrent.futures.Executor):
 
     # --- submitting -----------------------------------------------------------
 
-    def submit(self, fn, /, *args, **kwargs) -> ClusterFuture:
-        return self.submit_with(fn, args, kwargs)
+    def submit(self, fn, /, *args, priority: int = 0, resources: dict | None = None, tag: str | None = None,
+               workers=None, **kwargs) -> ClusterFuture:
+        """Runs ``fn(*args, **kwargs)`` on a worker.  The scheduling keywords
+        are cw's, not ``fn``'s (use ``submit_with`` for a function that takes
+        keywords of those names): ``priority`` (higher first within this
+        client's share), ``resources`` ({"cpu": 4, "mem": "8G", "gpu": 1}),
+        ``tag`` (see ``limit``), ``workers`` (ids, host names or entries of
+        ``workers()`` the job may run on)."""
+        if priority or resources is not None or tag is not None or workers is not None:
+            return self.submit_with(fn, args, kwargs, priority=priority, resources=resources, tag=tag,
+                                    workers=workers)
+        from .payload import dumps_call
+        try:
+            payload = dumps_call(fn, args, kwargs)
+        except CwError as exc:
+            return self._failed_future(exc)
+        return self._send_job(payload, self._retries, self._timeout)
 
     def submit_with(self, fn, args=(), kwargs=None, *, timeout: float | None = None,
-                    max_retries: int | None = None) -> ClusterFuture:
-        """``submit`` with per-job options (they cannot be keywords of ``submit``
-        itself: those go to ``fn``).  ``timeout``: seconds the job may run
-        before it is stopped and fails with JobTimeout (default: the
-        executor's).  ``max_retries``: re-runs after a worker died under it."""
+                    max_retries: int | None = None, priority: int = 0, resources: dict | None = None,
+                    tag: str | None = None, workers=None) -> ClusterFuture:
+        """``submit`` with every per-job option as a keyword of its own, and
+        ``fn``'s arguments passed as ``args`` and ``kwargs``.  ``timeout``:
+        seconds the job may run before it is stopped and fails with
+        JobTimeout (default: the executor's).  ``max_retries``: re-runs after
+        a worker died under it.  The others: see ``submit``."""
         from .payload import dumps_call
         retries = self._retries if max_retries is None else _check_retries(max_retries)
         timeout = self._timeout if timeout is None else _check_timeout(timeout)
+        priority, options = scheduling_options(priority, resources, tag, workers)
         try:
             payload = dumps_call(fn, args, kwargs or {})
         except CwError as exc:
             return self._failed_future(exc)
-        return self._send_job(payload, retries, timeout)
+        return self._send_job(payload, retries, timeout, priority, options)
 
     def _new_future(self, register: bool = True) -> ClusterFuture:
         with self._lock:
@@ -162,23 +259,36 @@ class ClusterExecutor(concurrent.futures.Executor):
         future.set_exception(exc)
         return future
 
-    def _send_job(self, payload: bytes, retries: int, timeout: float) -> ClusterFuture:
+    def _send_job(self, payload: bytes, retries: int, timeout: float, priority: int = 0,
+                  options: dict | None = None) -> ClusterFuture:
         future = self._new_future()
+        if priority or options:
+            frame = protocol.encode_submit_with(future.jobid, retries, timeout, priority, options, payload)
+        else:
+            frame = protocol.encode_submit(future.jobid, retries, timeout, payload)
         try:
-            self._link.post(protocol.encode_submit(future.jobid, retries, timeout, payload))
+            self._link.post(frame)
         except OSError as exc:
             self._set_broken(f"lost the connection to the cw master at {self._link.address} ({exc})")
         return future
 
     def map(self, fn, *iterables, timeout: float | None = None, chunksize: int = 1,
-            window: int = DEFAULT_MAP_WINDOW):
+            window: int = DEFAULT_MAP_WINDOW, priority: int = 0, resources: dict | None = None,
+            tag: str | None = None, workers=None, progress: bool = False):
         """Like ``Executor.map``, but lazy: at most ``window`` chunks of
         ``chunksize`` calls are in flight, so an endless iterable runs in
-        constant memory.  Results come in order."""
+        constant memory.  Results come in order.  The scheduling options are
+        ``submit``'s, for every chunk; ``progress=True`` shows a progress
+        display on a terminal (see ``cw.progress``)."""
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1")
         if window < 1:
             raise ValueError("window must be >= 1")
+        priority, options = scheduling_options(priority, resources, tag, workers)
+        total = None
+        if progress:
+            lengths = [len(it) for it in iterables if hasattr(it, "__len__")]
+            total = min(lengths) if len(lengths) == len(iterables) and lengths else None
         from .payload import batch_items, dumps_batch
         deadline = None if timeout is None else time.monotonic() + timeout
         calls = zip(*iterables, strict=False)
@@ -189,7 +299,8 @@ class ClusterExecutor(concurrent.futures.Executor):
             if not chunk:
                 return False
             try:
-                inflight.append(self._send_job(dumps_batch(fn, chunk), self._retries, self._timeout))
+                inflight.append(self._send_job(dumps_batch(fn, chunk), self._retries, self._timeout,
+                                               priority, options))
             except CwError as exc:
                 inflight.append(self._failed_future(exc))
             return True
@@ -213,6 +324,9 @@ class ClusterExecutor(concurrent.futures.Executor):
                 for future in inflight:
                     future.cancel()
 
+        if progress:
+            from .tracking import track
+            return track(results(), total=total)
         return results()
 
     def _withdraw(self, jobid: int) -> None:
@@ -238,6 +352,8 @@ class ClusterExecutor(concurrent.futures.Executor):
                 ftype, body = item
                 if ftype == protocol.RESULT:
                     self._on_result(*protocol.decode_result(body))
+                elif ftype == protocol.NOTICE:
+                    self._on_notice(*protocol.decode_notice(body))
                 elif ftype in (protocol.CANCELLED, protocol.PING):
                     pass  # a cancelled future is done already; a PING only shows the master lives
                 elif ftype == protocol.STATUS:
@@ -264,7 +380,14 @@ class ClusterExecutor(concurrent.futures.Executor):
         if future is None:
             return  # cancelled meanwhile
         future.worker = WorkerInfo.from_label(label)
-        if status == protocol.LOST:
+        if status == protocol.UNPLACEABLE:
+            info = json.loads(bytes(payload))
+            ok, value = False, Unplaceable(
+                f"job {jobid} could not run: {info['reason']}, and no worker that could joined within "
+                f"{info['waited']:g} s; start workers with what it needs (python -m cw.worker --resources ...), "
+                "ask for less, or raise the master's --unplaceable-timeout")
+            future.worker = None
+        elif status == protocol.LOST:
             info = json.loads(bytes(payload))
             ok, value = False, WorkerLost(
                 f"job {jobid} was lost with its worker {info['attempts']} time(s) (last on "
@@ -282,6 +405,13 @@ class ClusterExecutor(concurrent.futures.Executor):
         except concurrent.futures.InvalidStateError:
             pass  # cancelled by the user at the same moment
         self._maybe_close()
+
+    def _on_notice(self, jobid: int, text: str) -> None:
+        with self._lock:
+            future = self._pending.get(jobid)
+        if future is not None:
+            future.notice = text
+        log.warning("cw: job %d cannot run yet: %s", jobid, text)
 
     def _set_broken(self, reason: str) -> None:
         with self._lock:
@@ -315,6 +445,43 @@ class ClusterExecutor(concurrent.futures.Executor):
             raise BrokenCluster(f"the master at {self._link.address} did not answer a status "
                                 f"request within {timeout:g} s") from None
 
+    def limit(self, tag: str, limit: int | None) -> None:
+        """At most ``limit`` jobs submitted with ``tag=tag`` run at once, across
+        the cluster and every client; ``None`` lifts the limit.  The limit
+        lives in the master until changed (by any client)."""
+        if not isinstance(tag, str) or not tag or len(tag) > 200:
+            raise ValueError(f"tag must be a non-empty string of at most 200 characters, not {tag!r}")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+            raise ValueError(f"limit must be a whole number >= 0, or None for no limit, not {limit!r}")
+        self._link.post(protocol.encode_json(protocol.LIMIT, {"tag": tag, "limit": limit}))
+
+    def workers(self, timeout: float = STATUS_TIMEOUT) -> list[WorkerDescription]:
+        """The workers connected now (one per worker process)."""
+        return [WorkerDescription(w["id"], w.get("host"), w.get("pid"), w.get("node"), w.get("resources") or {},
+                                  w.get("state"), w.get("jobs_done", 0))
+                for w in self.status(timeout)["workers"]]
+
+    def submit_on_all(self, fn, /, *args, **kwargs) -> dict[WorkerInfo, ClusterFuture]:
+        """Submits ``fn(*args, **kwargs)`` once for every connected worker, each
+        pinned to its worker (it runs after the jobs the worker holds);
+        returns {WorkerInfo(host, pid): future}.  A worker that leaves first
+        fails its job with Unplaceable."""
+        return {w.info: self.submit_with(fn, args, kwargs, workers=[w.id], max_retries=0) for w in self.workers()}
+
+    def run_on_all(self, fn, /, *args, **kwargs) -> dict[WorkerInfo, object]:
+        """Runs ``fn(*args, **kwargs)`` once on every connected worker; returns
+        {WorkerInfo(host, pid): result}.  If some failed, raises the first
+        failure once all are done, with the failed workers listed in a note."""
+        futures = self.submit_on_all(fn, *args, **kwargs)
+        concurrent.futures.wait(list(futures.values()))
+        failed = {w: f.exception() for w, f in futures.items() if f.exception() is not None}
+        if failed:
+            first = next(iter(failed.values()))
+            first.add_note("failed on " + ", ".join(f"{w.host} pid {w.pid}: {type(e).__name__}: {e}"
+                                                     for w, e in failed.items()))
+            raise first
+        return {w: f.result() for w, f in futures.items()}
+
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._lock:
             self._shutdown = True
@@ -338,6 +505,33 @@ class ClusterExecutor(concurrent.futures.Executor):
                 return
             self._closing = True
         self._link.close()
+
+
+_executor_lock = threading.Lock()
+_shared_executor: ClusterExecutor | None = None
+_executor_factory = None
+
+
+def set_executor_factory(factory) -> None:
+    """How ``get_executor`` makes its executor (a worker process sets one that
+    connects to its own master)."""
+    global _executor_factory, _shared_executor
+    with _executor_lock:
+        _executor_factory = factory
+        _shared_executor = None
+
+
+def get_executor() -> ClusterExecutor:
+    """An executor on "this" cluster, shared by the process: inside a job, the
+    cluster running the job (its futures are the job's children: waiting on
+    them lends the worker to other jobs, and the ones still unfinished when
+    the job ends are cancelled); elsewhere, ``ClusterExecutor()``."""
+    global _shared_executor
+    with _executor_lock:
+        executor = _shared_executor
+        if executor is None or executor._broken is not None or executor._shutdown:
+            executor = _shared_executor = (_executor_factory or ClusterExecutor)()
+        return executor
 
 
 class ClientThread:

@@ -42,6 +42,12 @@ class WorkerLost(CwError):
         return (type(self), (self.args[0], self.jobid, self.attempts, self.workers))
 
 
+class Unplaceable(CwError):
+    """No connected worker could ever run the job (it asks for more resources
+    than any worker machine has, or names workers that are gone), and none
+    that could joined within the master's --unplaceable-timeout."""
+
+
 class JobTimeout(CwError, TimeoutError):
     """The job ran longer than its timeout and was stopped; its worker was replaced."""
 

@@ -38,11 +38,15 @@ class LocalCluster:
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
-    def add_workers(self, n: int, connect_timeout: float = 60.0) -> subprocess.Popen:
-        """Starts one supervisor running ``n`` worker processes."""
-        proc = subprocess.Popen([sys.executable, "-m", "cw.worker", self.address, "-n", str(n),
-                                 "--connect-timeout", str(connect_timeout), "--log-level", "WARNING"],
-                                stdin=subprocess.DEVNULL)
+    def add_workers(self, n: int, connect_timeout: float = 60.0, resources: str = "",
+                    env: dict | None = None) -> subprocess.Popen:
+        """Starts one supervisor running ``n`` worker processes (one worker
+        machine: ``resources`` is its ``--resources``, e.g. "gpu=2,mem=8G")."""
+        args = [sys.executable, "-m", "cw.worker", self.address, "-n", str(n),
+                "--connect-timeout", str(connect_timeout), "--log-level", "WARNING"]
+        if resources:
+            args += ["--resources", resources]
+        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, env=env)
         self.workers.append(proc)
         return proc
 

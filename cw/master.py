@@ -21,7 +21,7 @@ import signal
 import socket
 import sys
 
-from . import PORT, protocol, settings
+from . import PORT, __version__, protocol, settings
 from .auth import load_secret
 from .dispatch import Dispatcher
 from .errors import AuthenticationError, CwError, ProtocolError
@@ -101,9 +101,31 @@ class Master:
                     conn.write((protocol.PING_FRAME,))
             self.flush()
 
+    async def expire_unplaceable(self) -> None:
+        """Fails jobs that no worker could run for longer than the dispatcher allows."""
+        while True:
+            await asyncio.sleep(min(1.0, self.dispatcher.unplaceable_timeout / 4))
+            self.dispatcher.expire()
+            self.flush()
+
+    def status(self) -> dict:
+        status = self.dispatcher.status()
+        status["master"] = {"host": socket.gethostname(), "pid": os.getpid(), "uptime_s": status["uptime_s"],
+                            "rss_bytes": _rss_bytes(), "version": __version__}
+        return status
+
     def close_all(self) -> None:
         for conn in list(self.connections):
             conn.transport.close()
+
+
+def _rss_bytes() -> int:
+    """This process's resident memory (Linux), or 0 where /proc is not there."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 class PeerConnection(asyncio.BufferedProtocol):
@@ -274,13 +296,18 @@ class PeerConnection(asyncio.BufferedProtocol):
         if ftype == protocol.SUBMIT:
             jobid, retries, timeout, payload = protocol.decode_submit(body)
             self.dispatcher.submit(self.peer_id, jobid, retries, timeout, payload)
+        elif ftype == protocol.SUBMIT_WITH:
+            jobid, retries, timeout, priority, options, payload = protocol.decode_submit_with(body)
+            self.dispatcher.submit(self.peer_id, jobid, retries, timeout, payload, priority, options)
         elif ftype == protocol.CANCEL:
             self.dispatcher.cancel(self.peer_id, protocol.decode_cancel(body))
+        elif ftype == protocol.LIMIT:
+            self.dispatcher.set_limit(*protocol.decode_limit(body))
         elif ftype == protocol.CONTEXT:
             self.dispatcher.set_context(self.peer_id, body)
         elif ftype == protocol.STATUS_REQ:
             reqid = protocol.decode_status_request(body)
-            self.transport.write(protocol.encode_status(reqid, self.dispatcher.status()))
+            self.transport.write(protocol.encode_status(reqid, self.master.status()))
         elif ftype != protocol.PONG:
             self._unexpected(ftype, body)
 
@@ -290,6 +317,10 @@ class PeerConnection(asyncio.BufferedProtocol):
             self.dispatcher.outcome(self.peer_id, gid, status, payload)
         elif ftype == protocol.REVOKED:
             self.dispatcher.revoked(self.peer_id, *protocol.decode_revoked(body))
+        elif ftype == protocol.LEND:
+            self.dispatcher.lend(self.peer_id)
+        elif ftype == protocol.RECLAIM:
+            self.dispatcher.reclaim(self.peer_id)
         elif ftype == protocol.DRAIN:
             log.info("%s is draining: it finishes its job and takes no other", self.name)
             self.dispatcher.drain_worker(self.peer_id)
@@ -309,10 +340,12 @@ async def serve(bind: str = "127.0.0.1", port: int = PORT, secret: bytes | None 
     if secret is None:
         secret = load_secret(create=True)
     slots = options.pop("slots", settings.WORKER_SLOTS)
-    master = Master(secret, Dispatcher(slots=slots), **options)
+    unplaceable = options.pop("unplaceable_timeout", settings.UNPLACEABLE_TIMEOUT)
+    master = Master(secret, Dispatcher(slots=slots, unplaceable_timeout=unplaceable), **options)
     loop = asyncio.get_running_loop()
     server = await loop.create_server(lambda: PeerConnection(master), bind, port, backlog=settings.BACKLOG)
     keep_alive = asyncio.create_task(master.keep_alive())
+    expire = asyncio.create_task(master.expire_unplaceable())
     host, real_port = server.sockets[0].getsockname()[:2]
     if ready is not None:
         ready(host, real_port)
@@ -321,6 +354,7 @@ async def serve(bind: str = "127.0.0.1", port: int = PORT, secret: bytes | None 
         await stop.wait()
     finally:
         keep_alive.cancel()
+        expire.cancel()
         server.close()
         master.close_all()
         await server.wait_closed()
@@ -384,6 +418,10 @@ def main(argv=None) -> int:
     parser.add_argument("--slots", type=int, default=settings.WORKER_SLOTS,
                         help="jobs a worker holds at once: the one it runs and the next ones, sent ahead "
                              f"(default {settings.WORKER_SLOTS}; 1 sends a job only to an idle worker)")
+    parser.add_argument("--unplaceable-timeout", type=float, default=settings.UNPLACEABLE_TIMEOUT,
+                        help="seconds a job that no connected worker could run (it needs more than any has, or "
+                             "names workers that are gone) waits for one to join before it fails "
+                             f"(default {settings.UNPLACEABLE_TIMEOUT:g})")
     parser.add_argument("--address-file", default=None,
                         help="once listening, write the master's reachable address to this file as JSON "
                              "(the SLURM helpers use it to find the master)")
@@ -415,7 +453,8 @@ def main(argv=None) -> int:
             print(f"cw master listening on {host}:{port}", flush=True)
 
         await serve(args.bind, args.port, secret, ready, stop, handshake_timeout=args.handshake_timeout,
-                    heartbeat=args.heartbeat, peer_timeout=args.peer_timeout, slots=args.slots)
+                    heartbeat=args.heartbeat, peer_timeout=args.peer_timeout, slots=args.slots,
+                    unplaceable_timeout=args.unplaceable_timeout)
 
     try:
         asyncio.run(run())

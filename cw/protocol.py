@@ -31,7 +31,7 @@ import struct
 from . import settings
 from .errors import AuthenticationError, ProtocolError
 
-VERSION = 1
+VERSION = 2
 HEADER = struct.Struct("!IB")
 HEADER_SIZE = HEADER.size
 
@@ -60,23 +60,32 @@ ABORT = 24      # master -> worker: gid u64; stop that job now (cancelled by its
 DRAIN = 25      # worker -> master: empty; finishing the current job, send no more
 REVOKE = 26     # master -> worker: gid u64; give back that job if it has not started
 REVOKED = 27    # worker -> master: gid u64, given back u8 (0: it started, its outcome follows)
+SUBMIT_WITH = 28  # client -> master: SUBMIT's fields, priority i32, options length u16 + options JSON + payload
+JOB_ENV = 29    # master -> worker, just before a JOB: gid u64 + JSON {name: value} to set in the job's environment
+LIMIT = 30      # client -> master: JSON {"tag", "limit"}: at most limit jobs with that tag run (null: no limit)
+NOTICE = 31     # master -> client: jobid u64 + UTF-8 text: why that job (and its like) cannot run yet
+LEND = 32       # worker -> master: empty; its running job waits for jobs it submitted: send it others
+RECLAIM = 33    # worker -> master: empty; a job that lent its slot runs again
 
 FRAME_NAMES = {
     CHALLENGE: "CHALLENGE", RESPONSE: "RESPONSE", PROOF: "PROOF", HELLO: "HELLO", CONTEXT: "CONTEXT",
     SUBMIT: "SUBMIT", CANCEL: "CANCEL", JOB: "JOB", OUTCOME: "OUTCOME", RESULT: "RESULT",
     CANCELLED: "CANCELLED", STATUS_REQ: "STATUS_REQ", STATUS: "STATUS", ERROR: "ERROR",
     WELCOME: "WELCOME", PING: "PING", PONG: "PONG", ABORT: "ABORT", DRAIN: "DRAIN",
-    REVOKE: "REVOKE", REVOKED: "REVOKED",
+    REVOKE: "REVOKE", REVOKED: "REVOKED", SUBMIT_WITH: "SUBMIT_WITH", JOB_ENV: "JOB_ENV", LIMIT: "LIMIT",
+    NOTICE: "NOTICE", LEND: "LEND", RECLAIM: "RECLAIM",
 }
 
 # Outcome status codes (OUTCOME and RESULT frames).
 OK = 0        # payload: the pickled return value
 RAISED = 1    # payload: a pickled exception with its remote traceback
 LOST = 2      # made by the master; payload: JSON {"attempts", "workers"}
+UNPLACEABLE = 3  # made by the master; payload: JSON {"reason", "waited"}: no worker could ever run it
 
 _U32 = struct.Struct("!I")
 _U64 = struct.Struct("!Q")
 _SUBMIT = struct.Struct("!QBd")
+_SUBMIT_WITH = struct.Struct("!QBdiH")
 _JOB = struct.Struct("!QId")
 _OUTCOME = struct.Struct("!QB")
 _RESULT = struct.Struct("!QBB")
@@ -101,6 +110,27 @@ def encode_json(ftype: int, obj) -> bytes:
 
 def encode_submit(jobid: int, retries: int, timeout: float, payload: bytes) -> tuple[bytes, bytes]:
     return _head(SUBMIT, _SUBMIT.pack(jobid, retries, timeout), len(payload)), payload
+
+
+def encode_submit_with(jobid: int, retries: int, timeout: float, priority: int, options: dict,
+                       payload: bytes) -> tuple[bytes, bytes]:
+    """SUBMIT with scheduling options: priority and a JSON object of
+    ``resources`` ({name: amount}), ``tag`` (str) and ``workers`` (ids and host names)."""
+    opts = json.dumps(options, separators=(",", ":")).encode() if options else b""
+    fields = _SUBMIT_WITH.pack(jobid, retries, timeout, priority, len(opts)) + opts
+    return _head(SUBMIT_WITH, fields, len(payload)), payload
+
+
+def encode_job_env(gid: int, env: dict) -> bytes:
+    return frame(JOB_ENV, _U64.pack(gid) + json.dumps(env, separators=(",", ":")).encode())
+
+
+def encode_notice(jobid: int, text: str) -> bytes:
+    return frame(NOTICE, _U64.pack(jobid) + text.encode("utf-8", "replace")[:4000])
+
+
+LEND_FRAME = frame(LEND)
+RECLAIM_FRAME = frame(RECLAIM)
 
 
 def encode_cancel(jobid: int) -> bytes:
@@ -190,6 +220,67 @@ def decode_submit(body) -> tuple[int, int, float, bytes]:
     if not timeout >= 0.0:  # also refuses NaN
         raise ProtocolError(f"SUBMIT frame has an invalid timeout {timeout!r}")
     return jobid, retries, timeout, _tail(body, _SUBMIT.size)
+
+
+def decode_submit_with(body) -> tuple[int, int, float, int, dict, bytes]:
+    jobid, retries, timeout, priority, opts_len = _fields(_SUBMIT_WITH, body, "SUBMIT_WITH")
+    if not timeout >= 0.0:
+        raise ProtocolError(f"SUBMIT_WITH frame has an invalid timeout {timeout!r}")
+    start = _SUBMIT_WITH.size + opts_len
+    if len(body) < start:
+        raise ProtocolError("SUBMIT_WITH frame is shorter than its options")
+    options = check_options(decode_json(body[_SUBMIT_WITH.size:start], "SUBMIT_WITH")) if opts_len else {}
+    return jobid, retries, timeout, priority, options, _tail(body, start)
+
+
+_MAX_NAMES = 256
+
+
+def check_options(options: dict) -> dict:
+    """Validates SUBMIT_WITH's options: the master trusts no peer's JSON."""
+    unknown = set(options) - {"resources", "tag", "workers"}
+    if unknown:
+        raise ProtocolError(f"SUBMIT_WITH has unknown options {sorted(unknown)}")
+    resources = options.get("resources")
+    if resources is not None:
+        if not isinstance(resources, dict) or len(resources) > 32:
+            raise ProtocolError("SUBMIT_WITH resources must be an object of at most 32 amounts")
+        for name, amount in resources.items():
+            if (len(name) > 64 or isinstance(amount, bool) or not isinstance(amount, (int, float))
+                    or not 0 <= amount < 1e18):
+                raise ProtocolError(f"SUBMIT_WITH resource {name[:64]!r} has an invalid amount")
+        resources.setdefault("cpu", 1)
+        if resources == {"cpu": 1}:
+            del options["resources"]
+    tag = options.get("tag")
+    if tag is not None and (not isinstance(tag, str) or len(tag) > 200):
+        raise ProtocolError("SUBMIT_WITH tag must be a string of at most 200 characters")
+    workers = options.get("workers")
+    if workers is not None:
+        if (not isinstance(workers, list) or len(workers) > _MAX_NAMES
+                or not all(isinstance(w, (int, str)) and not isinstance(w, bool) for w in workers)):
+            raise ProtocolError(f"SUBMIT_WITH workers must be a list of at most {_MAX_NAMES} ids and host names")
+    return options
+
+
+def decode_limit(body) -> tuple[str, int | None]:
+    obj = decode_json(body, "LIMIT")
+    tag, limit = obj.get("tag"), obj.get("limit")
+    if not isinstance(tag, str) or len(tag) > 200:
+        raise ProtocolError("LIMIT tag must be a string of at most 200 characters")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        raise ProtocolError(f"LIMIT must be a whole number >= 0 or null, not {limit!r}")
+    return tag, limit
+
+
+def decode_job_env(body) -> tuple[int, dict]:
+    (gid,) = _fields(_U64, body, "JOB_ENV")
+    return gid, decode_json(body[_U64.size:], "JOB_ENV")
+
+
+def decode_notice(body) -> tuple[int, str]:
+    (jobid,) = _fields(_U64, body, "NOTICE")
+    return jobid, bytes(body[_U64.size:]).decode("utf-8", "replace")
 
 
 def decode_cancel(body) -> int:

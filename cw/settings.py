@@ -24,6 +24,11 @@ PEER_TIMEOUT = 30.0
 #: that it never waits a round trip between jobs (master --slots; 1: no prefetch).
 WORKER_SLOTS = 2
 
+#: Seconds a job waits when no connected worker could ever run it (it asks for
+#: more than any machine has, or names workers that are gone) before it fails
+#: with Unplaceable; workers that fit may join meanwhile (master --unplaceable-timeout).
+UNPLACEABLE_TIMEOUT = 300.0
+
 #: Attempts a job gets when its worker dies under it (client max_retries + 1).
 MAX_ATTEMPTS = 3
 

@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import argparse
 import collections
+import concurrent.futures
+import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -72,6 +75,75 @@ class JobRunner:
         self.current = ctx
 
 
+def _set_environ(env: dict) -> dict:
+    """Sets (or, for None values, removes) environment variables; returns
+    what restores them."""
+    saved = {}
+    for name, value in env.items():
+        if not isinstance(name, str):
+            continue
+        saved[name] = os.environ.get(name)
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = str(value)
+    return saved
+
+
+#: Depth in its tree of the job running now (0: submitted by a client, not a job).
+_depth = 0
+
+
+def _nested_call(depth: int, fn, args, kwargs):
+    """Runs a job submitted by a job, knowing how deep it is in its tree."""
+    global _depth
+    outer, _depth = _depth, depth
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        _depth = outer
+
+
+def _nested_executor_class():
+    """ClusterExecutor for jobs that submit jobs (``cw.get_executor()`` inside
+    a job).  Its futures count as the running job's children.  A child gets
+    priority one above its parent's depth unless given one, so the deepest
+    jobs go first: the tree is explored depth first, as work-stealing
+    schedulers do, and the jobs waiting at once stay about as many as the
+    tree is deep.  It sends the running job's context (cwd, sys.path) along
+    when that changed."""
+    from .client import ClusterExecutor
+
+    class NestedExecutor(ClusterExecutor):
+        def __init__(self, host, port, session):
+            self._session = session
+            self._sent_context = (os.getcwd(), tuple(sys.path))
+            super().__init__(host, port)
+
+        def submit(self, fn, /, *args, priority=0, resources=None, tag=None, workers=None, **kwargs):
+            return self.submit_with(fn, args, kwargs, priority=priority, resources=resources, tag=tag,
+                                    workers=workers)
+
+        def submit_with(self, fn, args=(), kwargs=None, *, priority=0, **options):
+            depth = _depth + 1
+            return super().submit_with(_nested_call, (depth, fn, tuple(args), kwargs or {}), None,
+                                       priority=priority or depth, **options)
+
+        def _new_future(self, register=True):
+            future = super()._new_future(register)
+            self._session.track_child(future)
+            return future
+
+        def _send_job(self, *args):
+            context = (os.getcwd(), tuple(sys.path))
+            if context != self._sent_context:
+                self._sent_context = context
+                self._link.post(protocol.encode_json(protocol.CONTEXT, {"cwd": context[0], "path": context[1]}))
+            return super()._send_job(*args)
+
+    return NestedExecutor
+
+
 class Session:
     """One connection to the master.  A reader thread takes frames off the
     socket: jobs (and the contexts they need) go to a local queue; PINGs,
@@ -85,6 +157,13 @@ class Session:
         self.queue: collections.deque = collections.deque()   # ("job", gid, ...) / ("ctx", ctx, context)
         self.cond = threading.Condition()
         self.lost = False
+        self.envs: dict[int, dict] = {}    # gid -> environment from its JOB_ENV, until its JOB comes
+        self.local = threading.local()     # the job a runner thread runs: ctx, env, children (futures)
+        self.token_free = True             # no thread runs a job now (see run)
+        self.resumers: collections.deque = collections.deque()   # Events of waiting jobs ready to go on
+        self.retire = 0                    # runners that should park (their jobs came back)
+        self.parked: list = []             # Events of parked runner threads
+        self.active = 0                    # jobs started and not finished (running or waiting)
         self.reader = threading.Thread(target=self._read, name="cw-worker-reader", daemon=True)
 
     def _read(self) -> None:
@@ -97,13 +176,17 @@ class Session:
                     break
                 ftype, body = item
                 if ftype == protocol.JOB:
-                    job = ("job", *protocol.decode_job(body))
+                    gid, ctx, timeout, payload = protocol.decode_job(body)
+                    job = ("job", gid, ctx, timeout, payload, self.envs.pop(gid, None))
                     if self.state.draining:      # sent before the master saw our DRAIN
                         link.post(protocol.encode_revoked(job[1], True), direct=False)
                     else:
                         self._put(job)
                 elif ftype == protocol.CONTEXT:
                     self._put(("ctx", *protocol.decode_context_for_worker(body)))
+                elif ftype == protocol.JOB_ENV:
+                    gid, env = protocol.decode_job_env(body)
+                    self.envs[gid] = env
                 elif ftype == protocol.PING:
                     link.post_nowait(protocol.PONG_FRAME)
                 elif ftype == protocol.REVOKE:
@@ -156,41 +239,142 @@ class Session:
         except OSError:
             pass  # the master is gone already: there is nobody left to tell
 
-    def _next(self):
-        with self.cond:
-            while not self.queue and not self.lost and not self.state.draining:
-                self.cond.wait()
-            if self.state.draining:
-                return "drain"      # jobs held here go back to the master when we disconnect
-            if self.queue:
-                return self.queue.popleft()
-            return None
-
     def run(self) -> bool:
         """Runs jobs until the master is lost (returns False: reconnect) or this
-        worker drains (returns True: exit)."""
-        from .payload import run_payload  # only workers and clients load pickle machinery
+        worker drains (returns True: exit).
+
+        Jobs run in runner threads, one job at a time: a thread runs a job
+        only while it holds the token.  A job that waits on jobs it submitted
+        (help_while) gives the token up, lends this worker to the master and
+        wakes another runner; when its children are done it takes the token
+        back as soon as the job running meanwhile ends, and one runner
+        retires (parks, to be woken for the next loan).  So threads are one
+        more than the most jobs that waited on children at once.  The main
+        thread only waits here, free for signals."""
         self.state.session = self
         self.link.start_writer()    # outcomes of quick jobs share sends (see link._Writer)
         self.reader.start()
+        with self.cond:
+            self._add_runner()
+            while not ((self.lost or self.state.draining) and self.active == 0):
+                self.cond.wait()
+            for wake in self.parked:
+                wake.set()          # they see the session is over and end
+            return not self.lost
+
+    def _add_runner(self) -> None:
+        """With self.cond held: one more runner, a parked one if there is one."""
+        if self.parked:
+            self.parked.pop().set()
+        else:
+            threading.Thread(target=self._runner, name="cw-jobs", daemon=True).start()
+
+    def _runner(self) -> None:
+        cond = self.cond
+        wake = threading.Event()
         while True:
-            item = self._next()
+            with cond:
+                while not (self.retire or self.lost or self.state.draining or (self.queue and self.token_free)):
+                    cond.wait()
+                if self.retire or self.lost or self.state.draining:
+                    if self.retire:
+                        self.retire -= 1
+                    if self.lost or self.state.draining:
+                        return
+                    self.parked.append(wake)
+                    item = None
+                else:
+                    item = self.queue.popleft()
+                    self.token_free = False
+                    self.active += 1
             if item is None:
-                return False
-            if item == "drain":
-                return True
-            if item[0] == "ctx":
-                self.runner.set_context(item[1], item[2])
+                wake.wait()            # until a job lends this worker again
+                wake.clear()
                 continue
-            _, gid, ctx, timeout, payload = item
-            self.runner.enter(ctx)
-            self.state.start(gid, timeout)
+            try:
+                self._run_item(item)
+            finally:
+                with cond:
+                    self.active -= 1
+                    self._pass_token()
+
+    def _pass_token(self) -> None:
+        """With self.cond held: the token goes to a job that waited for it, or is free."""
+        if self.resumers:
+            self.resumers.popleft().set()
+        else:
+            self.token_free = True
+            self.cond.notify_all()
+
+    def _run_item(self, item) -> None:
+        from .payload import run_payload  # only workers and clients load pickle machinery
+        if item[0] == "ctx":
+            self.runner.set_context(item[1], item[2])
+            return
+        _, gid, ctx, timeout, payload, env = item
+        job = self.local
+        job.ctx, job.env, job.children = ctx, env, []
+        self.runner.enter(ctx)
+        saved = _set_environ(env) if env else None
+        self.state.start(gid, timeout)
+        try:
             status, data = run_payload(payload)
-            if self.state.finish(gid):
-                try:
-                    self.link.post(protocol.encode_outcome(gid, status, data))
-                except OSError as exc:
-                    log.warning("could not send job %d's outcome (%s); the master re-runs it", gid, exc)
+        finally:
+            # A job's unfinished children die with it: nobody will wait for them.
+            for future in job.children:
+                future.cancel()
+            job.children = None
+            if saved is not None:
+                _set_environ(saved)
+        if self.state.finish(gid):
+            try:
+                self.link.post(protocol.encode_outcome(gid, status, data))
+            except OSError as exc:
+                log.warning("could not send job %d's outcome (%s); the master re-runs it", gid, exc)
+
+    def help_while(self, future, timeout: float | None) -> None:
+        """Called when a running job waits on ``future`` (a job it submitted):
+        lends this worker to the master, so that other jobs (its children,
+        most likely) run here meanwhile, and takes it back once the future is
+        done.  Returns after ``timeout`` seconds at most."""
+        job = self.local
+        if getattr(job, "children", None) is None or self.state.draining or self.lost:
+            return                     # not a job's thread, or no new jobs may start here
+        cond = self.cond
+        with cond:
+            if future.done():
+                return
+            self._pass_token()
+            self._add_runner()
+        try:
+            self.link.post(protocol.LEND_FRAME)
+        except OSError:
+            pass
+        concurrent.futures.wait([future], timeout)
+        with cond:
+            self.retire += 1           # one runner fewer: this job runs again
+            cond.notify_all()
+            if self.token_free:
+                self.token_free = False
+                mine = None
+            else:
+                mine = threading.Event()
+                self.resumers.append(mine)
+        if mine is not None:
+            mine.wait()
+        try:
+            self.link.post(protocol.RECLAIM_FRAME, direct=False)
+        except OSError:
+            pass
+        self.runner.enter(job.ctx)
+        if job.env:
+            _set_environ(job.env)
+
+    def track_child(self, future) -> None:
+        """A future the running job submitted (see _NestedExecutor)."""
+        children = getattr(self.local, "children", None)
+        if children is not None:
+            children.append(future)
 
 
 class WorkerState:
@@ -198,37 +382,36 @@ class WorkerState:
 
     def __init__(self):
         self.lock = threading.Lock()
-        self.current = None          # gid of the running job
-        self.timer = None
+        self.running: dict[int, threading.Timer | None] = {}   # gid -> its timeout's timer; nested ones last
         self.draining = False
         self.session: Session | None = None
 
     def start(self, gid: int, timeout: float) -> None:
         with self.lock:
-            self.current = gid
+            timer = None
             if timeout > 0:
-                self.timer = threading.Timer(timeout, self._timed_out, (gid, timeout))
-                self.timer.daemon = True
-                self.timer.start()
+                timer = threading.Timer(timeout, self._timed_out, (gid, timeout))
+                timer.daemon = True
+                timer.start()
+            self.running[gid] = timer
 
     def finish(self, gid: int) -> bool:
         """True if the job's outcome is still ours to send (no timeout took it)."""
         with self.lock:
-            if self.timer is not None:
-                self.timer.cancel()
-                self.timer = None
-            if self.current != gid:
+            if gid not in self.running:
                 return False
-            self.current = None
+            timer = self.running.pop(gid)
+            if timer is not None:
+                timer.cancel()
             return True
 
     def _timed_out(self, gid: int, timeout: float) -> None:
         from .errors import JobTimeout
         from .payload import error_outcome
         with self.lock:
-            if self.current != gid:
+            if gid not in self.running:
                 return
-            self.current = None
+            del self.running[gid]
         status, data = error_outcome(JobTimeout(
             f"job stopped after its timeout of {timeout:g} s on worker pid {os.getpid()}; the worker "
             "process was replaced. Raise the timeout if the job needs longer"))
@@ -240,7 +423,7 @@ class WorkerState:
 
     def abort(self, gid: int) -> None:
         with self.lock:
-            if self.current == gid:
+            if gid in self.running:
                 log.info("job %d was cancelled by its client; this worker process is replaced", gid)
                 self._exit(EXIT_REPLACE)
 
@@ -285,8 +468,18 @@ def master_resolver(spec: str, port: int, connect_timeout: float):
     return lambda: address
 
 
-def run_worker(resolve, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT) -> int:
-    """One worker process: connect, run jobs, reconnect; returns an exit status."""
+def _enable_nested_jobs(host: str, port: int, session: Session) -> None:
+    """Lets jobs of this process submit jobs (``cw.get_executor()``) and lend
+    this worker while they wait for them."""
+    from . import client
+    nested = _nested_executor_class()
+    client.set_executor_factory(lambda: nested(host, port, session))
+    client._wait_hook = session.help_while
+
+
+def run_worker(resolve, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT, offer: dict | None = None) -> int:
+    """One worker process: connect, run jobs, reconnect; returns an exit status.
+    ``offer``: this worker's machine ({"node", "resources", "gpu_ids"})."""
     try:
         secret = load_secret()
     except CwError as exc:
@@ -301,7 +494,8 @@ def run_worker(resolve, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT) -> int
         host, port = "?", "?"
         try:
             host, port = resolve()
-            link = open_link(host, port, secret, peer_info("worker"), max(1.0, deadline - time.monotonic()))
+            link = open_link(host, port, secret, {**peer_info("worker"), **(offer or {})},
+                             max(1.0, deadline - time.monotonic()))
         except HandshakeFailed as exc:
             if time.monotonic() > deadline:
                 log.error("giving up: %s", exc)
@@ -319,8 +513,10 @@ def run_worker(resolve, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT) -> int
             log.error("giving up: %s", exc)
             return EXIT_NO_MASTER
         log.info("worker %d connected to %s:%s", os.getpid(), host, port)
+        session = Session(link, runner, state)
+        _enable_nested_jobs(host, port, session)
         try:
-            if Session(link, runner, state).run():
+            if session.run():
                 break
         finally:
             state.session = None
@@ -342,7 +538,9 @@ def _watch_lifeline(fd: int) -> None:
 class Supervisor:
     """Keeps ``n`` worker processes running."""
 
-    def __init__(self, address: str, port: int, n: int, connect_timeout: float, log_level: str):
+    def __init__(self, address: str, port: int, n: int, connect_timeout: float, log_level: str,
+                 offer: dict | None = None):
+        self.offer = offer or {}
         self.address = address
         self.port = port
         self.n = n
@@ -357,7 +555,8 @@ class Supervisor:
     def spawn(self) -> None:
         cmd = [sys.executable, "-m", "cw.worker", self.address, "--port", str(self.port),
                "--child", str(self.lifeline_r),
-               "--connect-timeout", str(self.connect_timeout), "--log-level", self.log_level]
+               "--connect-timeout", str(self.connect_timeout), "--log-level", self.log_level,
+               "--offer", json.dumps(self.offer)]
         proc = subprocess.Popen(cmd, pass_fds=(self.lifeline_r,))
         proc.started = time.monotonic()
         self.children[proc.pid] = proc
@@ -432,8 +631,13 @@ def main(argv=None) -> int:
     parser.add_argument("-n", "--processes", type=int, default=1, help="worker processes to run (default 1)")
     parser.add_argument("--connect-timeout", type=float, default=DEFAULT_CONNECT_TIMEOUT,
                         help=f"seconds to keep trying to reach the master (default {DEFAULT_CONNECT_TIMEOUT:g})")
+    parser.add_argument("--resources", default="",
+                        help="what this machine offers jobs, e.g. gpu=2,mem=64G,license=3 (default: cpu = -n, "
+                             "mem = the machine's memory, gpu = the GPUs nvidia-smi lists, or those in "
+                             "CUDA_VISIBLE_DEVICES)")
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--offer", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s")
@@ -446,10 +650,20 @@ def main(argv=None) -> int:
         # whole process group must not kill a job half-way with a traceback.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         _watch_lifeline(args.child)
-        return run_worker(resolve, args.connect_timeout)
+        return run_worker(resolve, args.connect_timeout, json.loads(args.offer) if args.offer else None)
     if args.processes < 1:
         parser.error("-n must be at least 1")
-    return Supervisor(args.master, args.port, args.processes, args.connect_timeout, args.log_level).run()
+    from . import resources
+    try:
+        declared = resources.parse_spec(args.resources)
+    except ValueError as exc:
+        parser.error(str(exc))
+    offer = resources.node_resources(args.processes, declared, resources.detect_gpus(),
+                                     resources.physical_memory())
+    offer["node"] = f"{socket.gethostname()}:{os.getpid()}"
+    log.info("this machine offers %s%s", resources.format_amounts(offer["resources"]),
+             f" (GPU ids {','.join(offer['gpu_ids'])})" if offer["gpu_ids"] else "")
+    return Supervisor(args.master, args.port, args.processes, args.connect_timeout, args.log_level, offer).run()
 
 
 if __name__ == "__main__":
