@@ -146,7 +146,28 @@ class ClusterFuture(concurrent.futures.Future):
         self.jobid = jobid
         self.worker: WorkerInfo | None = None
         self.notice: str | None = None
+        self.submitted_at = time.time()
+        self.finished_at: float | None = None
+        self._output = ""
         self._executor = executor
+
+    def output(self, timeout=None) -> str:
+        """What the job printed (stdout, stderr, logging records), once it is
+        done; "" when nothing.  Bounded: see settings.MAX_JOB_OUTPUT."""
+        concurrent.futures.wait([self], timeout)
+        if not self.done():
+            raise TimeoutError(f"job {self.jobid} is not done after {timeout} s")
+        return self._output
+
+    @property
+    def state(self) -> str:
+        """"queued", "running", "done", "failed" or "cancelled".  For a job not
+        done yet this asks the master (a round trip)."""
+        if self.cancelled():
+            return "cancelled"
+        if self.done():
+            return "failed" if self.exception() is not None else "done"
+        return "running" if self.jobid in self._executor._running_jobids() else "queued"
 
     def result(self, timeout=None):
         if _wait_hook is not None and not self.done():
@@ -183,11 +204,12 @@ class ClusterExecutor(concurrent.futures.Executor):
 
     def __init__(self, host: str | None = None, port: int = PORT, *,
                  connect_timeout: float = DEFAULT_CONNECT_TIMEOUT, max_retries: int | None = None,
-                 timeout: float | None = None, weight: float = 1.0):
+                 timeout: float | None = None, weight: float = 1.0, echo: bool = False):
         self._retries = _check_retries(max_retries)
         self._timeout = _check_timeout(timeout)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight <= 1e6:
             raise ValueError(f"weight must be a number above 0 (a share relative to other clients), not {weight!r}")
+        self._echo = echo
         self.host, self.port = resolve_master(host, port)
         info = peer_info("client")
         info["weight"] = weight
@@ -352,6 +374,8 @@ class ClusterExecutor(concurrent.futures.Executor):
                 ftype, body = item
                 if ftype == protocol.RESULT:
                     self._on_result(*protocol.decode_result(body))
+                elif ftype == protocol.OUTPUT:
+                    self._on_output(*protocol.decode_output_for_client(body))
                 elif ftype == protocol.NOTICE:
                     self._on_notice(*protocol.decode_notice(body))
                 elif ftype in (protocol.CANCELLED, protocol.PING):
@@ -380,6 +404,7 @@ class ClusterExecutor(concurrent.futures.Executor):
         if future is None:
             return  # cancelled meanwhile
         future.worker = WorkerInfo.from_label(label)
+        future.finished_at = time.time()
         if status == protocol.UNPLACEABLE:
             info = json.loads(bytes(payload))
             ok, value = False, Unplaceable(
@@ -405,6 +430,22 @@ class ClusterExecutor(concurrent.futures.Executor):
         except concurrent.futures.InvalidStateError:
             pass  # cancelled by the user at the same moment
         self._maybe_close()
+
+    def _on_output(self, jobid: int, label: bytes, text: str) -> None:
+        with self._lock:
+            future = self._pending.get(jobid)
+        if future is not None:
+            future._output = text
+        if self._echo:
+            prefix = f"[job {jobid} on {label.decode('utf-8', 'replace')}] "
+            lines = text.splitlines()
+            sys.stderr.write("".join(prefix + line + "\n" for line in lines))
+            sys.stderr.flush()
+
+    def _running_jobids(self) -> set:
+        me = self._link.welcome.get("id")
+        status = self.status()
+        return {job for w in status["workers"] for job in w.get("current_jobs", {}).get(str(me), [])}
 
     def _on_notice(self, jobid: int, text: str) -> None:
         with self._lock:
@@ -480,6 +521,28 @@ class ClusterExecutor(concurrent.futures.Executor):
             first.add_note("failed on " + ", ".join(f"{w.host} pid {w.pid}: {type(e).__name__}: {e}"
                                                      for w, e in failed.items()))
             raise first
+        return {w: f.result() for w, f in futures.items()}
+
+    def install(self, packages, *, sticky: bool = True, pip_args=(), timeout: float | None = None) -> dict:
+        """Installs pip requirements (``["numpy", "scipy==1.*"]``, paths, URLs)
+        on every connected worker with its own Python; returns {WorkerInfo:
+        pip's last line}.  Raises ``cw.install.InstallError`` naming the
+        workers that failed, with pip's error.  ``sticky``: workers that
+        connect later install them too, before their first job.
+        ``pip_args``: extra pip options (``["--index-url", URL]``)."""
+        from .install import InstallError, check_packages, install_packages
+        from .payload import dumps_call
+        packages = check_packages(packages)
+        pip_args = [str(a) for a in pip_args]
+        if sticky:
+            self._link.post(protocol.frame(protocol.SETUP, dumps_call(install_packages, (packages, pip_args), {})))
+        futures = self.submit_on_all(install_packages, packages, pip_args, timeout)
+        concurrent.futures.wait(list(futures.values()))
+        failed = {w: f.exception() for w, f in futures.items() if f.exception() is not None}
+        if failed:
+            lines = [f"- {w.host} pid {w.pid}: {e}" for w, e in failed.items()]
+            raise InstallError(f"installing {' '.join(packages)} failed on {len(failed)} of {len(futures)} "
+                               "workers:\n" + "\n".join(lines))
         return {w: f.result() for w, f in futures.items()}
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:

@@ -186,6 +186,15 @@ class WorkerState:
         self.since = now
 
 
+def _by_client(jobs) -> dict:
+    """{client id (str, for JSON): [its job ids]} of some running jobs."""
+    out: dict = {}
+    for job in jobs:
+        if job.client is not None:
+            out.setdefault(str(job.client.cid), []).append(job.jobid)
+    return out
+
+
 def worker_label(info: dict) -> bytes:
     label = f"{info.get('host', '?')}:{info.get('pid', '?')}".encode("utf-8", "replace")
     return label[:255]
@@ -227,7 +236,9 @@ class Dispatcher:
         self.revokes = 0                    # REVOKEs awaiting an answer
         self.queued = 0
         self.epoch = 0                      # bumped when workers come or go
+        self._setup_queue = JobQueue(None)  # what setup jobs count as: plain
         self.finished: deque = deque()      # [second, jobs finished in it], for throughput
+        self.setups: list = []              # payloads every worker that connects runs first
         self._vclock = 0.0
         self._seq = 0
         self._next_gid = 1
@@ -283,9 +294,30 @@ class Dispatcher:
         node.workers.add(wid)
         worker = self.workers[wid] = WorkerState(wid, info, worker_label(info), self.clock(), node)
         self.epoch += 1
+        for payload in self.setups:
+            self._send_setup(worker, payload)
         self._place(worker)
         self._make_all_ready()
         self._pump()
+
+    MAX_SETUPS = 64
+
+    def add_setup(self, payload) -> None:
+        """A job for every worker that connects from now on, before any other
+        (a sticky ``install``).  Workers connected now got it from the client."""
+        if len(self.setups) >= self.MAX_SETUPS:
+            raise ProtocolError(f"more than {self.MAX_SETUPS} setup jobs; restart the master to clear them")
+        self.setups.append(bytes(payload))
+
+    def _send_setup(self, worker: WorkerState, payload: bytes) -> None:
+        job = Job(self._next_gid, None, 0, payload, 1, 0.0, 0, self._setup_queue)
+        self._next_gid += 1
+        job.state = HELD if worker.jobs else RUNNING
+        job.worker = worker
+        job.pinned = True                # never handed to another worker
+        job.attempts = 1
+        worker.jobs.append(job)
+        self.outbox.append((worker.wid, protocol.encode_job(job.gid, 0, 0.0, payload)))
 
     def _place(self, worker: WorkerState) -> None:
         """Files the worker under idle, spare and donors by what it holds."""
@@ -458,6 +490,16 @@ class Dispatcher:
         else:
             self._finish(job, status, worker.label, payload)
         self._pump()
+
+    def output(self, wid: int, gid: int, text: bytes) -> None:
+        """What a job printed (it comes just before its outcome): on to its client."""
+        worker = self.workers[wid]
+        job = next((j for j in list(worker.jobs)[:1 + worker.lent] if j.gid == gid), None)
+        if job is None:
+            raise ProtocolError(f"the worker sent output of job {gid}, which it was not running")
+        if job.client is not None:
+            text = text[:4 * settings.MAX_JOB_OUTPUT + 256]   # the worker bounds it; a bad one cannot make us hold more
+            self.outbox.append((job.client.cid, protocol.encode_output_for_client(job.jobid, worker.label, text)))
 
     def _count_finished(self) -> None:
         second = int(self.clock())
@@ -796,7 +838,8 @@ class Dispatcher:
             "node": w.node.key.partition(":")[2] if w.node.key.startswith("node:") else None,
             "resources": w.node.capacity,
             "state": "draining" if w.draining else "lending" if w.lent else "busy" if w.jobs else "idle",
-            "current": [j.jobid for j in list(w.jobs)[:1 + w.lent]],
+            "current": [j.jobid for j in list(w.jobs)[:1 + w.lent] if j.client is not None],
+            "current_jobs": _by_client(list(w.jobs)[:1 + w.lent]),
             "held": max(0, len(w.jobs) - 1 - w.lent), "jobs_done": w.done, "failures": w.failures,
             "connected_s": round(now - w.since, 3),
         } for w in self.workers.values()]

@@ -301,6 +301,8 @@ class PeerConnection(asyncio.BufferedProtocol):
             self.dispatcher.submit(self.peer_id, jobid, retries, timeout, payload, priority, options)
         elif ftype == protocol.CANCEL:
             self.dispatcher.cancel(self.peer_id, protocol.decode_cancel(body))
+        elif ftype == protocol.SETUP:
+            self.dispatcher.add_setup(body)
         elif ftype == protocol.LIMIT:
             self.dispatcher.set_limit(*protocol.decode_limit(body))
         elif ftype == protocol.CONTEXT:
@@ -317,6 +319,8 @@ class PeerConnection(asyncio.BufferedProtocol):
             self.dispatcher.outcome(self.peer_id, gid, status, payload)
         elif ftype == protocol.REVOKED:
             self.dispatcher.revoked(self.peer_id, *protocol.decode_revoked(body))
+        elif ftype == protocol.OUTPUT:
+            self.dispatcher.output(self.peer_id, *protocol.decode_output(body))
         elif ftype == protocol.LEND:
             self.dispatcher.lend(self.peer_id)
         elif ftype == protocol.RECLAIM:

@@ -66,6 +66,9 @@ LIMIT = 30      # client -> master: JSON {"tag", "limit"}: at most limit jobs wi
 NOTICE = 31     # master -> client: jobid u64 + UTF-8 text: why that job (and its like) cannot run yet
 LEND = 32       # worker -> master: empty; its running job waits for jobs it submitted: send it others
 RECLAIM = 33    # worker -> master: empty; a job that lent its slot runs again
+OUTPUT = 34     # worker -> master, before its OUTCOME: gid u64 + UTF-8 text the job printed;
+                # master -> client, before its RESULT: jobid u64, label length u8, label + that text
+SETUP = 35      # client -> master: payload of a job every worker that connects later runs first
 
 FRAME_NAMES = {
     CHALLENGE: "CHALLENGE", RESPONSE: "RESPONSE", PROOF: "PROOF", HELLO: "HELLO", CONTEXT: "CONTEXT",
@@ -73,7 +76,8 @@ FRAME_NAMES = {
     CANCELLED: "CANCELLED", STATUS_REQ: "STATUS_REQ", STATUS: "STATUS", ERROR: "ERROR",
     WELCOME: "WELCOME", PING: "PING", PONG: "PONG", ABORT: "ABORT", DRAIN: "DRAIN",
     REVOKE: "REVOKE", REVOKED: "REVOKED", SUBMIT_WITH: "SUBMIT_WITH", JOB_ENV: "JOB_ENV", LIMIT: "LIMIT",
-    NOTICE: "NOTICE", LEND: "LEND", RECLAIM: "RECLAIM",
+    NOTICE: "NOTICE", LEND: "LEND", RECLAIM: "RECLAIM", OUTPUT: "OUTPUT",
+    SETUP: "SETUP",
 }
 
 # Outcome status codes (OUTCOME and RESULT frames).
@@ -127,6 +131,25 @@ def encode_job_env(gid: int, env: dict) -> bytes:
 
 def encode_notice(jobid: int, text: str) -> bytes:
     return frame(NOTICE, _U64.pack(jobid) + text.encode("utf-8", "replace")[:4000])
+
+
+def encode_output(gid: int, text: str) -> bytes:
+    return frame(OUTPUT, _U64.pack(gid) + text.encode("utf-8", "replace"))
+
+
+def encode_output_for_client(jobid: int, label: bytes, text) -> bytes:
+    return frame(OUTPUT, _CANCELLED.pack(jobid, len(label)) + label + bytes(text))
+
+
+def decode_output(body) -> tuple[int, bytes]:
+    (gid,) = _fields(_U64, body, "OUTPUT")
+    return gid, bytes(body[_U64.size:])
+
+
+def decode_output_for_client(body) -> tuple[int, bytes, str]:
+    jobid, label_len = _fields(_CANCELLED, body, "OUTPUT")
+    start = _CANCELLED.size + label_len
+    return jobid, bytes(body[_CANCELLED.size:start]), bytes(body[start:]).decode("utf-8", "replace")
 
 
 LEND_FRAME = frame(LEND)

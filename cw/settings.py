@@ -29,6 +29,10 @@ WORKER_SLOTS = 2
 #: with Unplaceable; workers that fit may join meanwhile (master --unplaceable-timeout).
 UNPLACEABLE_TIMEOUT = 300.0
 
+#: Characters of a job's output (print, logging) that come back to its client:
+#: the first and last halves, with a note of what was dropped between.
+MAX_JOB_OUTPUT = 1 << 20
+
 #: Attempts a job gets when its worker dies under it (client max_retries + 1).
 MAX_ATTEMPTS = 3
 

@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 
-from . import PORT, protocol, settings
+from . import PORT, output, protocol, settings
 from .auth import load_secret
 from .errors import AuthenticationError, BrokenCluster, CwError, ProtocolError
 from .link import HandshakeFailed, master_timeout, open_link, parse_address, peer_info
@@ -317,9 +317,11 @@ class Session:
         self.runner.enter(ctx)
         saved = _set_environ(env) if env else None
         self.state.start(gid, timeout)
+        output.begin()
         try:
             status, data = run_payload(payload)
         finally:
+            printed = output.end()
             # A job's unfinished children die with it: nobody will wait for them.
             for future in job.children:
                 future.cancel()
@@ -328,6 +330,8 @@ class Session:
                 _set_environ(saved)
         if self.state.finish(gid):
             try:
+                if printed:
+                    self.link.post(protocol.encode_output(gid, printed))
                 self.link.post(protocol.encode_outcome(gid, status, data))
             except OSError as exc:
                 log.warning("could not send job %d's outcome (%s); the master re-runs it", gid, exc)
@@ -487,6 +491,7 @@ def run_worker(resolve, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT, offer:
         return EXIT_CONFIG
     runner = JobRunner()
     state = WorkerState()
+    output.install()
     signal.signal(signal.SIGTERM, state.on_sigterm)
     signal.signal(signal.SIGUSR1, state.on_drain)   # the supervisor's "drain"
     deadline = time.monotonic() + connect_timeout
