@@ -10,7 +10,7 @@ setup(
     python_requires=">=3.10",
     install_requires=["cloudpickle>=2.2"],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout>=2.1", "hypothesis>=6", "numpy",
+        "test": ["pytest>=7", "pytest-timeout>=2.1", "hypothesis>=6", "numpy", "tqdm",
                  "atheris>=2.3; sys_platform == 'linux' and platform_machine == 'x86_64' and python_version < '3.13'"],
         "demo": ["numpy"],
         "bench": ["loky", "distributed", "matplotlib", "numpy"],
@@ -18,6 +18,7 @@ setup(
     entry_points={"console_scripts": [
         "cw-master = cw.master:main",
         "cw-worker = cw.worker:main",
+        "cw-status = cw.status:main",
     ]},
     license="MIT",
 )
