@@ -186,6 +186,11 @@ class WorkerState:
         self.since = now
 
 
+def _still_waiting(job) -> bool:
+    """A queued job that may go as soon as it fits (its client is there and reads)."""
+    return job.state == QUEUED and job.client is not None and not job.client.paused
+
+
 def _by_client(jobs) -> dict:
     """{client id (str, for JSON): [its job ids]} of some running jobs."""
     out: dict = {}
@@ -213,6 +218,10 @@ def _worker_offer(info: dict) -> tuple[dict, list]:
     if len(ids) < clean.get("gpu", 0):
         ids += [str(i) for i in range(len(ids), int(clean["gpu"]))]
     return clean, ids[:int(clean.get("gpu", 0))]
+
+
+def _names(allowed) -> str:
+    return ", ".join(str(a) for a in sorted(allowed, key=str))
 
 
 class Dispatcher:
@@ -371,7 +380,7 @@ class Dispatcher:
         for job in reversed(jobs[len(started):]):
             job.attempts -= 1
             self._requeue(job)
-        for job in started:
+        for job in reversed(started):   # each goes to the front: the first sent ends up first
             self._job_lost(job, worker)
         self._pump()
 
@@ -394,7 +403,7 @@ class Dispatcher:
         job.state = QUEUED
         self.queued += 1
         client.queued += 1
-        queue = client.queues.setdefault(job.queue.key, job.queue)
+        queue = job.queue = client.queues.setdefault(job.queue.key, job.queue)
         queue.push(job, front=True)      # it waited its turn once already
         self._make_ready(client)
 
@@ -414,6 +423,8 @@ class Dispatcher:
         client.queued += 1
         queue.push(job)
         self.queued += 1
+        if queue.key is not None:
+            self._check_placeable(client, queue, job)   # tell at once, even while every worker is busy
         self._make_ready(client)
         if self.idle or self.spare:
             self._pump()
@@ -539,6 +550,8 @@ class Dispatcher:
         if worker.lent >= len(worker.jobs):
             raise ProtocolError("the worker lent a slot without a running job to lend it")
         worker.lent += 1
+        if len(worker.jobs) > worker.lent:
+            worker.jobs[worker.lent].state = RUNNING     # the worker starts the job it held
         self._place(worker)
         self._pump()
 
@@ -579,12 +592,17 @@ class Dispatcher:
         """What giving ``job`` to ``worker`` takes from its machine ({} for
         nothing more), or None if it does not fit there now."""
         node = worker.node
+        growth = node.growth(worker.held, job.need)
         reserved_for = node.reserved_for
-        if reserved_for is not None and reserved_for is not job:
-            if reserved_for.state == QUEUED and reserved_for.client is not None:
+        if reserved_for is not None and reserved_for is not job and growth is not None:
+            if not _still_waiting(reserved_for):
+                node.reserved_for = None
+            elif growth or not worker.lent:
+                # The machine is kept for a bigger job.  A lent worker may
+                # still run what takes nothing more: its parent waits for it,
+                # and the big job for the parent.
                 return None
-            node.reserved_for = None
-        return node.growth(worker.held, job.need)
+        return growth
 
     def _find_worker(self, queue: JobQueue, job: Job):
         """(worker, growth) for the queue's head, first fit, or None."""
@@ -647,18 +665,7 @@ class Dispatcher:
         """The head of a constrained queue found no worker.  If no connected
         worker could ever run it, say so (once) and start its clock; else,
         for the client's most urgent job, keep a machine free for it."""
-        if queue.checked != self.epoch:
-            queue.checked = self.epoch
-            queue.reason = self._why_never(queue)
-            if queue.reason is None:
-                queue.waiting_since = None
-            elif queue.waiting_since is None:
-                queue.waiting_since = self.clock()
-                if queue.key not in client.notified:
-                    client.notified.add(queue.key)
-                    text = (f"{queue.reason}; it waits for such a worker to join, and fails after "
-                            f"{self.unplaceable_timeout:g} s")
-                    self.outbox.append((client.cid, protocol.encode_notice(job.jobid, text)))
+        self._check_placeable(client, queue, job)
         if queue.reason is not None or not reserve or job.need is PLAIN:
             return
         if queue.tag is not None:
@@ -669,10 +676,29 @@ class Dispatcher:
             return
         for worker in self.workers.values():
             node = worker.node
-            if node.reserved_for is None or node.reserved_for.state != QUEUED or node.reserved_for.client is None:
+            if node.reserved_for is None or not _still_waiting(node.reserved_for):
                 if self._allowed(queue, worker) and node.can_ever_fit(job.need) and not worker.draining:
                     node.reserved_for = job
                     return
+
+    def _check_placeable(self, client: ClientState, queue: JobQueue, job: Job) -> None:
+        """Finds out (once per change of workers) whether any connected worker
+        could ever run the queue's jobs; if none, says so to the client once
+        and starts the clock of --unplaceable-timeout."""
+        if queue.checked == self.epoch:
+            return
+        queue.checked = self.epoch
+        queue.reason = self._why_never(queue)
+        if queue.reason is None:
+            queue.waiting_since = None
+            client.notified.discard(queue.key)
+        elif queue.waiting_since is None:
+            queue.waiting_since = self.clock()
+            if queue.key not in client.notified:
+                client.notified.add(queue.key)
+                text = (f"{queue.reason}; it waits for such a worker to join, and fails after "
+                        f"{self.unplaceable_timeout:g} s")
+                self.outbox.append((client.cid, protocol.encode_notice(job.jobid, text)))
 
     @staticmethod
     def _allowed(queue: JobQueue, worker: WorkerState) -> bool:
@@ -683,8 +709,12 @@ class Dispatcher:
         """Why no connected worker could ever run jobs of this queue, or None."""
         candidates = [w for w in self.workers.values() if self._allowed(queue, w) and not w.draining]
         if not candidates:
-            named = ", ".join(str(a) for a in sorted(queue.allowed, key=str))
-            return f"none of the workers it may run on ({named}) is connected"
+            if queue.allowed is None or not all(isinstance(a, int) for a in queue.allowed):
+                # Workers may still be starting (a SLURM job waiting in its
+                # queue): only ids of workers that left can never come back.
+                return None if not self.workers or queue.allowed is None else (
+                    f"none of the workers it may run on ({_names(queue.allowed)}) is connected")
+            return f"the workers it may run on ({_names(queue.allowed)}) have left"
         if not any(w.node.can_ever_fit(queue.need) for w in candidates):
             best = max((w.node for w in candidates), key=lambda n: sorted(n.capacity.items()))
             return (f"it needs {format_amounts(queue.need)} and no connected worker machine has that "
@@ -693,7 +723,11 @@ class Dispatcher:
 
     def _assign(self, job: Job, worker: WorkerState, growth: dict) -> None:
         client = job.client
-        job.queue.pop_head()
+        queue = job.queue
+        queue.pop_head()
+        if queue.waiting_since is not None or queue.reason is not None:
+            queue.waiting_since = queue.reason = None
+            client.notified.discard(queue.key)
         self.queued -= 1
         client.queued -= 1
         node = worker.node
@@ -804,7 +838,7 @@ class Dispatcher:
 
     def _can_take_plain(self, worker: WorkerState) -> bool:
         node = worker.node
-        if node.reserved_for is not None and node.reserved_for.state == QUEUED and node.reserved_for.client:
+        if node.reserved_for is not None and _still_waiting(node.reserved_for):
             return False
         return node.growth(worker.held, PLAIN) is not None
 
@@ -827,6 +861,7 @@ class Dispatcher:
                     client.queued -= 1
                     self._finish(job, protocol.UNPLACEABLE, b"master:0", body)
                 queue.waiting_since = None
+                queue.checked = -1           # the next job of this kind is looked at afresh
                 client.notified.discard(queue.key)
 
     # --- what the master can tell ------------------------------------------

@@ -272,6 +272,8 @@ def check_options(options: dict) -> dict:
             if (len(name) > 64 or isinstance(amount, bool) or not isinstance(amount, (int, float))
                     or not 0 <= amount < 1e18):
                 raise ProtocolError(f"SUBMIT_WITH resource {name[:64]!r} has an invalid amount")
+        if resources.get("gpu", 0) != int(resources.get("gpu", 0)):
+            raise ProtocolError("SUBMIT_WITH asks for a fraction of a GPU; GPUs are whole")
         resources.setdefault("cpu", 1)
         if resources == {"cpu": 1}:
             del options["resources"]
