@@ -534,9 +534,11 @@ class ClusterExecutor(concurrent.futures.Executor):
         from .payload import dumps_call
         packages = check_packages(packages)
         pip_args = [str(a) for a in pip_args]
+        call = os.urandom(8).hex()
         if sticky:
-            self._link.post(protocol.frame(protocol.SETUP, dumps_call(install_packages, (packages, pip_args), {})))
-        futures = self.submit_on_all(install_packages, packages, pip_args, timeout)
+            self._link.post(protocol.frame(protocol.SETUP, dumps_call(install_packages,
+                                                                      (packages, pip_args, timeout, call), {})))
+        futures = self.submit_on_all(install_packages, packages, pip_args, timeout, call)
         concurrent.futures.wait(list(futures.values()))
         failed = {w: f.exception() for w, f in futures.items() if f.exception() is not None}
         if failed:

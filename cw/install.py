@@ -14,6 +14,7 @@ import fcntl
 import hashlib
 import importlib
 import json
+import logging
 import os
 import shutil
 import socket
@@ -23,6 +24,8 @@ import tempfile
 import time
 
 from .errors import CwError
+
+log = logging.getLogger("cw.install")   # to the worker's log (cw's records are not a job's output)
 
 #: Seconds during which another worker process of the same machine and
 #: environment trusts a finished install of the same packages and skips pip.
@@ -43,11 +46,14 @@ def pip_command(packages: list[str], pip_args: list[str]) -> list[str]:
     return [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "--no-input", *pip_args, *packages]
 
 
-def install_packages(packages: list[str], pip_args: list[str] = (), timeout: float | None = None) -> str:
+def install_packages(packages: list[str], pip_args: list[str] = (), timeout: float | None = None,
+                     call: str = "") -> str:
     """Installs ``packages`` into this worker's environment; returns pip's
-    last line.  Raises InstallError with pip's output when it fails."""
+    last line.  Raises InstallError with pip's output when it fails.  ``call``
+    names one ``install()``: the processes of a machine share its pip run,
+    a later call runs pip again."""
     packages, pip_args = list(packages), list(pip_args)
-    key = hashlib.sha256(json.dumps([sys.prefix, packages, pip_args]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps([sys.prefix, packages, pip_args, call]).encode()).hexdigest()[:16]
     base = os.path.join(tempfile.gettempdir(), f"cw-install-{hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]}")
     with open(base + ".lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)        # one pip at a time per environment
@@ -63,10 +69,12 @@ def install_packages(packages: list[str], pip_args: list[str] = (), timeout: flo
         try:
             proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
         except subprocess.TimeoutExpired:
+            log.error("pip did not finish within %s s: %s", timeout, " ".join(argv))
             raise InstallError(f"{' '.join(argv)} did not finish within {timeout:g} s "
                                f"on {socket.gethostname()}") from None
         if proc.returncode != 0:
             error = (proc.stderr.strip() or proc.stdout.strip())[-3000:]
+            log.error("installing %s failed (exit status %s): %s", " ".join(packages), proc.returncode, error)
             raise InstallError(f"{' '.join(argv)} failed on {socket.gethostname()} (exit status "
                                f"{proc.returncode}):\n{error}")
         lines = proc.stdout.strip().splitlines() or proc.stderr.strip().splitlines() or ["done"]

@@ -64,6 +64,7 @@ class _Router(io.TextIOBase):
 
     def __init__(self, real):
         self.real = real
+        self.buffer = _BinaryRouter(getattr(real, "buffer", None))
 
     def write(self, text) -> int:
         capture = getattr(_current, "capture", None)
@@ -84,6 +85,33 @@ class _Router(io.TextIOBase):
     @property
     def encoding(self):
         return getattr(self.real, "encoding", "utf-8")
+
+    @property
+    def errors(self):
+        return getattr(self.real, "errors", "strict")
+
+
+class _BinaryRouter(io.RawIOBase):
+    """``sys.stdout.buffer`` of a worker: bytes a job writes are decoded into its capture."""
+
+    def __init__(self, real):
+        self.real = real
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        capture = getattr(_current, "capture", None)
+        if capture is None:
+            if self.real is None:
+                return len(data)
+            return self.real.write(data)
+        capture.write(bytes(data).decode("utf-8", "replace"))
+        return len(data)
+
+    def flush(self) -> None:
+        if self.real is not None:
+            self.real.flush()
 
 
 class _LogHandler(logging.Handler):
