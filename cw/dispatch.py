@@ -352,7 +352,9 @@ class Dispatcher:
             worker.draining = True
             # It gives back (REVOKED) every job it has not started; only this one runs.
             worker.drain_head = worker.jobs[0].gid if worker.jobs else None
+            self.epoch += 1
             self._place(worker)
+            self._recheck_placeable()
 
     def remove_worker(self, wid: int) -> None:
         worker = self.workers.pop(wid, None)
@@ -382,6 +384,7 @@ class Dispatcher:
             self._requeue(job)
         for job in reversed(started):   # each goes to the front: the first sent ends up first
             self._job_lost(job, worker)
+        self._recheck_placeable()
         self._pump()
 
     def _job_lost(self, job: Job, worker: WorkerState) -> None:
@@ -699,6 +702,16 @@ class Dispatcher:
                 text = (f"{queue.reason}; it waits for such a worker to join, and fails after "
                         f"{self.unplaceable_timeout:g} s")
                 self.outbox.append((client.cid, protocol.encode_notice(job.jobid, text)))
+
+    def _recheck_placeable(self) -> None:
+        """Workers left: jobs that only they could run must be told, and timed,
+        now, not when some worker next frees up."""
+        for client in list(self.clients.values()):
+            for key, queue in list(client.queues.items()):
+                if key is not None:
+                    job = queue.head()
+                    if job is not None:
+                        self._check_placeable(client, queue, job)
 
     @staticmethod
     def _allowed(queue: JobQueue, worker: WorkerState) -> bool:

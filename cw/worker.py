@@ -159,6 +159,7 @@ class Session:
         self.lost = False
         self.envs: dict[int, dict] = {}    # gid -> environment from its JOB_ENV, until its JOB comes
         self.local = threading.local()     # the job a runner thread runs: ctx, env, children (futures)
+        self.base_env = {name: os.environ.get(name) for name in self.MANAGED_ENV}
         self.token_free = True             # no thread runs a job now (see run)
         self.resumers: collections.deque = collections.deque()   # Events of waiting jobs ready to go on
         self.retire = 0                    # runners that should park (their jobs came back)
@@ -312,11 +313,15 @@ class Session:
             self.runner.set_context(item[1], item[2])
             return
         _, gid, ctx, timeout, payload, env = item
+        if not self.state.start(gid, timeout):
+            # Its ABORT came while it was being taken off the queue: it never runs.
+            self.link.post(protocol.encode_revoked(gid, True))
+            return
         job = self.local
-        job.ctx, job.env, job.children = ctx, env, []
+        job.ctx, job.children = ctx, []
+        job.env = self._job_environ(env)
         self.runner.enter(ctx)
-        saved = _set_environ(env) if env else None
-        self.state.start(gid, timeout)
+        _set_environ(job.env)
         output.begin()
         try:
             status, data = run_payload(payload)
@@ -326,8 +331,6 @@ class Session:
             for future in job.children:
                 future.cancel()
             job.children = None
-            if saved is not None:
-                _set_environ(saved)
         if self.state.finish(gid):
             try:
                 if printed:
@@ -335,6 +338,17 @@ class Session:
                 self.link.post(protocol.encode_outcome(gid, status, data))
             except OSError as exc:
                 log.warning("could not send job %d's outcome (%s); the master re-runs it", gid, exc)
+
+    #: Variables the master sets per job (JOB_ENV); a job without them gets the worker's own.
+    MANAGED_ENV = ("CUDA_VISIBLE_DEVICES", "CW_JOB_CPUS", "CW_JOB_MEM")
+
+    def _job_environ(self, env: dict | None) -> dict:
+        """The managed variables as this job must see them: other jobs of this
+        process (waiting on their children) may have set them for themselves."""
+        target = dict(self.base_env)
+        if env:
+            target.update(env)
+        return target
 
     def help_while(self, future, timeout: float | None) -> None:
         """Called when a running job waits on ``future`` (a job it submitted):
@@ -371,8 +385,7 @@ class Session:
         except OSError:
             pass
         self.runner.enter(job.ctx)
-        if job.env:
-            _set_environ(job.env)
+        _set_environ(job.env)
 
     def track_child(self, future) -> None:
         """A future the running job submitted (see _NestedExecutor)."""
@@ -386,18 +399,24 @@ class WorkerState:
 
     def __init__(self):
         self.lock = threading.Lock()
-        self.running: dict[int, threading.Timer | None] = {}   # gid -> its timeout's timer; nested ones last
+        self.running: dict[int, threading.Timer | None] = {}   # gid -> its timeout's timer
+        self.aborted: set[int] = set()     # ABORTs for jobs between the queue and running
         self.draining = False
         self.session: Session | None = None
 
-    def start(self, gid: int, timeout: float) -> None:
+    def start(self, gid: int, timeout: float) -> bool:
+        """Registers a job as running; False if it was aborted already."""
         with self.lock:
+            if gid in self.aborted:
+                self.aborted.discard(gid)
+                return False
             timer = None
             if timeout > 0:
                 timer = threading.Timer(timeout, self._timed_out, (gid, timeout))
                 timer.daemon = True
                 timer.start()
             self.running[gid] = timer
+            return True
 
     def finish(self, gid: int) -> bool:
         """True if the job's outcome is still ours to send (no timeout took it)."""
@@ -427,6 +446,11 @@ class WorkerState:
 
     def abort(self, gid: int) -> None:
         with self.lock:
+            if gid not in self.running:
+                # Taken off the queue but not started yet (or finished): start() refuses it.
+                if len(self.aborted) < 10000:
+                    self.aborted.add(gid)
+                return
             if gid in self.running:
                 log.info("job %d was cancelled by its client; this worker process is replaced", gid)
                 self._exit(EXIT_REPLACE)

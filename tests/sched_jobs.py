@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import time
 
-import cw
 from jobs import wait_for
+
+import cw
 
 
 def record(path, text):
@@ -96,9 +97,9 @@ def parent_that_fails(child_marker, release):
     raise RuntimeError("the parent fails")
 
 
-def parent_that_fails_at_once(child_log, release):
-    """Submits a child and fails before the child can have started."""
-    cw.get_executor().submit(child_that_logs, child_log, release)
+def parent_that_fails_at_once(child_log, release, tag=None):
+    """Submits a child (tagged ``tag``) and fails at once."""
+    cw.get_executor().submit(child_that_logs, child_log, release, tag=tag)
     raise RuntimeError("the parent fails at once")
 
 
@@ -119,3 +120,18 @@ def parent_that_hangs(pid_file, child_log, release, never):
     os.replace(tmp, pid_file)      # appears whole: the child was submitted before it
     wait_for(never, 120)
     return "parent finished"
+
+
+def squares_below(n):
+    """A job that maps over its own children and waits through map's results."""
+    return list(cw.get_executor().map(square, range(n)))
+
+
+def square(x):
+    return x * x
+
+
+
+def parent_env_and_child_env():
+    """This job's CW_JOB_* and those of a plain child run while it waits (perhaps in this very process)."""
+    return job_env(), cw.get_executor().submit(job_env).result()

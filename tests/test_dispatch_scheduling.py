@@ -1261,3 +1261,19 @@ def test_a_paused_clients_big_job_does_not_keep_a_machine():
 def test_a_fraction_of_a_gpu_is_refused_by_the_protocol():
     with pytest.raises(ProtocolError):
         p.check_options({"resources": {"gpu": 0.5}})
+
+
+def test_a_job_only_a_leaving_worker_could_run_is_told_at_once_even_while_the_rest_are_busy():
+    clock = Clock()
+    d = Dispatcher(slots=1, clock=clock, unplaceable_timeout=10)
+    client(d, C1)
+    worker(d, W1)
+    worker(d, W2)
+    submit(d, C1, 1, 2)                          # both workers busy
+    submit(d, C1, 3, workers=[W2])
+    drain(d)
+    d.remove_worker(W2)
+    assert [t for _, t, _ in drain(d)] == [p.NOTICE]
+    clock.now += 10
+    d.expire()
+    assert [f[:2] for f in of(drain(d), p.RESULT, C1)] == [(3, p.UNPLACEABLE)]

@@ -7,6 +7,7 @@ status or the files with ``wait_until``, whose timeouts only catch hangs.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -42,6 +43,25 @@ def make_cluster():
         cluster.stop()
 
 
+@pytest.fixture
+def release(tmp_path):
+    """The file whose creation releases the test's blocked jobs; created at the
+    end in any case, so that a test that fails half-way leaves no job blocked
+    (request it after the cluster and executor fixtures: it is torn down first)."""
+    path = tmp_path / "release"
+    yield path
+    path.touch()
+
+
+@contextlib.contextmanager
+def releasing(path):
+    """Creates ``path`` on the way out of a ``with`` (put it after the executors)."""
+    try:
+        yield
+    finally:
+        path.touch()
+
+
 def without_gpus_in_env() -> dict:
     """This process's environment minus CUDA_VISIBLE_DEVICES, so that a worker
     detects no GPUs of its own and offers exactly what --resources declares."""
@@ -71,10 +91,10 @@ def lines(path) -> list[str]:
 
 # --- priorities ---------------------------------------------------------------------
 
-def test_higher_priority_runs_first_and_equal_ones_in_order(make_cluster, tmp_path):
+def test_higher_priority_runs_first_and_equal_ones_in_order(make_cluster, tmp_path, release):
     cluster = make_cluster(1, args=["--slots", "1"])   # no prefetch: the order of starts is the order run
-    started, release, order = tmp_path / "started", tmp_path / "release", tmp_path / "order"
-    with cluster.executor() as ex:
+    started, order = tmp_path / "started", tmp_path / "order"
+    with cluster.executor() as ex, releasing(release):
         blocker = ex.submit(sched_jobs.mark_and_wait, str(started), str(release), "blocker")
         wait_until(started.exists, what="the blocker to occupy the only worker")
         futures = [
@@ -105,10 +125,9 @@ def test_priority_is_checked_in_the_client(executor):
 
 # --- resources ----------------------------------------------------------------------
 
-def test_gpu_jobs_get_their_own_device_ids(make_cluster, tmp_path):
+def test_gpu_jobs_get_their_own_device_ids(make_cluster, tmp_path, release):
     cluster = make_cluster(2, resources="gpu=2", env=without_gpus_in_env())
-    release = tmp_path / "release"
-    with cluster.executor() as ex:
+    with cluster.executor() as ex, releasing(release):
         described = ex.workers()
         assert [(w.resources["cpu"], w.resources["gpu"]) for w in described] == [(2, 2), (2, 2)]
         markers = [tmp_path / "a", tmp_path / "b"]
@@ -127,10 +146,11 @@ def test_gpu_jobs_get_their_own_device_ids(make_cluster, tmp_path):
         assert list(ex.map(sched_jobs.gpu_env, [None] * 3, resources={"gpu": 2})) == ["0,1"] * 3
 
 
-def test_the_gpus_held_by_a_job_are_not_given_twice(make_cluster, tmp_path):
+def test_the_gpus_held_by_a_job_are_not_given_twice(make_cluster, tmp_path, release):
     cluster = make_cluster(2, resources="gpu=1", env=without_gpus_in_env())
-    started, release = tmp_path / "started", tmp_path / "release"
-    with cluster.executor() as ex:
+    started = tmp_path / "started"
+    with cluster.executor() as ex, releasing(release):
+        described = ex.workers()
         first = ex.submit(sched_jobs.gpu_env, str(started), str(release), resources={"gpu": 1})
         wait_until(started.exists, what="the first GPU job to start")
         second = ex.submit(sched_jobs.gpu_env, resources={"gpu": 1})
@@ -138,16 +158,50 @@ def test_the_gpus_held_by_a_job_are_not_given_twice(make_cluster, tmp_path):
         status = ex.status()
         assert (status["queued"], status["running"]) == (1, 1)
         assert sorted(w["state"] for w in status["workers"]) == ["busy", "idle"]
-        # A job that asks for no GPU still runs meanwhile.
-        assert ex.submit(sched_jobs.gpu_env).result(timeout=30) == ""
+        # The machine is kept for the waiting GPU job; a job that needs no GPU
+        # runs meanwhile on the other machine.
+        cluster.add_workers(1, env=without_gpus_in_env())
+        cluster.wait_for_workers(3)
+        plain = ex.submit(sched_jobs.gpu_env)
+        assert plain.result(timeout=30) is None
+        assert plain.worker.pid not in {w.pid for w in described}
         assert not second.done()
         release.touch()
         assert first.result(timeout=30) == "0" and second.result(timeout=30) == "0"
 
 
-def test_cpus_are_never_over_allocated(cluster, executor, tmp_path):
+def test_gpus_come_from_the_workers_cuda_visible_devices(make_cluster, tmp_path, release):
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "3,5"}     # as a batch system hands them out
+    cluster = make_cluster(2, env=env)
+    with cluster.executor() as ex, releasing(release):
+        assert [w.resources.get("gpu") for w in ex.workers()] == [2, 2]
+        markers = [tmp_path / "a", tmp_path / "b"]
+        pair = [ex.submit(sched_jobs.gpu_env, str(m), str(release), resources={"gpu": 1}) for m in markers]
+        wait_until(lambda: all(m.exists() for m in markers), what="both one-GPU jobs to run at once")
+        release.touch()
+        assert sorted(f.result(timeout=30) for f in pair) == ["3", "5"]
+        assert ex.submit(sched_jobs.gpu_env, resources={"gpu": 2}).result(timeout=30) == "3,5"
+        assert ex.submit(sched_jobs.gpu_env).result(timeout=30) == ""
+
+
+def test_a_named_resource_is_counted_like_cpus(make_cluster, tmp_path, release):
+    cluster = make_cluster(2, resources="license=1")
+    started, log = tmp_path / "started", tmp_path / "log"
+    with cluster.executor() as ex, releasing(release):
+        assert [w.resources["license"] for w in ex.workers()] == [1, 1]
+        first = ex.submit(sched_jobs.mark_and_wait, str(started), str(release), "first", resources={"license": 1})
+        wait_until(started.exists, what="the first licensed job to start")
+        second = ex.submit(sched_jobs.record, str(log), "second", resources={"license": 1})
+        status = ex.status()
+        assert (status["queued"], status["running"]) == (1, 1)
+        assert sorted(w["state"] for w in status["workers"]) == ["busy", "idle"]
+        release.touch()
+        assert first.result(timeout=30) == "first" and second.result(timeout=30) == "second"
+
+
+def test_cpus_are_never_over_allocated(cluster, executor, tmp_path, release):
     """The cluster fixture is one machine of 2 worker processes: cpu=2."""
-    started, release, log = tmp_path / "started", tmp_path / "release", tmp_path / "log"
+    started, log = tmp_path / "started", tmp_path / "log"
     first = executor.submit(sched_jobs.mark_and_wait, str(started), str(release), "first", resources={"cpu": 2})
     wait_until(started.exists, what="the two-CPU job to start")
     second = executor.submit(sched_jobs.record, str(log), "second", resources={"cpu": 2})
@@ -206,9 +260,9 @@ def test_a_waiting_job_runs_when_a_worker_that_fits_joins(make_cluster):
 
 # --- tag limits -------------------------------------------------------------------------
 
-def test_tag_limit_holds_across_the_cluster(executor, tmp_path):
+def test_tag_limit_holds_across_the_cluster(executor, tmp_path, release):
     executor.limit("db", 1)
-    started, release, log = tmp_path / "started", tmp_path / "release", tmp_path / "log"
+    started, log = tmp_path / "started", tmp_path / "log"
     first = executor.submit(sched_jobs.mark_and_wait, str(started), str(release), "db1", tag="db")
     wait_until(started.exists, what="the first db job to start")
     second = executor.submit(sched_jobs.record, str(log), "db2", tag="db")
@@ -238,7 +292,7 @@ def test_tag_limit_holds_across_the_cluster(executor, tmp_path):
     assert "db" not in executor.status()["limits"]
 
 
-def test_limit_zero_holds_tagged_jobs_until_raised(executor, tmp_path):
+def test_limit_zero_holds_tagged_jobs_until_raised(cluster, executor, tmp_path):
     executor.limit("gate", 0)
     log = tmp_path / "log"
     held = [executor.submit(sched_jobs.record, str(log), f"g{i}", tag="gate") for i in range(3)]
@@ -246,7 +300,7 @@ def test_limit_zero_holds_tagged_jobs_until_raised(executor, tmp_path):
     status = executor.status()
     assert status["queued"] == 3 and not log.exists()
     # Another client sees and changes the same limit.
-    with executor.__class__(executor.host, executor.port) as other:
+    with cluster.executor() as other:
         assert other.status()["limits"] == {"gate": {"limit": 0, "running": 0}}
         other.limit("gate", 1)
     assert sorted(f.result(timeout=30) for f in held) == ["g0", "g1", "g2"]
@@ -277,9 +331,9 @@ def test_workers_lists_the_worker_processes(cluster, executor):
     assert described[0].node.endswith(f":{cluster.workers[0].pid}")
 
 
-def test_pinned_jobs_run_only_on_their_worker(executor, tmp_path):
+def test_pinned_jobs_run_only_on_their_worker(executor, tmp_path, release):
     target, other = executor.workers()
-    started, release = tmp_path / "started", tmp_path / "release"
+    started = tmp_path / "started"
     blocker = executor.submit(sched_jobs.pid_after, str(started), str(release), workers=[target])
     wait_until(started.exists, what="the pinned blocker to start")
     assert int(started.read_text()) == target.pid
@@ -322,7 +376,7 @@ def test_a_job_pinned_to_a_worker_that_is_gone_fails(make_cluster):
         future = ex.submit(jobs.identity, 1, workers=[victim])
         with pytest.raises(cw.Unplaceable, match=rf"\b{victim.id}\b"):
             future.result(timeout=30)
-        assert "is connected" in future.notice
+        assert str(victim.id) in future.notice
         # The survivor still takes jobs pinned to it.
         assert ex.submit(jobs.pid, workers=[survivor]).result(timeout=30) == survivor.pid
 
@@ -340,12 +394,14 @@ def test_recursive_fibonacci_on_two_workers(executor):
 def test_a_chain_fifty_deep_completes_on_one_worker(make_cluster):
     cluster = make_cluster(1)
     with cluster.executor() as ex:
-        assert ex.submit(sched_jobs.chain, 50).result(timeout=120) == 50
+        assert ex.submit(sched_jobs.chain, 50).result(timeout=60) == 50
+        # A job waiting through map's results lends its worker too.
+        assert ex.submit(sched_jobs.squares_below, 5).result(timeout=60) == [0, 1, 4, 9, 16]
         assert nothing_left(ex)
 
 
-def test_a_running_child_is_stopped_when_its_parent_fails(cluster, executor, tmp_path):
-    child_marker, release = tmp_path / "child", tmp_path / "release"
+def test_a_running_child_is_stopped_when_its_parent_fails(cluster, executor, tmp_path, release):
+    child_marker = tmp_path / "child"
     parent = executor.submit(sched_jobs.parent_that_fails, str(child_marker), str(release))
     with pytest.raises(RuntimeError, match="the parent fails"):
         parent.result(timeout=60)
@@ -359,26 +415,32 @@ def test_a_running_child_is_stopped_when_its_parent_fails(cluster, executor, tmp
     assert executor.submit(jobs.identity, "still works").result(timeout=30) == "still works"
 
 
-def test_a_queued_child_never_finishes_when_its_parent_fails(make_cluster, tmp_path):
-    cluster = make_cluster(1)
-    child_log, release = tmp_path / "child.log", tmp_path / "release"
-    with cluster.executor() as ex:
-        parent = ex.submit(sched_jobs.parent_that_fails_at_once, str(child_log), str(release))
-        with pytest.raises(RuntimeError, match="the parent fails at once"):
-            parent.result(timeout=60)
-        # The child was withdrawn or given back, or (had its worker started it
-        # already) stopped with its worker process.
-        wait_until(lambda: nothing_left(ex), what="the master to forget the child")
-        release.touch()
-        cluster.wait_for_workers(1)
-        assert ex.submit(jobs.identity, "still works").result(timeout=30) == "still works"
-        assert "finished" not in lines(child_log)
+def test_a_queued_child_is_withdrawn_when_its_parent_fails(cluster, executor, tmp_path, release):
+    # Limit 0 keeps the child queued in the master for certain.  (A child held
+    # by a worker may also be started and stopped: see the report of the race
+    # in which an ABORT that comes as the worker starts the job is lost.)
+    executor.limit("later", 0)
+    child_log = tmp_path / "child.log"
+    parent = executor.submit(sched_jobs.parent_that_fails_at_once, str(child_log), str(release), "later")
+    with pytest.raises(RuntimeError, match="the parent fails at once"):
+        parent.result(timeout=60)
+
+    def child_withdrawn():
+        nested = [c for c in executor.status()["clients"] if c["pid"] == parent.worker.pid]
+        # The master had the child (its SUBMIT may come after the parent's outcome) and dropped it.
+        return [c["submitted"] for c in nested] == [1] and nothing_left(executor)
+
+    wait_until(child_withdrawn, what="the master to drop the child")
+    executor.limit("later", None)
+    release.touch()
+    assert executor.submit(jobs.identity, "after", tag="later").result(timeout=30) == "after"
+    assert not child_log.exists()
 
 
-def test_children_are_dropped_when_the_parents_worker_dies(make_cluster, tmp_path):
+def test_children_are_dropped_when_the_parents_worker_dies(make_cluster, tmp_path, release):
     cluster = make_cluster(1)
     pid_file, child_log = tmp_path / "parent.pid", tmp_path / "child.log"
-    release, never = tmp_path / "release", tmp_path / "never"
+    never = tmp_path / "never"
     with cluster.executor() as ex:
         parent = ex.submit_with(sched_jobs.parent_that_hangs, (str(pid_file), str(child_log), str(release),
                                                                 str(never)), max_retries=0)
@@ -388,7 +450,7 @@ def test_children_are_dropped_when_the_parents_worker_dies(make_cluster, tmp_pat
         def nested_client():
             return [c for c in ex.status()["clients"] if c["pid"] == parent_pid]
 
-        # The master has the child: queued behind its parent on the only worker.
+        # The master has the child, which waits behind its parent (sent ahead to the only worker, or queued).
         wait_until(lambda: [c["submitted"] for c in nested_client()] == [1], what="the child to reach the master")
         os.kill(parent_pid, signal.SIGKILL)
         with pytest.raises(cw.WorkerLost):
@@ -402,30 +464,41 @@ def test_children_are_dropped_when_the_parents_worker_dies(make_cluster, tmp_pat
 
 # --- weighted fair share ------------------------------------------------------------------
 
-def test_a_client_of_weight_two_gets_twice_the_share(make_cluster, tmp_path):
+def test_a_client_of_weight_two_gets_twice_the_share(make_cluster, tmp_path, release):
     cluster = make_cluster(1, args=["--slots", "1"])
-    started, release, order = tmp_path / "started", tmp_path / "release", tmp_path / "order"
-    with cluster.executor() as blocking, cluster.executor(weight=2.0) as heavy, cluster.executor() as light:
+    started, order = tmp_path / "started", tmp_path / "order"
+    with (cluster.executor() as blocking, cluster.executor(weight=2.0) as heavy, cluster.executor() as light,
+          releasing(release)):
         blocker = blocking.submit(sched_jobs.mark_and_wait, str(started), str(release))
         wait_until(started.exists, what="the blocker to occupy the only worker")
         futures = [light.submit(sched_jobs.record, str(order), "light") for _ in range(30)]
         futures += [heavy.submit(sched_jobs.record, str(order), "heavy") for _ in range(30)]
         wait_until(lambda: heavy.status()["queued"] == 60, what="all 60 jobs to be queued")
-        weights = {c["weight"] for c in heavy.status()["clients"]}
-        assert weights == {1.0, 2.0}
         release.touch()
         blocker.result(timeout=30)
         for f in futures:
             f.result(timeout=60)
+        weights = sorted(c["weight"] for c in heavy.status()["clients"])
     ran = lines(order)
     assert len(ran) == 60
     # 2:1 gives 10 of the first 15 and 20 of the first 30 to the heavy client;
     # equal shares would give 7 or 8 and 15, first come first served 0 or 15.
     assert 9 <= ran[:15].count("heavy") <= 11, ran
     assert 18 <= ran[:30].count("heavy") <= 22, ran
+    assert weights == [1.0, 1.0, 2.0]
 
 
 def test_weight_is_checked(cluster):
     for bad in (0, -1, True, "2"):
         with pytest.raises(ValueError, match="weight"):
             cluster.executor(weight=bad)
+
+
+def test_a_job_run_while_its_parent_waits_does_not_see_the_parents_resources(make_cluster):
+    """Jobs of one process that run while another waits get their own CW_JOB_* (the
+    environment is the process's), not those of the waiting job."""
+    cluster = make_cluster(workers=1, resources="cpu=2")
+    with cluster.executor() as ex:
+        parent, child = ex.submit(sched_jobs.parent_env_and_child_env, resources={"cpu": 2, "mem": "1M"}).result(60)
+    assert parent == {"CUDA_VISIBLE_DEVICES": None, "CW_JOB_CPUS": "2", "CW_JOB_MEM": "1048576"}
+    assert child == {"CUDA_VISIBLE_DEVICES": None, "CW_JOB_CPUS": None, "CW_JOB_MEM": None}
