@@ -160,11 +160,13 @@ class Session:
         self.envs: dict[int, dict] = {}    # gid -> environment from its JOB_ENV, until its JOB comes
         self.local = threading.local()     # the job a runner thread runs: ctx, env, children (futures)
         self.base_env = {name: os.environ.get(name) for name in self.MANAGED_ENV}
+        self.applied_env = self.base_env   # what the managed variables are set to now
         self.token_free = True             # no thread runs a job now (see run)
         self.resumers: collections.deque = collections.deque()   # Events of waiting jobs ready to go on
         self.retire = 0                    # runners that should park (their jobs came back)
         self.parked: list = []             # Events of parked runner threads
         self.active = 0                    # jobs started and not finished (running or waiting)
+        self.ended = threading.Event()     # set once lost or draining with no job left
         self.reader = threading.Thread(target=self._read, name="cw-worker-reader", daemon=True)
 
     def _read(self) -> None:
@@ -210,6 +212,7 @@ class Session:
         with self.cond:
             self.lost = True
             self.cond.notify_all()
+            self._check_end()
 
     def _put(self, item) -> None:
         with self.cond:
@@ -233,6 +236,7 @@ class Session:
             unstarted = [item[1] for item in self.queue if item[0] == "job"]
             self.queue = collections.deque(item for item in self.queue if item[0] != "job")
             self.cond.notify_all()
+            self._check_end()
         try:
             for gid in unstarted:
                 self.link.post(protocol.encode_revoked(gid, True))
@@ -257,11 +261,18 @@ class Session:
         self.reader.start()
         with self.cond:
             self._add_runner()
-            while not ((self.lost or self.state.draining) and self.active == 0):
-                self.cond.wait()
+        # An Event of its own: waiting on self.cond, this thread would be woken
+        # (for nothing) by every job's notifications.
+        self.ended.wait()
+        with self.cond:
             for wake in self.parked:
                 wake.set()          # they see the session is over and end
             return not self.lost
+
+    def _check_end(self) -> None:
+        """With self.cond held: the session is over once lost or draining and no job is left."""
+        if (self.lost or self.state.draining) and self.active == 0:
+            self.ended.set()
 
     def _add_runner(self) -> None:
         """With self.cond held: one more runner, a parked one if there is one."""
@@ -273,14 +284,21 @@ class Session:
     def _runner(self) -> None:
         cond = self.cond
         wake = threading.Event()
+        finished = False               # it just ran a job: give the token back first
         while True:
-            with cond:
+            with cond:                 # one lock round per job: finish the last, take the next
+                if finished:
+                    finished = False
+                    self.active -= 1
+                    self._pass_token()
+                    self._check_end()
                 while not (self.retire or self.lost or self.state.draining or (self.queue and self.token_free)):
                     cond.wait()
                 if self.retire or self.lost or self.state.draining:
                     if self.retire:
                         self.retire -= 1
                     if self.lost or self.state.draining:
+                        self._check_end()
                         return
                     self.parked.append(wake)
                     item = None
@@ -295,9 +313,7 @@ class Session:
             try:
                 self._run_item(item)
             finally:
-                with cond:
-                    self.active -= 1
-                    self._pass_token()
+                finished = True
 
     def _pass_token(self) -> None:
         """With self.cond held: the token goes to a job that waited for it, or is free."""
@@ -321,7 +337,7 @@ class Session:
         job.ctx, job.children = ctx, []
         job.env = self._job_environ(env)
         self.runner.enter(ctx)
-        _set_environ(job.env)
+        self._apply_environ(job.env)
         output.begin()
         try:
             status, data = run_payload(payload)
@@ -345,10 +361,16 @@ class Session:
     def _job_environ(self, env: dict | None) -> dict:
         """The managed variables as this job must see them: other jobs of this
         process (waiting on their children) may have set them for themselves."""
+        if not env:
+            return self.base_env
         target = dict(self.base_env)
-        if env:
-            target.update(env)
+        target.update(env)
         return target
+
+    def _apply_environ(self, target: dict) -> None:
+        if target is not self.applied_env:     # most jobs: the same as the last one's
+            _set_environ(target)
+            self.applied_env = target
 
     def help_while(self, future, timeout: float | None) -> None:
         """Called when a running job waits on ``future`` (a job it submitted):
@@ -385,7 +407,7 @@ class Session:
         except OSError:
             pass
         self.runner.enter(job.ctx)
-        _set_environ(job.env)
+        self._apply_environ(job.env)
 
     def track_child(self, future) -> None:
         """A future the running job submitted (see _NestedExecutor)."""
