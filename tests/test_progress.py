@@ -6,6 +6,7 @@ import concurrent.futures
 import importlib.util
 import io
 import re
+import sys
 import threading
 
 import pytest
@@ -214,10 +215,15 @@ def test_track_closes_the_display_and_the_iterable_when_closed_early(plain):
     assert len(lines(buf)) == 1
 
 
-@pytest.mark.skipif(HAS_TQDM, reason="tqdm is installed here")
-def test_use_tqdm_true_without_tqdm_says_how_to_get_it():
-    with pytest.raises(ImportError, match="pip install tqdm"):
-        Progress(use_tqdm=True)
+def test_use_tqdm_true_without_tqdm_says_how_to_get_it(monkeypatch):
+    # tqdm made unimportable (a None entry in sys.modules makes `import` fail).
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    progress_module._load_tqdm.cache_clear()
+    try:
+        with pytest.raises(ImportError, match="pip install tqdm"):
+            Progress(use_tqdm=True)
+    finally:
+        progress_module._load_tqdm.cache_clear()
 
 
 @pytest.mark.skipif(not HAS_TQDM, reason="tqdm is not installed (optional); the plain display is tested above")
