@@ -147,8 +147,8 @@ def _nested_executor_class():
 class Session:
     """One connection to the master.  A reader thread takes frames off the
     socket: jobs (and the contexts they need) go to a local queue; PINGs,
-    REVOKEs and ABORTs are answered at once, even while a job runs.  This
-    process's main thread runs the queued jobs, one at a time, in order."""
+    REVOKEs and ABORTs are answered at once, even while a job runs.  Runner
+    threads run the queued jobs, one at a time, in order (see run)."""
 
     def __init__(self, link, runner: JobRunner, state: WorkerState):
         self.link = link
@@ -422,15 +422,14 @@ class WorkerState:
     def __init__(self):
         self.lock = threading.Lock()
         self.running: dict[int, threading.Timer | None] = {}   # gid -> its timeout's timer
-        self.aborted: set[int] = set()     # ABORTs for jobs between the queue and running
+        self.aborted: dict[int, None] = {}   # ABORTs for jobs between the queue and running (oldest first)
         self.draining = False
         self.session: Session | None = None
 
     def start(self, gid: int, timeout: float) -> bool:
         """Registers a job as running; False if it was aborted already."""
         with self.lock:
-            if gid in self.aborted:
-                self.aborted.discard(gid)
+            if self.aborted.pop(gid, 0) is None:
                 return False
             timer = None
             if timeout > 0:
@@ -469,9 +468,11 @@ class WorkerState:
     def abort(self, gid: int) -> None:
         with self.lock:
             if gid not in self.running:
-                # Taken off the queue but not started yet (or finished): start() refuses it.
-                if len(self.aborted) < 10000:
-                    self.aborted.add(gid)
+                # Taken off the queue but not started yet (or finished: then the
+                # entry is never used, and the oldest ones are forgotten).
+                self.aborted[gid] = None
+                if len(self.aborted) > 1000:
+                    del self.aborted[next(iter(self.aborted))]
                 return
             if gid in self.running:
                 log.info("job %d was cancelled by its client; this worker process is replaced", gid)
