@@ -170,14 +170,18 @@ class ClusterFuture(concurrent.futures.Future):
         return "running" if self.jobid in self._executor._running_jobids() else "queued"
 
     def result(self, timeout=None):
-        if _wait_hook is not None and not self.done():
-            _wait_hook(self, timeout)
-        return super().result(timeout)
+        return super().result(self._help(timeout))
 
     def exception(self, timeout=None):
-        if _wait_hook is not None and not self.done():
-            _wait_hook(self, timeout)
-        return super().exception(timeout)
+        return super().exception(self._help(timeout))
+
+    def _help(self, timeout):
+        """Inside a job, waiting lends the worker (see _wait_hook); returns the time left."""
+        if _wait_hook is None or self.done():
+            return timeout
+        start = time.monotonic()
+        _wait_hook(self, timeout)
+        return None if timeout is None else max(0.0, timeout - (time.monotonic() - start))
 
     def cancel(self) -> bool:
         # Unlike a thread pool, a cw job can be withdrawn until its result is
