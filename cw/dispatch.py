@@ -71,7 +71,7 @@ QUEUED, HELD, RUNNING, DONE = "queued", "held", "running", "done"   # HELD: sent
 
 
 class Job:
-    __slots__ = ("attempts", "client", "gid", "jobid", "lost_on", "max_attempts", "need", "payload", "pinned",
+    __slots__ = ("attempts", "client", "gid", "jobid", "lost_on", "max_attempts", "payload", "pinned",
                  "priority", "queue", "state", "timeout", "worker")
 
     def __init__(self, gid, client, jobid, payload, max_attempts, timeout, priority, queue):
@@ -88,7 +88,11 @@ class Job:
         self.pinned = False           # its worker said it started it: never ask for it back
         self.priority = priority
         self.queue = queue            # the JobQueue it waits in (its shape)
-        self.need = queue.need
+
+    @property
+    def need(self) -> dict:
+        """What it asks of a worker's machine (its queue's: no copy per job, B5 counts bytes)."""
+        return self.queue.need
 
 
 class JobQueue:
