@@ -518,8 +518,7 @@ class ClusterExecutor(concurrent.futures.Executor):
         {WorkerInfo(host, pid): result}.  If some failed, raises the first
         failure once all are done, with the failed workers listed in a note."""
         futures = self.submit_on_all(fn, *args, **kwargs)
-        concurrent.futures.wait(list(futures.values()))
-        failed = {w: f.exception() for w, f in futures.items() if f.exception() is not None}
+        failed = _failures(futures)
         if failed:
             first = next(iter(failed.values()))
             first.add_note("failed on " + ", ".join(f"{w.host} pid {w.pid}: {type(e).__name__}: {e}"
@@ -543,8 +542,7 @@ class ClusterExecutor(concurrent.futures.Executor):
             self._link.post(protocol.frame(protocol.SETUP, dumps_call(install_packages,
                                                                       (packages, pip_args, timeout, call), {})))
         futures = self.submit_on_all(install_packages, packages, pip_args, timeout, call)
-        concurrent.futures.wait(list(futures.values()))
-        failed = {w: f.exception() for w, f in futures.items() if f.exception() is not None}
+        failed = _failures(futures)
         if failed:
             lines = [f"- {w.host} pid {w.pid}: {e}" for w, e in failed.items()]
             raise InstallError(f"installing {' '.join(packages)} failed on {len(failed)} of {len(futures)} "
@@ -574,6 +572,12 @@ class ClusterExecutor(concurrent.futures.Executor):
                 return
             self._closing = True
         self._link.close()
+
+
+def _failures(futures: dict) -> dict:
+    """Waits for every future of {worker: future}; returns {worker: exception} of those that failed."""
+    concurrent.futures.wait(list(futures.values()))
+    return {w: f.exception() for w, f in futures.items() if f.exception() is not None}
 
 
 _executor_lock = threading.Lock()

@@ -190,6 +190,11 @@ class WorkerState:
         self.since = now
 
 
+def _running(worker) -> list:
+    """The jobs a worker runs: the first it holds, and those it started while lent."""
+    return list(worker.jobs)[:1 + worker.lent]
+
+
 def _still_waiting(job) -> bool:
     """A queued job that may go as soon as it fits (its client is there and reads)."""
     return job.state == QUEUED and job.client is not None and not job.client.paused
@@ -492,7 +497,7 @@ class Dispatcher:
             job = jobs[0]
         else:
             # While lent, the worker runs jobs sent after the one it lent for.
-            job = next((j for j in list(jobs)[1:1 + worker.lent] if j.gid == gid), None)
+            job = next((j for j in _running(worker)[1:] if j.gid == gid), None)
             if job is None:
                 raise ProtocolError(f"the worker sent an outcome for job {gid}, which it was not running")
         self._leave(worker, job)
@@ -512,7 +517,7 @@ class Dispatcher:
     def output(self, wid: int, gid: int, text: bytes) -> None:
         """What a job printed (it comes just before its outcome): on to its client."""
         worker = self.workers[wid]
-        job = next((j for j in list(worker.jobs)[:1 + worker.lent] if j.gid == gid), None)
+        job = next((j for j in _running(worker) if j.gid == gid), None)
         if job is None:
             raise ProtocolError(f"the worker sent output of job {gid}, which it was not running")
         if job.client is not None:
@@ -623,16 +628,13 @@ class Dispatcher:
                     if growth is not None:
                         return worker, growth
             return None
-        if queue.tag is not None:
-            limit = self.limits.get(queue.tag)
-            if limit is not None and self.tagged.get(queue.tag, 0) >= limit:
-                return None
-        allowed = queue.allowed
+        if self._at_limit(queue.tag):
+            return None
         for wid in self.idle:
             worker = workers[wid]
             if worker.jobs:
                 continue       # lent: it takes only jobs that ask for nothing more
-            if allowed is not None and wid not in allowed and worker.info.get("host") not in allowed:
+            if not self._allowed(queue, worker):
                 continue
             growth = self._fits(worker, job)
             if growth is not None:
@@ -675,10 +677,8 @@ class Dispatcher:
         self._check_placeable(client, queue, job)
         if queue.reason is not None or not reserve or job.need is PLAIN:
             return
-        if queue.tag is not None:
-            limit = self.limits.get(queue.tag)
-            if limit is not None and self.tagged.get(queue.tag, 0) >= limit:
-                return              # waits for the limit, not for room: keeping a machine helps nothing
+        if self._at_limit(queue.tag):
+            return                  # waits for the limit, not for room: keeping a machine helps nothing
         if any(node.reserved_for is job for node in self.nodes.values()):
             return
         for worker in self.workers.values():
@@ -716,6 +716,11 @@ class Dispatcher:
                     job = queue.head()
                     if job is not None:
                         self._check_placeable(client, queue, job)
+
+    def _at_limit(self, tag: str | None) -> bool:
+        """Jobs with this tag run as many at once as its limit allows."""
+        limit = self.limits.get(tag) if tag is not None else None
+        return limit is not None and self.tagged.get(tag, 0) >= limit
 
     @staticmethod
     def _allowed(queue: JobQueue, worker: WorkerState) -> bool:
@@ -873,7 +878,6 @@ class Dispatcher:
                     continue
                 body = json.dumps({"reason": queue.reason, "waited": round(now - since, 1)}).encode()
                 for job in list(queue.jobs()):
-                    job.queue.pop_head() if queue.head() is job else None
                     self.queued -= 1
                     client.queued -= 1
                     self._finish(job, protocol.UNPLACEABLE, b"master:0", body)
@@ -890,8 +894,8 @@ class Dispatcher:
             "node": w.node.key.partition(":")[2] if w.node.key.startswith("node:") else None,
             "resources": w.node.capacity,
             "state": "draining" if w.draining else "lending" if w.lent else "busy" if w.jobs else "idle",
-            "current": [j.jobid for j in list(w.jobs)[:1 + w.lent] if j.client is not None],
-            "current_jobs": _by_client(list(w.jobs)[:1 + w.lent]),
+            "current": [j.jobid for j in _running(w) if j.client is not None],
+            "current_jobs": _by_client(_running(w)),
             "held": max(0, len(w.jobs) - 1 - w.lent), "jobs_done": w.done, "failures": w.failures,
             "connected_s": round(now - w.since, 3),
         } for w in self.workers.values()]

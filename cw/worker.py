@@ -75,19 +75,15 @@ class JobRunner:
         self.current = ctx
 
 
-def _set_environ(env: dict) -> dict:
-    """Sets (or, for None values, removes) environment variables; returns
-    what restores them."""
-    saved = {}
+def _set_environ(env: dict) -> None:
+    """Sets (or, for None values, removes) environment variables."""
     for name, value in env.items():
         if not isinstance(name, str):
             continue
-        saved[name] = os.environ.get(name)
         if value is None:
             os.environ.pop(name, None)
         else:
             os.environ[name] = str(value)
-    return saved
 
 
 #: Depth in its tree of the job running now (0: submitted by a client, not a job).

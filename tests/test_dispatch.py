@@ -15,10 +15,13 @@ CTX1 = b'{"cwd":"/home/a","path":["/home/a"]}'
 
 BODY_DECODERS = {
     p.JOB: p.decode_job,
+    p.JOB_ENV: p.decode_job_env,
     p.CONTEXT: p.decode_context_for_worker,
     p.RESULT: p.decode_result,
     p.CANCELLED: p.decode_cancelled,
     p.ABORT: p.decode_abort,
+    p.REVOKE: p.decode_revoke,
+    p.NOTICE: p.decode_notice,
 }
 
 
@@ -648,7 +651,6 @@ def test_two_clients_all_jobs_complete_each_gets_only_its_results():
 
 # --- slots (a held next job per worker) and work stealing --------------------
 
-BODY_DECODERS[p.REVOKE] = p.decode_revoke
 
 
 def jobs_by_worker(msgs):

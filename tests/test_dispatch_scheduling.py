@@ -9,6 +9,7 @@ import json
 from collections import deque
 
 import pytest
+from test_dispatch import drain, of, payload  # the same outbox decoding
 
 from cw import protocol as p
 from cw.dispatch import DEFAULT_RETRIES, Dispatcher
@@ -17,18 +18,6 @@ from cw.errors import ProtocolError
 C1, C2, C3 = 101, 102, 103       # client peer ids
 W1, W2, W3, W4, W5 = 1, 2, 3, 4, 5   # worker peer ids
 GIB = 1 << 30
-
-BODY_DECODERS = {
-    p.JOB: p.decode_job,
-    p.JOB_ENV: p.decode_job_env,
-    p.CONTEXT: p.decode_context_for_worker,
-    p.RESULT: p.decode_result,
-    p.CANCELLED: p.decode_cancelled,
-    p.ABORT: p.decode_abort,
-    p.REVOKE: p.decode_revoke,
-    p.NOTICE: p.decode_notice,
-}
-
 
 # --- helpers ---------------------------------------------------------------------
 
@@ -40,28 +29,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-def drain(d):
-    """Empties d.outbox; returns [(peer, frame type, decoded fields)] in order."""
-    out = []
-    for peer, f in d.outbox:
-        dec = p.FrameDecoder()
-        dec.feed(b"".join(f) if isinstance(f, tuple) else f)
-        ftype, body = dec.next_frame()
-        assert dec.buffered == 0, "each outbox entry must be exactly one frame"
-        out.append((peer, ftype, BODY_DECODERS[ftype](body)))
-    d.outbox.clear()
-    return out
-
-
-def of(msgs, ftype, peer=None):
-    """The decoded fields of the frames of one type (to one peer)."""
-    return [fields for to, t, fields in msgs if t == ftype and (peer is None or to == peer)]
-
-
-def payload(cid, jobid):
-    return b"payload-%d-%d" % (cid, jobid)
 
 
 def who(job_payload):
