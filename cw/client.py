@@ -19,7 +19,7 @@ import threading
 import time
 from typing import NamedTuple
 
-from . import PORT, protocol, settings
+from . import PORT, buffers, protocol, settings
 from .auth import load_secret
 from .dispatch import DEFAULT_RETRIES
 from .errors import BrokenCluster, CwError, ProtocolError, Unplaceable, WorkerLost
@@ -382,8 +382,10 @@ class ClusterExecutor(concurrent.futures.Executor):
                     self._on_output(*protocol.decode_output_for_client(body))
                 elif ftype == protocol.NOTICE:
                     self._on_notice(*protocol.decode_notice(body))
-                elif ftype in (protocol.CANCELLED, protocol.PING):
-                    pass  # a cancelled future is done already; a PING only shows the master lives
+                elif ftype == protocol.PING:
+                    buffers.POOL.release_idle()   # (a PING shows the master lives; it comes every few seconds)
+                elif ftype == protocol.CANCELLED:
+                    pass  # a cancelled future is done already
                 elif ftype == protocol.STATUS:
                     reqid, status = protocol.decode_status(body)
                     waiter = self._status_waiters.pop(reqid, None)
@@ -534,13 +536,13 @@ class ClusterExecutor(concurrent.futures.Executor):
         connect later install them too, before their first job.
         ``pip_args``: extra pip options (``["--index-url", URL]``)."""
         from .install import InstallError, check_packages, install_packages
-        from .payload import dumps_call
+        from .payload import dumps_call, joined
         packages = check_packages(packages)
         pip_args = [str(a) for a in pip_args]
         call = os.urandom(8).hex()
         if sticky:
-            self._link.post(protocol.frame(protocol.SETUP, dumps_call(install_packages,
-                                                                      (packages, pip_args, timeout, call), {})))
+            self._link.post(protocol.frame(protocol.SETUP, joined(dumps_call(
+                install_packages, (packages, pip_args, timeout, call), {}))))
         futures = self.submit_on_all(install_packages, packages, pip_args, timeout, call)
         failed = _failures(futures)
         if failed:

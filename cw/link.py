@@ -90,9 +90,18 @@ class Link:
         with self._send_lock:
             if sum(len(c) for c in flat) < 64 * 1024:
                 self.sock.sendall(b"".join(flat))
-            else:
-                for c in flat:          # big payloads go out as they are, uncopied
-                    self.sock.sendall(c)
+                return
+            small = []
+            for c in flat:              # big payloads go out as they are, uncopied
+                if len(c) < 64 * 1024:
+                    small.append(c)
+                    continue
+                if small:
+                    self.sock.sendall(b"".join(small))
+                    small = []
+                self.sock.sendall(c)
+            if small:
+                self.sock.sendall(b"".join(small))
 
     def try_send(self, frame: bytes) -> bool:
         """Sends a small frame unless another thread is sending right now (whose
@@ -198,7 +207,8 @@ class _Writer:
             for chunk in chunks:
                 if type(chunk) is tuple:
                     self.pending.extend(chunk)
-                    self.pending_bytes += len(chunk[0]) + len(chunk[1])
+                    for part in chunk:
+                        self.pending_bytes += len(part)
                 else:
                     self.pending.append(chunk)
                     self.pending_bytes += len(chunk)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import ipaddress
 import json
 import logging
@@ -21,7 +22,7 @@ import signal
 import socket
 import sys
 
-from . import PORT, __version__, protocol, settings
+from . import PORT, __version__, buffers, protocol, settings
 from .auth import load_secret
 from .dispatch import Dispatcher
 from .errors import AuthenticationError, CwError, ProtocolError
@@ -30,6 +31,8 @@ log = logging.getLogger("cw.master")
 
 HANDSHAKE_TIMEOUT = settings.HANDSHAKE_TIMEOUT
 _READ_SIZE = 256 * 1024
+#: A large payload goes to the transport this much at a time (see PeerConnection.write).
+_SLICE = 1024 * 1024
 
 
 class Master:
@@ -100,6 +103,7 @@ class Master:
                 else:
                     conn.write((protocol.PING_FRAME,))
             self.flush()
+            buffers.POOL.release_idle()
 
     async def expire_unplaceable(self) -> None:
         """Fails jobs that no worker could run for longer than the dispatcher allows."""
@@ -149,6 +153,7 @@ class PeerConnection(asyncio.BufferedProtocol):
         self.last_heard = 0.0
         self.reading_paused = False
         self.direct = None
+        self.backlog = collections.deque()   # what waits behind a large payload being written
 
     # --- asyncio callbacks ------------------------------------------------
 
@@ -212,11 +217,14 @@ class PeerConnection(asyncio.BufferedProtocol):
         if self.role == "client":
             self.dispatcher.resume_client(self.peer_id)
             self.master.flush()
+        if self.backlog:
+            self._write_backlog()
 
     def connection_lost(self, exc) -> None:
         if self.timer is not None:
             self.timer.cancel()
         self.handler = None
+        self.backlog.clear()
         self.master.connections.discard(self)
         if self.peer_id is not None:
             self.master.peers.pop(self.peer_id, None)
@@ -230,19 +238,51 @@ class PeerConnection(asyncio.BufferedProtocol):
     # --- writing and dropping ----------------------------------------------
 
     def write(self, chunks) -> None:
+        """Writes frames (a list of chunks), small ones joined into one write.
+
+        A large payload is handed to the transport a slice at a time, each
+        when the transport has sent everything before it.  Given all at once,
+        asyncio (3.11) would copy what the socket does not take at once into
+        its own buffer and move the rest of that buffer down after every send:
+        for 100 MB, more time than the sending.  While a payload is on its
+        way, the write buffer limits are zero, so the transport calls
+        ``resume_writing`` as soon as it has sent a slice; later frames wait
+        behind it in ``backlog``, in order."""
         if self.transport.is_closing():
             return
+        if self.backlog:
+            self.backlog.extend(chunks)
+            return
         small = []
-        for chunk in chunks:
+        for i, chunk in enumerate(chunks):
             if len(chunk) < protocol.LARGE_FRAME:
                 small.append(chunk)
                 continue
             if small:
                 self.transport.write(b"".join(small))
-                small = []
-            self.transport.write(chunk)   # a large payload as it is, not joined into a copy
+            self.backlog.extend(chunks[i:])
+            self.transport.set_write_buffer_limits(0, 0)
+            self._write_backlog()
+            return
         if small:
             self.transport.write(small[0] if len(small) == 1 else b"".join(small))
+
+    def _write_backlog(self) -> None:
+        transport = self.transport
+        backlog = self.backlog
+        while backlog and not transport.get_write_buffer_size() and not transport.is_closing():
+            chunk = backlog.popleft()
+            if len(chunk) > _SLICE:
+                backlog.appendleft(memoryview(chunk)[_SLICE:])
+                chunk = memoryview(chunk)[:_SLICE]
+            elif len(chunk) < protocol.LARGE_FRAME:
+                small = [chunk]
+                while backlog and len(backlog[0]) < protocol.LARGE_FRAME:
+                    small.append(backlog.popleft())
+                chunk = b"".join(small)
+            transport.write(chunk)
+        if not backlog:
+            transport.set_write_buffer_limits(settings.WRITE_HIGH_WATER, settings.WRITE_LOW_WATER)
 
     def drop(self, reason: str) -> None:
         """Tells the peer why, then closes: a bad peer costs only itself."""
@@ -250,6 +290,10 @@ class PeerConnection(asyncio.BufferedProtocol):
             return
         log.warning("dropping %s: %s", self.name, reason)
         self.handler = None
+        if self.backlog:                # in the middle of a large frame: nothing more can be said
+            self.backlog.clear()
+            self.transport.abort()
+            return
         if not self.transport.is_closing():
             self.transport.write(protocol.encode_error(reason))
             self.transport.close()

@@ -5,10 +5,22 @@ A job payload is the pickled ``(func, args, kwargs)``, or for a chunk of
 pickled return value, or a pickled ``(exception, traceback text)`` pair.  Each
 stage that can fail raises its own ``SerializationError`` subclass, so the
 user learns whether the call or the result could not travel, and on which side.
+
+Big buffers travel out of band (pickle protocol 5): a numpy array's data, a
+``PickleBuffer``, and a ``bytes`` object passed as an argument or returned as
+the result are not copied into the pickle but sent as they are after it, and
+the receiver unpickles with views of the frame it received.  Such a payload
+is a tuple of chunks, and on the wire::
+
+    0xFF, buffer count u32, pickle length u64, each buffer's length u64,
+    the pickle, the buffers
+
+(a pickle of protocol 5 starts with 0x80, so the first byte tells the two apart).
 """
 from __future__ import annotations
 
 import pickle
+import struct
 import traceback
 
 import cloudpickle
@@ -25,6 +37,10 @@ from .errors import (
 
 PROTOCOL = 5
 BATCH = "cw-batch"
+#: Buffers at least this big travel out of band; smaller ones are cheaper in the pickle.
+OUT_OF_BAND_MIN = 256 * 1024
+_ENVELOPE = struct.Struct("!BIQ")
+_ENVELOPE_MARK = 0xFF
 
 
 def _describe(exc: BaseException) -> str:
@@ -34,9 +50,10 @@ def _describe(exc: BaseException) -> str:
 _BY_VALUE_MODULES = getattr(getattr(cloudpickle, "cloudpickle", None), "_PICKLE_BY_VALUE_MODULES", None)
 
 
-def dumps(obj) -> bytes:
+def dumps(obj):
     """Pickles user data: with the standard pickler when that is enough, else
-    with cloudpickle.
+    with cloudpickle.  Returns bytes, or a tuple of chunks when big buffers
+    travel out of band (see the module's docstring).
 
     cloudpickle is needed for what the other side cannot import by name:
     lambdas, closures, and anything defined in ``__main__`` (the worker's
@@ -47,28 +64,120 @@ def dumps(obj) -> bytes:
     with ``cloudpickle.register_pickle_by_value`` always go through cloudpickle.
     """
     if _BY_VALUE_MODULES is not None and not _BY_VALUE_MODULES:
+        buffers = []
         try:
-            data = pickle.dumps(obj, PROTOCOL)
+            data = pickle.dumps(obj, PROTOCOL, buffer_callback=buffers.append)
         except Exception:  # noqa: BLE001 - anything plain pickle refuses, cloudpickle gets a go at
             pass
         else:
             if b"__main__" not in data:
-                return data
-    return cloudpickle.dumps(obj, protocol=PROTOCOL)
+                return _with_buffers(obj, data, buffers) if buffers else data
+    buffers = []
+    data = cloudpickle.dumps(obj, protocol=PROTOCOL, buffer_callback=buffers.append)
+    return _with_buffers(obj, data, buffers) if buffers else data
+
+
+def _with_buffers(obj, data: bytes, buffers: list):
+    """The payload of ``obj``, pickled as ``data`` with all its ``buffers``
+    out of band.  If some are small (cheaper copied than viewed, and a small
+    array would keep its whole frame alive) or not contiguous, ``obj`` is
+    pickled again with those in the pickle."""
+    try:
+        views = [b.raw() for b in buffers]
+    except BufferError:
+        views = None
+    if views is None or min(v.nbytes for v in views) < OUT_OF_BAND_MIN:
+        views = []
+
+        def out_of_band(buffer: pickle.PickleBuffer) -> bool:
+            try:
+                view = buffer.raw()
+            except BufferError:         # not contiguous: in the pickle it goes
+                return True
+            if view.nbytes < OUT_OF_BAND_MIN:
+                return True
+            views.append(view)
+            return False
+
+        data = cloudpickle.dumps(obj, protocol=PROTOCOL, buffer_callback=out_of_band)
+        if not views:
+            return data
+    head = _ENVELOPE.pack(_ENVELOPE_MARK, len(views), len(data))
+    lengths = struct.pack(f"!{len(views)}Q", *(v.nbytes for v in views))
+    return (head + lengths + data, *views)
+
+
+def loads(data):
+    """Unpickles what ``dumps`` made, received in one piece (bytes or a view);
+    out-of-band buffers come out as views of ``data``, not copies."""
+    if not data or data[0] != _ENVELOPE_MARK:
+        return pickle.loads(data)
+    view = memoryview(data)
+    if len(view) < _ENVELOPE.size:
+        raise ValueError("payload too short for its out-of-band header")
+    _, count, pickle_len = _ENVELOPE.unpack_from(view)
+    start = _ENVELOPE.size + 8 * count
+    if len(view) < start:
+        raise ValueError("payload too short for its out-of-band buffer lengths")
+    lengths = struct.unpack_from(f"!{count}Q", view, _ENVELOPE.size)
+    if start + pickle_len + sum(lengths) != len(view):
+        raise ValueError(f"payload of {len(view)} bytes does not match its out-of-band lengths")
+    pos = start + pickle_len
+    buffers = []
+    for length in lengths:
+        buffers.append(view[pos:pos + length])
+        pos += length
+    return pickle.loads(view[start:start + pickle_len], buffers=buffers)
+
+
+def joined(payload) -> bytes:
+    """A payload as one bytes object (for the few places that store it whole)."""
+    return b"".join(payload) if type(payload) is tuple else payload
+
+
+class _BigBytes:
+    """Stands in for a big ``bytes`` argument or result, so that it travels
+    out of band: plain pickle copies ``bytes`` into the pickle and never asks
+    a ``reducer_override``.  It unpickles as a ``bytes`` object."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes):
+        self.data = data
+
+    def __reduce_ex__(self, protocol):
+        return bytes, (pickle.PickleBuffer(self.data),)
+
+
+def _big_bytes(value):
+    return _BigBytes(value) if type(value) is bytes and len(value) >= OUT_OF_BAND_MIN else value
+
+
+def _wrap_big_bytes(args, kwargs):
+    for a in args:
+        if type(a) is bytes and len(a) >= OUT_OF_BAND_MIN:
+            args = tuple(map(_big_bytes, args))
+            break
+    if kwargs:
+        for v in kwargs.values():
+            if type(v) is bytes and len(v) >= OUT_OF_BAND_MIN:
+                kwargs = {k: _big_bytes(v) for k, v in kwargs.items()}
+                break
+    return args, kwargs
 
 
 # --- client side ------------------------------------------------------------
 
-def dumps_call(func, args, kwargs) -> bytes:
+def dumps_call(func, args, kwargs):
     try:
-        return dumps((func, args, kwargs))
+        return dumps((func, *_wrap_big_bytes(args, kwargs)))
     except (Exception, SystemExit) as exc:
         raise CallPicklingError(
             f"cannot pickle the call {_name(func)}(...) to send it to a worker ({_describe(exc)}); "
             "pass arguments that pickle, or create unpicklable objects inside the job") from exc
 
 
-def dumps_batch(func, arglists) -> bytes:
+def dumps_batch(func, arglists):
     try:
         return dumps((BATCH, func, arglists))
     except (Exception, SystemExit) as exc:
@@ -81,11 +190,11 @@ def load_outcome(status: int, data):
     """Returns ``(True, value)`` or ``(False, exception)`` for a RESULT's payload."""
     if status == protocol.OK:
         try:
-            return True, pickle.loads(data)
+            return True, loads(data)
         except BaseException as exc:  # noqa: BLE001 - any failure of user code in __setstate__
             return False, _unpickling_error("the job's result", exc)
     try:
-        exc, tb = pickle.loads(data)
+        exc, tb = loads(data)
     except BaseException as exc:  # noqa: BLE001
         return False, _unpickling_error("the exception the job raised", exc)
     if tb:
@@ -114,16 +223,20 @@ def batch_items(outcomes):
 
 # --- worker side ------------------------------------------------------------
 
-def run_payload(data) -> tuple[int, bytes]:
+def run_payload(data, hold: list | None = None):
     """Runs one job payload; returns ``(status, outcome payload)``.  Never raises
     for anything the job does, except KeyboardInterrupt and the like, which end
-    the worker (the master then re-runs the job elsewhere)."""
+    the worker (the master then re-runs the job elsewhere).  The unpickled
+    call is appended to ``hold``: the caller lets go of the arguments after
+    sending the outcome (freeing 100 MB takes milliseconds)."""
     try:
-        call = pickle.loads(data)
+        call = loads(data)
     except (Exception, SystemExit) as exc:
         return error_outcome(CallUnpicklingError(
             f"the worker cannot unpickle the job ({_describe(exc)}); the function's module may be "
             "missing on the worker: install it there, or define the function in the client's script"), exc)
+    if hold is not None:
+        hold.append(call)
     if len(call) == 3 and call[0] == BATCH:
         _, func, arglists = call
         return _run_batch(func, arglists)
@@ -133,14 +246,14 @@ def run_payload(data) -> tuple[int, bytes]:
     except (Exception, SystemExit) as exc:
         return error_outcome(exc)
     try:
-        return protocol.OK, dumps(value)
+        return protocol.OK, dumps(_big_bytes(value))
     except (Exception, SystemExit) as exc:
         return error_outcome(ResultPicklingError(
             f"the worker cannot pickle the result of {_name(func)} ({_describe(exc)}); "
             "return plain data (numbers, strings, lists, dicts, arrays) instead"), exc)
 
 
-def _run_batch(func, arglists) -> tuple[int, bytes]:
+def _run_batch(func, arglists):
     outcomes = []
     for args in arglists:
         try:
@@ -164,7 +277,7 @@ def _run_batch(func, arglists) -> tuple[int, bytes]:
     return protocol.OK, dumps(safe)
 
 
-def error_outcome(exc: BaseException, cause: BaseException | None = None) -> tuple[int, bytes]:
+def error_outcome(exc: BaseException, cause: BaseException | None = None):
     """The outcome of a job that raised ``exc`` (or that cw stopped, as a timeout)."""
     tb = "".join(traceback.format_exception(cause or exc))
     return protocol.RAISED, dumps(_portable(exc, tb))
@@ -175,7 +288,7 @@ def _portable(exc: BaseException, tb: str) -> tuple[BaseException, str]:
     not survive the trip: one that pickles may still fail to unpickle (an
     ``__init__`` with other arguments than ``args``)."""
     try:
-        pickle.loads(dumps((exc, tb)))
+        loads(joined(dumps((exc, tb))))
         return exc, tb
     except Exception as pickling_exc:  # noqa: BLE001 - whatever the exception's own code raises
         return RemoteError(

@@ -28,7 +28,7 @@ import json
 import os
 import struct
 
-from . import settings
+from . import buffers, settings
 from .errors import AuthenticationError, ProtocolError
 
 VERSION = 2
@@ -101,28 +101,35 @@ def frame(ftype: int, body: bytes = b"") -> bytes:
     return HEADER.pack(len(body), ftype) + body
 
 
-def _head(ftype: int, fields: bytes, payload_len: int) -> bytes:
-    return HEADER.pack(len(fields) + payload_len, ftype) + fields
+def _with_payload(ftype: int, fields: bytes, payload) -> tuple:
+    """A frame as (head, payload chunks...): ``payload`` is bytes (or a view),
+    or a tuple of them (big buffers sent out of band, see cw.payload)."""
+    if type(payload) is tuple:
+        size = 0
+        for chunk in payload:
+            size += len(chunk)
+        return (HEADER.pack(len(fields) + size, ftype) + fields, *payload)
+    return HEADER.pack(len(fields) + len(payload), ftype) + fields, payload
 
 
-# --- encoders.  Those carrying a payload return (head, payload) so that a big
-# payload is handed to the socket as it is instead of being copied into a frame.
+# --- encoders.  Those carrying a payload return (head, payload...) so that a
+# big payload is handed to the socket as it is instead of being copied into a frame.
 
 def encode_json(ftype: int, obj) -> bytes:
     return frame(ftype, json.dumps(obj, separators=(",", ":")).encode())
 
 
-def encode_submit(jobid: int, retries: int, timeout: float, payload: bytes) -> tuple[bytes, bytes]:
-    return _head(SUBMIT, _SUBMIT.pack(jobid, retries, timeout), len(payload)), payload
+def encode_submit(jobid: int, retries: int, timeout: float, payload: bytes) -> tuple:
+    return _with_payload(SUBMIT, _SUBMIT.pack(jobid, retries, timeout), payload)
 
 
 def encode_submit_with(jobid: int, retries: int, timeout: float, priority: int, options: dict,
-                       payload: bytes) -> tuple[bytes, bytes]:
+                       payload: bytes) -> tuple:
     """SUBMIT with scheduling options: priority and a JSON object of
     ``resources`` ({name: amount}), ``tag`` (str) and ``workers`` (ids and host names)."""
     opts = json.dumps(options, separators=(",", ":")).encode() if options else b""
     fields = _SUBMIT_WITH.pack(jobid, retries, timeout, priority, len(opts)) + opts
-    return _head(SUBMIT_WITH, fields, len(payload)), payload
+    return _with_payload(SUBMIT_WITH, fields, payload)
 
 
 def encode_job_env(gid: int, env: dict) -> bytes:
@@ -160,17 +167,17 @@ def encode_cancel(jobid: int) -> bytes:
     return frame(CANCEL, _U64.pack(jobid))
 
 
-def encode_job(gid: int, ctx: int, timeout: float, payload: bytes) -> tuple[bytes, bytes]:
-    return _head(JOB, _JOB.pack(gid, ctx, timeout), len(payload)), payload
+def encode_job(gid: int, ctx: int, timeout: float, payload: bytes) -> tuple:
+    return _with_payload(JOB, _JOB.pack(gid, ctx, timeout), payload)
 
 
-def encode_outcome(gid: int, status: int, payload: bytes) -> tuple[bytes, bytes]:
-    return _head(OUTCOME, _OUTCOME.pack(gid, status), len(payload)), payload
+def encode_outcome(gid: int, status: int, payload: bytes) -> tuple:
+    return _with_payload(OUTCOME, _OUTCOME.pack(gid, status), payload)
 
 
-def encode_result(jobid: int, status: int, label: bytes, payload: bytes) -> tuple[bytes, bytes]:
+def encode_result(jobid: int, status: int, label: bytes, payload: bytes) -> tuple:
     fields = _RESULT.pack(jobid, status, len(label)) + label
-    return _head(RESULT, fields, len(payload)), payload
+    return _with_payload(RESULT, fields, payload)
 
 
 def encode_abort(gid: int) -> bytes:
@@ -375,14 +382,17 @@ class FrameDecoder:
     the writable rest of a buffer of exactly the frame's size, for the socket
     to receive into (``recv_into``, asyncio's BufferedProtocol); the caller
     then reports the bytes it wrote with ``direct_filled(n)``.  The body is
-    returned as that bytearray, never copied.
+    returned as a writable memoryview of that buffer, never copied.  The
+    buffer comes from ``allocate(size)``: by default this process's pool of
+    reused buffers (see ``cw.buffers``).
     """
 
-    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME):
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME, allocate=None):
         self.max_frame = max_frame
+        self.allocate = allocate or buffers.POOL.get
         self._buf = bytearray()
         self._pos = 0
-        self._large = None        # (type, bytearray body, bytes filled so far)
+        self._large = None        # (type, writable view of the body, bytes filled so far)
 
     def feed(self, data) -> None:
         if self._large is not None:
@@ -412,7 +422,7 @@ class FrameDecoder:
             if len(buf) - pos < HEADER_SIZE or self._large_pending_check(buf, pos) is None:
                 return None
         ftype, body, filled = self._large
-        return memoryview(body)[filled:] if filled < len(body) else None
+        return body[filled:] if filled < len(body) else None
 
     def direct_filled(self, n: int) -> None:
         ftype, body, filled = self._large
@@ -422,7 +432,7 @@ class FrameDecoder:
         length, ftype = HEADER.unpack_from(buf, pos)
         if length < LARGE_FRAME or length > self.max_frame or len(buf) - pos - HEADER_SIZE >= length:
             return None
-        body = bytearray(length)
+        body = self.allocate(length)
         have = len(buf) - pos - HEADER_SIZE
         body[:have] = buf[pos + HEADER_SIZE:]
         del buf[:]

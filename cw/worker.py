@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 
-from . import PORT, output, protocol, settings
+from . import PORT, buffers, output, protocol, settings
 from .auth import load_secret
 from .errors import AuthenticationError, BrokenCluster, CwError, ProtocolError
 from .link import HandshakeFailed, master_timeout, open_link, parse_address, peer_info
@@ -188,6 +188,7 @@ class Session:
                     self.envs[gid] = env
                 elif ftype == protocol.PING:
                     link.post_nowait(protocol.PONG_FRAME)
+                    buffers.POOL.release_idle()     # pings come every few seconds
                 elif ftype == protocol.REVOKE:
                     gid = protocol.decode_revoke(body)
                     link.post(protocol.encode_revoked(gid, self._take_back(gid)), direct=False)
@@ -335,8 +336,9 @@ class Session:
         self.runner.enter(ctx)
         self._apply_environ(job.env)
         output.begin()
+        call = []
         try:
-            status, data = run_payload(payload)
+            status, data = run_payload(payload, call)
         finally:
             printed = output.end()
             # A job's unfinished children die with it: nobody will wait for them.

@@ -56,3 +56,9 @@ def hard_exit():
 def sleep(seconds, value=None):
     time.sleep(seconds)
     return value
+
+
+def filled(n):
+    """``n`` bytes, all of them written (unlike ``bytes(n)``, whose pages the
+    kernel maps lazily): a big result."""
+    return b"\x01" * n
