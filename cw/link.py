@@ -20,6 +20,8 @@ log = logging.getLogger("cw.link")
 
 HANDSHAKE_TIMEOUT = settings.HANDSHAKE_TIMEOUT
 _RECV_SIZE = 256 * 1024
+#: Posts closer together than this (seconds) are a burst, sent by the writer thread.
+BURST_GAP = 50e-6
 
 
 def parse_address(address: str | None, default_port: int = PORT) -> tuple[str, int]:
@@ -174,20 +176,27 @@ class _Writer:
         self.error: OSError | None = None
         self.stopped = False
         self.sending = False
+        self.last_post = 0.0
+        self.waiters = 0            # threads waiting for room (post) or for all to be sent (drain)
         self.thread = threading.Thread(target=self._run, name="cw-writer", daemon=True)
         self.thread.start()
 
     def post(self, chunks, direct: bool = True) -> None:
         with self.cond:
             while self.pending_bytes > self.MAX_PENDING and self.error is None and not self.stopped:
+                self.waiters += 1
                 self.cond.wait()
+                self.waiters -= 1
             if self.error is not None:
                 raise self.error
             if self.stopped:
                 raise OSError(f"the connection to {self.link.address} is closed")
-            # Nothing queued or going out: send from this thread, with no
-            # hand-over to the writer (a lone round trip stays fast).
-            direct = direct and not self.pending and not self.sending
+            # Nothing queued or going out, and no post just before (a burst
+            # is sent by the writer, many frames per send): send from this
+            # thread, with no hand-over to the writer (a lone round trip stays fast).
+            now = time.perf_counter()
+            direct = direct and not self.pending and not self.sending and now - self.last_post > BURST_GAP
+            self.last_post = now
             if direct:
                 self.sending = True
         if direct:
@@ -200,7 +209,8 @@ class _Writer:
             finally:
                 with self.cond:
                     self.sending = False
-                    self.cond.notify_all()
+                    if self.pending or self.waiters:   # (a wake-up per job costs as much as the job)
+                        self.cond.notify_all()
             return
         with self.cond:
             wake = not self.pending
@@ -224,7 +234,8 @@ class _Writer:
                     return
                 batch, self.pending, self.pending_bytes = self.pending, [], 0
                 self.sending = True
-                self.cond.notify_all()
+                if self.waiters:
+                    self.cond.notify_all()
             try:
                 self.link.send(*batch)
             except OSError as exc:
@@ -235,12 +246,17 @@ class _Writer:
                 return
             with self.cond:
                 self.sending = False
-                self.cond.notify_all()
+                if self.waiters:
+                    self.cond.notify_all()
 
     def drain(self, timeout: float) -> None:
         """Waits until everything posted so far has been sent (or failed)."""
         with self.cond:
-            self.cond.wait_for(lambda: not (self.pending or self.sending) or self.error or self.stopped, timeout)
+            self.waiters += 1
+            try:
+                self.cond.wait_for(lambda: not (self.pending or self.sending) or self.error or self.stopped, timeout)
+            finally:
+                self.waiters -= 1
 
     def stop(self) -> None:
         with self.cond:
