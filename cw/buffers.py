@@ -11,9 +11,9 @@ once instead of once per frame.
 A buffer is free again when nothing refers to it but the pool: the frame's
 payload was sent on, its job finished, and no unpickled object (a numpy array
 reconstructed from an out-of-band buffer) views it.  Free buffers are given
-back to the system once unused for ``idle`` seconds, and the pool never keeps
-more than ``keep`` bytes of free buffers, so a process does not stay big
-after one big transfer.
+back to the system once unused for ``idle`` seconds, and the pool holds on to
+at most ``keep`` bytes of buffers (in use or free; a buffer beyond that is
+not pooled), so a process does not stay big after one big transfer.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 
-#: Most bytes of free buffers a process keeps for reuse.
+#: Most bytes of buffers (in use or free) the pool of a process holds on to.
 KEEP = 512 * 1024 * 1024
 #: Seconds a free buffer is kept without being reused.
 IDLE = 20.0
