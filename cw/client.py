@@ -285,7 +285,7 @@ class ClusterExecutor(concurrent.futures.Executor):
         future.set_exception(exc)
         return future
 
-    def _send_job(self, payload: bytes, retries: int, timeout: float, priority: int = 0,
+    def _send_job(self, payload, retries: int, timeout: float, priority: int = 0,
                   options: dict | None = None) -> ClusterFuture:
         future = self._new_future()
         if priority or options:
@@ -293,7 +293,10 @@ class ClusterExecutor(concurrent.futures.Executor):
         else:
             frame = protocol.encode_submit(future.jobid, retries, timeout, payload)
         try:
-            self._link.post(frame)
+            if type(payload) is tuple and _views_writable_memory(payload):
+                self._link.post_and_wait(frame, timeout=None)   # the array as it is now, not as it will be
+            else:
+                self._link.post(frame)
         except OSError as exc:
             self._set_broken(f"lost the connection to the cw master at {self._link.address} ({exc})")
         return future
@@ -574,6 +577,11 @@ class ClusterExecutor(concurrent.futures.Executor):
                 return
             self._closing = True
         self._link.close()
+
+
+def _views_writable_memory(payload) -> bool:
+    from .payload import views_writable_memory  # (cw.payload loads cloudpickle: only when needed)
+    return views_writable_memory(payload)
 
 
 def _failures(futures: dict) -> dict:

@@ -130,6 +130,14 @@ def loads(data):
     return pickle.loads(view[start:start + pickle_len], buffers=buffers)
 
 
+def views_writable_memory(payload) -> bool:
+    """Whether a payload sends some buffer as it is that its owner may still
+    change (a numpy array, unlike ``bytes``): then the sender must wait until
+    it has been sent, or a later change would travel instead of the value at
+    the time of the call."""
+    return type(payload) is tuple and any(not view.readonly for view in payload[1:])
+
+
 def joined(payload) -> bytes:
     """A payload as one bytes object (for the few places that store it whole)."""
     return b"".join(payload) if type(payload) is tuple else payload

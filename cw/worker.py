@@ -321,7 +321,7 @@ class Session:
             self.cond.notify_all()
 
     def _run_item(self, item) -> None:
-        from .payload import run_payload  # only workers and clients load pickle machinery
+        from .payload import run_payload, views_writable_memory  # only workers and clients load pickle machinery
         if item[0] == "ctx":
             self.runner.set_context(item[1], item[2])
             return
@@ -349,7 +349,10 @@ class Session:
             try:
                 if printed:
                     self.link.post(protocol.encode_output(gid, printed))
-                self.link.post(protocol.encode_outcome(gid, status, data))
+                if views_writable_memory(data):   # the next job may change what this one returned
+                    self.link.post_and_wait(protocol.encode_outcome(gid, status, data), timeout=None)
+                else:
+                    self.link.post(protocol.encode_outcome(gid, status, data))
             except OSError as exc:
                 log.warning("could not send job %d's outcome (%s); the master re-runs it", gid, exc)
 

@@ -62,3 +62,4 @@ def filled(n):
     """``n`` bytes, all of them written (unlike ``bytes(n)``, whose pages the
     kernel maps lazily): a big result."""
     return b"\x01" * n
+

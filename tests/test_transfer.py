@@ -241,3 +241,17 @@ def test_a_worker_sends_a_big_bytes_result_without_copying_it(master):
         grown = ex.submit(worker_peak_kib).result(timeout=60) - before
     # The result itself is 200 MB; pickling it into a frame would add another 200.
     assert grown < 1.4 * size / 1024, f"the worker's peak grew by {grown / 1024:.0f} MiB for a {size // MB} MB result"
+
+
+def test_an_array_changed_right_after_submit_travels_as_it_was(executor):
+    """Its data is sent as it is, not copied: submit must not return before
+    it has been sent, or the change would travel instead."""
+    arr = np.zeros(2 * MB, dtype=np.int64)
+    futures = []
+    for i in range(20):
+        arr[:] = i
+        futures += [executor.submit(jobs.identity, j) for j in range(300)]  # the writer thread is busy
+        futures.append(executor.submit(np.unique, arr))
+    futures = futures[300::301]
+    arr[:] = -1
+    assert [list(f.result(timeout=120)) for f in futures] == [[i] for i in range(20)]
