@@ -16,6 +16,7 @@ import time
 import numpy as np
 import pytest
 
+from bench.procinfo import hwm_kib, reset_hwm
 from cw import payload, protocol
 from cw.buffers import BufferPool
 from cw.errors import CallUnpicklingError
@@ -24,24 +25,6 @@ import jobs
 
 MB = 1_000_000
 BIG = payload.OUT_OF_BAND_MIN
-
-
-def peak_kib(pid: int | str = "self") -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmHWM")
-
-
-def reset_peak(pid: int | str = "self") -> bool:
-    """Resets VmHWM to the current RSS (Linux >= 4.0); False where that is refused."""
-    try:
-        with open(f"/proc/{pid}/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 # --- payloads ------------------------------------------------------------------
@@ -189,17 +172,17 @@ def test_big_arguments_and_results_arrive_intact_in_order_with_small_jobs(execut
 def test_the_master_holds_one_copy_of_a_payload_in_transit(master):
     """Handed to asyncio whole, what the socket did not take at once would be
     copied into the transport's buffer: a second copy of the payload."""
-    if not reset_peak(master.master.pid):
+    if not reset_hwm(master.master.pid):
         pytest.skip("this kernel does not reset VmHWM (clear_refs)")
     master.add_workers(1)
     master.wait_for_workers(1)
     size = 200 * MB
     with master.executor() as ex:
         assert ex.submit(jobs.identity, 1).result(timeout=60) == 1
-        reset_peak(master.master.pid)
-        before = peak_kib(master.master.pid)
+        reset_hwm(master.master.pid)
+        before = hwm_kib(master.master.pid)
         assert ex.submit(len, b"\0" * size).result(timeout=120) == size
-        grown = peak_kib(master.master.pid) - before
+        grown = hwm_kib(master.master.pid) - before
     assert grown < 1.3 * size / 1024, f"the master's peak grew by {grown / 1024:.0f} MiB for {size // MB} MB"
 
 
@@ -227,18 +210,14 @@ def test_a_client_sends_a_big_bytes_argument_without_copying_it(cluster):
     assert grown < 0.5 * size / 1024, f"the client's peak grew by {grown / 1024:.0f} MiB sending {size // MB} MB"
 
 
-def worker_peak_kib():
-    return peak_kib()
-
-
 def test_a_worker_sends_a_big_bytes_result_without_copying_it(master):
     master.add_workers(1)
     master.wait_for_workers(1)
     size = 200 * MB
     with master.executor() as ex:
-        before = ex.submit(worker_peak_kib).result(timeout=60)
+        before = ex.submit(hwm_kib).result(timeout=60)
         assert len(ex.submit(jobs.filled, size).result(timeout=120)) == size
-        grown = ex.submit(worker_peak_kib).result(timeout=60) - before
+        grown = ex.submit(hwm_kib).result(timeout=60) - before
     # The result itself is 200 MB; pickling it into a frame would add another 200.
     assert grown < 1.4 * size / 1024, f"the worker's peak grew by {grown / 1024:.0f} MiB for a {size // MB} MB result"
 
