@@ -57,9 +57,11 @@ def test_a_frozen_worker_is_declared_lost_and_its_job_runs_elsewhere(fast_cluste
         finally:
             os.kill(frozen, signal.SIGCONT)
         # The thawed worker finds its connection gone, drops its late result
-        # and reconnects; the client saw exactly one result.
+        # and reconnects; the client saw exactly one result.  (Only clients
+        # that submitted: wait_for_workers's own executor, closed just now,
+        # may not have left the master's books yet.)
         fast_cluster.wait_for_workers(2)
-        assert [c["done"] for c in ex.status()["clients"] if c["pid"] == os.getpid()] == [1]
+        assert [c["done"] for c in ex.status()["clients"] if c["pid"] == os.getpid() and c["submitted"]] == [1]
 
 
 def test_a_client_whose_master_freezes_fails_its_futures(fast_cluster):
