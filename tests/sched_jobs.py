@@ -17,10 +17,19 @@ def record(path, text):
     return text
 
 
+def write_whole(path, text):
+    """Writes ``text`` to ``path`` so that it appears whole: a test that waits
+    for ``path`` to exist must never read it empty (seen once in CI)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def mark_and_wait(marker, release, value=None):
-    """Creates ``marker`` (the test sees the job started), then waits for ``release``."""
-    with open(marker, "w") as f:
-        f.write(str(os.getpid()))
+    """Creates ``marker`` holding the worker's pid (the test sees the job
+    started), then waits for ``release``."""
+    write_whole(marker, str(os.getpid()))
     wait_for(release)
     return value
 
@@ -114,10 +123,7 @@ def parent_that_hangs(pid_file, child_log, release, never):
     """Records its worker's pid, submits a child, then waits (without lending)
     for a file that never comes: the test kills this worker."""
     cw.get_executor().submit(child_that_logs, child_log, release)
-    tmp = pid_file + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(str(os.getpid()))
-    os.replace(tmp, pid_file)      # appears whole: the child was submitted before it
+    write_whole(pid_file, str(os.getpid()))      # the child was submitted before it appears
     wait_for(never, 120)
     return "parent finished"
 
