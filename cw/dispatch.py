@@ -74,8 +74,8 @@ class Job:
     __slots__ = ("attempts", "client", "gid", "jobid", "lost_on", "max_attempts", "payload", "pinned",
                  "priority", "queue", "state", "timeout", "worker")
 
-    def __init__(self, gid, client, jobid, payload, max_attempts, timeout, priority, queue):
-        self.gid = gid
+    def __init__(self, client, jobid, payload, max_attempts, timeout, priority, queue):
+        self.gid = 0                  # its id towards the worker it was last sent to; given at each sending
         self.client = client          # ClientState, or None once nobody wants the result
         self.jobid = jobid            # the client's own id for it
         self.payload = payload
@@ -83,7 +83,9 @@ class Job:
         self.worker = None            # WorkerState while running
         self.attempts = 0
         self.max_attempts = max_attempts
-        self.timeout = timeout        # seconds, enforced by the worker; 0 for none
+        # Seconds, enforced by the worker; 0 for none.  "or 0.0" shares one
+        # float for the usual no-timeout case: a float each is 24 B a job (B5).
+        self.timeout = timeout or 0.0
         self.lost_on = None           # labels of workers that died running it
         self.pinned = False           # its worker said it started it: never ask for it back
         self.priority = priority
@@ -327,9 +329,16 @@ class Dispatcher:
             raise ProtocolError(f"more than {self.MAX_SETUPS} setup jobs; restart the master to clear them")
         self.setups.append(bytes(payload))
 
-    def _send_setup(self, worker: WorkerState, payload: bytes) -> None:
-        job = Job(self._next_gid, None, 0, payload, 1, 0.0, 0, self._setup_queue)
+    def _new_gid(self) -> int:
+        """A fresh id for a job being sent to a worker: a job sent again gets
+        a new one, so a late word about an earlier sending can never match it."""
+        gid = self._next_gid
         self._next_gid += 1
+        return gid
+
+    def _send_setup(self, worker: WorkerState, payload: bytes) -> None:
+        job = Job(None, 0, payload, 1, 0.0, 0, self._setup_queue)
+        job.gid = self._new_gid()
         job.state = HELD if worker.jobs else RUNNING
         job.worker = worker
         job.pinned = True                # never handed to another worker
@@ -428,8 +437,7 @@ class Dispatcher:
             raise ProtocolError(f"the client submitted job id {jobid} twice")
         max_attempts = self.max_attempts if retries == DEFAULT_RETRIES else retries + 1
         queue = client.plain if not options else self._queue_for(client, options)
-        job = Job(self._next_gid, client, jobid, payload, max_attempts, timeout, priority, queue)
-        self._next_gid += 1
+        job = Job(client, jobid, payload, max_attempts, timeout, priority, queue)
         client.jobs[jobid] = job
         client.submitted += 1
         client.queued += 1
@@ -658,7 +666,7 @@ class Dispatcher:
                 if key is not None:
                     del queues[key]
                 continue
-            heads.append((-job.priority, job.gid, queue, job))
+            heads.append((-job.priority, job.jobid, queue, job))   # the client's ids grow: FIFO
         heads.sort(key=lambda h: h[:2])
         first = True
         for _, _, queue, job in heads:
@@ -776,6 +784,7 @@ class Dispatcher:
         job.state = HELD if len(worker.jobs) > worker.lent else RUNNING
         job.worker = worker
         job.attempts += 1
+        job.gid = self._new_gid()     # not before: queued jobs carry no id of their own (B5 counts bytes)
         worker.jobs.append(job)
         self._place(worker)
         if job.need is not PLAIN or node.capacity.get("gpu"):
