@@ -3,6 +3,7 @@ works because a client sends its sys.path along (the tests' directory is on it).
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 
@@ -20,6 +21,10 @@ def add(x, y):
 
 def pid():
     return os.getpid()
+
+
+def pid_and_thread():
+    return os.getpid(), threading.get_ident()
 
 
 def fail(message):
