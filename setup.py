@@ -10,10 +10,12 @@ setup(
     python_requires=">=3.10",
     install_requires=["cloudpickle>=2.2"],
     extras_require={
+        "fast": ["uvloop>=0.17; sys_platform != 'win32'"],
         "test": ["pytest>=7", "pytest-timeout>=2.1", "hypothesis>=6", "numpy", "tqdm",
+                 "uvloop>=0.17; sys_platform != 'win32'",
                  "atheris>=2.3; sys_platform == 'linux' and platform_machine == 'x86_64' and python_version < '3.13'"],
         "demo": ["numpy"],
-        "bench": ["loky", "distributed", "matplotlib", "numpy"],
+        "bench": ["loky", "distributed", "matplotlib", "numpy", "uvloop>=0.17; sys_platform != 'win32'"],
     },
     entry_points={"console_scripts": [
         "cw-master = cw.master:main",

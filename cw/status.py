@@ -178,6 +178,8 @@ def _header(status: dict, address: str | None) -> str:
     rss = _number(master.get("rss_bytes"))
     if rss is not None:
         facts.append(f"{rss / (1 << 20):.0f} MiB")
+    if isinstance(master.get("event_loop"), str):
+        facts.append(f"{_text(master['event_loop'])} loop")
     parts = [head + (", " + ", ".join(facts) if facts else "")]
     throughput = _throughput(status.get("throughput"))
     if throughput:

@@ -20,7 +20,8 @@ from cw.status import CLEAR_SCREEN, _parse_args, format_bytes, format_duration, 
 HANG = 60  # seconds: only ever reached when something hangs
 
 FULL = {
-    "master": {"host": "head01", "pid": 4242, "uptime_s": 7385.2, "rss_bytes": 48 * 2**20, "version": "0.4.0"},
+    "master": {"host": "head01", "pid": 4242, "uptime_s": 7385.2, "rss_bytes": 48 * 2**20, "version": "0.4.0",
+               "event_loop": "uvloop"},
     "workers": [
         {"id": 1, "host": "node07", "pid": 31337, "node": "node07", "resources": {"cpu": 2, "mem": 8 << 30, "gpu": 1},
          "state": "busy", "current": [101, 102], "held": 1, "jobs_done": 1234, "failures": 2, "connected_s": 3600.0},
@@ -66,7 +67,7 @@ def section(text: str, title: str) -> list[str]:
 def test_full_schema_shows_the_key_figures():
     text = format_status(FULL)
     header = text.splitlines()[0]
-    for part in ("head01", "4242", "0.4.0", "up 2h03m", "48 MiB", "12.3 jobs/s over the last 60 s",
+    for part in ("head01", "4242", "0.4.0", "up 2h03m", "48 MiB", "uvloop loop", "12.3 jobs/s over the last 60 s",
                  "990 queued", "7 running"):
         assert part in header
     for part in ("31337", "node08.cluster", "cpu=2 mem=8G gpu=1", "cpu=16 mem=1.5G", "101,102", "1,2,3+2",
