@@ -11,7 +11,7 @@ from dataclasses import asdict
 
 from .cases import HIGHER, LOWER, ROOT, Case
 
-PACKAGES = ("cw", "cloudpickle", "loky", "distributed", "dask", "tornado", "msgpack", "matplotlib", "numpy")
+PACKAGES = ("cw", "cloudpickle", "loky", "distributed", "dask", "tornado", "msgpack", "matplotlib", "numpy", "uvloop")
 
 
 def machine() -> dict:
