@@ -36,6 +36,8 @@ from .payload import error_outcome, run_payload, views_writable_memory   # (an i
 
 log = logging.getLogger("cw.worker")
 
+_READ = object()   # what a runner is to do next: take the reader's role
+
 DEFAULT_CONNECT_TIMEOUT = settings.WORKER_CONNECT_TIMEOUT
 #: A child that dies sooner than this after starting counts as crash-looping.
 QUICK_DEATH = 1.0
@@ -334,7 +336,7 @@ class Session:
                 self.idle -= 1
                 if self.reader_wanted and not self.lost:
                     self.reader_wanted = False
-                    item = "read"
+                    item = _READ
                 elif self.retire or self.lost or self.state.draining:
                     if self.retire:
                         self.retire -= 1
@@ -347,7 +349,7 @@ class Session:
                     item = self.queue.popleft()
                     self.token_free = False
                     self.active += 1
-            if item == "read":
+            if item is _READ:
                 item = self._read()
                 if item is None:
                     continue           # lost: the loop above ends this thread
