@@ -68,3 +68,21 @@ def filled(n):
     kernel maps lazily): a big result."""
     return b"\x01" * n
 
+
+
+_KEPT = {}
+
+
+def kept_array(mb, say=None):
+    """An array this worker process keeps between jobs (made on first use),
+    returned as it is; ``say`` is printed first (job output)."""
+    import numpy as np
+    if say is not None:
+        print(say)
+    if "array" not in _KEPT:
+        _KEPT["array"] = np.zeros(mb * (1 << 20), dtype=np.uint8)
+    return _KEPT["array"]
+
+
+def fill_kept_array(value):
+    _KEPT["array"][:] = value

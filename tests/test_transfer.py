@@ -240,3 +240,20 @@ def test_an_array_changed_right_after_submit_travels_as_it_was(executor):
     futures = futures[300::301]
     arr[:] = -1
     assert [list(f.result(timeout=120)) for f in futures] == [[i] for i in range(20)]
+
+
+def test_an_array_a_job_returns_travels_as_it_was_when_the_job_ended(master):
+    """The worker sends a returned array's data as it is, not copied: the next
+    job must not start before it has left, or that job's changes to the array
+    would travel instead.  The job's output goes first, so that the outcome
+    comes in a burst and is queued for the writer thread rather than sent at once."""
+    master.add_workers(1)
+    master.wait_for_workers(1)
+    with master.executor() as ex:
+        ex.submit(jobs.kept_array, 64).result(timeout=60)
+        for value in range(1, 21):    # the race shows in about half of the rounds without the wait
+            returned = ex.submit(jobs.kept_array, 64, "output first")
+            changed = ex.submit(jobs.fill_kept_array, value)     # held by the worker, runs right after
+            got = returned.result(timeout=120)
+            changed.result(timeout=120)
+            assert got.min() == got.max() == value - 1
