@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import re
 import secrets
 import subprocess
@@ -22,6 +23,8 @@ from conftest import wait_until
 from cw import settings
 from cw.client import WorkerInfo
 from cw.install import InstallError, pip_command
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 WAIT = 60  # seconds; reached only if something hangs
 
@@ -130,8 +133,10 @@ ECHO_CLIENT = textwrap.dedent('''
 def run_echo_client(cluster, tmp_path, echo: str) -> tuple[dict, str]:
     script = tmp_path / "echo_client.py"
     script.write_text(ECHO_CLIENT)
+    # CW_SECRET_FILE comes with the environment; cw from this checkout, installed or not.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run([sys.executable, str(script), cluster.address, echo], capture_output=True, text=True,
-                          timeout=120, stdin=subprocess.DEVNULL)   # CW_SECRET_FILE comes with the environment
+                          timeout=120, stdin=subprocess.DEVNULL, env=env)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert report["result"] == "talked"
