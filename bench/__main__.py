@@ -25,7 +25,12 @@ def main(argv=None) -> int:
                         help="seconds a timed batch may take before a slow system is measured over the calls "
                              "it finished (default 6, full mode 30; 0: no limit; B5 has its own: 10 / 120)")
     parser.add_argument("--out", default=None, help="JSON output (default bench/results/latest.json)")
+    parser.add_argument("--plot-from", metavar="JSON", default=None,
+                        help="measure nothing: draw the B6 plot from the results of an earlier run "
+                             "(to bench/results/b6_workers.png, or --out)")
     args = parser.parse_args(argv)
+    if args.plot_from:
+        return replot(args.plot_from, args.out)
 
     # Workers must import bench.jobs: the repository's root on sys.path (cw's
     # client sends its sys.path to the workers; the pools inherit it).
@@ -41,6 +46,28 @@ def main(argv=None) -> int:
         return run(args, root)
     finally:
         shutil.rmtree(secret_dir, ignore_errors=True)
+
+
+def replot(json_path: str, out: str | None) -> int:
+    from .cases import plot_b6
+    with open(json_path) as f:
+        results = json.load(f)
+    b6 = results.get("cases", {}).get("B6", {}).get("extra", {})
+    if "curve" not in b6:
+        print(f"{json_path} has no B6 curve: run B6 first (python -m bench --only B1,B6)", file=sys.stderr)
+        return 2
+    references = b6.get("references")
+    if references is None:     # runs from before B6 kept them: B1's figures are the same
+        b1 = results["cases"].get("B1", {}).get("figures", [])
+        submit = next((fig["values"] for fig in b1 if fig["key"] == "submit"), {})
+        references = {name: rate for name, rate in submit.items() if name != "cw" and rate}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = out or os.path.join(root, "bench", "results", "b6_workers.png")
+    drawn = plot_b6(b6["curve"], references, results.get("config", {}).get("workers", 2), path,
+                    lambda msg: print(msg, file=sys.stderr))
+    if drawn:
+        print(f"B6 plot from {json_path} in {os.path.relpath(drawn)}")
+    return 0 if drawn else 1
 
 
 def run(args, root: str) -> int:

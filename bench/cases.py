@@ -96,6 +96,7 @@ class Context:
         self.reps = reps
         self.results_dir = results_dir
         self.log = log
+        self.submit_rates: dict = {}   # B1's submit calls/s of the other systems: B6's plot draws them beside cw
 
     def size(self, quick, full):
         return quick if self.quick else full
@@ -214,6 +215,7 @@ def b1(ctx: Context) -> Case:
         return out
 
     run_systems(ctx, case, measure)
+    ctx.submit_rates = {name: case.value("submit", name) for name in ctx.systems if name != "cw"}
     case.notes.append("client CPU includes every thread of the client process (cw's reader thread; "
                       "the pools' management thread; Dask's scheduler, which LocalCluster runs in the client). "
                       "Worker CPU use = the workers' CPU time / (wall time x workers): below 100% they wait "
@@ -590,18 +592,25 @@ def b6(ctx: Context) -> Case:
                 f"(bench/idle_workers.py) that runs whatever jobs it gets, one at a time; the master hands "
                 f"them jobs too ({curve[top]['helper_jobs'] or 0:,} of the {curve[top]['submitted']:,} submitted "
                 "ran there), and that helper competes for this machine's cores.")
-        case.extra["plot"] = plot_b6(ctx, curve)
+        case.extra["references"] = {k: v for k, v in ctx.submit_rates.items() if v}
+        case.extra["plot"] = plot_b6(curve, case.extra["references"], ctx.nworkers,
+                                     os.path.join(ctx.results_dir, "b6_workers.png"), ctx.log)
     return case
 
 
-def plot_b6(ctx: Context, curve: dict) -> str | None:
+def plot_b6(curve: dict, references: dict, nworkers: int, path: str, log) -> str | None:
+    """Draws cw's throughput against extra connected workers (``curve``:
+    {extra: {"median", "rates", ...}}) and, as flat lines, the other systems'
+    B1 submit throughput of the same run (``references``: {system: calls/s}):
+    they have no notion of connected workers, so that is their one figure."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        ctx.log("  matplotlib is not importable: no B6 plot")
+        log("  matplotlib is not importable: no B6 plot")
         return None
+    curve = {int(k): v for k, v in curve.items()}
     xs = sorted(curve)
     ys = [curve[x]["median"] for x in xs]
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -610,16 +619,17 @@ def plot_b6(ctx: Context, curve: dict) -> str | None:
         ax.plot([x] * len(curve[x]["rates"]), curve[x]["rates"], "k.", alpha=0.4)
         ran = curve[x].get("helper_jobs")
         if x and ran is not None:
-            ax.annotate(f"{100 * ran / curve[x]['submitted']:.0f}% of jobs ran\non the extra workers",
-                        (x, curve[x]["median"]), textcoords="offset points", xytext=(0, -28),
-                        ha="center", fontsize=7)
+            ax.annotate(f"{100 * ran / curve[x]['submitted']:.0f}% ran on\nextra workers",
+                        (x, curve[x]["median"]), textcoords="offset points", xytext=(4, 8),
+                        ha="left" if x < xs[-1] else "right", fontsize=7)
+    for (name, rate), style in zip(sorted(references.items()), ("--", ":", "-.")):
+        ax.axhline(rate, linestyle=style, color="gray", label=f"{name}, {nworkers} workers (B1 submit)")
     ax.set_xlabel("extra connected workers")
     ax.set_ylabel("no-op calls/s (submit, wait all)")
-    ax.set_title(f"cw: throughput vs connected workers ({ctx.nworkers} real workers)")
+    ax.set_title(f"throughput vs connected workers ({nworkers} real workers each)")
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
-    ax.legend()
-    path = os.path.join(ctx.results_dir, "b6_workers.png")
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
