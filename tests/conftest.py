@@ -39,6 +39,17 @@ def master():
     cluster.stop()
 
 
+@pytest.fixture(params=["asyncio", "uvloop"])
+def master_on_each_loop(request):
+    """A master on each event loop in turn (``--loop``), with no workers yet;
+    ``.loop`` names the loop."""
+    from cw.local import start_master
+    cluster = start_master(port=0, args=["--loop", request.param])
+    cluster.loop = request.param
+    yield cluster
+    cluster.stop()
+
+
 @pytest.fixture
 def cluster(master):
     """A master with two worker processes (one supervisor), both connected."""

@@ -10,30 +10,25 @@ import sys
 import pytest
 
 import jobs
-from cw.local import start_master
 from cw.master import event_loop_runner
 
 MB = 1 << 20
 
 
-@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
-def test_the_same_work_on_either_loop(loop):
-    cluster = start_master(port=0, args=["--loop", loop])
-    try:
-        cluster.add_workers(2)
-        cluster.wait_for_workers(2)
-        with cluster.executor() as ex:
-            assert ex.status()["master"]["event_loop"] == loop
-            small = [ex.submit(jobs.square, i) for i in range(300)]
-            big = ex.submit(jobs.identity, b"\1" * (40 * MB))        # sliced writes, direct receive buffers
-            failing = ex.submit(jobs.fail, "on purpose")
-            assert [f.result(timeout=60) for f in small] == [i * i for i in range(300)]
-            assert big.result(timeout=120) == b"\1" * (40 * MB)
-            with pytest.raises(ValueError, match="on purpose"):
-                failing.result(timeout=60)
-            assert list(ex.map(jobs.add, range(50), range(50), chunksize=7)) == [2 * i for i in range(50)]
-    finally:
-        cluster.stop()
+def test_the_same_work_on_either_loop(master_on_each_loop):
+    cluster = master_on_each_loop
+    cluster.add_workers(2)
+    cluster.wait_for_workers(2)
+    with cluster.executor() as ex:
+        assert ex.status()["master"]["event_loop"] == cluster.loop
+        small = [ex.submit(jobs.square, i) for i in range(300)]
+        big = ex.submit(jobs.identity, b"\1" * (40 * MB))        # sliced writes, direct receive buffers
+        failing = ex.submit(jobs.fail, "on purpose")
+        assert [f.result(timeout=60) for f in small] == [i * i for i in range(300)]
+        assert big.result(timeout=120) == b"\1" * (40 * MB)
+        with pytest.raises(ValueError, match="on purpose"):
+            failing.result(timeout=60)
+        assert list(ex.map(jobs.add, range(50), range(50), chunksize=7)) == [2 * i for i in range(50)]
 
 
 def _without_uvloop(code: str) -> subprocess.CompletedProcess:
