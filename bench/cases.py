@@ -622,7 +622,7 @@ def plot_b6(curve: dict, references: dict, nworkers: int, path: str, log) -> str
             ax.annotate(f"{100 * ran / curve[x]['submitted']:.0f}% ran on\nextra workers",
                         (x, curve[x]["median"]), textcoords="offset points", xytext=(4, 8),
                         ha="left" if x < xs[-1] else "right", fontsize=7)
-    for (name, rate), style in zip(sorted(references.items()), ("--", ":", "-.")):
+    for (name, rate), style in zip(sorted(references.items()), ("--", ":", "-."), strict=False):
         ax.axhline(rate, linestyle=style, color="gray", label=f"{name}, {nworkers} workers (B1 submit)")
     ax.set_xlabel("extra connected workers")
     ax.set_ylabel("no-op calls/s (submit, wait all)")

@@ -32,7 +32,7 @@ from . import PORT, buffers, output, protocol, settings
 from .auth import load_secret
 from .errors import AuthenticationError, BrokenCluster, CwError, ProtocolError
 from .link import HandshakeFailed, master_timeout, open_link, parse_address, peer_info
-from .payload import error_outcome, run_payload, views_writable_memory   # (an import per job costs ~4 us)
+from .payload import error_outcome, run_payload, views_writable_memory  # (an import per job costs ~4 us)
 
 log = logging.getLogger("cw.worker")
 

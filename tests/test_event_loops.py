@@ -7,9 +7,9 @@ import asyncio
 import subprocess
 import sys
 
+import jobs
 import pytest
 
-import jobs
 from cw.master import event_loop_runner
 
 MB = 1 << 20

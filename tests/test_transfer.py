@@ -13,6 +13,7 @@ import sys
 import textwrap
 import time
 
+import jobs
 import numpy as np
 import pytest
 
@@ -20,8 +21,6 @@ from bench.procinfo import hwm_kib, reset_hwm
 from cw import payload, protocol
 from cw.buffers import BufferPool
 from cw.errors import CallUnpicklingError
-
-import jobs
 
 MB = 1_000_000
 BIG = payload.OUT_OF_BAND_MIN
@@ -153,7 +152,7 @@ def test_big_arguments_and_results_arrive_intact_in_order_with_small_jobs(execut
     data = os.urandom(30 * MB)
     arr = np.random.default_rng(1).random(2 * MB)
     futures = []
-    for i in range(3):
+    for _ in range(3):
         futures.append(executor.submit(jobs.identity, data))
         futures += [executor.submit(jobs.square, j) for j in range(20)]
         futures.append(executor.submit(jobs.identity, arr))

@@ -2,9 +2,8 @@
 reader's role passes to another thread when the reader runs a job itself."""
 from __future__ import annotations
 
-import pytest
-
 import jobs
+import pytest
 from conftest import wait_until
 
 
