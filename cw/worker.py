@@ -11,7 +11,12 @@ master for ``--connect-timeout`` seconds exits.
 
     supervisor --spawn--> worker process --TCP--> master
         ^                     |
-        +--- exit status -----+   (restarted unless it gave up or was misconfigured)
+        +-- exit channel -----+   (a pipe: why it exits on purpose)
+
+The supervisor never reads meaning into an exit status: a job can end its
+process with any status (``os._exit(3)``), or with a signal.  A worker that
+exits on purpose says why on its exit channel first; any other end is a
+crash, and the process is replaced.
 """
 from __future__ import annotations
 
@@ -43,10 +48,71 @@ DEFAULT_CONNECT_TIMEOUT = settings.WORKER_CONNECT_TIMEOUT
 QUICK_DEATH = 1.0
 MAX_RESTART_DELAY = 10.0
 
+# Exit statuses, for people reading logs; the supervisor reads the exit channel instead.
 EXIT_NO_MASTER = 3   # gave up reaching a master: do not restart
 EXIT_CONFIG = 4      # wrong secret or unreadable secret file: restarting cannot help
 EXIT_REPLACE = 5     # its job timed out or was aborted: start a fresh process at once
 EXIT_NOW = 6         # a second SIGTERM: stopped mid-job
+
+
+class ExitChannel:
+    """The worker's end of the pipe on which it tells its supervisor why it
+    exits.  A reason is one short line, written just before the exit; a
+    process that ends without writing one crashed (or a job ended it).
+    Before any reason, ``ready`` says it reached a master once: a process
+    that dies before that is crash-looping (restarted with a growing delay),
+    one that dies after it was most likely ended by a job (restarted at once)."""
+
+    READY = "ready"            # connected to a master (not an exit)
+    DRAINED = "drained"        # finished on request: do not restart
+    NO_MASTER = "no-master"    # gave up reaching a master: do not restart
+    CONFIG = "config"          # the secret is wrong or unreadable: stop every worker
+    REPLACE = "replace"        # stopped a timed-out or cancelled job on purpose: start another at once
+    STOPPED = "stopped"        # a second SIGTERM: stop now, do not restart
+    REASONS = (DRAINED, NO_MASTER, CONFIG, REPLACE, STOPPED)
+
+    def __init__(self, fd: int | None):
+        self.fd = fd
+        self.ready_said = False
+        if fd is not None:
+            os.set_inheritable(fd, False)   # a job's child processes must not speak for this worker
+
+    def say(self, reason: str) -> None:
+        if self.fd is None:
+            return
+        try:
+            os.write(self.fd, reason.encode() + b"\n")
+        except OSError:
+            pass   # the supervisor is gone: nobody to tell
+
+    def say_ready(self) -> None:
+        if not self.ready_said:
+            self.ready_said = True
+            self.say(self.READY)
+
+    @classmethod
+    def read(cls, fd: int) -> tuple[str | None, bool]:
+        """The supervisor's side, after the worker exited: (its reason, or
+        None when it gave none, which is a crash; whether it was ready).
+        Never blocks: a job's forked child could still hold the write end."""
+        os.set_blocking(fd, False)
+        try:
+            data = os.read(fd, 256)
+        except OSError:        # BlockingIOError included: nothing was written
+            data = b""
+        words = data.decode("ascii", "replace").split()
+        reason = words[-1] if words and words[-1] in cls.REASONS else None
+        return reason, cls.READY in words
+
+
+#: This process's exit channel (set in main for a worker under a supervisor).
+exit_channel = ExitChannel(None)
+
+
+def exit_now(reason: str, status: int) -> None:
+    """Ends this worker process at once, having said why."""
+    exit_channel.say(reason)
+    os._exit(status)
 
 
 class JobRunner:
@@ -512,7 +578,7 @@ class WorkerState:
             # After the outcomes posted before it, or the master would see them out of order.
             self.session.link.post_and_wait(protocol.encode_outcome(gid, status, data))
         finally:
-            os._exit(EXIT_REPLACE)   # the job's thread cannot be stopped; the process can
+            exit_now(ExitChannel.REPLACE, EXIT_REPLACE)   # the job's thread cannot be stopped; the process can
 
     def abort(self, gid: int) -> None:
         with self.lock:
@@ -525,19 +591,19 @@ class WorkerState:
                 return
             if gid in self.running:
                 log.info("job %d was cancelled by its client; this worker process is replaced", gid)
-                self._exit(EXIT_REPLACE)
+                self._exit(ExitChannel.REPLACE, EXIT_REPLACE)
 
-    def _exit(self, status: int) -> None:
+    def _exit(self, reason: str, status: int) -> None:
         """Exits at once, but not before the outcomes of finished jobs are out:
         lost, they would make the master run those jobs again."""
         if self.session is not None:
             self.session.link.flush(timeout=5.0)
-        os._exit(status)
+        exit_now(reason, status)
 
     def on_sigterm(self, signum, frame) -> None:
         """First SIGTERM: drain.  Second: exit now; the master re-runs the job."""
         if self.draining:
-            self._exit(EXIT_NOW)
+            self._exit(ExitChannel.STOPPED, EXIT_NOW)
         self.on_drain(signum, frame)
 
     def on_drain(self, signum, frame) -> None:
@@ -548,6 +614,7 @@ class WorkerState:
         self.draining = True
         session = self.session
         if session is None:
+            exit_channel.say(ExitChannel.DRAINED)
             raise SystemExit(0)      # not connected: nothing to finish
         # From a thread: this handler may have interrupted code holding the locks it needs.
         threading.Thread(target=session.drain, daemon=True).start()
@@ -614,6 +681,7 @@ def run_worker(resolve, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT, offer:
             log.error("giving up: %s", exc)
             return EXIT_NO_MASTER
         log.info("worker %d connected to %s:%s", os.getpid(), host, port)
+        exit_channel.say_ready()
         session = Session(link, runner, state)
         _enable_nested_jobs(host, port, session)
         try:
@@ -658,8 +726,17 @@ class Supervisor:
                "--child", str(self.lifeline_r),
                "--connect-timeout", str(self.connect_timeout), "--log-level", self.log_level,
                "--offer", json.dumps(self.offer)]
-        proc = subprocess.Popen(cmd, pass_fds=(self.lifeline_r,))
+        channel_r, channel_w = os.pipe()
+        cmd += ["--exit-channel", str(channel_w)]
+        try:
+            proc = subprocess.Popen(cmd, pass_fds=(self.lifeline_r, channel_w))
+        except BaseException:
+            os.close(channel_r)
+            raise
+        finally:
+            os.close(channel_w)
         proc.started = time.monotonic()
+        proc.exit_channel = channel_r
         self.children[proc.pid] = proc
         if self.stopping:   # stop() ran while it started: it missed this one
             proc.send_signal(signal.SIGUSR1)
@@ -697,24 +774,29 @@ class Supervisor:
                 continue
             code = os.waitstatus_to_exitcode(wait_status)
             proc.returncode = code
+            reason, was_ready = ExitChannel.read(proc.exit_channel)
+            os.close(proc.exit_channel)
             if self.stopping:
                 continue
-            if code == EXIT_CONFIG:
+            if reason == ExitChannel.CONFIG:
                 log.error("worker %d cannot authenticate; stopping all workers", pid)
                 self.exit_status = 2
                 self.stop()
                 continue
-            if code == EXIT_NO_MASTER:
+            if reason == ExitChannel.NO_MASTER:
                 self.exit_status = EXIT_NO_MASTER
                 continue
-            if code == 0:
+            if reason in (ExitChannel.DRAINED, ExitChannel.STOPPED):
                 continue
-            if code == EXIT_REPLACE:
+            if reason == ExitChannel.REPLACE:
                 self.spawn()      # it stopped a timed-out or cancelled job on purpose
                 continue
+            # A process that never reached a master and died quickly is
+            # crash-looping (a broken environment): wait longer each time.
             lived = time.monotonic() - proc.started
-            quick_deaths = quick_deaths + 1 if lived < QUICK_DEATH else 0
-            log.warning("worker %d died (exit status %s); starting a new one", pid, code)
+            quick_deaths = quick_deaths + 1 if lived < QUICK_DEATH and not was_ready else 0
+            how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+            log.warning("worker %d %s without saying why (most likely a job ended it); starting a new one", pid, how)
             if quick_deaths > 2:
                 time.sleep(min(MAX_RESTART_DELAY, 0.1 * 2 ** quick_deaths))
             if not self.stopping:
@@ -739,6 +821,7 @@ def main(argv=None) -> int:
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--offer", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--exit-channel", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s")
@@ -751,7 +834,12 @@ def main(argv=None) -> int:
         # whole process group must not kill a job half-way with a traceback.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         _watch_lifeline(args.child)
-        return run_worker(resolve, args.connect_timeout, json.loads(args.offer) if args.offer else None)
+        global exit_channel
+        exit_channel = ExitChannel(args.exit_channel)
+        status = run_worker(resolve, args.connect_timeout, json.loads(args.offer) if args.offer else None)
+        exit_channel.say({EXIT_CONFIG: ExitChannel.CONFIG, EXIT_NO_MASTER: ExitChannel.NO_MASTER}.get(
+            status, ExitChannel.DRAINED))
+        return status
     if args.processes < 1:
         parser.error("-n must be at least 1")
     from . import resources
