@@ -18,9 +18,9 @@ setup(
         "bench": ["loky", "distributed", "matplotlib", "numpy", "uvloop>=0.17; sys_platform != 'win32'"],
     },
     entry_points={"console_scripts": [
-        "cw-master = cw.master:main",
-        "cw-worker = cw.worker:main",
-        "cw-status = cw.status:main",
+        "cw-master = cw.master.server:main",
+        "cw-worker = cw.worker.__main__:main",
+        "cw-status = cw.ops.status:main",
     ]},
     license="MIT",
 )

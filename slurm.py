@@ -3,7 +3,7 @@
 The same as ``python -m cw.slurm``; see cw/slurm.py."""
 import sys
 
-from cw.slurm import main
+from cw.launch.slurm import main
 
 if __name__ == "__main__":
     sys.exit(main())

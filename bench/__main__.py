@@ -71,7 +71,7 @@ def replot(json_path: str, out: str | None) -> int:
 
 
 def run(args, root: str) -> int:
-    from cw.auth import load_secret
+    from cw.wire.auth import load_secret
 
     from . import cases as cases_mod
     from . import procinfo, report, systems

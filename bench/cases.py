@@ -447,7 +447,7 @@ def b5(ctx: Context) -> Case:
 
 def queued_bytes(ctx: Context, n: int) -> dict:
     """RSS of a cw master holding ``n`` queued no-op jobs (no workers) minus its idle RSS, per job."""
-    from cw.payload import dumps_call
+    from cw.wire.payload import dumps_call
     payload = len(dumps_call(jobs.noop, (), {}))
     system = systems.start("cw", 0, warm=False)
     try:
@@ -482,7 +482,7 @@ def queued_bytes(ctx: Context, n: int) -> dict:
 # --- B6 ---------------------------------------------------------------------
 
 def start_idle_workers(host: str, port: int, count: int, timeout: float = 300) -> subprocess.Popen:
-    from cw.local import read_line
+    from cw.launch.local import read_line
     proc = subprocess.Popen([sys.executable, "-m", "bench.idle_workers", host, str(port), str(count)],
                             cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:

@@ -1,9 +1,9 @@
 """B6's helper: one process holding many worker connections to a cw master.
 
 ``python -m bench.idle_workers HOST PORT COUNT`` opens COUNT authenticated
-connections that say HELLO as workers (``cw.link.open_link``), prints
+connections that say HELLO as workers (``cw.wire.link.open_link``), prints
 ``ready COUNT`` on stdout, then serves all of them with ``selectors``: each
-JOB frame is run through ``cw.payload.run_payload`` and its OUTCOME sent
+JOB frame is run through ``cw.wire.payload.run_payload`` and its OUTCOME sent
 back, PINGs are answered, everything else is ignored.  So they are real, if
 slow, workers: one process and one thread for all of them.  It exits when
 its stdin closes (the parent's signal to stop) or on SIGTERM.
@@ -18,10 +18,10 @@ import selectors
 import signal
 import sys
 
-from cw import protocol
-from cw.auth import load_secret
-from cw.link import open_link, peer_info
-from cw.payload import run_payload
+from cw.wire import protocol
+from cw.wire.auth import load_secret
+from cw.wire.link import open_link, peer_info
+from cw.wire.payload import run_payload
 
 _RECV = 256 * 1024
 

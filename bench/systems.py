@@ -141,8 +141,8 @@ class CwSystem(System):
 
     def __init__(self, nworkers: int):
         super().__init__(nworkers)
-        import cw.local
-        self.cluster = cw.local.start_master(port=0)
+        import cw.launch.local
+        self.cluster = cw.launch.local.start_master(port=0)
         self.master_pid = self.cluster.master.pid
         try:
             if nworkers:

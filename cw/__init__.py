@@ -10,7 +10,7 @@ import random
 PORT = 5494
 __version__ = "0.3.0"
 
-from .errors import (  # noqa: E402
+from cw.errors import (  # noqa: E402
     AuthenticationError,
     BrokenCluster,
     CallPicklingError,
@@ -19,6 +19,7 @@ from .errors import (  # noqa: E402
     JobTimeout,
     ProtocolError,
     RemoteError,
+    RemoteTraceback,
     ResultPicklingError,
     ResultUnpicklingError,
     SecretFileError,
@@ -33,10 +34,10 @@ def randid() -> int:
     return random.getrandbits(128)
 
 
-_LAZY = {"allocate": "local", "start": "local", "stop": "local", "LocalCluster": "local",
+_LAZY = {"allocate": "launch.local", "start": "launch.local", "stop": "launch.local", "LocalCluster": "launch.local",
          "ClusterExecutor": "client", "ClientThread": "client", "get_executor": "client",
-         "command": "commands", "CommandResult": "commands",
-         "progress": "tracking", "track": "tracking", "Progress": "tracking"}
+         "command": "ops.commands", "CommandResult": "ops.commands",
+         "progress": "ops.tracking", "track": "ops.tracking", "Progress": "ops.tracking"}
 
 
 def __getattr__(name):
@@ -53,4 +54,4 @@ __all__ = ["PORT", "randid", "allocate", "start", "stop", "LocalCluster", "Clust
            "get_executor", "command", "CommandResult", "progress", "track", "Progress",
            "CwError", "BrokenCluster", "WorkerLost", "Unplaceable", "JobTimeout", "AuthenticationError",
            "SecretFileError", "ProtocolError", "SerializationError", "CallPicklingError", "CallUnpicklingError",
-           "ResultPicklingError", "ResultUnpicklingError", "RemoteError"]
+           "ResultPicklingError", "ResultUnpicklingError", "RemoteError", "RemoteTraceback"]

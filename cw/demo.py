@@ -39,7 +39,7 @@ def main(argv=None) -> int:
         parser.exit(2, "the demo needs numpy: pip install 'cw[demo]'\n")
 
     import cw
-    from cw.client import ClusterExecutor
+    from cw.client.executor import ClusterExecutor
 
     print(f"starting a local cluster with {args.workers} workers ...", flush=True)
     with cw.allocate(args.workers, port=0, backend="local") as cluster:

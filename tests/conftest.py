@@ -20,7 +20,7 @@ def pytest_configure(config):
     # local unless a test asks for SLURM.
     os.environ["CW_STATE_DIR"] = os.path.join(_SECRET_DIR, "state")
     os.environ["CW_BACKEND"] = "local"
-    from cw.auth import load_secret
+    from cw.wire.auth import load_secret
     load_secret(create=True)
 
 
@@ -33,7 +33,7 @@ def pytest_unconfigure(config):
 @pytest.fixture
 def master():
     """A master on a free port; yields a LocalCluster with no workers yet."""
-    from cw.local import start_master
+    from cw.launch.local import start_master
     cluster = start_master(port=0)
     yield cluster
     cluster.stop()
@@ -43,7 +43,7 @@ def master():
 def master_on_each_loop(request):
     """A master on each event loop in turn (``--loop``), with no workers yet;
     ``.loop`` names the loop."""
-    from cw.local import start_master
+    from cw.launch.local import start_master
     cluster = start_master(port=0, args=["--loop", request.param])
     cluster.loop = request.param
     yield cluster

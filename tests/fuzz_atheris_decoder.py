@@ -19,8 +19,8 @@ import sys
 import atheris
 
 with atheris.instrument_imports():
-    from cw import protocol
     from cw.errors import ProtocolError
+    from cw.wire import protocol
 
 # Found by name, so that new decoders are fuzzed too; each takes the body alone.
 DECODERS = [getattr(protocol, name) for name in sorted(dir(protocol))

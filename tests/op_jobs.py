@@ -54,6 +54,6 @@ def import_value(module):
 
 
 def installed_here():
-    """What this worker process installed (cw.install.installed), and its pid."""
-    import cw.install
-    return [list(p) for p in cw.install.installed], os.getpid()
+    """What this worker process installed (cw.ops.install.installed), and its pid."""
+    import cw.ops.install
+    return [list(p) for p in cw.ops.install.installed], os.getpid()

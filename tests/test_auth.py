@@ -7,8 +7,8 @@ import stat
 
 import pytest
 
-from cw import auth
 from cw.errors import SecretFileError
+from cw.wire import auth
 
 
 @pytest.fixture

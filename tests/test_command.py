@@ -13,7 +13,7 @@ import textwrap
 import pytest
 from conftest import wait_until
 
-from cw.commands import (
+from cw.ops.commands import (
     CommandResult,
     ContainerEngineError,
     ContainerEngineMissing,
@@ -119,7 +119,7 @@ def test_output_is_bounded_in_memory():
     # In a fresh interpreter, so its peak memory is the command's alone.
     script = textwrap.dedent("""
         import json, resource, sys
-        from cw.commands import command
+        from cw.ops.commands import command
         size = int(sys.argv[1])
         r = command(["sh", "-c", f"echo START; head -c {size} /dev/zero | tr '\\\\0' x; echo END"],
                     max_output=1000)

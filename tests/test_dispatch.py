@@ -1,13 +1,13 @@
-"""Unit tests of cw.dispatch.Dispatcher, driven by plain calls; the outbox is decoded with cw.protocol."""
+"""Unit tests of cw.master.dispatch.Dispatcher, driven by plain calls; the outbox is decoded with cw.protocol."""
 from __future__ import annotations
 
 import json
 
 import pytest
 
-from cw import protocol as p
-from cw.dispatch import DEFAULT_RETRIES, Dispatcher
 from cw.errors import ProtocolError
+from cw.master.dispatch import DEFAULT_RETRIES, Dispatcher
+from cw.wire import protocol as p
 
 C1, C2 = 101, 102          # client peer ids
 W1, W2, W3 = 1, 2, 3       # worker peer ids

@@ -1,4 +1,4 @@
-"""Unit tests of the scheduling rules of cw.dispatch.Dispatcher (issue 6): priorities, weighted fair
+"""Unit tests of the scheduling rules of cw.master.dispatch.Dispatcher (issue 6): priorities, weighted fair
 share, resources and GPU ids, reservation for big jobs, unplaceable jobs, tag limits, placement on
 named workers, lending a worker while its job waits, and what status() says about all of it.
 
@@ -11,9 +11,9 @@ from collections import deque
 import pytest
 from test_dispatch import drain, of, payload  # the same outbox decoding
 
-from cw import protocol as p
-from cw.dispatch import DEFAULT_RETRIES, Dispatcher
 from cw.errors import ProtocolError
+from cw.master.dispatch import DEFAULT_RETRIES, Dispatcher
+from cw.wire import protocol as p
 
 C1, C2, C3 = 101, 102, 103       # client peer ids
 W1, W2, W3, W4, W5 = 1, 2, 3, 4, 5   # worker peer ids

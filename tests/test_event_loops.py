@@ -10,7 +10,7 @@ import sys
 import jobs
 import pytest
 
-from cw.master import event_loop_runner
+from cw.master.server import event_loop_runner
 
 MB = 1 << 20
 
@@ -38,14 +38,14 @@ def _without_uvloop(code: str) -> subprocess.CompletedProcess:
 
 
 def test_asking_for_uvloop_where_it_is_missing_says_how_to_get_it():
-    proc = _without_uvloop("from cw.master import main; sys.exit(main(['--loop', 'uvloop', '--port', '0']))")
+    proc = _without_uvloop("from cw.master.server import main; sys.exit(main(['--loop', 'uvloop', '--port', '0']))")
     assert proc.returncode == 2
     assert "uvloop is not installed here" in proc.stderr and "cw[fast]" in proc.stderr
     assert "--loop asyncio" in proc.stderr
 
 
 def test_auto_falls_back_to_asyncio_where_uvloop_is_missing():
-    proc = _without_uvloop("import asyncio; from cw.master import event_loop_runner\n"
+    proc = _without_uvloop("import asyncio; from cw.master.server import event_loop_runner\n"
                            "assert event_loop_runner('auto') is asyncio.run")
     assert proc.returncode == 0, proc.stderr
 

@@ -12,9 +12,9 @@ import jobs
 import pytest
 from conftest import wait_until
 
-from cw.auth import load_secret
 from cw.client import ClusterExecutor
 from cw.errors import AuthenticationError, BrokenCluster, WorkerLost
+from cw.wire.auth import load_secret
 
 
 def started(directory):

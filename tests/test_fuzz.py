@@ -18,11 +18,11 @@ import pytest
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
-from cw import protocol
-from cw.auth import load_secret
 from cw.errors import AuthenticationError, BrokenCluster, ProtocolError
-from cw.link import open_link, peer_info
-from cw.local import start_master
+from cw.launch.local import start_master
+from cw.wire import protocol
+from cw.wire.auth import load_secret
+from cw.wire.link import open_link, peer_info
 
 TIMEOUT = 10  # seconds; only catches a hang
 

@@ -11,9 +11,9 @@ import sys
 import jobs
 import pytest
 
-from cw import protocol
-from cw.auth import load_secret
-from cw.local import start_master
+from cw.launch.local import start_master
+from cw.wire import protocol
+from cw.wire.auth import load_secret
 
 
 def free_port() -> int:
@@ -95,7 +95,7 @@ def test_port_in_use_is_a_clear_error(master):
 
 
 def test_importing_the_master_does_not_load_pickle_machinery():
-    code = "import sys, cw.master; print('cloudpickle' in sys.modules, 'cw.payload' in sys.modules)"
+    code = "import sys, cw.master.server; print('cloudpickle' in sys.modules, 'cw.wire.payload' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
 

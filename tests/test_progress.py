@@ -11,8 +11,8 @@ import threading
 
 import pytest
 
-import cw.tracking as progress_module
-from cw.tracking import FILE_INTERVAL, TERMINAL_INTERVAL, Progress, progress, track
+import cw.ops.tracking as progress_module
+from cw.ops.tracking import FILE_INTERVAL, TERMINAL_INTERVAL, Progress, progress, track
 
 HAS_TQDM = importlib.util.find_spec("tqdm") is not None
 WAIT = 30  # seconds; only reached if something hangs

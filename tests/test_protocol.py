@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cw import protocol as p
 from cw.errors import AuthenticationError, ProtocolError
+from cw.wire import protocol as p
 
 SECRET = b"s" * 32
 OTHER_SECRET = b"t" * 32

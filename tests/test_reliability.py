@@ -9,12 +9,12 @@ import jobs
 import pytest
 from conftest import wait_until
 
-from cw import protocol
-from cw.auth import load_secret
 from cw.errors import BrokenCluster, JobTimeout
-from cw.link import open_link, peer_info
-from cw.local import start_master
-from cw.payload import dumps_call
+from cw.launch.local import start_master
+from cw.wire import protocol
+from cw.wire.auth import load_secret
+from cw.wire.link import open_link, peer_info
+from cw.wire.payload import dumps_call
 
 FAST = ["--heartbeat", "0.2", "--peer-timeout", "1.5"]
 

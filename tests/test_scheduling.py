@@ -21,7 +21,7 @@ from conftest import wait_until
 
 import cw
 from cw.client import WorkerInfo
-from cw.local import start_master
+from cw.launch.local import start_master
 
 
 @pytest.fixture

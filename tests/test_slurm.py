@@ -10,8 +10,8 @@ import jobs
 import pytest
 from conftest import wait_until
 
-from cw import slurm
 from cw.client import ClusterExecutor
+from cw.launch import slurm
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.usefixtures("local_slurm")

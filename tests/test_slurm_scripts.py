@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from cw import slurm
-from cw.slurm import JobInfo, Options, SlurmError
+from cw.launch import slurm
+from cw.launch.slurm import JobInfo, Options, SlurmError
 
 
 def directives(script: str) -> list[str]:

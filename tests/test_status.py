@@ -15,7 +15,7 @@ import threading
 
 import pytest
 
-from cw.status import CLEAR_SCREEN, _parse_args, format_bytes, format_duration, format_resources, format_status
+from cw.ops.status import CLEAR_SCREEN, _parse_args, format_bytes, format_duration, format_resources, format_status
 
 HANG = 60  # seconds: only ever reached when something hangs
 

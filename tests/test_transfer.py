@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 
 from bench.procinfo import hwm_kib, reset_hwm
-from cw import payload, protocol
-from cw.buffers import BufferPool
 from cw.errors import CallUnpicklingError
+from cw.wire import payload, protocol
+from cw.wire.buffers import BufferPool
 
 MB = 1_000_000
 BIG = payload.OUT_OF_BAND_MIN

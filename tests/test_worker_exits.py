@@ -22,7 +22,7 @@ ENDINGS["SIGABRT"] = lambda: os.abort()
 
 @pytest.fixture(scope="module")
 def two_workers():
-    from cw.local import start_master
+    from cw.launch.local import start_master
     cluster = start_master(port=0)
     cluster.add_workers(2)
     cluster.wait_for_workers(2)

@@ -22,10 +22,11 @@ import signal
 import socket
 import sys
 
-from . import PORT, __version__, buffers, protocol, settings
-from .auth import load_secret
-from .dispatch import Dispatcher
-from .errors import AuthenticationError, CwError, ProtocolError
+from cw import PORT, __version__, settings
+from cw.errors import AuthenticationError, CwError, ProtocolError
+from cw.master.dispatch import Dispatcher
+from cw.wire import buffers, protocol
+from cw.wire.auth import load_secret
 
 log = logging.getLogger("cw.master")
 

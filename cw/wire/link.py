@@ -13,8 +13,9 @@ import socket
 import threading
 import time
 
-from . import PORT, protocol, settings
-from .errors import BrokenCluster, ProtocolError
+from cw import PORT, settings
+from cw.errors import BrokenCluster, ProtocolError
+from cw.wire import protocol
 
 log = logging.getLogger("cw.link")
 

@@ -15,8 +15,8 @@ import subprocess
 import sys
 import time
 
-from . import PORT
-from .errors import CwError
+from cw import PORT
+from cw.errors import CwError
 
 #: Seconds to wait for the master's readiness line.
 READY_TIMEOUT = 30.0
@@ -51,7 +51,7 @@ class LocalCluster:
         return proc
 
     def executor(self, **options):
-        from .client import ClusterExecutor
+        from cw.client.executor import ClusterExecutor
         return ClusterExecutor(self.host, self.port, **options)
 
     def wait_for_workers(self, n: int, timeout: float = 60.0) -> None:
@@ -147,13 +147,13 @@ def allocate(nworkers: int | None = None, port: int = PORT, backend: str | None 
     (``backend="slurm"``), else local processes (``backend="local"``);
     ``$CW_BACKEND`` sets the default.  Inside the block, a client made with no
     host (``ClusterExecutor()``) finds this cluster's master."""
-    from .client import ENV_MASTER
+    from cw.client.executor import ENV_MASTER
     backend = backend or os.environ.get("CW_BACKEND")
     if backend is None:
-        from . import slurm
+        from cw.launch import slurm
         backend = "slurm" if slurm.available() else "local"
     if backend == "slurm":
-        from .slurm import SlurmCluster
+        from cw.launch.slurm import SlurmCluster
         cluster = SlurmCluster.start(nworkers or 1)
     elif backend == "local":
         cluster = start(nworkers, port)

@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 
-from .errors import CwError
+from cw.errors import CwError
 
 log = logging.getLogger("cw.install")   # to the worker's log (cw's records are not a job's output)
 

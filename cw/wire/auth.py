@@ -11,7 +11,7 @@ import os
 import stat
 from pathlib import Path
 
-from .errors import SecretFileError
+from cw.errors import SecretFileError
 
 SECRET_BYTES = 32
 MIN_SECRET_BYTES = 16

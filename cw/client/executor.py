@@ -19,11 +19,12 @@ import threading
 import time
 from typing import NamedTuple
 
-from . import PORT, buffers, protocol, settings
-from .auth import load_secret
-from .dispatch import DEFAULT_RETRIES
-from .errors import BrokenCluster, CwError, ProtocolError, Unplaceable, WorkerLost
-from .link import master_timeout, open_link, parse_address, peer_info
+from cw import PORT, settings
+from cw.errors import BrokenCluster, CwError, ProtocolError, Unplaceable, WorkerLost
+from cw.master.dispatch import DEFAULT_RETRIES
+from cw.wire import buffers, protocol
+from cw.wire.auth import load_secret
+from cw.wire.link import master_timeout, open_link, parse_address, peer_info
 
 log = logging.getLogger("cw.client")
 
@@ -71,7 +72,7 @@ def resolve_master(host: str | None, port: int = PORT) -> tuple[str, int]:
         return parse_address(host, port)
     if os.environ.get(ENV_MASTER):
         return parse_address(os.environ[ENV_MASTER], port)
-    from . import slurm
+    from cw.launch import slurm
     if slurm.address_file(os.environ.get("CW_CLUSTER") or slurm.DEFAULT_NAME).exists() and slurm.available():
         try:
             return slurm.master_address(port=port)
@@ -101,7 +102,7 @@ _MAX_PRIORITY = 2 ** 31 - 1
 
 def scheduling_options(priority=0, resources=None, tag=None, workers=None) -> tuple[int, dict]:
     """Checks a job's scheduling options; returns (priority, SUBMIT_WITH options)."""
-    from .resources import PLAIN, normalize_need
+    from cw.resources import PLAIN, normalize_need
     if isinstance(priority, bool) or not isinstance(priority, int) or not -_MAX_PRIORITY <= priority <= _MAX_PRIORITY:
         raise ValueError(f"priority must be a whole number between {-_MAX_PRIORITY} and {_MAX_PRIORITY}, "
                          f"not {priority!r}")
@@ -131,10 +132,29 @@ def scheduling_options(priority=0, resources=None, tag=None, workers=None) -> tu
     return priority, options
 
 
-#: Set by a worker process: called as hook(future, timeout) when a job waits
-#: on a future, so that the worker can run other jobs meanwhile (see
-#: cw.worker.Session.help_while).
-_wait_hook = None
+class JobHooks:
+    """How an executor inside a running job ties the jobs it submits to that
+    job.  A worker process gives one to the executor ``get_executor()``
+    returns in its jobs (see cw.worker.session.NestedJobHooks); elsewhere
+    there is none.  Each method's default does nothing."""
+
+    def prepare(self, fn, args: tuple, kwargs: dict, priority: int) -> tuple:
+        """The call and priority to submit instead of ``fn(*args, **kwargs)``
+        at ``priority``: returns (fn, args, kwargs, priority)."""
+        return fn, args, kwargs, priority
+
+    def context_change(self) -> dict | None:
+        """The working directory and path to send before the next job
+        ({"cwd", "path"}) when they changed since the last one, else None."""
+        return None
+
+    def adopt(self, future: ClusterFuture) -> None:
+        """A future this executor made: a child of the running job."""
+
+    def wait(self, future: ClusterFuture, timeout: float | None) -> None:
+        """Called when the running job waits on ``future``, before the
+        waiting itself; returns when the future is done or after
+        ``timeout`` seconds (a worker runs other jobs meanwhile)."""
 
 
 class ClusterFuture(concurrent.futures.Future):
@@ -176,11 +196,12 @@ class ClusterFuture(concurrent.futures.Future):
         return super().exception(self._help(timeout))
 
     def _help(self, timeout):
-        """Inside a job, waiting lends the worker (see _wait_hook); returns the time left."""
-        if _wait_hook is None or self.done():
+        """Inside a job, waiting lends the worker (see JobHooks.wait); returns the time left."""
+        hooks = self._executor._hooks
+        if hooks is None or self.done():
             return timeout
         start = time.monotonic()
-        _wait_hook(self, timeout)
+        hooks.wait(self, timeout)
         return None if timeout is None else max(0.0, timeout - (time.monotonic() - start))
 
     def cancel(self) -> bool:
@@ -204,11 +225,15 @@ class ClusterExecutor(concurrent.futures.Executor):
     ``host=None`` finds the master (see ``resolve_master``).  ``max_retries``
     is how often a job is re-run after its worker died under it (default:
     the master's, 2 re-runs); 0 for jobs that must never run twice.
+    ``job_hooks``: see ``JobHooks`` (given by a worker process to the
+    executors of its jobs).
     """
 
     def __init__(self, host: str | None = None, port: int = PORT, *,
                  connect_timeout: float = DEFAULT_CONNECT_TIMEOUT, max_retries: int | None = None,
-                 timeout: float | None = None, weight: float = 1.0, echo: bool = False):
+                 timeout: float | None = None, weight: float = 1.0, echo: bool = False,
+                 job_hooks: JobHooks | None = None):
+        self._hooks = job_hooks
         self._retries = _check_retries(max_retries)
         self._timeout = _check_timeout(timeout)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight <= 1e6:
@@ -240,10 +265,11 @@ class ClusterExecutor(concurrent.futures.Executor):
         client's share), ``resources`` ({"cpu": 4, "mem": "8G", "gpu": 1}),
         ``tag`` (see ``limit``), ``workers`` (ids, host names or entries of
         ``workers()`` the job may run on)."""
-        if priority or resources is not None or tag is not None or workers is not None:
+        if (priority or resources is not None or tag is not None or workers is not None
+                or self._hooks is not None):
             return self.submit_with(fn, args, kwargs, priority=priority, resources=resources, tag=tag,
                                     workers=workers)
-        from .payload import dumps_call
+        from cw.wire.payload import dumps_call
         try:
             payload = dumps_call(fn, args, kwargs)
         except CwError as exc:
@@ -258,10 +284,12 @@ class ClusterExecutor(concurrent.futures.Executor):
         seconds the job may run before it is stopped and fails with
         JobTimeout (default: the executor's).  ``max_retries``: re-runs after
         a worker died under it.  The others: see ``submit``."""
-        from .payload import dumps_call
+        from cw.wire.payload import dumps_call
         retries = self._retries if max_retries is None else _check_retries(max_retries)
         timeout = self._timeout if timeout is None else _check_timeout(timeout)
         priority, options = scheduling_options(priority, resources, tag, workers)
+        if self._hooks is not None:
+            fn, args, kwargs, priority = self._hooks.prepare(fn, tuple(args), kwargs or {}, priority)
         try:
             payload = dumps_call(fn, args, kwargs or {})
         except CwError as exc:
@@ -277,6 +305,8 @@ class ClusterExecutor(concurrent.futures.Executor):
             future = ClusterFuture(self, next(self._ids))
             if register:
                 self._pending[future.jobid] = future
+        if self._hooks is not None:
+            self._hooks.adopt(future)
         return future
 
     def _failed_future(self, exc: BaseException) -> ClusterFuture:
@@ -288,6 +318,10 @@ class ClusterExecutor(concurrent.futures.Executor):
     def _send_job(self, payload, retries: int, timeout: float, priority: int = 0,
                   options: dict | None = None) -> ClusterFuture:
         future = self._new_future()
+        if self._hooks is not None:
+            context = self._hooks.context_change()
+            if context is not None:
+                self._link.post(protocol.encode_json(protocol.CONTEXT, context))
         if priority or options:
             frame = protocol.encode_submit_with(future.jobid, retries, timeout, priority, options, payload)
         else:
@@ -318,7 +352,7 @@ class ClusterExecutor(concurrent.futures.Executor):
         if progress:
             lengths = [len(it) for it in iterables if hasattr(it, "__len__")]
             total = min(lengths) if len(lengths) == len(iterables) and lengths else None
-        from .payload import batch_items, dumps_batch
+        from cw.wire.payload import batch_items, dumps_batch
         deadline = None if timeout is None else time.monotonic() + timeout
         calls = zip(*iterables, strict=False)
         inflight: collections.deque[ClusterFuture] = collections.deque()
@@ -354,7 +388,7 @@ class ClusterExecutor(concurrent.futures.Executor):
                     future.cancel()
 
         if progress:
-            from .tracking import track
+            from cw.ops.tracking import track
             return track(results(), total=total)
         return results()
 
@@ -429,7 +463,7 @@ class ClusterExecutor(concurrent.futures.Executor):
                 "it may crash its worker (out of memory, segfault, os._exit): run it locally to see",
                 jobid, info["attempts"], info["workers"])
         else:
-            from .payload import load_outcome
+            from cw.wire.payload import load_outcome
             ok, value = load_outcome(status, payload)
         try:
             if ok:
@@ -534,12 +568,12 @@ class ClusterExecutor(concurrent.futures.Executor):
     def install(self, packages, *, sticky: bool = True, pip_args=(), timeout: float | None = None) -> dict:
         """Installs pip requirements (``["numpy", "scipy==1.*"]``, paths, URLs)
         on every connected worker with its own Python; returns {WorkerInfo:
-        pip's last line}.  Raises ``cw.install.InstallError`` naming the
+        pip's last line}.  Raises ``cw.ops.install.InstallError`` naming the
         workers that failed, with pip's error.  ``sticky``: workers that
         connect later install them too, before their first job.
         ``pip_args``: extra pip options (``["--index-url", URL]``)."""
-        from .install import InstallError, check_packages, install_packages
-        from .payload import dumps_call, joined
+        from cw.ops.install import InstallError, check_packages, install_packages
+        from cw.wire.payload import dumps_call, joined
         packages = check_packages(packages)
         pip_args = [str(a) for a in pip_args]
         call = os.urandom(8).hex()
@@ -580,7 +614,7 @@ class ClusterExecutor(concurrent.futures.Executor):
 
 
 def _views_writable_memory(payload) -> bool:
-    from .payload import views_writable_memory  # (cw.payload loads cloudpickle: only when needed)
+    from cw.wire.payload import views_writable_memory  # (cw.payload loads cloudpickle: only when needed)
     return views_writable_memory(payload)
 
 

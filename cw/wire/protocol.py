@@ -28,8 +28,9 @@ import json
 import os
 import struct
 
-from . import buffers, settings
-from .errors import AuthenticationError, ProtocolError
+from cw import settings
+from cw.errors import AuthenticationError, ProtocolError
+from cw.wire import buffers
 
 VERSION = 2
 HEADER = struct.Struct("!IB")

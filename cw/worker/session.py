@@ -1,118 +1,35 @@
-"""Workers: processes that run jobs, and the supervisor that keeps N of them.
-
-``python -m cw.worker [HOST[:PORT]] -n N`` starts a supervisor that runs N
-worker processes and restarts one that dies (a job may crash it).  Each
-worker holds one connection to the master and runs one job at a time, in the
-client's working directory and with the client's ``sys.path`` in front of its
-own.  A worker that loses its master reconnects; one that cannot reach a
-master for ``--connect-timeout`` seconds exits.
-
-::
-
-    supervisor --spawn--> worker process --TCP--> master
-        ^                     |
-        +-- exit channel -----+   (a pipe: why it exits on purpose)
-
-The supervisor never reads meaning into an exit status: a job can end its
-process with any status (``os._exit(3)``), or with a signal.  A worker that
-exits on purpose says why on its exit channel first; any other end is a
-crash, and the process is replaced.
+"""A worker process: one connection to the master at a time, jobs run one at
+a time in the client's working directory and with the client's ``sys.path``
+in front of its own.  A worker that loses its master reconnects; one that
+cannot reach a master for ``--connect-timeout`` seconds exits (and says so on
+its exit channel, see cw.worker.channel).
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import concurrent.futures
-import json
 import logging
 import os
 import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
 
-from . import PORT, buffers, output, protocol, settings
-from .auth import load_secret
-from .errors import AuthenticationError, BrokenCluster, CwError, ProtocolError
-from .link import HandshakeFailed, master_timeout, open_link, parse_address, peer_info
-from .payload import error_outcome, run_payload, views_writable_memory  # (an import per job costs ~4 us)
+from cw import settings
+from cw.client.executor import JobHooks
+from cw.errors import AuthenticationError, BrokenCluster, CwError, ProtocolError
+from cw.wire import buffers, protocol
+from cw.wire.auth import load_secret
+from cw.wire.link import HandshakeFailed, master_timeout, open_link, parse_address, peer_info
+from cw.wire.payload import error_outcome, run_payload, views_writable_memory  # (an import per job costs ~4 us)
+from cw.worker import channel, output
+from cw.worker.channel import EXIT_CONFIG, EXIT_NO_MASTER, EXIT_NOW, EXIT_REPLACE, ExitChannel
 
 log = logging.getLogger("cw.worker")
 
 _READ = object()   # what a runner is to do next: take the reader's role
 
 DEFAULT_CONNECT_TIMEOUT = settings.WORKER_CONNECT_TIMEOUT
-#: A child that dies sooner than this after starting counts as crash-looping.
-QUICK_DEATH = 1.0
-MAX_RESTART_DELAY = 10.0
-
-# Exit statuses, for people reading logs; the supervisor reads the exit channel instead.
-EXIT_NO_MASTER = 3   # gave up reaching a master: do not restart
-EXIT_CONFIG = 4      # wrong secret or unreadable secret file: restarting cannot help
-EXIT_REPLACE = 5     # its job timed out or was aborted: start a fresh process at once
-EXIT_NOW = 6         # a second SIGTERM: stopped mid-job
-
-
-class ExitChannel:
-    """The worker's end of the pipe on which it tells its supervisor why it
-    exits.  A reason is one short line, written just before the exit; a
-    process that ends without writing one crashed (or a job ended it).
-    Before any reason, ``ready`` says it reached a master once: a process
-    that dies before that is crash-looping (restarted with a growing delay),
-    one that dies after it was most likely ended by a job (restarted at once)."""
-
-    READY = "ready"            # connected to a master (not an exit)
-    DRAINED = "drained"        # finished on request: do not restart
-    NO_MASTER = "no-master"    # gave up reaching a master: do not restart
-    CONFIG = "config"          # the secret is wrong or unreadable: stop every worker
-    REPLACE = "replace"        # stopped a timed-out or cancelled job on purpose: start another at once
-    STOPPED = "stopped"        # a second SIGTERM: stop now, do not restart
-    REASONS = (DRAINED, NO_MASTER, CONFIG, REPLACE, STOPPED)
-
-    def __init__(self, fd: int | None):
-        self.fd = fd
-        self.ready_said = False
-        if fd is not None:
-            os.set_inheritable(fd, False)   # a job's child processes must not speak for this worker
-
-    def say(self, reason: str) -> None:
-        if self.fd is None:
-            return
-        try:
-            os.write(self.fd, reason.encode() + b"\n")
-        except OSError:
-            pass   # the supervisor is gone: nobody to tell
-
-    def say_ready(self) -> None:
-        if not self.ready_said:
-            self.ready_said = True
-            self.say(self.READY)
-
-    @classmethod
-    def read(cls, fd: int) -> tuple[str | None, bool]:
-        """The supervisor's side, after the worker exited: (its reason, or
-        None when it gave none, which is a crash; whether it was ready).
-        Never blocks: a job's forked child could still hold the write end."""
-        os.set_blocking(fd, False)
-        try:
-            data = os.read(fd, 256)
-        except OSError:        # BlockingIOError included: nothing was written
-            data = b""
-        words = data.decode("ascii", "replace").split()
-        reason = words[-1] if words and words[-1] in cls.REASONS else None
-        return reason, cls.READY in words
-
-
-#: This process's exit channel (set in main for a worker under a supervisor).
-exit_channel = ExitChannel(None)
-
-
-def exit_now(reason: str, status: int) -> None:
-    """Ends this worker process at once, having said why."""
-    exit_channel.say(reason)
-    os._exit(status)
 
 
 class JobRunner:
@@ -169,44 +86,35 @@ def _nested_call(depth: int, fn, args, kwargs):
         _depth = outer
 
 
-def _nested_executor_class():
-    """ClusterExecutor for jobs that submit jobs (``cw.get_executor()`` inside
-    a job).  Its futures count as the running job's children.  A child gets
-    priority one above its parent's depth unless given one, so the deepest
-    jobs go first: the tree is explored depth first, as work-stealing
-    schedulers do, and the jobs waiting at once stay about as many as the
-    tree is deep.  It sends the running job's context (cwd, sys.path) along
-    when that changed."""
-    from .client import ClusterExecutor
+class NestedJobHooks(JobHooks):
+    """Ties the jobs a running job submits (``cw.get_executor()`` inside a
+    job) to it: they are its children.  A child gets priority one above its
+    parent's depth unless given one, so the deepest jobs go first: the tree
+    is explored depth first, as work-stealing schedulers do, and the jobs
+    waiting at once stay about as many as the tree is deep.  The running
+    job's context (cwd, sys.path) is sent along when it changed, and waiting
+    on a child lends this worker (Session.help_while)."""
 
-    class NestedExecutor(ClusterExecutor):
-        def __init__(self, host, port, session):
-            self._session = session
-            self._sent_context = (os.getcwd(), tuple(sys.path))
-            super().__init__(host, port)
+    def __init__(self, session: Session):
+        self.session = session
+        self.sent_context = (os.getcwd(), tuple(sys.path))
 
-        def submit(self, fn, /, *args, priority=0, resources=None, tag=None, workers=None, **kwargs):
-            return self.submit_with(fn, args, kwargs, priority=priority, resources=resources, tag=tag,
-                                    workers=workers)
+    def prepare(self, fn, args, kwargs, priority):
+        depth = _depth + 1
+        return _nested_call, (depth, fn, args, kwargs), {}, priority or depth
 
-        def submit_with(self, fn, args=(), kwargs=None, *, priority=0, **options):
-            depth = _depth + 1
-            return super().submit_with(_nested_call, (depth, fn, tuple(args), kwargs or {}), None,
-                                       priority=priority or depth, **options)
+    def context_change(self):
+        context = (os.getcwd(), tuple(sys.path))
+        if context == self.sent_context:
+            return None
+        self.sent_context = context
+        return {"cwd": context[0], "path": context[1]}
 
-        def _new_future(self, register=True):
-            future = super()._new_future(register)
-            self._session.track_child(future)
-            return future
+    def adopt(self, future) -> None:
+        self.session.track_child(future)
 
-        def _send_job(self, *args):
-            context = (os.getcwd(), tuple(sys.path))
-            if context != self._sent_context:
-                self._sent_context = context
-                self._link.post(protocol.encode_json(protocol.CONTEXT, {"cwd": context[0], "path": context[1]}))
-            return super()._send_job(*args)
-
-    return NestedExecutor
+    def wait(self, future, timeout) -> None:
+        self.session.help_while(future, timeout)
 
 
 class Session:
@@ -526,7 +434,7 @@ class Session:
         self._apply_environ(job.env)
 
     def track_child(self, future) -> None:
-        """A future the running job submitted (see _NestedExecutor)."""
+        """A future the running job submitted (see NestedJobHooks)."""
         children = getattr(self.local, "children", None)
         if children is not None:
             children.append(future)
@@ -566,7 +474,7 @@ class WorkerState:
             return True
 
     def _timed_out(self, gid: int, timeout: float) -> None:
-        from .errors import JobTimeout
+        from cw.errors import JobTimeout
         with self.lock:
             if gid not in self.running:
                 return
@@ -578,7 +486,7 @@ class WorkerState:
             # After the outcomes posted before it, or the master would see them out of order.
             self.session.link.post_and_wait(protocol.encode_outcome(gid, status, data))
         finally:
-            exit_now(ExitChannel.REPLACE, EXIT_REPLACE)   # the job's thread cannot be stopped; the process can
+            channel.exit_now(ExitChannel.REPLACE, EXIT_REPLACE)   # the job's thread cannot be stopped; the process can
 
     def abort(self, gid: int) -> None:
         with self.lock:
@@ -598,7 +506,7 @@ class WorkerState:
         lost, they would make the master run those jobs again."""
         if self.session is not None:
             self.session.link.flush(timeout=5.0)
-        exit_now(reason, status)
+        channel.exit_now(reason, status)
 
     def on_sigterm(self, signum, frame) -> None:
         """First SIGTERM: drain.  Second: exit now; the master re-runs the job."""
@@ -614,7 +522,7 @@ class WorkerState:
         self.draining = True
         session = self.session
         if session is None:
-            exit_channel.say(ExitChannel.DRAINED)
+            channel.exit_channel.say(ExitChannel.DRAINED)
             raise SystemExit(0)      # not connected: nothing to finish
         # From a thread: this handler may have interrupted code holding the locks it needs.
         threading.Thread(target=session.drain, daemon=True).start()
@@ -628,7 +536,7 @@ def master_resolver(spec: str, port: int, connect_timeout: float):
         name = spec[len("slurm:"):]
 
         def resolve():
-            from .slurm import master_address
+            from cw.launch.slurm import master_address
             return master_address(name, port, timeout=connect_timeout)
         return resolve
     address = parse_address(spec, port)
@@ -638,10 +546,8 @@ def master_resolver(spec: str, port: int, connect_timeout: float):
 def _enable_nested_jobs(host: str, port: int, session: Session) -> None:
     """Lets jobs of this process submit jobs (``cw.get_executor()``) and lend
     this worker while they wait for them."""
-    from . import client
-    nested = _nested_executor_class()
-    client.set_executor_factory(lambda: nested(host, port, session))
-    client._wait_hook = session.help_while
+    from cw.client.executor import ClusterExecutor, set_executor_factory
+    set_executor_factory(lambda: ClusterExecutor(host, port, job_hooks=NestedJobHooks(session)))
 
 
 def run_worker(resolve, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT, offer: dict | None = None) -> int:
@@ -681,7 +587,7 @@ def run_worker(resolve, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT, offer:
             log.error("giving up: %s", exc)
             return EXIT_NO_MASTER
         log.info("worker %d connected to %s:%s", os.getpid(), host, port)
-        exit_channel.say_ready()
+        channel.exit_channel.say_ready()
         session = Session(link, runner, state)
         _enable_nested_jobs(host, port, session)
         try:
@@ -693,167 +599,3 @@ def run_worker(resolve, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT, offer:
         deadline = time.monotonic() + connect_timeout   # lost it: the same time again to find it
     log.info("worker %d drained and stops", os.getpid())
     return 0
-
-
-def _watch_lifeline(fd: int) -> None:
-    """Exits this worker when its supervisor dies (the pipe's write end closes)."""
-    def watch():
-        while os.read(fd, 1):
-            pass
-        os._exit(0)
-    threading.Thread(target=watch, name="cw-lifeline", daemon=True).start()
-
-
-class Supervisor:
-    """Keeps ``n`` worker processes running."""
-
-    def __init__(self, address: str, port: int, n: int, connect_timeout: float, log_level: str,
-                 offer: dict | None = None):
-        self.offer = offer or {}
-        self.address = address
-        self.port = port
-        self.n = n
-        self.connect_timeout = connect_timeout
-        self.log_level = log_level
-        self.children: dict[int, subprocess.Popen] = {}
-        self.stopping = False
-        self.stop_requests = 0
-        self.lifeline_r, self.lifeline_w = os.pipe()
-        self.exit_status = 0
-
-    def spawn(self) -> None:
-        cmd = [sys.executable, "-m", "cw.worker", self.address, "--port", str(self.port),
-               "--child", str(self.lifeline_r),
-               "--connect-timeout", str(self.connect_timeout), "--log-level", self.log_level,
-               "--offer", json.dumps(self.offer)]
-        channel_r, channel_w = os.pipe()
-        cmd += ["--exit-channel", str(channel_w)]
-        try:
-            proc = subprocess.Popen(cmd, pass_fds=(self.lifeline_r, channel_w))
-        except BaseException:
-            os.close(channel_r)
-            raise
-        finally:
-            os.close(channel_w)
-        proc.started = time.monotonic()
-        proc.exit_channel = channel_r
-        self.children[proc.pid] = proc
-        if self.stopping:   # stop() ran while it started: it missed this one
-            proc.send_signal(signal.SIGUSR1)
-
-    def stop(self, signum=None, frame=None) -> None:
-        """First call: workers finish their jobs and exit (SIGUSR1).  Second:
-        they are killed now.  SLURM signals every process of a job, so a worker
-        may get SIGTERM from SLURM and SIGUSR1 from here at once: both mean
-        "drain", the same request, which is why this does not forward SIGTERM."""
-        self.stop_requests += 1
-        if self.stop_requests == 1:
-            self.stopping = True
-            sig = signal.SIGUSR1
-        else:
-            sig = signal.SIGKILL
-        for proc in self.children.values():
-            try:
-                proc.send_signal(sig)
-            except ProcessLookupError:
-                pass
-
-    def run(self) -> int:
-        signal.signal(signal.SIGTERM, self.stop)
-        signal.signal(signal.SIGINT, self.stop)
-        for _ in range(self.n):
-            self.spawn()
-        quick_deaths = 0
-        while self.children:
-            try:
-                pid, wait_status = os.wait()
-            except ChildProcessError:
-                break
-            proc = self.children.pop(pid, None)
-            if proc is None:
-                continue
-            code = os.waitstatus_to_exitcode(wait_status)
-            proc.returncode = code
-            reason, was_ready = ExitChannel.read(proc.exit_channel)
-            os.close(proc.exit_channel)
-            if self.stopping:
-                continue
-            if reason == ExitChannel.CONFIG:
-                log.error("worker %d cannot authenticate; stopping all workers", pid)
-                self.exit_status = 2
-                self.stop()
-                continue
-            if reason == ExitChannel.NO_MASTER:
-                self.exit_status = EXIT_NO_MASTER
-                continue
-            if reason in (ExitChannel.DRAINED, ExitChannel.STOPPED):
-                continue
-            if reason == ExitChannel.REPLACE:
-                self.spawn()      # it stopped a timed-out or cancelled job on purpose
-                continue
-            # A process that never reached a master and died quickly is
-            # crash-looping (a broken environment): wait longer each time.
-            lived = time.monotonic() - proc.started
-            quick_deaths = quick_deaths + 1 if lived < QUICK_DEATH and not was_ready else 0
-            how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
-            log.warning("worker %d %s without saying why (most likely a job ended it); starting a new one", pid, how)
-            if quick_deaths > 2:
-                time.sleep(min(MAX_RESTART_DELAY, 0.1 * 2 ** quick_deaths))
-            if not self.stopping:
-                self.spawn()
-        return self.exit_status
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cw.worker", description="Run cw workers.")
-    parser.add_argument("master", nargs="?", default=f"localhost:{PORT}",
-                        help=f"the master's HOST[:PORT] (default localhost:{PORT}), or slurm:NAME for the "
-                             "master of the SLURM cluster NAME")
-    parser.add_argument("--port", type=int, default=PORT,
-                        help=f"the master's port when HOST gives none (default {PORT})")
-    parser.add_argument("-n", "--processes", type=int, default=1, help="worker processes to run (default 1)")
-    parser.add_argument("--connect-timeout", type=float, default=DEFAULT_CONNECT_TIMEOUT,
-                        help=f"seconds to keep trying to reach the master (default {DEFAULT_CONNECT_TIMEOUT:g})")
-    parser.add_argument("--resources", default="",
-                        help="what this machine offers jobs, e.g. gpu=2,mem=64G,license=3 (default: cpu = -n, "
-                             "mem = the machine's memory, gpu = the GPUs nvidia-smi lists, or those in "
-                             "CUDA_VISIBLE_DEVICES)")
-    parser.add_argument("--log-level", default="INFO")
-    parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--offer", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--exit-channel", type=int, default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s")
-    try:
-        resolve = master_resolver(args.master, args.port, args.connect_timeout)
-    except ValueError as exc:
-        parser.error(str(exc))
-    if args.child is not None:
-        # The supervisor forwards Ctrl-C as SIGTERM; a terminal's SIGINT to the
-        # whole process group must not kill a job half-way with a traceback.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        _watch_lifeline(args.child)
-        global exit_channel
-        exit_channel = ExitChannel(args.exit_channel)
-        status = run_worker(resolve, args.connect_timeout, json.loads(args.offer) if args.offer else None)
-        exit_channel.say({EXIT_CONFIG: ExitChannel.CONFIG, EXIT_NO_MASTER: ExitChannel.NO_MASTER}.get(
-            status, ExitChannel.DRAINED))
-        return status
-    if args.processes < 1:
-        parser.error("-n must be at least 1")
-    from . import resources
-    try:
-        declared = resources.parse_spec(args.resources)
-    except ValueError as exc:
-        parser.error(str(exc))
-    offer = resources.node_resources(args.processes, declared, resources.detect_gpus(),
-                                     resources.physical_memory())
-    offer["node"] = f"{socket.gethostname()}:{os.getpid()}"
-    log.info("this machine offers %s%s", resources.format_amounts(offer["resources"]),
-             f" (GPU ids {','.join(offer['gpu_ids'])})" if offer["gpu_ids"] else "")
-    return Supervisor(args.master, args.port, args.processes, args.connect_timeout, args.log_level, offer).run()
-
-
-if __name__ == "__main__":
-    sys.exit(main())

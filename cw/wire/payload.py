@@ -25,8 +25,7 @@ import traceback
 
 import cloudpickle
 
-from . import protocol
-from .errors import (
+from cw.errors import (
     CallPicklingError,
     CallUnpicklingError,
     RemoteError,
@@ -34,6 +33,7 @@ from .errors import (
     ResultPicklingError,
     ResultUnpicklingError,
 )
+from cw.wire import protocol
 
 PROTOCOL = 5
 BATCH = "cw-batch"

@@ -34,7 +34,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
-from .errors import CwError
+from cw.errors import CwError
 
 log = logging.getLogger(__name__)
 

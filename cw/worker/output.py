@@ -19,7 +19,7 @@ import logging
 import sys
 import threading
 
-from . import settings
+from cw import settings
 
 _current = threading.local()     # .capture: the Capture of the job this thread runs
 

@@ -57,9 +57,10 @@ import json
 import time
 from collections import deque
 
-from . import protocol, settings
-from .errors import ProtocolError
-from .resources import PLAIN, Node, format_amounts
+from cw import settings
+from cw.errors import ProtocolError
+from cw.resources import PLAIN, Node, format_amounts
+from cw.wire import protocol
 
 DEFAULT_MAX_ATTEMPTS = settings.MAX_ATTEMPTS
 #: SUBMIT's retries byte that means "use the master's default".

@@ -1,0 +1,1 @@
+"""Launching clusters: local processes (``cw.allocate``) and SLURM (``slurm.py start``)."""

@@ -1,0 +1,433 @@
+"""cw on SLURM: start a master job and worker jobs, find the master, stop them.
+
+SLURM stays out of the inner loop: it starts the cluster once, and clients
+then talk to the master directly for as long as it runs.
+
+Discovery cannot race.  The master job binds a free port and writes its
+reachable address to ``<state dir>/clusters/<name>/master`` (JSON, written
+atomically) in the home directory that the nodes share; workers and clients
+wait for that file with a deadline.  A file left by a master job that is no
+longer running is ignored.  Where the file never appears, ``squeue`` gives
+the master job's node once it is RUNNING (never the empty %N of a pending job),
+with the port the cluster was started with.  The secret travels the same way,
+as ``~/.cw/secret`` (or ``$CW_SECRET_FILE``), never in a batch script.
+"""
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+from cw import PORT
+from cw.errors import CwError
+
+DEFAULT_NAME = "default"
+#: Seconds to wait for a master job to publish its address.
+DISCOVERY_TIMEOUT = 120.0
+#: Seconds ``stop`` waits for the cluster's jobs to leave squeue.
+STOP_TIMEOUT = 30.0
+#: Seconds before the time limit at which SLURM asks workers to drain.
+DRAIN_SECONDS = 120
+
+
+class SlurmError(CwError):
+    """A SLURM command failed, or the cluster could not be found."""
+
+
+class JobInfo(NamedTuple):
+    jobid: str
+    name: str
+    state: str
+    nodes: str
+    reason: str
+
+
+def available() -> bool:
+    """True where the SLURM commands are installed and answer."""
+    if not shutil.which("sbatch") or not shutil.which("squeue"):
+        return False
+    try:
+        return subprocess.run(["squeue", "-h", "-o", "%i", "-u", _user()], capture_output=True,
+                              timeout=15).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def _user() -> str:
+    return os.environ.get("USER") or getpass.getuser()
+
+
+def state_dir() -> Path:
+    """Where cluster records live: ``$CW_STATE_DIR``, else ``~/.cw`` (shared by the nodes)."""
+    return Path(os.environ.get("CW_STATE_DIR") or Path.home() / ".cw")
+
+
+def cluster_dir(name: str) -> Path:
+    return state_dir() / "clusters" / name
+
+
+def address_file(name: str) -> Path:
+    return cluster_dir(name) / "master"
+
+
+def job_name(name: str, role: str) -> str:
+    return f"cw-{name}-{role}"
+
+
+# --- batch scripts ------------------------------------------------------------
+
+@dataclass
+class Options:
+    """How to start a cluster; the command-line options of ``slurm.py start``."""
+    name: str = DEFAULT_NAME
+    workers: int = 1
+    partition: str | None = None
+    account: str | None = None
+    time: str | None = None             # SLURM time limit, e.g. "1-00:00:00"
+    mem: str | None = None              # memory per worker, e.g. "4G"
+    cpus_per_worker: int = 1
+    isolated: bool = False              # one worker per node, nodes not shared
+    array: bool = False                 # workers as a job array instead of one job of N tasks
+    docker_image: str | None = None
+    docker_args: str = ""
+    xmaster: list[str] = field(default_factory=list)    # extra sbatch arguments
+    xworkers: list[str] = field(default_factory=list)
+    extra_lines: list[str] = field(default_factory=list)  # extra batch-script lines
+    port: int = 0                       # 0: a free port, published in the address file
+    drain_seconds: int = DRAIN_SECONDS
+    python: str = sys.executable
+
+
+def _directives(opts: Options, role: str) -> list[str]:
+    logs = cluster_dir(opts.name) / "logs"
+    lines = [f"--job-name={job_name(opts.name, role)}", f"--output={logs}/{role}-%j.log",
+             f"--chdir={os.getcwd()}"]
+    if opts.partition:
+        lines.append(f"--partition={opts.partition}")
+    if opts.account:
+        lines.append(f"--account={opts.account}")
+    if opts.time:
+        lines.append(f"--time={opts.time}")
+    return lines
+
+
+def render_master_script(opts: Options) -> str:
+    lines = _directives(opts, "master") + ["--ntasks=1", "--cpus-per-task=1"]
+    command = [opts.python, "-m", "cw.master", "--bind", "0.0.0.0", "--port", str(opts.port),
+               "--address-file", str(address_file(opts.name))]
+    return _script(lines, opts.extra_lines, "exec " + shlex.join(command))
+
+
+def worker_command(opts: Options) -> list[str]:
+    command = [opts.python, "-m", "cw.worker", f"slurm:{opts.name}"]
+    if opts.port:
+        command += ["--port", str(opts.port)]
+    if opts.docker_image:
+        home = str(Path.home())
+        docker = ["docker", "run", "--rm", "--network", "host", "-v", f"{home}:{home}",
+                  "-e", "CW_STATE_DIR", "-e", "CW_SECRET_FILE", "-e", "HOME", "-w", os.getcwd()]
+        # The image's entrypoint is its Python (as the original cw required).
+        return docker + shlex.split(opts.docker_args) + [opts.docker_image] + command[1:]
+    return command
+
+
+def render_worker_script(opts: Options) -> str:
+    lines = _directives(opts, "workers") + [f"--cpus-per-task={opts.cpus_per_worker}"]
+    if opts.mem:
+        lines.append(f"--mem={opts.mem}")
+    command = shlex.join(worker_command(opts))
+    if opts.array:
+        # Each array task is one worker, run by the batch shell itself: the
+        # drain signal must go to the batch step (B:).
+        lines += [f"--array=0-{opts.workers - 1}", "--ntasks=1",
+                  f"--signal=B:TERM@{opts.drain_seconds}"]
+        body = "exec " + command
+    else:
+        lines += [f"--ntasks={opts.workers}", f"--signal=TERM@{opts.drain_seconds}"]
+        if opts.isolated:
+            lines += ["--ntasks-per-node=1", "--exclusive"]
+        body = f"srun --kill-on-bad-exit=0 {command}"
+    return _script(lines, opts.extra_lines, body)
+
+
+def _script(directives: list[str], extra: list[str], body: str) -> str:
+    head = ["#!/bin/bash"] + [f"#SBATCH {d}" for d in directives]
+    return "\n".join(head + list(extra) + [body]) + "\n"
+
+
+# --- talking to SLURM ----------------------------------------------------------
+
+def _run(cmd: list[str], input: str | None = None) -> str:
+    try:
+        proc = subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=60)
+    except FileNotFoundError:
+        raise SlurmError(f"{cmd[0]} not found: is SLURM installed here, and on PATH?") from None
+    except subprocess.TimeoutExpired:
+        raise SlurmError(f"`{shlex.join(cmd)}` did not answer within 60 s; is slurmctld up?") from None
+    if proc.returncode != 0:
+        raise SlurmError(f"`{shlex.join(cmd)}` failed (exit {proc.returncode}): {proc.stderr.strip()}")
+    return proc.stdout
+
+
+def parse_sbatch(output: str) -> str:
+    """The job id from ``sbatch --parsable`` output: ``ID`` or ``ID;cluster``."""
+    text = output.strip().splitlines()[-1] if output.strip() else ""
+    jobid = text.split(";")[0].strip()
+    if not jobid.isdigit():
+        raise SlurmError(f"sbatch --parsable printed {output!r}, which holds no job id")
+    return jobid
+
+
+def sbatch(script: str, extra_args=()) -> str:
+    return parse_sbatch(_run(["sbatch", "--parsable", *extra_args], input=script))
+
+
+SQUEUE_FORMAT = "%i|%j|%T|%N|%r"
+
+
+def parse_squeue(output: str) -> list[JobInfo]:
+    jobs = []
+    for line in output.splitlines():
+        if not line.strip():
+            continue
+        parts = line.split("|")
+        if len(parts) != 5:
+            raise SlurmError(f"unexpected squeue line {line!r}; expected {SQUEUE_FORMAT}")
+        jobs.append(JobInfo(*(p.strip() for p in parts)))
+    return jobs
+
+
+def cluster_jobs(name: str) -> list[JobInfo]:
+    names = ",".join(job_name(name, role) for role in ("master", "workers"))
+    return parse_squeue(_run(["squeue", "-h", "-u", _user(), "-n", names, "-o", SQUEUE_FORMAT]))
+
+
+def job_state(jobid: str) -> str | None:
+    """The job's state, or None once SLURM no longer lists it."""
+    proc = subprocess.run(["squeue", "-h", "-j", jobid, "-o", "%T"], capture_output=True, text=True, timeout=60)
+    state = proc.stdout.strip()
+    return state if proc.returncode == 0 and state else None
+
+
+# --- start, find, stop ---------------------------------------------------------
+
+def start(workers: int = 1, *, master: bool = True, start_workers: bool = True, **options) -> dict:
+    """Submits the master job and the worker job(s); returns their job ids."""
+    from cw.wire.auth import load_secret
+    opts = Options(workers=workers, **options)
+    if workers < 1:
+        raise ValueError("workers must be at least 1")
+    (cluster_dir(opts.name) / "logs").mkdir(parents=True, exist_ok=True)
+    load_secret(create=True)      # before any job starts, so that none of them races to create it
+    jobs = {}
+    if master:
+        if any(j.name == job_name(opts.name, "master") for j in cluster_jobs(opts.name)):
+            raise SlurmError(f"cluster {opts.name!r} already has a master job; `slurm.py stop --name "
+                             f"{opts.name}` first, or pick another --name")
+        address_file(opts.name).unlink(missing_ok=True)
+        jobs["master"] = sbatch(render_master_script(opts), opts.xmaster)
+    if start_workers:
+        jobs["workers"] = sbatch(render_worker_script(opts), opts.xworkers)
+    return jobs
+
+
+def read_address(name: str) -> tuple[str, int] | None:
+    """The published address, if its master job (when it had one) still runs."""
+    try:
+        record = json.loads(address_file(name).read_text())
+        host, port, job = record["host"], int(record["port"]), record.get("job")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if job and shutil.which("squeue") and job_state(str(job)) != "RUNNING":
+        return None               # left behind by a master job that ended
+    return host, port
+
+
+def master_address(name: str | None = None, port: int = PORT, timeout: float = DISCOVERY_TIMEOUT,
+                   wait: bool = True) -> tuple[str, int]:
+    """(host, port) of cluster ``name``'s master (default ``$CW_CLUSTER`` or
+    "default").  Waits up to ``timeout`` for it; raises LookupError when there
+    is no such cluster, SlurmError when it does not come up in time."""
+    name = name or os.environ.get("CW_CLUSTER") or DEFAULT_NAME
+    deadline = time.monotonic() + timeout
+    while True:
+        address = read_address(name)
+        if address is not None:
+            return address
+        jobs = cluster_jobs(name) if shutil.which("squeue") else []
+        masters = [j for j in jobs if j.name == job_name(name, "master")]
+        if not masters:
+            raise LookupError(f"no cw cluster named {name!r} runs on SLURM (no job {job_name(name, 'master')}); "
+                              f"start one with `slurm.py start -n N --name {name}`")
+        running = [j for j in masters if j.state == "RUNNING" and j.nodes]
+        if running and port and time.monotonic() > deadline - timeout / 2:
+            # No address file (no shared home?): the node from squeue, the fixed port.
+            return running[0].nodes.split(",")[0], port
+        if not wait or time.monotonic() > deadline:
+            state = masters[0].state + (f" ({masters[0].reason})" if masters[0].reason not in ("", "None") else "")
+            raise SlurmError(f"the master job {masters[0].jobid} of cluster {name!r} is {state} and has not "
+                             f"published {address_file(name)} within {timeout:g} s; see its log in "
+                             f"{cluster_dir(name) / 'logs'}")
+        time.sleep(0.2)
+
+
+def master_host(name: str | None = None) -> str:
+    return master_address(name)[0]
+
+
+def stop(name: str = DEFAULT_NAME, timeout: float = STOP_TIMEOUT) -> list[str]:
+    """Cancels the cluster's jobs and waits until SLURM lists none of them.
+
+    Plain ``scancel`` (SIGTERM to every process of the job, batch shell
+    included, then SIGKILL after KillWait): ``scancel -s SIG`` without
+    ``--full`` would reach only job steps and leave a batch script running."""
+    jobids = sorted({j.jobid.split("_")[0] for j in cluster_jobs(name)})
+    if jobids:
+        _run(["scancel", *jobids])
+    deadline = time.monotonic() + timeout
+    while cluster_jobs(name):
+        if time.monotonic() > deadline:
+            raise SlurmError(f"jobs of cluster {name!r} still listed by squeue {timeout:g} s after scancel")
+        time.sleep(0.2)
+    address_file(name).unlink(missing_ok=True)
+    return jobids
+
+
+def status(name: str = DEFAULT_NAME) -> dict:
+    """Jobs, states, nodes, the master's address and its connected workers."""
+    jobs = cluster_jobs(name)
+    result = {"name": name, "jobs": [j._asdict() for j in jobs], "master": None, "workers": []}
+    address = read_address(name)
+    if address is not None:
+        result["master"] = f"{address[0]}:{address[1]}"
+        try:
+            from cw.client.executor import ClusterExecutor
+            with ClusterExecutor(*address, connect_timeout=5) as ex:
+                result["workers"] = ex.status()["workers"]
+        except CwError as exc:
+            result["error"] = str(exc)
+    return result
+
+
+class SlurmCluster:
+    """A cluster started on SLURM for a ``cw.allocate`` block."""
+
+    def __init__(self, name: str, host: str, port: int):
+        self.name, self.host, self.port = name, host, port
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @classmethod
+    def start(cls, nworkers: int, name: str | None = None, timeout: float = DISCOVERY_TIMEOUT,
+              **options) -> SlurmCluster:
+        from cw.client.executor import ClusterExecutor
+        name = name or f"alloc-{os.getpid()}-{os.urandom(3).hex()}"
+        start(nworkers, name=name, **options)
+        try:
+            host, port = master_address(name, timeout=timeout)
+            with ClusterExecutor(host, port) as ex:
+                deadline = time.monotonic() + timeout
+                while len(ex.status()["workers"]) < nworkers:
+                    if time.monotonic() > deadline:
+                        raise SlurmError(f"only {len(ex.status()['workers'])} of {nworkers} workers of cluster "
+                                         f"{name!r} connected within {timeout:g} s; see {cluster_dir(name) / 'logs'}")
+                    time.sleep(0.2)
+        except BaseException:
+            stop(name)
+            raise
+        return cls(name, host, port)
+
+    def executor(self, **options):
+        from cw.client.executor import ClusterExecutor
+        return ClusterExecutor(self.host, self.port, **options)
+
+    def stop(self) -> None:
+        stop(self.name)
+
+
+# --- command line -------------------------------------------------------------
+
+def _print_status(info: dict) -> None:
+    print(f"cluster {info['name']}: master {info['master'] or 'not published yet'}")
+    for job in info["jobs"]:
+        reason = f" ({job['reason']})" if job["reason"] not in ("", "None") else ""
+        print(f"  job {job['jobid']:<10} {job['name']:<28} {job['state']}{reason} {job['nodes']}")
+    if not info["jobs"]:
+        print("  no jobs")
+    print(f"  {len(info['workers'])} workers connected")
+    for w in info["workers"]:
+        print(f"    {w['host']} pid {w['pid']}: {w['state']}, {w['jobs_done']} jobs done")
+    if info.get("error"):
+        print(f"  could not ask the master: {info['error']}")
+
+
+def main(argv=None) -> int:
+    import argparse
+    parser = argparse.ArgumentParser(
+        prog="slurm.py", description="Start, inspect and stop a cw cluster on SLURM: one master job and worker jobs.")
+    parser.add_argument("command", choices=["start", "stop", "status"])
+    parser.add_argument("-n", "--workers", type=int, default=1, help="worker processes to start (default 1)")
+    parser.add_argument("--name", default=os.environ.get("CW_CLUSTER") or DEFAULT_NAME,
+                        help="cluster name, so several clusters of one user coexist; clients find it through "
+                             "$CW_CLUSTER (default: $CW_CLUSTER or 'default')")
+    parser.add_argument("-M", "--no-master", action="store_true", help="start no master job (add workers)")
+    parser.add_argument("-W", "--no-workers", action="store_true", help="start no worker jobs")
+    parser.add_argument("--Xmaster", action="append", default=[], metavar="ARG", help="extra sbatch argument "
+                        "for the master job (repeatable)")
+    parser.add_argument("--Xworkers", action="append", default=[], metavar="ARG", help="extra sbatch argument "
+                        "for the worker jobs (repeatable)")
+    parser.add_argument("-p", "--partition")
+    parser.add_argument("-A", "--account")
+    parser.add_argument("-t", "--time", help="time limit of every job, in SLURM's format (1-00:00:00)")
+    parser.add_argument("--mem", help="memory per worker task, e.g. 4G")
+    parser.add_argument("-c", "--cpus-per-worker", type=int, default=1)
+    parser.add_argument("--isolated", action="store_true", help="one worker per node, nodes not shared")
+    parser.add_argument("--array", action="store_true", help="workers as a job array (one job each) "
+                        "instead of one job of N tasks")
+    parser.add_argument("-d", "--docker-image", help="run the workers in this image (its entrypoint: python)")
+    parser.add_argument("--docker-args", default="", help="extra `docker run` arguments")
+    parser.add_argument("--extra", action="append", default=[], metavar="LINE",
+                        help="extra line for the batch scripts, e.g. 'module load python' (repeatable)")
+    parser.add_argument("--port", type=int, default=0, help="master port (default 0: any free port, published)")
+    parser.add_argument("--drain", type=int, default=DRAIN_SECONDS, help="seconds before the time limit at "
+                        f"which workers stop taking jobs (default {DRAIN_SECONDS})")
+    parser.add_argument("--wait", action="store_true", help="start: wait until the master published its address")
+    parser.add_argument("--json", action="store_true", help="status: print JSON")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "start":
+            jobs = start(args.workers, master=not args.no_master, start_workers=not args.no_workers,
+                         name=args.name, partition=args.partition, account=args.account, time=args.time,
+                         mem=args.mem, cpus_per_worker=args.cpus_per_worker, isolated=args.isolated,
+                         array=args.array, docker_image=args.docker_image, docker_args=args.docker_args,
+                         xmaster=args.Xmaster, xworkers=args.Xworkers, extra_lines=args.extra,
+                         port=args.port, drain_seconds=args.drain)
+            for role, jobid in jobs.items():
+                print(f"submitted {role} job {jobid} ({job_name(args.name, role)})")
+            if args.wait:
+                host, port = master_address(args.name)
+                print(f"master of cluster {args.name} at {host}:{port}")
+        elif args.command == "stop":
+            jobids = stop(args.name)
+            print(f"stopped cluster {args.name}: cancelled {', '.join(jobids) or 'no jobs'}")
+        else:
+            info = status(args.name)
+            print(json.dumps(info, indent=2)) if args.json else _print_status(info)
+    except (CwError, LookupError, ValueError) as exc:
+        print(f"slurm.py: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

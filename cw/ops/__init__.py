@@ -1,0 +1,1 @@
+"""Operating a cluster: status, runtime installs, command jobs, progress."""

@@ -1,0 +1,72 @@
+"""``python -m cw.worker [HOST[:PORT]] -n N``: a supervisor and its worker processes."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+
+from cw import PORT
+from cw.worker import channel
+from cw.worker.channel import EXIT_CONFIG, EXIT_NO_MASTER, ExitChannel
+from cw.worker.session import DEFAULT_CONNECT_TIMEOUT, master_resolver, run_worker
+from cw.worker.supervisor import Supervisor
+
+log = logging.getLogger("cw.worker")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cw.worker", description="Run cw workers.")
+    parser.add_argument("master", nargs="?", default=f"localhost:{PORT}",
+                        help=f"the master's HOST[:PORT] (default localhost:{PORT}), or slurm:NAME for the "
+                             "master of the SLURM cluster NAME")
+    parser.add_argument("--port", type=int, default=PORT,
+                        help=f"the master's port when HOST gives none (default {PORT})")
+    parser.add_argument("-n", "--processes", type=int, default=1, help="worker processes to run (default 1)")
+    parser.add_argument("--connect-timeout", type=float, default=DEFAULT_CONNECT_TIMEOUT,
+                        help=f"seconds to keep trying to reach the master (default {DEFAULT_CONNECT_TIMEOUT:g})")
+    parser.add_argument("--resources", default="",
+                        help="what this machine offers jobs, e.g. gpu=2,mem=64G,license=3 (default: cpu = -n, "
+                             "mem = the machine's memory, gpu = the GPUs nvidia-smi lists, or those in "
+                             "CUDA_VISIBLE_DEVICES)")
+    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--offer", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--exit-channel", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s")
+    try:
+        resolve = master_resolver(args.master, args.port, args.connect_timeout)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.child is not None:
+        # The supervisor forwards Ctrl-C as SIGTERM; a terminal's SIGINT to the
+        # whole process group must not kill a job half-way with a traceback.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        channel.watch_lifeline(args.child)
+        channel.open_exit_channel(args.exit_channel)
+        status = run_worker(resolve, args.connect_timeout, json.loads(args.offer) if args.offer else None)
+        channel.exit_channel.say({EXIT_CONFIG: ExitChannel.CONFIG, EXIT_NO_MASTER: ExitChannel.NO_MASTER}.get(
+            status, ExitChannel.DRAINED))
+        return status
+    if args.processes < 1:
+        parser.error("-n must be at least 1")
+    from cw import resources
+    try:
+        declared = resources.parse_spec(args.resources)
+    except ValueError as exc:
+        parser.error(str(exc))
+    offer = resources.node_resources(args.processes, declared, resources.detect_gpus(),
+                                     resources.physical_memory())
+    offer["node"] = f"{socket.gethostname()}:{os.getpid()}"
+    log.info("this machine offers %s%s", resources.format_amounts(offer["resources"]),
+             f" (GPU ids {','.join(offer['gpu_ids'])})" if offer["gpu_ids"] else "")
+    return Supervisor(args.master, args.port, args.processes, args.connect_timeout, args.log_level, offer).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
