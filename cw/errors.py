@@ -85,3 +85,15 @@ class RemoteTraceback(Exception):
 
 class RemoteError(CwError):
     """Stands in for a job's exception that could not travel back as itself."""
+
+
+class InstallError(CwError):
+    """pip failed on some workers (``executor.install``); the message names them with pip's error."""
+
+
+class ContainerEngineMissing(CwError, RuntimeError):
+    """``cw.command(..., image=...)`` was given an image but this machine has no container engine."""
+
+
+class ContainerEngineError(CwError, RuntimeError):
+    """The container engine failed before it could run the program (no daemon, no image...)."""

@@ -34,7 +34,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
-from cw.errors import CwError
+from cw.errors import ContainerEngineError, ContainerEngineMissing
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +42,6 @@ MAX_OUTPUT = 16 * 2**20          # bytes kept per stream: the first half and the
 ENGINES = ("docker", "podman", "apptainer", "singularity")   # in order of preference
 _APPTAINER_STYLE = ("apptainer", "singularity")
 _GRACE = 10.0                    # seconds to wait for pipes to close once the group was killed
-
-
-class ContainerEngineMissing(CwError, RuntimeError):
-    """``image=`` was given but this machine has no container engine."""
-
-
-class ContainerEngineError(CwError, RuntimeError):
-    """The container engine failed before it could run the program (no daemon, no image...)."""
 
 
 class CommandResult(NamedTuple):

@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 
-from cw.errors import CwError
+from cw.errors import InstallError
 
 log = logging.getLogger("cw.install")   # to the worker's log (cw's records are not a job's output)
 
@@ -33,10 +33,6 @@ SHARED_INSTALL_S = 600.0
 
 #: What this process installed (a sticky install runs here before any job).
 installed: list[list[str]] = []
-
-
-class InstallError(CwError):
-    """pip failed on some workers; the message names them with pip's error."""
 
 
 def pip_command(packages: list[str], pip_args: list[str]) -> list[str]:
