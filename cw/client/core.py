@@ -1,0 +1,162 @@
+"""A client's books, with no I/O: the jobs it submitted and has not heard
+the end of, and what the master learnt from it.
+
+The executor (cw.client.executor) is a shell around this: it pickles calls,
+sends the frames this returns, feeds in the frames it receives, and turns
+the events this returns into completed futures.  The simulator
+(tests/simulator.py) wires the same core to the dispatcher and worker cores.
+
+Rules kept here:
+- Every job gets an id of its own in this client.  A job ends once: its
+  first RESULT ends it, and any later word about it is ignored (it was
+  cancelled, or a re-run after a lost master answered twice).
+- Cancelling a job that has not ended withdraws it: CANCEL goes to the
+  master, whose CANCELLED answer needs nothing more.
+- Each unfinished job's SUBMIT frame is kept until the job ends, with what
+  the master learnt from this client besides jobs: its context (working
+  directory, sys.path), the limits it set and its sticky setup jobs.  When
+  the connection to the master is lost and made again (the same master
+  after a network cut, or a new one after a restart, which knows nothing),
+  ``resubmission`` gives every one of them again, in the order they were
+  first sent: a job may run twice (at least once), its future completes
+  once.
+- Status requests that were not answered on a lost connection are failed,
+  not re-sent: a status is about the moment it was asked.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import NamedTuple
+
+from cw.errors import ProtocolError
+from cw.wire import protocol
+
+
+class Result(NamedTuple):
+    """A job ended: its outcome ``status`` (protocol.OK, RAISED, LOST,
+    UNPLACEABLE), the label of the worker that ran it, its payload."""
+    jobid: int
+    status: int
+    label: bytes
+    payload: object
+
+
+class Output(NamedTuple):
+    """What a job printed; it comes just before the job's Result."""
+    jobid: int
+    label: bytes
+    text: str
+
+
+class Notice(NamedTuple):
+    """Why a job (and its like) cannot run yet."""
+    jobid: int
+    text: str
+
+
+class StatusAnswer(NamedTuple):
+    reqid: int
+    status: dict
+
+
+class Closed(NamedTuple):
+    """The master ended the connection, saying why."""
+    reason: str
+
+
+class ClientCore:
+    def __init__(self, context: dict):
+        self.context_frame = protocol.encode_json(protocol.CONTEXT, context)
+        self.unfinished: dict[int, object] = {}     # jobid -> its SUBMIT frame, in the order first sent
+        self.limits: dict[str, int | None] = {}
+        self.setups: list = []                      # SETUP frames, each sent again to a new master
+        self.status_requests: set[int] = set()
+        self._ids = itertools.count(1)
+
+    # --- what the client does -------------------------------------------------
+
+    def new_jobid(self) -> int:
+        return next(self._ids)
+
+    def submit(self, jobid: int, retries: int, timeout: float, payload, priority: int = 0,
+               options: dict | None = None):
+        """The frame that submits job ``jobid``; kept until the job ends."""
+        if priority or options:
+            frame = protocol.encode_submit_with(jobid, retries, timeout, priority, options, payload)
+        else:
+            frame = protocol.encode_submit(jobid, retries, timeout, payload)
+        self.unfinished[jobid] = frame
+        return frame
+
+    def forget(self, jobid: int) -> None:
+        """A job that will not be sent (its submission failed on the way out)."""
+        self.unfinished.pop(jobid, None)
+
+    def cancel(self, jobid: int):
+        """The CANCEL frame to send, or None when the job has ended already."""
+        if self.unfinished.pop(jobid, None) is None:
+            return None
+        return protocol.encode_cancel(jobid)
+
+    def limit(self, tag: str, limit: int | None) -> bytes:
+        self.limits[tag] = limit
+        return protocol.encode_json(protocol.LIMIT, {"tag": tag, "limit": limit})
+
+    def setup(self, frame) -> None:
+        """A sticky setup job sent to the master (kept for a new master)."""
+        self.setups.append(frame)
+
+    def status_request(self, reqid: int) -> bytes:
+        self.status_requests.add(reqid)
+        return protocol.encode_status_request(reqid)
+
+    # --- what the master says --------------------------------------------------
+
+    def receive(self, ftype: int, body):
+        """The event a frame from the master makes (None for nothing to do).
+        Raises ProtocolError for a frame a master never sends a client."""
+        if ftype == protocol.RESULT:
+            result = Result(*protocol.decode_result(body))
+            if self.unfinished.pop(result.jobid, None) is None:
+                return None     # cancelled meanwhile, or answered already
+            return result
+        if ftype == protocol.OUTPUT:
+            output = Output(*protocol.decode_output_for_client(body))
+            return output if output.jobid in self.unfinished else None
+        if ftype == protocol.NOTICE:
+            notice = Notice(*protocol.decode_notice(body))
+            return notice if notice.jobid in self.unfinished else None
+        if ftype == protocol.STATUS:
+            reqid, status = protocol.decode_status(body)
+            if reqid in self.status_requests:
+                self.status_requests.discard(reqid)
+                return StatusAnswer(reqid, status)
+            return None
+        if ftype in (protocol.PING, protocol.CANCELLED):
+            return None          # the link answers pings; a cancelled future is done already
+        if ftype == protocol.ERROR:
+            return Closed(bytes(body).decode("utf-8", "replace"))
+        raise ProtocolError(f"the master sent an unexpected {protocol.FRAME_NAMES.get(ftype, ftype)} frame")
+
+    # --- a lost connection -------------------------------------------------------
+
+    def connection_lost(self) -> set[int]:
+        """The status requests that will get no answer (to fail now)."""
+        lost, self.status_requests = self.status_requests, set()
+        return lost
+
+    def resubmission(self) -> list:
+        """Every frame a master that knows nothing of this client must get,
+        in order: the context, the limits, the setups, then every unfinished job."""
+        frames = [self.context_frame]
+        frames += [protocol.encode_json(protocol.LIMIT, {"tag": tag, "limit": limit})
+                   for tag, limit in self.limits.items()]
+        frames += self.setups
+        frames += list(self.unfinished.values())
+        return frames
+
+    def give_up(self) -> list[int]:
+        """The jobs that end with the connection (no ride-through): all of them."""
+        jobids = list(self.unfinished)
+        self.unfinished.clear()
+        return jobids
