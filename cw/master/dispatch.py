@@ -54,15 +54,17 @@ Rules kept here:
 """
 from __future__ import annotations
 
-import heapq
 import json
 import time
 
 from cw import settings
 from cw.errors import ProtocolError
 from cw.master import report
+from cw.master.fairshare import FairShare
 from cw.master.placement import Placement
-from cw.master.records import AHEAD, DONE, QUEUED, RUNNING, ClientRecord, Job, JobQueue, WorkerRecord
+from cw.master.records import DONE, QUEUED, RUNNING, ClientRecord, Job, JobQueue, WorkerRecord
+from cw.master.slots import Slots
+from cw.master.unplaceable import Unplaceable
 from cw.wire import protocol
 from cw.wire.options import DEFAULT_RETRIES
 
@@ -77,26 +79,19 @@ class Dispatcher:
     def __init__(self, max_attempts: int = DEFAULT_MAX_ATTEMPTS, clock=time.monotonic,
                  slots: int = settings.WORKER_SLOTS, unplaceable_timeout: float = settings.UNPLACEABLE_TIMEOUT):
         self.max_attempts = max_attempts
-        self.slots = max(1, slots)
         self.clock = clock
-        self.unplaceable_timeout = unplaceable_timeout
         self.started = clock()
         self.outbox: list = []
         self.clients: dict[int, ClientRecord] = {}
         self.workers: dict[int, WorkerRecord] = {}
         self.placement = Placement(self.workers)
-        self.ready: list = []               # heap of (vtime, seq, cid): clients that may have jobs to run
-        self.idle: dict[int, None] = {}     # wids with nothing to run, in the order they freed up
-        self.spare: dict[int, None] = {}    # wids running a job with a slot free for the next
-        self.donors: dict[int, None] = {}   # wids with a job sent ahead (and no REVOKE out)
-        self.revokes = 0                    # REVOKEs awaiting an answer
+        self.slots = Slots(self.workers, slots, self.placement)
+        self.turns = FairShare(self.clients)
+        self.unplaceable = Unplaceable(self.placement, clock, unplaceable_timeout)
         self.queued = 0
-        self.epoch = 0                      # bumped when workers come or go
         self._setup_queue = JobQueue(None)  # what setup jobs count as: plain
         self.throughput = report.Throughput()
         self.setups: list = []              # payloads every worker that connects runs first
-        self._vclock = 0.0
-        self._seq = 0
         self._next_gid = 1
 
     # --- peers come and go ------------------------------------------------
@@ -113,7 +108,7 @@ class Dispatcher:
     def remove_client(self, cid: int) -> None:
         client = self.clients.pop(cid, None)
         if client is None:
-            return                         # its entry in self.ready is skipped when popped
+            return                         # its turn, if any, is skipped
         for job in client.jobs.values():
             if job.state == QUEUED:
                 self._drop_queued(job)
@@ -131,23 +126,23 @@ class Dispatcher:
         """The client is not reading its results fast enough: its jobs wait."""
         client = self.clients.get(cid)
         if client is not None:
-            client.paused = True          # its entry in self.ready is skipped when popped
+            client.paused = True          # its turn, if any, is skipped
 
     def resume_client(self, cid: int) -> None:
         client = self.clients.get(cid)
         if client is not None and client.paused:
             client.paused = False
-            self._make_ready(client)
+            self.turns.add(client)
             self._pump()
 
     def add_worker(self, wid: int, info: dict) -> None:
         node = self.placement.join(wid, info)
         worker = self.workers[wid] = WorkerRecord(wid, info, self.clock(), node)
-        self.epoch += 1
+        self.unplaceable.epoch += 1
         for payload in self.setups:
             self._send_setup(worker, payload)
-        self._place(worker)
-        self._make_all_ready()
+        self.slots.file(worker)
+        self.turns.add_all()
         self._pump()
 
     def add_setup(self, payload) -> None:
@@ -164,27 +159,20 @@ class Dispatcher:
             worker.draining = True
             # It gives back (REVOKED) every job sent ahead; only this one runs.
             worker.drain_head = worker.jobs[0].gid if worker.jobs else None
-            self.epoch += 1
-            self._place(worker)
-            self._recheck_placeable()
+            self.unplaceable.epoch += 1
+            self.slots.file(worker)
+            self._recheck()
 
     def remove_worker(self, wid: int) -> None:
         worker = self.workers.pop(wid, None)
         if worker is None:
             return
-        self.epoch += 1
-        self._place(worker)
-        if worker.revoking is not None:
-            self.revokes -= 1
-        jobs = list(worker.jobs)
-        # Back to the heads of their queues in the order they were sent.  Only
-        # the first had started, with those it ran while lent (a draining
-        # worker starts none after the one it ran when it said DRAIN), so only
-        # they count as an attempt.
-        if not worker.draining or (jobs and jobs[0].gid == worker.drain_head):
-            started = jobs[:1 + worker.lent]
-        else:
-            started = []
+        self.unplaceable.epoch += 1
+        self.slots.file(worker)
+        self.slots.answered(worker)
+        # Back to the heads of their queues in the order they were sent; only
+        # those it had started count as an attempt.
+        jobs, started = list(worker.jobs), worker.started()
         for job in jobs:
             self._leave(worker, job)
         self.placement.leave(worker)
@@ -193,7 +181,7 @@ class Dispatcher:
             self._requeue(job)
         for job in reversed(started):   # each goes to the front: the first sent ends up first
             self._job_lost(job, worker)
-        self._recheck_placeable()
+        self._recheck()
         self._pump()
 
     # --- jobs ---------------------------------------------------------------
@@ -207,21 +195,18 @@ class Dispatcher:
         max_attempts = self.max_attempts if retries == DEFAULT_RETRIES else retries + 1
         queue = client.queue_for(options) if options else client.plain
         job = Job(client, jobid, payload, max_attempts, timeout, priority, queue)
-        client.jobs[jobid] = job
-        client.submitted += 1
-        client.queued += 1
-        queue.push(job)
+        client.add(job)
         self.queued += 1
         if queue.key is not None:
-            self._check_placeable(client, queue, job)   # tell at once, even while every worker is busy
-        self._make_ready(client)
-        if self.idle or self.spare:
+            self._tell(client.cid, self.unplaceable.check(client, queue, job))   # even while all are busy
+        self.turns.add(client)
+        if self.slots.idle or self.slots.spare:
             self._pump()
 
     def set_limit(self, tag: str, limit: int | None) -> None:
         """At most ``limit`` jobs tagged ``tag`` run at once (None: no limit)."""
         self.placement.tags.set(tag, limit)
-        self._make_all_ready()
+        self.turns.add_all()
         self._pump()
 
     def cancel(self, cid: int, jobid: int) -> None:
@@ -239,22 +224,15 @@ class Dispatcher:
 
     def outcome(self, wid: int, gid: int, status: int, payload) -> None:
         worker = self.workers[wid]
-        jobs = worker.jobs
-        if jobs and jobs[0].gid == gid:
-            job = jobs[0]
-        else:
-            # While lent, the worker runs jobs sent after the one it lent for.
-            job = next((j for j in worker.running()[1:] if j.gid == gid), None)
-            if job is None:
-                raise ProtocolError(f"the worker sent an outcome for job {gid}, which it was not running")
+        job = worker.running_job(gid)
+        if job is None:
+            raise ProtocolError(f"the worker sent an outcome for job {gid}, which it was not running")
         self._leave(worker, job)
-        if jobs:
-            jobs[0].state = RUNNING
         worker.done += 1
         if status != protocol.OK:
             worker.failures += 1
         self.throughput.count(self.clock())
-        self._place(worker)
+        self.slots.file(worker)
         if job.client is None:
             job.state = DONE
         else:
@@ -264,7 +242,7 @@ class Dispatcher:
     def output(self, wid: int, gid: int, text: bytes) -> None:
         """What a job printed (it comes just before its outcome): on to its client."""
         worker = self.workers[wid]
-        job = next((j for j in worker.running() if j.gid == gid), None)
+        job = worker.running_job(gid)
         if job is None:
             raise ProtocolError(f"the worker sent output of job {gid}, which it was not running")
         if job.client is not None:
@@ -274,9 +252,7 @@ class Dispatcher:
     def revoked(self, wid: int, gid: int, given_back: bool) -> None:
         """The worker answers a REVOKE, or gives back a job sent ahead that it was told to ABORT."""
         worker = self.workers[wid]
-        if worker.revoking == gid:
-            worker.revoking = None
-            self.revokes -= 1
+        self.slots.answered(worker, gid)
         job = next((j for j in worker.jobs if j.gid == gid), None)
         if given_back:
             # The worker knows best: even the job we took for its running one
@@ -284,13 +260,11 @@ class Dispatcher:
             if job is None:
                 raise ProtocolError(f"the worker gave back job {gid}, which it did not have")
             self._leave(worker, job)
-            if worker.jobs:
-                worker.jobs[0].state = RUNNING
             job.attempts -= 1
             self._requeue(job)
         elif job is not None:
             job.pinned = True             # it started: asking again cannot get it back
-        self._place(worker)
+        self.slots.file(worker)
         self._pump()
 
     def lend(self, wid: int) -> None:
@@ -301,7 +275,7 @@ class Dispatcher:
         worker.lent += 1
         if len(worker.jobs) > worker.lent:
             worker.jobs[worker.lent].state = RUNNING     # the worker starts the job sent ahead
-        self._place(worker)
+        self.slots.file(worker)
         self._pump()
 
     def reclaim(self, wid: int) -> None:
@@ -310,28 +284,16 @@ class Dispatcher:
         if worker.lent == 0:
             raise ProtocolError("the worker reclaimed a slot it had not lent")
         worker.lent -= 1
-        self._place(worker)
+        self.slots.file(worker)
+
+    @property
+    def unplaceable_timeout(self) -> float:
+        return self.unplaceable.timeout
 
     def expire(self) -> None:
         """Fails jobs that no connected worker could run for longer than
         ``unplaceable_timeout`` (the master calls this every second or so)."""
-        now = self.clock()
-        for client in list(self.clients.values()):
-            for queue in list(client.queues.values()):
-                since = queue.waiting_since
-                if since is None or now - since < self.unplaceable_timeout:
-                    continue
-                if queue.checked != self.epoch and self.placement.why_never(queue) is None:
-                    queue.waiting_since = None      # a worker that fits came meanwhile
-                    continue
-                body = json.dumps({"reason": queue.reason, "waited": round(now - since, 1)}).encode()
-                for job in list(queue.jobs()):
-                    self.queued -= 1
-                    client.queued -= 1
-                    self._finish(job, protocol.UNPLACEABLE, b"master:0", body)
-                queue.waiting_since = None
-                queue.checked = -1           # the next job of this kind is looked at afresh
-                client.notified.discard(queue.key)
+        self.unplaceable.expire(self.clients.values(), self._fail_unplaceable)
 
     def status(self) -> dict:
         return report.status(self)
@@ -347,21 +309,16 @@ class Dispatcher:
 
     def _send_setup(self, worker: WorkerRecord, payload: bytes) -> None:
         job = Job(None, 0, payload, 1, 0.0, 0, self._setup_queue)
-        job.gid = self._new_gid()
-        job.state = AHEAD if worker.jobs else RUNNING
-        job.worker = worker
         job.pinned = True                # never handed to another worker
         job.attempts = 1
-        worker.jobs.append(job)
+        worker.take(job, self._new_gid())
         self.outbox.append((worker.wid, protocol.encode_job(job.gid, 0, 0.0, payload)))
 
     def _assign(self, job: Job, worker: WorkerRecord, growth: dict) -> None:
         client = job.client
         queue = job.queue
         queue.pop_head()
-        if queue.waiting_since is not None or queue.reason is not None:
-            queue.waiting_since = queue.reason = None
-            client.notified.discard(queue.key)
+        self.unplaceable.placed(client, queue)
         self.queued -= 1
         client.queued -= 1
         env = self.placement.book(worker, job, growth)
@@ -370,26 +327,19 @@ class Dispatcher:
         if cid not in worker.contexts:
             worker.contexts.add(cid)
             outbox.append((worker.wid, protocol.encode_context_for_worker(cid, client.context)))
-        job.state = AHEAD if len(worker.jobs) > worker.lent else RUNNING
-        job.worker = worker
         job.attempts += 1
-        job.gid = self._new_gid()     # not before: queued jobs carry no id of their own (B5 counts bytes)
-        worker.jobs.append(job)
-        self._place(worker)
+        worker.take(job, self._new_gid())   # not before: queued jobs carry no id of their own (B5 counts bytes)
+        self.slots.file(worker)
         if env is not None:
             outbox.append((worker.wid, protocol.encode_job_env(job.gid, env)))
         outbox.append((worker.wid, protocol.encode_job(job.gid, cid, job.timeout, job.payload)))
 
     def _leave(self, worker: WorkerRecord, job: Job) -> None:
-        """``job`` is no longer at ``worker``."""
-        jobs = worker.jobs
-        if jobs[0] is job:
-            jobs.popleft()
-        else:
-            jobs.remove(job)
-        if worker.lent > len(jobs):
-            worker.lent = len(jobs)
+        """``job`` is no longer at ``worker``, which starts the next one, if any."""
+        worker.give_up(job)
         self.placement.release(worker, job)
+        if worker.jobs:
+            worker.jobs[0].state = RUNNING
 
     def _job_lost(self, job: Job, worker: WorkerRecord) -> None:
         job.lost_on = (job.lost_on or ()) + (worker.label.decode("utf-8", "replace"),)
@@ -401,24 +351,18 @@ class Dispatcher:
             self._requeue(job)
 
     def _requeue(self, job: Job) -> None:
-        """Puts a job that had gone to a worker back at the head of its client's queue."""
-        job.worker = None
+        """A job that had gone to a worker waits again (unless nobody wants it)."""
         client = job.client
         if client is None:
-            job.state = DONE             # nobody wants it any more
+            job.state = DONE
+            job.worker = None
             return
-        job.state = QUEUED
+        client.requeue(job)
         self.queued += 1
-        client.queued += 1
-        queue = job.queue = client.queues.setdefault(job.queue.key, job.queue)
-        queue.push(job, front=True)      # it waited its turn once already
-        self._make_ready(client)
+        self.turns.add(client)
 
     def _drop_queued(self, job: Job) -> None:
-        job.state = DONE                 # skipped when it reaches the head of its queue
-        job.payload = None
-        job.client.queued -= 1
-        job.client = None
+        job.client.drop(job)
         self.queued -= 1
 
     def _abort(self, job: Job) -> None:
@@ -429,83 +373,45 @@ class Dispatcher:
 
     def _finish(self, job: Job, status: int, label: bytes, payload) -> None:
         client = job.client
-        job.state = DONE
-        job.payload = None
-        del client.jobs[job.jobid]
-        client.done += 1
-        if status != protocol.OK:
-            client.failed += 1
+        client.finish(job, status == protocol.OK)
         self.outbox.append((client.cid, protocol.encode_result(job.jobid, status, label, payload)))
 
     # --- which job goes where -------------------------------------------------
 
-    def _place(self, worker: WorkerRecord) -> None:
-        """Files the worker under idle, spare and donors by the jobs it was sent."""
-        wid = worker.wid
-        load = len(worker.jobs) - worker.lent      # jobs it runs or will run, not counting lent ones
-        self.idle.pop(wid, None)
-        self.spare.pop(wid, None)
-        self.donors.pop(wid, None)
-        if wid not in self.workers:
-            return
-        if not worker.draining:
-            if load <= 0:
-                self.idle[wid] = None
-            elif load < self.slots:
-                self.spare[wid] = None
-        if load >= 2 and worker.revoking is None and not worker.draining and not worker.jobs[-1].pinned:
-            self.donors[wid] = None
-
-    def _make_ready(self, client: ClientRecord) -> None:
-        if not client.in_ready and not client.paused and client.queued:
-            client.in_ready = True
-            if client.vtime < self._vclock:
-                client.vtime = self._vclock   # no credit for the time it had nothing queued
-            self._seq += 1
-            heapq.heappush(self.ready, (client.vtime, self._seq, client.cid))
-
-    def _make_all_ready(self) -> None:
-        """Something changed that may let blocked jobs go (a worker came, a limit rose)."""
-        for client in self.clients.values():
-            self._make_ready(client)
-
     def _pump(self) -> None:
-        """Hands queued jobs to workers, idle ones first; then lets idle
-        workers take over jobs sent ahead to busy ones."""
-        idle, spare, ready, clients = self.idle, self.spare, self.ready, self.clients
+        """Hands queued jobs to workers, idle ones first, the clients taking
+        turns; then lets idle workers take over jobs sent ahead to busy ones."""
+        slots, turns = self.slots, self.turns
+        idle, spare = slots.idle, slots.spare
         blocked = []
-        while ready and (idle or spare):
-            _, _, cid = heapq.heappop(ready)
-            client = clients.get(cid)
+        while turns and (idle or spare):
+            client = turns.pop()
             if client is None:
-                continue                   # it left
-            client.in_ready = False
-            if client.paused:
-                continue                   # resume_client puts it back
+                continue                   # it left, or is paused
             picked = self._pick(client)
             if picked is None:
                 if client.queued:
-                    blocked.append(client)  # nothing of it fits now; back in the heap below
+                    blocked.append(client)  # nothing of it fits now; its turn comes back below
                 continue
             self._assign(*picked)
-            self._vclock = client.vtime
-            client.vtime += 1.0 / client.weight
-            self._make_ready(client)
-        if self.donors and len(idle) > self.revokes and not ready:
-            self._steal()
+            turns.served(client)
+        if not turns:
+            for donor in slots.steal():
+                self.outbox.append((donor.wid, protocol.encode_revoke(donor.revoking)))
         for client in blocked:
-            self._make_ready(client)
+            turns.add(client)
 
     def _pick(self, client: ClientRecord):
         """(job, worker, growth): the client's best job that can go now."""
         queues = client.queues
         find = self.placement.find
+        idle, spare = self.slots.idle, self.slots.spare
         if len(queues) == 1:
             queue = client.plain
             job = queue.head()
             if job is None:
                 return None
-            found = find(queue, job, self.idle, self.spare)
+            found = find(queue, job, idle, spare)
             return None if found is None else (job, *found)
         heads = []
         for key, queue in list(queues.items()):
@@ -518,55 +424,29 @@ class Dispatcher:
         heads.sort(key=lambda h: h[:2])
         first = True
         for _, _, queue, job in heads:
-            found = find(queue, job, self.idle, self.spare)
+            found = find(queue, job, idle, spare)
             if found is not None:
                 return (job, *found)
             if queue.key is not None:
                 # If no connected worker could ever run it, say so; else keep
                 # a machine free for the client's most urgent job.
-                self._check_placeable(client, queue, job)
+                self._tell(client.cid, self.unplaceable.check(client, queue, job))
                 if queue.reason is None and first:
                     self.placement.reserve(queue, job)
             first = False
         return None
 
-    def _steal(self) -> None:
-        """Idle workers take over jobs sent ahead to busy ones."""
-        takers = sum(1 for wid in self.idle if self.placement.can_take_plain(self.workers[wid]))
-        while self.donors and takers > self.revokes:
-            donor = self.workers[next(iter(self.donors))]
-            donor.revoking = donor.jobs[-1].gid
-            self.revokes += 1
-            self._place(donor)
-            self.outbox.append((donor.wid, protocol.encode_revoke(donor.revoking)))
-
     # --- jobs no connected worker could run ------------------------------------
 
-    def _check_placeable(self, client: ClientRecord, queue: JobQueue, job: Job) -> None:
-        """Finds out (once per change of workers) whether any connected worker
-        could ever run the queue's jobs; if none, says so to the client once
-        and starts the clock of --unplaceable-timeout."""
-        if queue.checked == self.epoch:
-            return
-        queue.checked = self.epoch
-        queue.reason = self.placement.why_never(queue)
-        if queue.reason is None:
-            queue.waiting_since = None
-            client.notified.discard(queue.key)
-        elif queue.waiting_since is None:
-            queue.waiting_since = self.clock()
-            if queue.key not in client.notified:
-                client.notified.add(queue.key)
-                text = (f"{queue.reason}; it waits for such a worker to join, and fails after "
-                        f"{self.unplaceable_timeout:g} s")
-                self.outbox.append((client.cid, protocol.encode_notice(job.jobid, text)))
+    def _tell(self, cid: int, notice: bytes | None) -> None:
+        if notice is not None:
+            self.outbox.append((cid, notice))
 
-    def _recheck_placeable(self) -> None:
-        """Workers left: jobs that only they could run must be told, and timed,
-        now, not when some worker next frees up."""
-        for client in list(self.clients.values()):
-            for key, queue in list(client.queues.items()):
-                if key is not None:
-                    job = queue.head()
-                    if job is not None:
-                        self._check_placeable(client, queue, job)
+    def _recheck(self) -> None:
+        """Workers left or drain: jobs only they could run are told so now."""
+        self.outbox += self.unplaceable.recheck(self.clients.values())
+
+    def _fail_unplaceable(self, client: ClientRecord, job: Job, reason: bytes) -> None:
+        self.queued -= 1
+        client.queued -= 1
+        self._finish(job, protocol.UNPLACEABLE, b"master:0", reason)

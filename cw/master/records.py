@@ -122,6 +122,38 @@ class ClientRecord:
         self.done = 0
         self.failed = 0
 
+    def add(self, job: Job) -> None:
+        """A job it submitted."""
+        self.jobs[job.jobid] = job
+        self.submitted += 1
+        self.queued += 1
+        job.queue.push(job)
+
+    def requeue(self, job: Job) -> None:
+        """A job that had gone to a worker waits again, at the head of its
+        queue: it waited its turn once already."""
+        job.state = QUEUED
+        job.worker = None
+        self.queued += 1
+        queue = job.queue = self.queues.setdefault(job.queue.key, job.queue)
+        queue.push(job, front=True)
+
+    def drop(self, job: Job) -> None:
+        """A queued job nobody wants any more (skipped when it reaches the head of its queue)."""
+        job.state = DONE
+        job.payload = None
+        job.client = None
+        self.queued -= 1
+
+    def finish(self, job: Job, ok: bool) -> None:
+        """Its result goes out: the job is done with."""
+        job.state = DONE
+        job.payload = None
+        del self.jobs[job.jobid]
+        self.done += 1
+        if not ok:
+            self.failed += 1
+
     def queue_for(self, options: dict) -> JobQueue:
         """The queue for jobs of this shape (``options`` as cw.wire.options normalises them)."""
         need = options.get("resources") or PLAIN
@@ -161,6 +193,37 @@ class WorkerRecord:
     def running(self) -> list[Job]:
         """The jobs it runs: the first it was sent, and those it started while lent."""
         return list(self.jobs)[:1 + self.lent]
+
+    def started(self) -> list[Job]:
+        """The jobs it has started: the first, with those it ran while lent;
+        none if it drained after the one it ran when it said DRAIN."""
+        jobs = list(self.jobs)
+        if self.draining and not (jobs and jobs[0].gid == self.drain_head):
+            return []
+        return jobs[:1 + self.lent]
+
+    def running_job(self, gid: int) -> Job | None:
+        jobs = self.jobs
+        if jobs and jobs[0].gid == gid:
+            return jobs[0]          # the usual case, without a copy
+        return next((j for j in self.running()[1:] if j.gid == gid), None)
+
+    def take(self, job: Job, gid: int) -> None:
+        """``job`` is sent to it as ``gid``: it runs it, or starts it after those before."""
+        job.state = AHEAD if len(self.jobs) > self.lent else RUNNING
+        job.worker = self
+        job.gid = gid
+        self.jobs.append(job)
+
+    def give_up(self, job: Job) -> None:
+        """``job`` is no longer at this worker (done, given back, or the worker left)."""
+        jobs = self.jobs
+        if jobs[0] is job:
+            jobs.popleft()
+        else:
+            jobs.remove(job)
+        if self.lent > len(jobs):
+            self.lent = len(jobs)
 
     @property
     def ahead(self) -> int:
