@@ -21,10 +21,11 @@ from typing import NamedTuple
 
 from cw import PORT, settings
 from cw.errors import BrokenCluster, CwError, ProtocolError, Unplaceable, WorkerLost
-from cw.master.dispatch import DEFAULT_RETRIES
 from cw.wire import buffers, protocol
+from cw.wire import options as job_options
 from cw.wire.auth import load_secret
 from cw.wire.link import master_timeout, open_link, parse_address, peer_info
+from cw.wire.options import DEFAULT_RETRIES
 
 log = logging.getLogger("cw.client")
 
@@ -97,39 +98,9 @@ def _check_timeout(timeout: float | None) -> float:
     return float(timeout)
 
 
-_MAX_PRIORITY = 2 ** 31 - 1
-
-
 def scheduling_options(priority=0, resources=None, tag=None, workers=None) -> tuple[int, dict]:
     """Checks a job's scheduling options; returns (priority, SUBMIT_WITH options)."""
-    from cw.resources import PLAIN, normalize_need
-    if isinstance(priority, bool) or not isinstance(priority, int) or not -_MAX_PRIORITY <= priority <= _MAX_PRIORITY:
-        raise ValueError(f"priority must be a whole number between {-_MAX_PRIORITY} and {_MAX_PRIORITY}, "
-                         f"not {priority!r}")
-    options = {}
-    need = normalize_need(resources)
-    if need is not PLAIN:
-        options["resources"] = need
-    if tag is not None:
-        if not isinstance(tag, str) or not tag or len(tag) > 200:
-            raise ValueError(f"tag must be a non-empty string of at most 200 characters, not {tag!r}")
-        options["tag"] = tag
-    if workers is not None:
-        if isinstance(workers, (str, int, WorkerDescription)):
-            workers = [workers]
-        names = []
-        for w in workers:
-            if isinstance(w, WorkerDescription):
-                names.append(w.id)
-            elif isinstance(w, (int, str)) and not isinstance(w, bool):
-                names.append(w)
-            else:
-                raise ValueError(f"workers= takes worker ids, host names or the entries of executor.workers(), "
-                                 f"not {w!r}")
-        if not names:
-            raise ValueError("workers= is empty: the job could run nowhere")
-        options["workers"] = names
-    return priority, options
+    return job_options.job_options(priority, resources, tag, workers)
 
 
 class JobHooks:
@@ -533,10 +504,7 @@ class ClusterExecutor(concurrent.futures.Executor):
         """At most ``limit`` jobs submitted with ``tag=tag`` run at once, across
         the cluster and every client; ``None`` lifts the limit.  The limit
         lives in the master until changed (by any client)."""
-        if not isinstance(tag, str) or not tag or len(tag) > 200:
-            raise ValueError(f"tag must be a non-empty string of at most 200 characters, not {tag!r}")
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
-            raise ValueError(f"limit must be a whole number >= 0, or None for no limit, not {limit!r}")
+        tag, limit = job_options.check_tag(tag), job_options.check_limit(limit)
         self._link.post(protocol.encode_json(protocol.LIMIT, {"tag": tag, "limit": limit}))
 
     def workers(self, timeout: float = STATUS_TIMEOUT) -> list[WorkerDescription]:

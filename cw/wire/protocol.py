@@ -31,6 +31,7 @@ import struct
 from cw import settings
 from cw.errors import AuthenticationError, ProtocolError
 from cw.wire import buffers
+from cw.wire import options as job_options
 
 VERSION = 2
 HEADER = struct.Struct("!IB")
@@ -264,46 +265,13 @@ def decode_submit_with(body) -> tuple[int, int, float, int, dict, bytes]:
     return jobid, retries, timeout, priority, options, _tail(body, start)
 
 
-_MAX_NAMES = 256
-
-
 def check_options(options: dict) -> dict:
     """Validates SUBMIT_WITH's options: the master trusts no peer's JSON."""
-    unknown = set(options) - {"resources", "tag", "workers"}
-    if unknown:
-        raise ProtocolError(f"SUBMIT_WITH has unknown options {sorted(unknown)}")
-    resources = options.get("resources")
-    if resources is not None:
-        if not isinstance(resources, dict) or len(resources) > 32:
-            raise ProtocolError("SUBMIT_WITH resources must be an object of at most 32 amounts")
-        for name, amount in resources.items():
-            if (len(name) > 64 or isinstance(amount, bool) or not isinstance(amount, (int, float))
-                    or not 0 <= amount < 1e18):
-                raise ProtocolError(f"SUBMIT_WITH resource {name[:64]!r} has an invalid amount")
-        if resources.get("gpu", 0) != int(resources.get("gpu", 0)):
-            raise ProtocolError("SUBMIT_WITH asks for a fraction of a GPU; GPUs are whole")
-        resources.setdefault("cpu", 1)
-        if resources == {"cpu": 1}:
-            del options["resources"]
-    tag = options.get("tag")
-    if tag is not None and (not isinstance(tag, str) or len(tag) > 200):
-        raise ProtocolError("SUBMIT_WITH tag must be a string of at most 200 characters")
-    workers = options.get("workers")
-    if workers is not None:
-        if (not isinstance(workers, list) or len(workers) > _MAX_NAMES
-                or not all(isinstance(w, (int, str)) and not isinstance(w, bool) for w in workers)):
-            raise ProtocolError(f"SUBMIT_WITH workers must be a list of at most {_MAX_NAMES} ids and host names")
-    return options
+    return job_options.check_submitted(options)
 
 
 def decode_limit(body) -> tuple[str, int | None]:
-    obj = decode_json(body, "LIMIT")
-    tag, limit = obj.get("tag"), obj.get("limit")
-    if not isinstance(tag, str) or len(tag) > 200:
-        raise ProtocolError("LIMIT tag must be a string of at most 200 characters")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
-        raise ProtocolError(f"LIMIT must be a whole number >= 0 or null, not {limit!r}")
-    return tag, limit
+    return job_options.check_limit_request(decode_json(body, "LIMIT"))
 
 
 def decode_job_env(body) -> tuple[int, dict]:
