@@ -169,3 +169,36 @@ def test_resolve_master_ignores_address_files_where_slurm_is_not_installed(tmp_p
     write_address_file(address_file("default"), "slurm-node", 4000)
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))   # no squeue, no sbatch
     assert resolve_master(None, 5494) == ("localhost", 5494)
+
+
+# --- layering --------------------------------------------------------------------------
+
+def _imported_modules(path) -> set[str]:
+    import ast
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_the_client_never_imports_launch():
+    # launch sits above the client (slurm.py start --wait uses ClusterExecutor);
+    # an import back down would make the two a cycle again.
+    from pathlib import Path
+
+    import cw.client
+    offenders = {f"{path.name}: {name}" for path in Path(cw.client.__file__).parent.glob("*.py")
+                 for name in _imported_modules(path) if name == "cw.launch" or name.startswith("cw.launch.")}
+    assert not offenders
+
+
+def test_the_address_module_loads_nothing_above_the_wire():
+    import subprocess
+    import sys
+    code = ("import sys, cw.wire.address; print(sorted(m for m in sys.modules if m.startswith("
+            "('cw.client', 'cw.master', 'cw.launch', 'cw.worker', 'cloudpickle'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]"
