@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from cw import PORT
-from cw.errors import CwError
+from cw.errors import SlurmError
 from cw.wire.address import AddressFileError, parse_address, read_address_file
 
 ENV_MASTER = "CW_MASTER"
@@ -36,10 +36,6 @@ DEFAULT_NAME = "default"
 #: Seconds to wait for a master job to publish its address.
 DISCOVERY_TIMEOUT = 120.0
 SQUEUE_FORMAT = "%i|%j|%T|%N|%r"
-
-
-class SlurmError(CwError):
-    """A SLURM command failed, or the cluster could not be found."""
 
 
 class JobInfo(NamedTuple):

@@ -24,11 +24,10 @@ import os
 from typing import NamedTuple
 
 from cw import PORT
-from cw.errors import CwError
+from cw.errors import AddressFileError
 
-
-class AddressFileError(CwError, ValueError):
-    """An address file exists but does not hold a master's address."""
+__all__ = ["AddressFileError", "AddressRecord", "parse_address", "read_address_file", "remove_address_file",
+           "write_address_file"]
 
 
 class AddressRecord(NamedTuple):
