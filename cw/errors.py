@@ -97,3 +97,11 @@ class ContainerEngineMissing(CwError, RuntimeError):
 
 class ContainerEngineError(CwError, RuntimeError):
     """The container engine failed before it could run the program (no daemon, no image...)."""
+
+
+class AddressFileError(CwError, ValueError):
+    """A master's address file exists but does not hold a master's address."""
+
+
+class SlurmError(CwError):
+    """A SLURM command failed, or the cluster could not be found."""

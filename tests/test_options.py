@@ -8,7 +8,8 @@ import json
 
 import pytest
 
-from cw.client.executor import WorkerDescription, scheduling_options
+from cw.client import WorkerDescription
+from cw.client.executor import scheduling_options
 from cw.errors import ProtocolError
 from cw.wire import options as o
 from cw.wire import protocol as p

@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import collections
 import ipaddress
-import json
 import logging
 import os
 import signal
@@ -26,6 +25,7 @@ from cw import PORT, __version__, settings
 from cw.errors import AuthenticationError, CwError, ProtocolError
 from cw.master.dispatch import Dispatcher
 from cw.wire import buffers, protocol
+from cw.wire.address import remove_address_file, write_address_file
 from cw.wire.auth import load_secret
 
 log = logging.getLogger("cw.master")
@@ -443,27 +443,6 @@ def advertised_host(bound: str) -> str:
     return bound
 
 
-def publish_address(path: str, host: str, port: int) -> None:
-    """Writes {"host", "port", "pid", "job"} atomically: readers never see half a file."""
-    record = {"host": host, "port": port, "pid": os.getpid(), "job": os.environ.get("SLURM_JOB_ID")}
-    tmp = f"{path}.{os.getpid()}.tmp"
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(tmp, "w") as f:
-        json.dump(record, f)
-    os.replace(tmp, path)
-
-
-def unpublish_address(path: str) -> None:
-    """Removes the address file if it is still ours (a newer master may own it)."""
-    try:
-        with open(path) as f:
-            if json.load(f).get("pid") != os.getpid():
-                return
-        os.unlink(path)
-    except (OSError, ValueError):
-        pass
-
-
 def _is_loopback(bind: str) -> bool:
     if bind == "localhost":
         return True
@@ -523,7 +502,8 @@ def main(argv=None) -> int:
 
         def ready(host, port):
             if args.address_file:
-                publish_address(args.address_file, args.advertise or advertised_host(host), port)
+                write_address_file(args.address_file, args.advertise or advertised_host(host), port,
+                                   job=os.environ.get("SLURM_JOB_ID"))
             log.info("listening on %s:%s with the %s event loop", host, port, _loop_name())
             print(f"cw master listening on {host}:{port}", flush=True)
 
@@ -542,7 +522,7 @@ def main(argv=None) -> int:
         return 1
     finally:
         if args.address_file:
-            unpublish_address(args.address_file)
+            remove_address_file(args.address_file)
     log.info("master stopped")
     return 0
 

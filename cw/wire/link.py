@@ -13,9 +13,10 @@ import socket
 import threading
 import time
 
-from cw import PORT, settings
+from cw import settings
 from cw.errors import BrokenCluster, ProtocolError
 from cw.wire import protocol
+from cw.wire.address import parse_address  # noqa: F401 - the worker imports it from here
 
 log = logging.getLogger("cw.link")
 
@@ -23,22 +24,6 @@ HANDSHAKE_TIMEOUT = settings.HANDSHAKE_TIMEOUT
 _RECV_SIZE = 256 * 1024
 #: Posts closer together than this (seconds) are a burst, sent by the writer thread.
 BURST_GAP = 50e-6
-
-
-def parse_address(address: str | None, default_port: int = PORT) -> tuple[str, int]:
-    """'host', 'host:port', '[v6]:port' or None -> (host, port)."""
-    if not address:
-        return "localhost", default_port
-    if address.startswith("["):
-        host, _, rest = address[1:].partition("]")
-        return host, int(rest[1:]) if rest.startswith(":") else default_port
-    if address.count(":") == 1:
-        host, port = address.split(":")
-        try:
-            return host or "localhost", int(port)
-        except ValueError:
-            raise ValueError(f"bad port in master address {address!r}; expected HOST:PORT") from None
-    return address, default_port
 
 
 class Link:
