@@ -27,10 +27,11 @@ from __future__ import annotations
 import ipaddress
 import itertools
 import os
-import selectors
+import queue
 import shutil
 import signal
 import subprocess
+import threading
 import time
 
 import pytest
@@ -102,28 +103,32 @@ class Host:
         """Starts ``args`` in this host (its network and hostname; the rest,
         files and environment included, is the machine's).  The Popen's pid is
         the program's own: ``ip netns exec``, ``unshare`` and ``sh`` each
-        exec the next.  ``stdout=subprocess.PIPE`` makes its output readable
-        (text mode unless told otherwise)."""
+        exec the next.  With ``stdout=subprocess.PIPE``, read its lines with
+        ``read_line`` (text mode unless told otherwise)."""
         kwargs.setdefault("stdin", subprocess.DEVNULL)
         kwargs.setdefault("text", True)
-        wrapper = ["ip", "netns", "exec", self.netns, "unshare", "--uts",
-                   "sh", "-c", 'hostname "$0" && exec "$@"', self.name]
-        proc = subprocess.Popen(wrapper + list(args), **kwargs)
+        proc = subprocess.Popen(self._wrap(args), **kwargs)
         self.procs.append(proc)
+        if kwargs.get("stdout") == subprocess.PIPE:
+            # A thread hands over whole lines: a selector on the pipe cannot
+            # see lines already in the file object's buffer, and would wait
+            # for a second line that came with the first.
+            proc.lines = queue.Queue()
+            threading.Thread(target=_pump, args=(proc.stdout, proc.lines), daemon=True,
+                             name=f"netns-{self.name}-{proc.pid}").start()
         return proc
+
+    def _wrap(self, args: list[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.netns, "unshare", "--uts",
+                "sh", "-c", 'hostname "$0" && exec "$@"', self.name, *args]
 
     def run(self, args: list[str], timeout: float = 60.0) -> subprocess.CompletedProcess:
         """Runs ``args`` in this host to the end; its output is captured."""
-        proc = self.popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
-            out, err = proc.communicate(timeout=timeout)
+            return subprocess.run(self._wrap(args), capture_output=True, text=True, timeout=timeout,
+                                  stdin=subprocess.DEVNULL)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
             raise AssertionError(f"{args} on {self.name} did not finish within {timeout:g} s") from None
-        finally:
-            self.procs.remove(proc)
-        return subprocess.CompletedProcess(args, proc.returncode, out, err)
 
     def cut(self) -> None:
         """Partitions this host from all others; its processes go on running."""
@@ -172,9 +177,13 @@ class Host:
             except ProcessLookupError:
                 pass
         for proc in self.procs:
-            for stream in (proc.stdout, proc.stderr):
+            # stdout with a pump is the pump's: it closes it at the end of output.
+            for stream in (proc.stdin, None if hasattr(proc, "lines") else proc.stdout, proc.stderr):
                 if stream is not None:
-                    stream.close()
+                    try:
+                        stream.close()
+                    except BrokenPipeError:
+                        pass  # unread input of a process that is gone
         self.procs.clear()
         ip("netns", "del", self.netns)
 
@@ -229,15 +238,23 @@ class Network:
             raise errors[0]
 
 
+def _pump(stream, lines: queue.Queue) -> None:
+    with stream:
+        for line in stream:
+            lines.put(line)
+    lines.put("")   # end of output
+
+
 def read_line(proc: subprocess.Popen, timeout: float) -> str:
-    """One line of ``proc``'s stdout, or AssertionError after ``timeout`` s
-    (a hang) or at end of output (the process ended)."""
-    with selectors.DefaultSelector() as sel:
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        if not sel.select(timeout):
-            raise AssertionError(f"process {proc.pid} ({proc.args[-3:]}) printed no line within {timeout:g} s")
-    line = proc.stdout.readline()
+    """The next line of ``proc``'s stdout (started by ``Host.popen`` with
+    ``stdout=subprocess.PIPE``), or AssertionError after ``timeout`` s (a hang)
+    or at the end of its output (it ended)."""
+    try:
+        line = proc.lines.get(timeout=timeout)
+    except queue.Empty:
+        raise AssertionError(f"process {proc.pid} ({proc.args[-3:]}) printed no line within {timeout:g} s") from None
     if not line:
+        proc.lines.put("")   # it stays ended for the next reader
         raise AssertionError(f"process {proc.pid} ({proc.args[-3:]}) ended (status {proc.wait()}) "
                              "before printing the line awaited")
     return line
