@@ -341,10 +341,11 @@ def test_client_host_cut_shorter_than_peer_timeout(network, tmp_path):  # noqa: 
     client.submit(range(12))
     cluster.wait_for_run_on("w1")
     c.cut()
+    started_before = len(cluster.run_markers())
     # The cut's length is the point of this test: shorter than the peer
-    # timeout, long enough that results finish while the client is away.
+    # timeout, long enough that jobs finish while the client is away.
     time.sleep(PEER_TIMEOUT / 3)
-    finished_during_cut = len(cluster.run_markers())
+    started_during = len(cluster.run_markers()) - started_before
     c.heal()
     started = time.monotonic()
     lines = client.results()
@@ -355,9 +356,10 @@ def test_client_host_cut_shorter_than_peer_timeout(network, tmp_path):  # noqa: 
     assert {i: len(r) for i, r in runs.items() if len(r) != 1} == {}, "jobs ran more than once"
     after = [cl["id"] for cl in cluster.status()["clients"] if cl["host"] == "c"]
     assert after == before, f"the master saw clients {before} from c before the cut and {after} after"
-    assert finished_during_cut > 2, "the jobs did not run during the cut: it tested nothing"
+    # (Each started job follows a finished one: the workers' first two did not.)
+    assert started_during >= 2, "no job finished during the cut: it tested nothing"
     client.finish()
-    print(f"\nclient cut: {finished_during_cut} jobs started during the cut; results caught up "
+    print(f"\nclient cut: {started_during} jobs started during the cut; results caught up "
           f"{caught_up:.1f} s after the heal")
 
 
@@ -376,10 +378,10 @@ def test_master_host_cut_beyond_peer_timeout_then_back(network, tmp_path):  # no
     cluster.wait_for_run_on("w1")
     m.cut()
     started = time.monotonic()
-    cluster.wait_status(lambda s: not s["workers"] and all(cl["host"] == "m" for cl in s["clients"]),
-                        "the master to drop every peer beyond its host")
-    # The peers count the master lost on their own clock: hold the cut past
-    # their timeout too.
+    # The master drops silent workers (it never drops a silent client: see
+    # Master.keep_alive); the workers and the client count the master lost on
+    # their own clocks, so the cut lasts past their timeout too.
+    cluster.wait_status(lambda s: not s["workers"], "the master to drop the workers")
     time.sleep(max(0.0, started + PEER_TIMEOUT * 1.5 - time.monotonic()))
     m.heal()
     lines = client.results()
@@ -387,3 +389,31 @@ def test_master_host_cut_beyond_peer_timeout_then_back(network, tmp_path):  # no
           f"client notes: {client.notes}")
     check_results(lines, range(8), cluster.run_markers())
     client.finish()
+
+
+@pytest.mark.xfail(strict=True, reason="the master never drops a silent client (Master.keep_alive), so a client "
+                   "cut off for good keeps its jobs queued and running until TCP gives up, about 15 minutes")
+def test_client_host_cut_for_good_frees_the_cluster(network, tmp_path):  # noqa: F811
+    """A client host cut off for good: the client fails with BrokenCluster
+    after the peer timeout (as documented), and the master, which can no
+    more reach it than it can reach the master, drops it with its jobs, as it
+    does for a client that disconnects, instead of running them for no one."""
+    m, w1, c = (network.add_host(n) for n in ("m", "w1", "c"))
+    cluster = Cluster(m, tmp_path)
+    cluster.add_workers(w1, 1)
+    cluster.wait_status(lambda s: cluster.workers_on(s) == {"w1": 1}, "a worker on w1")
+    client = cluster.start_client(c, seconds=1.0)
+
+    client.submit(range(20))
+    cluster.wait_for_run_on("w1")
+    c.cut()
+    lines = client.results()
+    assert {line.get("error") for line in lines} == {"BrokenCluster"}, lines
+    # Two more peer timeouts than the client needed to give up.
+    deadline = time.monotonic() + 2 * PEER_TIMEOUT
+    while True:
+        status = cluster.status()
+        if not any(cl["host"] == "c" for cl in status["clients"]) and status["queued"] == 0:
+            break
+        assert time.monotonic() < deadline, f"the master still holds the lost client's jobs: {status}"
+        time.sleep(0.1)   # a poll interval
