@@ -21,6 +21,8 @@ neighbour table; a port that stops forwarding is the plainer partition.)
 Use the ``network`` fixture: it skips the test where namespaces cannot be made
 (not root, no ``ip``), unless ``$CW_REQUIRE_NETNS=1`` (CI) makes that a failure,
 and removes every namespace, and every process started in one, at teardown.
+Should the test process die before its teardown, its processes die with it
+(parent-death signal) and the next run removes its namespaces.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ import ipaddress
 import itertools
 import os
 import queue
+import re
 import shutil
 import signal
 import subprocess
@@ -67,7 +70,7 @@ def unavailable_reason() -> str | None:
     """Why this machine cannot run the harness, or None when it can."""
     if os.geteuid() != 0:
         return "network namespaces need root"
-    for tool in ("ip", "bridge", "unshare", "hostname"):
+    for tool in ("ip", "bridge", "setpriv", "unshare", "hostname"):
         if shutil.which(tool) is None:
             return f"`{tool}` is not installed (ip and bridge: apt-get install iproute2)"
     return None
@@ -102,8 +105,8 @@ class Host:
     def popen(self, args: list[str], **kwargs) -> subprocess.Popen:
         """Starts ``args`` in this host (its network and hostname; the rest,
         files and environment included, is the machine's).  The Popen's pid is
-        the program's own: ``ip netns exec``, ``unshare`` and ``sh`` each
-        exec the next.  With ``stdout=subprocess.PIPE``, read its lines with
+        the program's own: ``ip netns exec``, ``setpriv``, ``unshare`` and
+        ``sh`` each exec the next.  With ``stdout=subprocess.PIPE``, read its lines with
         ``read_line`` (text mode unless told otherwise)."""
         kwargs.setdefault("stdin", subprocess.DEVNULL)
         kwargs.setdefault("text", True)
@@ -119,7 +122,9 @@ class Host:
         return proc
 
     def _wrap(self, args: list[str]) -> list[str]:
-        return ["ip", "netns", "exec", self.netns, "unshare", "--uts",
+        # setpriv: the program gets SIGKILL if the test process dies without
+        # its teardown (pytest-timeout ends a hung run with os._exit).
+        return ["ip", "netns", "exec", self.netns, "setpriv", "--pdeathsig", "KILL", "unshare", "--uts",
                 "sh", "-c", 'hostname "$0" && exec "$@"', self.name, *args]
 
     def run(self, args: list[str], timeout: float = 60.0) -> subprocess.CompletedProcess:
@@ -188,6 +193,33 @@ class Host:
         ip("netns", "del", self.netns)
 
 
+def remove_stale() -> None:
+    """Removes the namespaces of earlier runs whose test process is gone (it
+    was killed before its teardown), with any process still in them; only
+    names this harness makes (cwt<pid>-<n>-...) are touched."""
+    for line in ip("netns", "list").splitlines():
+        name = line.split()[0] if line.split() else ""
+        match = re.fullmatch(r"cwt(\d+)-\d+-[\w-]+", name)
+        if match is None or _alive(int(match.group(1))):
+            continue
+        for pid in ip("netns", "pids", name).split():
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        ip("netns", "del", name)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
 class Network:
     """A private bridge in a switch namespace, and the hosts plugged into it.
     Addresses come from 198.18.0.0/24 in order (.1 first)."""
@@ -201,6 +233,7 @@ class Network:
         self.hosts: dict[str, Host] = {}
         self._addresses = SUBNET.hosts()
         try:
+            remove_stale()
             ip("netns", "add", self.switch)
         except RuntimeError as exc:
             raise NetnsUnavailable(str(exc)) from None
