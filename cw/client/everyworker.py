@@ -48,11 +48,11 @@ class EveryWorker:
     def install(self, packages, *, sticky: bool = True, pip_args=(), timeout: float | None = None) -> dict:
         """Installs pip requirements (``["numpy", "scipy==1.*"]``, paths, URLs)
         on every connected worker with its own Python; returns {WorkerInfo:
-        pip's last line}.  Raises ``cw.ops.install.InstallError`` naming the
+        pip's last line}.  Raises ``cw.client.install.InstallError`` naming the
         workers that failed, with pip's error.  ``sticky``: workers that
         connect later install them too, before their first job.
         ``pip_args``: extra pip options (``["--index-url", URL]``)."""
-        from cw.ops.install import InstallError, check_packages, install_packages
+        from cw.client.install import InstallError, check_packages, install_packages
         from cw.wire.payload import dumps_call, joined
         packages = check_packages(packages)
         pip_args = [str(a) for a in pip_args]

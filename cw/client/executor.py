@@ -227,7 +227,7 @@ class ClusterExecutor(EveryWorker, concurrent.futures.Executor):
                     future.cancel()
 
         if progress:
-            from cw.ops.tracking import track
+            from cw.client.progress import track
             return track(results(), total=total)
         return results()
 
