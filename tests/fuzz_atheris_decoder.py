@@ -21,6 +21,7 @@ import atheris
 with atheris.instrument_imports():
     from cw.errors import ProtocolError
     from cw.wire import frames
+    from cw.wire.decoder import FrameDecoder
 
 # Found by name, so that new decoders are fuzzed too; each takes the body alone.
 DECODERS = [getattr(frames, name) for name in sorted(dir(frames))
@@ -58,7 +59,7 @@ def test_one_input(data: bytes) -> None:
         chunks.append(fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 64)))
     stream = b"".join(chunks)
 
-    decoder = frames.FrameDecoder(max_frame)
+    decoder = FrameDecoder(max_frame)
     got, refused = [], False
     try:
         for chunk in chunks:

@@ -22,6 +22,7 @@ from cw.errors import AuthenticationError, BrokenCluster, ProtocolError
 from cw.launch.local import start_master
 from cw.wire import frames, handshake
 from cw.wire.auth import load_secret
+from cw.wire.decoder import FrameDecoder
 from cw.wire.frames import Frame
 from cw.wire.link import open_link, peer_info
 
@@ -86,7 +87,7 @@ PREAUTH_ATTACKS = st.one_of(
 
 def read_until_closed(sock):
     """Frames the master sends until it closes; and how it closed."""
-    decoder = frames.FrameDecoder(frames.DEFAULT_MAX_FRAME)
+    decoder = FrameDecoder(frames.DEFAULT_MAX_FRAME)
     got = []
     while True:
         try:
@@ -111,7 +112,7 @@ def read_frame(sock, decoder):
 
 def first_frame_is_complete(data: bytes, max_frame: int) -> bool:
     """Whether the master has enough of ``data`` to judge it: a whole first frame, or a bad length."""
-    decoder = frames.FrameDecoder(max_frame)
+    decoder = FrameDecoder(max_frame)
     decoder.feed(data)
     try:
         return decoder.next_frame() is not None
@@ -120,7 +121,7 @@ def first_frame_is_complete(data: bytes, max_frame: int) -> bool:
 
 
 def is_valid_hello(data: bytes) -> bool:
-    decoder = frames.FrameDecoder(frames.DEFAULT_MAX_FRAME)
+    decoder = FrameDecoder(frames.DEFAULT_MAX_FRAME)
     decoder.feed(data)
     item = decoder.next_frame()
     if item is None or item[0] != Frame.HELLO:
@@ -138,7 +139,7 @@ def test_a_hostile_peer_is_dropped_and_costs_the_master_nothing(fuzzed_master, a
     kind, data = attack
     secret = load_secret()
     with socket.create_connection((cluster.host, cluster.port), timeout=TIMEOUT) as sock:
-        decoder = frames.FrameDecoder(frames.PREAUTH_MAX_FRAME)
+        decoder = FrameDecoder(frames.PREAUTH_MAX_FRAME)
         ftype, challenge = read_frame(sock, decoder)
         assert ftype == Frame.CHALLENGE
         max_frame = frames.PREAUTH_MAX_FRAME
@@ -262,7 +263,7 @@ class HostileMaster:
         self.thread.join(2 * TIMEOUT)
         self.server.close()
         assert not self.thread.is_alive()
-        decoder = frames.FrameDecoder(frames.DEFAULT_MAX_FRAME)
+        decoder = FrameDecoder(frames.DEFAULT_MAX_FRAME)
         decoder.feed(bytes(self.received))
         sent = []
         while (item := decoder.next_frame()) is not None:
@@ -305,7 +306,7 @@ def hang_up_after_the_handshake(conn):
     secret = load_secret()
     nonce, challenge = handshake.server_challenge()
     conn.sendall(challenge)
-    decoder = frames.FrameDecoder(frames.PREAUTH_MAX_FRAME)
+    decoder = FrameDecoder(frames.PREAUTH_MAX_FRAME)
     conn.sendall(handshake.verify_response(secret, nonce, *read_frame(conn, decoder)))
     decoder.max_frame = frames.DEFAULT_MAX_FRAME
     assert read_frame(conn, decoder)[0] == Frame.HELLO

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from cw.errors import AuthenticationError, ProtocolError
 from cw.wire import frames, handshake
+from cw.wire.decoder import FrameDecoder
 from cw.wire.frames import Frame
 
 SECRET = b"s" * 32
@@ -18,7 +19,7 @@ OTHER_SECRET = b"t" * 32
 
 def only_frame(encoded: bytes):
     """Decodes exactly one whole frame, as a peer does before the handshake; returns (kind, body)."""
-    dec = frames.FrameDecoder(frames.PREAUTH_MAX_FRAME)
+    dec = FrameDecoder(frames.PREAUTH_MAX_FRAME)
     dec.feed(encoded)
     got = dec.next_frame()
     assert got is not None

@@ -14,6 +14,7 @@ import pytest
 from cw.launch.local import start_master
 from cw.wire import frames, handshake
 from cw.wire.auth import load_secret
+from cw.wire.decoder import FrameDecoder
 from cw.wire.frames import Frame
 
 
@@ -23,10 +24,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def raw_connect(cluster) -> tuple[socket.socket, frames.FrameDecoder, bytes]:
+def raw_connect(cluster) -> tuple[socket.socket, FrameDecoder, bytes]:
     """A TCP connection that has read the master's challenge and nothing more."""
     sock = socket.create_connection((cluster.host, cluster.port), timeout=10)
-    decoder = frames.FrameDecoder(frames.PREAUTH_MAX_FRAME)
+    decoder = FrameDecoder(frames.PREAUTH_MAX_FRAME)
     ftype, body = read_frame(sock, decoder)
     assert ftype == Frame.CHALLENGE
     return sock, decoder, body

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 
 from cw.errors import ProtocolError
-from cw.wire import frames, handshake, protocol
+from cw.wire import decoder, frames, handshake, protocol
 from cw.wire.frames import Frame, Status
 
 #: Every public name the module had before it was split, and where it lives now.
 OLD_NAMES = {
     frames: ["VERSION", "HEADER", "HEADER_SIZE", "DEFAULT_MAX_FRAME", "PREAUTH_MAX_FRAME", "LARGE_FRAME",
-             "FrameDecoder", "frame", "PING_FRAME", "PONG_FRAME", "DRAIN_FRAME", "LEND_FRAME", "RECLAIM_FRAME",
+             "frame", "PING_FRAME", "PONG_FRAME", "DRAIN_FRAME", "LEND_FRAME", "RECLAIM_FRAME",
              "encode_json", "encode_submit", "encode_submit_with", "encode_job_env", "encode_notice",
              "encode_output", "encode_output_for_client", "encode_cancel", "encode_job", "encode_outcome",
              "encode_result", "encode_abort", "encode_revoke", "encode_revoked", "encode_cancelled",
@@ -20,6 +20,7 @@ OLD_NAMES = {
              "decode_job", "decode_abort", "decode_revoke", "decode_revoked", "decode_outcome", "decode_result",
              "decode_cancelled", "decode_context_for_worker", "decode_status_request", "decode_status",
              "decode_output", "decode_output_for_client"],
+    decoder: ["FrameDecoder"],
     handshake: ["NONCE_SIZE", "MAC_SIZE", "AUTH_FAILED", "server_challenge", "peer_response", "verify_response",
                 "verify_proof"],
 }

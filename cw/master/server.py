@@ -27,6 +27,7 @@ from cw.master.dispatch import Dispatcher
 from cw.wire import buffers, frames, handshake, protocol
 from cw.wire.address import remove_address_file, write_address_file
 from cw.wire.auth import load_secret
+from cw.wire.decoder import FrameDecoder
 from cw.wire.frames import Frame
 
 log = logging.getLogger("cw.master")
@@ -168,7 +169,7 @@ class PeerConnection(asyncio.BufferedProtocol):
         self.role = None            # "client" or "worker" after HELLO
         self.peer_id = None
         self.name = "unauthenticated peer"
-        self.decoder = frames.FrameDecoder(frames.PREAUTH_MAX_FRAME)
+        self.decoder = FrameDecoder(frames.PREAUTH_MAX_FRAME)
         self.buffer = memoryview(bytearray(frames.PREAUTH_MAX_FRAME))
         self.handler = self._on_handshake
         self.timer = None

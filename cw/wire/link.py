@@ -17,6 +17,7 @@ from cw import settings
 from cw.errors import BrokenCluster, ProtocolError
 from cw.wire import frames, handshake
 from cw.wire.address import parse_address  # noqa: F401 - the worker imports it from here
+from cw.wire.decoder import FrameDecoder
 from cw.wire.frames import Frame
 
 log = logging.getLogger("cw.link")
@@ -28,7 +29,7 @@ BURST_GAP = 50e-6
 
 
 class Link:
-    def __init__(self, sock: socket.socket, decoder: frames.FrameDecoder, address: str):
+    def __init__(self, sock: socket.socket, decoder: FrameDecoder, address: str):
         self.sock = sock
         self.decoder = decoder
         self.address = address
@@ -277,7 +278,7 @@ def open_link(host: str, port: int, secret: bytes, hello: dict, connect_timeout:
             delay = min(delay * 2, 2.0)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    link = Link(sock, frames.FrameDecoder(frames.PREAUTH_MAX_FRAME), address)
+    link = Link(sock, FrameDecoder(frames.PREAUTH_MAX_FRAME), address)
     try:
         _handshake(link, secret)
         link.decoder.max_frame = frames.DEFAULT_MAX_FRAME

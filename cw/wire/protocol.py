@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from cw.wire import frames
 from cw.wire import options as job_options
+from cw.wire.decoder import FrameDecoder  # noqa: F401 - re-exported
 from cw.wire.frames import (  # noqa: F401 - re-exported
     DEFAULT_MAX_FRAME,
     DRAIN_FRAME,
@@ -19,7 +20,6 @@ from cw.wire.frames import (  # noqa: F401 - re-exported
     RECLAIM_FRAME,
     VERSION,
     Frame,
-    FrameDecoder,
     Status,
     decode_abort,
     decode_cancel,
