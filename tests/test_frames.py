@@ -63,8 +63,9 @@ ROUND_TRIPS = [
      f.Submit(2**64 - 1, 7, 2.5, b"payload")),
     (f.encode_submit(1, 255, 0.0, b""), Frame.SUBMIT, f.decode_submit, f.Submit(1, 255, 0.0, b"")),
     (f.encode_submit(1, 2, 0.0, (b"pick", b"led")), Frame.SUBMIT, f.decode_submit, f.Submit(1, 2, 0.0, b"pickled")),
-    (f.encode_submit_with(3, 1, 9.5, -2**31, {"tag": "t", "resources": {"gpu": 1}}, b"p"), Frame.SUBMIT_WITH,
-     f.decode_submit_with, f.SubmitWith(3, 1, 9.5, -2**31, {"tag": "t", "resources": {"gpu": 1}}, b"p")),
+    (f.encode_submit_with(3, 1, 9.5, -2**31, {"tag": "t", "resources": {"cpu": 1, "gpu": 1}}, b"p"),
+     Frame.SUBMIT_WITH, f.decode_submit_with,
+     f.SubmitWith(3, 1, 9.5, -2**31, {"tag": "t", "resources": {"cpu": 1, "gpu": 1}}, b"p")),
     (f.encode_submit_with(4, 0, 0.0, 2**31 - 1, {}, b""), Frame.SUBMIT_WITH, f.decode_submit_with,
      f.SubmitWith(4, 0, 0.0, 2**31 - 1, {}, b"")),
     (f.encode_cancel(42), Frame.CANCEL, f.decode_cancel, 42),
@@ -173,6 +174,7 @@ MALFORMED = [
     (f.decode_submit_with, b"\x00" * 22),
     (f.decode_submit_with, b"\x00" * 21 + b"\x00\x05{}"),          # options of 5 bytes, only 2 present
     (f.decode_submit_with, b"\x00" * 21 + b"\x00\x02[]"),          # options not an object
+    (f.decode_submit_with, b"\x00" * 21 + b"\x00\x0e{\"colour\":\"r\"}"),  # options checked (cw.wire.options)
     (f.decode_cancel, b"\x00" * 7),
     (f.decode_job, b"\x00" * 19),
     (f.decode_job_env, b"\x00" * 8 + b"[]"),

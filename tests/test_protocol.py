@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from cw.errors import ProtocolError
 from cw.wire import decoder, frames, handshake, protocol
+from cw.wire import options as job_options
 from cw.wire.frames import Frame, Status
 
 #: Every public name the module had before it was split, and where it lives now.
@@ -16,7 +16,8 @@ OLD_NAMES = {
              "encode_output", "encode_output_for_client", "encode_cancel", "encode_job", "encode_outcome",
              "encode_result", "encode_abort", "encode_revoke", "encode_revoked", "encode_cancelled",
              "encode_context_for_worker", "encode_status_request", "encode_status", "encode_error",
-             "decode_json", "decode_submit", "decode_limit", "decode_job_env", "decode_notice", "decode_cancel",
+             "decode_json", "decode_submit", "decode_submit_with", "decode_limit", "decode_job_env", "decode_notice",
+             "decode_cancel",
              "decode_job", "decode_abort", "decode_revoke", "decode_revoked", "decode_outcome", "decode_result",
              "decode_cancelled", "decode_context_for_worker", "decode_status_request", "decode_status",
              "decode_output", "decode_output_for_client"],
@@ -41,12 +42,6 @@ def test_frame_kinds_and_status_codes_keep_their_old_names():
     assert protocol.FRAME_NAMES[14] == "JOB"
 
 
-def test_decode_submit_with_still_checks_the_options():
-    """protocol.decode_submit_with checks the options, as it did; frames.decode_submit_with leaves that to
-    protocol.check_options."""
-    body = b"".join(frames.encode_submit_with(1, 0, 0.0, 0, {"colour": "red"}, b""))[frames.HEADER_SIZE:]
-    assert frames.decode_submit_with(body).options == {"colour": "red"}
-    with pytest.raises(ProtocolError, match="unknown options"):
-        protocol.decode_submit_with(body)
-    body = b"".join(frames.encode_submit_with(1, 0, 0.0, 5, {"resources": {"gpu": 1}}, b"p"))[frames.HEADER_SIZE:]
-    assert protocol.decode_submit_with(body) == (1, 0, 0.0, 5, {"resources": {"gpu": 1, "cpu": 1}}, b"p")
+def test_check_options_is_the_options_modules_check():
+    assert protocol.check_options is job_options.check_submitted
+    assert protocol.decode_submit_with is frames.decode_submit_with

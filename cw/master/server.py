@@ -24,7 +24,7 @@ import sys
 from cw import PORT, __version__, settings
 from cw.errors import AuthenticationError, CwError, ProtocolError
 from cw.master.dispatch import Dispatcher
-from cw.wire import buffers, frames, handshake, protocol
+from cw.wire import buffers, frames, handshake
 from cw.wire.address import remove_address_file, write_address_file
 from cw.wire.auth import load_secret
 from cw.wire.decoder import FrameDecoder
@@ -366,8 +366,6 @@ class PeerConnection(asyncio.BufferedProtocol):
             self.dispatcher.submit(self.peer_id, jobid, retries, timeout, payload)
         elif ftype == Frame.SUBMIT_WITH:
             jobid, retries, timeout, priority, options, payload = frames.decode_submit_with(body)
-            if options:
-                options = protocol.check_options(options)
             self.dispatcher.submit(self.peer_id, jobid, retries, timeout, payload, priority, options)
         elif ftype == Frame.CANCEL:
             self.dispatcher.cancel(self.peer_id, frames.decode_cancel(body))

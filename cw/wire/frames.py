@@ -32,6 +32,7 @@ from typing import NamedTuple
 
 from cw import settings
 from cw.errors import ProtocolError
+from cw.wire import options as job_options
 
 #: Sent in the CHALLENGE; both ends must speak the same.
 VERSION = 2
@@ -116,7 +117,7 @@ class SubmitWith(NamedTuple):
     retries: int
     timeout: float
     priority: int
-    options: dict       # {"resources", "tag", "workers"}; checked by protocol.check_options, not here
+    options: dict       # {"resources", "tag", "workers"}, checked by cw.wire.options
     payload: Payload
 
 
@@ -355,15 +356,15 @@ def decode_submit(body) -> Submit:
 
 
 def decode_submit_with(body) -> SubmitWith:
-    """SUBMIT_WITH's fields, its options as a JSON object not yet checked
-    (``protocol.check_options`` knows what they may hold)."""
     jobid, retries, timeout, priority, opts_len = _fields(_SUBMIT_WITH, body, "SUBMIT_WITH")
     if not timeout >= 0.0:
         raise ProtocolError(f"SUBMIT_WITH frame has an invalid timeout {timeout!r}")
     start = _SUBMIT_WITH.size + opts_len
     if len(body) < start:
         raise ProtocolError("SUBMIT_WITH frame is shorter than its options")
-    options = decode_json(body[_SUBMIT_WITH.size:start], "SUBMIT_WITH") if opts_len else {}
+    options = {}
+    if opts_len:
+        options = job_options.check_submitted(decode_json(body[_SUBMIT_WITH.size:start], "SUBMIT_WITH"))
     return _new(SubmitWith, (jobid, retries, timeout, priority, options, _tail(body, start)))
 
 
@@ -418,13 +419,7 @@ def decode_revoked(body) -> Revoked:
 
 
 def decode_limit(body) -> Limit:
-    obj = decode_json(body, "LIMIT")
-    tag, limit = obj.get("tag"), obj.get("limit")
-    if not isinstance(tag, str) or len(tag) > 200:
-        raise ProtocolError("LIMIT tag must be a string of at most 200 characters")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
-        raise ProtocolError(f"LIMIT must be a whole number >= 0 or null, not {limit!r}")
-    return Limit(tag, limit)
+    return Limit(*job_options.check_limit_request(decode_json(body, "LIMIT")))
 
 
 def decode_notice(body) -> Notice:

@@ -1,10 +1,9 @@
-"""The names cw.wire.frames and cw.wire.handshake had when they were one
-module, kept while code that says ``protocol.X`` is moved to them; new code
-imports those modules.  Also home, for now, of ``check_options``.
+"""The names cw.wire.frames, cw.wire.decoder and cw.wire.handshake had when
+they were one module, kept while code that says ``protocol.X`` is moved to
+them; new code imports those modules.
 """
 from __future__ import annotations
 
-from cw.wire import frames
 from cw.wire import options as job_options
 from cw.wire.decoder import FrameDecoder  # noqa: F401 - re-exported
 from cw.wire.frames import (  # noqa: F401 - re-exported
@@ -39,6 +38,7 @@ from cw.wire.frames import (  # noqa: F401 - re-exported
     decode_status,
     decode_status_request,
     decode_submit,
+    decode_submit_with,
     encode_abort,
     encode_cancel,
     encode_cancelled,
@@ -76,12 +76,4 @@ globals().update(Status.__members__)
 FRAME_NAMES = {kind.value: kind.name for kind in Frame}
 
 
-def decode_submit_with(body) -> frames.SubmitWith:
-    """SUBMIT_WITH's fields, its options checked."""
-    msg = frames.decode_submit_with(body)
-    return msg._replace(options=check_options(msg.options)) if msg.options else msg
-
-
-def check_options(options: dict) -> dict:
-    """Validates SUBMIT_WITH's options: the master trusts no peer's JSON."""
-    return job_options.check_submitted(options)
+check_options = job_options.check_submitted
