@@ -14,7 +14,7 @@ import threading
 import time
 
 from cw import settings
-from cw.errors import BrokenCluster, ProtocolError
+from cw.errors import BrokenCluster, HandshakeFailed, ProtocolError
 from cw.wire import frames, handshake
 from cw.wire.address import parse_address  # noqa: F401 - the worker imports it from here
 from cw.wire.decoder import FrameDecoder
@@ -250,11 +250,6 @@ class _Writer:
         with self.cond:
             self.stopped = True
             self.cond.notify_all()
-
-
-class HandshakeFailed(BrokenCluster):
-    """The master was reached but the handshake did not complete (it hung up,
-    timed out, or sent garbage); worth another try, unlike a wrong secret."""
 
 
 def open_link(host: str, port: int, secret: bytes, hello: dict, connect_timeout: float = 10.0) -> Link:
