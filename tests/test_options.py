@@ -11,8 +11,9 @@ import pytest
 from cw.client import WorkerDescription
 from cw.client.executor import scheduling_options
 from cw.errors import ProtocolError
+from cw.wire import frames
 from cw.wire import options as o
-from cw.wire import protocol as p
+from cw.wire.frames import Frame
 
 G = 1 << 30
 
@@ -71,8 +72,8 @@ def client_side(resources, tag, workers):
 def master_side(resources, tag, workers):
     """What the master makes of a SUBMIT_WITH frame carrying these options as they are."""
     raw = {k: v for k, v in (("resources", resources), ("tag", tag), ("workers", workers)) if v is not None}
-    frame = b"".join(p.encode_submit_with(1, 0, 0.0, 0, raw, b"payload"))
-    *_, options, payload = p.decode_submit_with(frame[p.HEADER_SIZE:])
+    frame = b"".join(frames.encode_submit_with(1, 0, 0.0, 0, raw, b"payload"))
+    *_, options, payload = frames.decode_submit_with(frame[frames.HEADER_SIZE:])
     assert bytes(payload) == b"payload"
     return options
 
@@ -83,7 +84,7 @@ def test_good_options_come_out_the_same_on_both_sides(given, expected):
     assert sent == expected
     assert master_side(*given) == expected
     # What the client sends, the master takes as it is.
-    assert p.check_options(json.loads(json.dumps(sent))) == expected
+    assert o.check_submitted(json.loads(json.dumps(sent))) == expected
 
 
 @pytest.mark.parametrize("given, words", BAD, ids=[w for _, w in BAD])
@@ -110,7 +111,7 @@ def test_options_the_client_alone_can_give():
 
 def test_the_master_refuses_options_it_does_not_know():
     with pytest.raises(ProtocolError, match="unknown options"):
-        p.check_options({"resources": {"gpu": 1}, "colour": "red"})
+        o.check_submitted({"resources": {"gpu": 1}, "colour": "red"})
 
 
 @pytest.mark.parametrize("tag, limit, words", [
@@ -119,14 +120,14 @@ def test_the_master_refuses_options_it_does_not_know():
     ("db", -1, "limit must be a whole number >= 0"), ("db", 1.5, "limit must be"), ("db", True, "limit must be"),
 ])
 def test_limits_get_the_same_verdict_on_both_sides(tag, limit, words):
-    body = p.encode_json(p.LIMIT, {"tag": tag, "limit": limit})[p.HEADER_SIZE:]
+    body = frames.encode_json(Frame.LIMIT, {"tag": tag, "limit": limit})[frames.HEADER_SIZE:]
     if words is None:
-        assert (o.check_tag(tag), o.check_limit(limit)) == p.decode_limit(body) == (tag, limit)
+        assert (o.check_tag(tag), o.check_limit(limit)) == frames.decode_limit(body) == (tag, limit)
         return
     with pytest.raises(ValueError, match=words):
         o.check_tag(tag), o.check_limit(limit)
     with pytest.raises(ProtocolError, match=words):
-        p.decode_limit(body)
+        frames.decode_limit(body)
 
 
 def test_amounts_are_written_back_for_messages():

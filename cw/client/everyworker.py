@@ -10,7 +10,8 @@ import os
 
 from cw import settings
 from cw.client.future import ClusterFuture, WorkerDescription, WorkerInfo
-from cw.wire import protocol
+from cw.wire import frames
+from cw.wire.frames import Frame
 
 STATUS_TIMEOUT = settings.STATUS_TIMEOUT
 
@@ -58,7 +59,7 @@ class EveryWorker:
         pip_args = [str(a) for a in pip_args]
         call = os.urandom(8).hex()
         if sticky:
-            self._link.post(protocol.frame(protocol.SETUP, joined(dumps_call(
+            self._link.post(frames.frame(Frame.SETUP, joined(dumps_call(
                 install_packages, (packages, pip_args, timeout, call), {}))))
         futures = self.submit_on_all(install_packages, packages, pip_args, timeout, call)
         failed = _failures(futures)

@@ -24,9 +24,10 @@ from cw.client.discovery import resolve_master
 from cw.client.everyworker import EveryWorker
 from cw.client.future import ClusterFuture, JobHooks, WorkerInfo, job_outcome
 from cw.errors import BrokenCluster, CwError, ProtocolError
-from cw.wire import buffers, protocol
+from cw.wire import buffers, frames
 from cw.wire import options as job_options
 from cw.wire.auth import load_secret
+from cw.wire.frames import Frame, Status, kind_name
 from cw.wire.link import master_timeout, open_link, peer_info
 from cw.wire.options import DEFAULT_RETRIES
 
@@ -82,7 +83,7 @@ class ClusterExecutor(EveryWorker, concurrent.futures.Executor):
         info = peer_info("client")
         info["weight"] = weight
         self._link = open_link(self.host, self.port, load_secret(), info, connect_timeout)
-        self._link.send(protocol.encode_json(protocol.CONTEXT, {"cwd": os.getcwd(), "path": sys.path}))
+        self._link.send(frames.encode_json(Frame.CONTEXT, {"cwd": os.getcwd(), "path": sys.path}))
         self._link.start_writer()
         self._lock = threading.Lock()
         self._pending: dict[int, ClusterFuture] = {}
@@ -160,11 +161,11 @@ class ClusterExecutor(EveryWorker, concurrent.futures.Executor):
         if self._hooks is not None:
             context = self._hooks.context_change()
             if context is not None:
-                self._link.post(protocol.encode_json(protocol.CONTEXT, context))
+                self._link.post(frames.encode_json(Frame.CONTEXT, context))
         if priority or options:
-            frame = protocol.encode_submit_with(future.jobid, retries, timeout, priority, options, payload)
+            frame = frames.encode_submit_with(future.jobid, retries, timeout, priority, options, payload)
         else:
-            frame = protocol.encode_submit(future.jobid, retries, timeout, payload)
+            frame = frames.encode_submit(future.jobid, retries, timeout, payload)
         try:
             if type(payload) is tuple and _views_writable_memory(payload):
                 self._link.post_and_wait(frame, timeout=None)   # the array as it is now, not as it will be
@@ -236,7 +237,7 @@ class ClusterExecutor(EveryWorker, concurrent.futures.Executor):
             if self._pending.pop(jobid, None) is None or self._broken is not None:
                 return
         try:
-            self._link.post(protocol.encode_cancel(jobid))
+            self._link.post(frames.encode_cancel(jobid))
         except OSError:
             pass  # the reader will see the broken connection
         self._maybe_close()
@@ -252,26 +253,26 @@ class ClusterExecutor(EveryWorker, concurrent.futures.Executor):
                     reason = "the master closed the connection"
                     break
                 ftype, body = item
-                if ftype == protocol.RESULT:
-                    self._on_result(*protocol.decode_result(body))
-                elif ftype == protocol.OUTPUT:
-                    self._on_output(*protocol.decode_output_for_client(body))
-                elif ftype == protocol.NOTICE:
-                    self._on_notice(*protocol.decode_notice(body))
-                elif ftype == protocol.PING:
+                if ftype == Frame.RESULT:
+                    self._on_result(*frames.decode_result(body))
+                elif ftype == Frame.OUTPUT:
+                    self._on_output(*frames.decode_output_for_client(body))
+                elif ftype == Frame.NOTICE:
+                    self._on_notice(*frames.decode_notice(body))
+                elif ftype == Frame.PING:
                     buffers.POOL.release_idle()   # (a PING shows the master lives; it comes every few seconds)
-                elif ftype == protocol.CANCELLED:
+                elif ftype == Frame.CANCELLED:
                     pass  # a cancelled future is done already
-                elif ftype == protocol.STATUS:
-                    reqid, status = protocol.decode_status(body)
+                elif ftype == Frame.STATUS:
+                    reqid, status = frames.decode_status(body)
                     waiter = self._status_waiters.pop(reqid, None)
                     if waiter is not None:
                         waiter.set_result(status)
-                elif ftype == protocol.ERROR:
+                elif ftype == Frame.ERROR:
                     reason = "the master dropped this client: " + bytes(body).decode("utf-8", "replace")
                     break
                 else:
-                    reason = f"the master sent an unexpected {protocol.FRAME_NAMES.get(ftype, ftype)} frame"
+                    reason = f"the master sent an unexpected {kind_name(ftype)} frame"
                     break
         except (OSError, ProtocolError) as exc:  # TimeoutError included: the master stopped answering
             reason = str(exc) or type(exc).__name__
@@ -288,7 +289,7 @@ class ClusterExecutor(EveryWorker, concurrent.futures.Executor):
         future.worker = WorkerInfo.from_label(label)
         future.finished_at = time.time()
         ok, value = job_outcome(jobid, status, future.worker, payload)
-        if status == protocol.UNPLACEABLE:
+        if status == Status.UNPLACEABLE:
             future.worker = None     # it ran nowhere
         try:
             if ok:
@@ -347,7 +348,7 @@ class ClusterExecutor(EveryWorker, concurrent.futures.Executor):
                 raise BrokenCluster(self._broken)
             reqid = next(self._ids) & 0xFFFFFFFF
             self._status_waiters[reqid] = waiter
-        self._link.post(protocol.encode_status_request(reqid))
+        self._link.post(frames.encode_status_request(reqid))
         try:
             return waiter.result(timeout)
         except concurrent.futures.TimeoutError:
@@ -359,7 +360,7 @@ class ClusterExecutor(EveryWorker, concurrent.futures.Executor):
         the cluster and every client; ``None`` lifts the limit.  The limit
         lives in the master until changed (by any client)."""
         tag, limit = job_options.check_tag(tag), job_options.check_limit(limit)
-        self._link.post(protocol.encode_json(protocol.LIMIT, {"tag": tag, "limit": limit}))
+        self._link.post(frames.encode_json(Frame.LIMIT, {"tag": tag, "limit": limit}))
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._lock:

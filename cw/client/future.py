@@ -13,7 +13,7 @@ import time
 from typing import TYPE_CHECKING, NamedTuple
 
 from cw.errors import Unplaceable, WorkerLost
-from cw.wire import protocol
+from cw.wire.frames import Status
 
 if TYPE_CHECKING:
     from cw.client.executor import ClusterExecutor
@@ -140,13 +140,13 @@ def job_outcome(jobid: int, status: int, worker: WorkerInfo, payload) -> tuple[b
     """(ok, result or exception) of a RESULT frame: the master's verdicts
     (unplaceable, lost with its workers) as errors that say what to do,
     else the job's pickled outcome."""
-    if status == protocol.UNPLACEABLE:
+    if status == Status.UNPLACEABLE:
         info = json.loads(bytes(payload))
         return False, Unplaceable(
             f"job {jobid} could not run: {info['reason']}, and no worker that could joined within "
             f"{info['waited']:g} s; start workers with what it needs (python -m cw.worker --resources ...), "
             "ask for less, or raise the master's --unplaceable-timeout")
-    if status == protocol.LOST:
+    if status == Status.LOST:
         info = json.loads(bytes(payload))
         return False, WorkerLost(
             f"job {jobid} was lost with its worker {info['attempts']} time(s) (last on "

@@ -65,7 +65,8 @@ from cw.master.placement import Placement
 from cw.master.records import DONE, QUEUED, RUNNING, ClientRecord, Job, JobQueue, WorkerRecord
 from cw.master.slots import Slots
 from cw.master.unplaceable import Unplaceable
-from cw.wire import protocol
+from cw.wire import frames
+from cw.wire.frames import Status
 from cw.wire.options import DEFAULT_RETRIES
 
 __all__ = ["DEFAULT_MAX_ATTEMPTS", "DEFAULT_RETRIES", "Dispatcher"]
@@ -100,7 +101,7 @@ class Dispatcher:
         self.clients[cid] = ClientRecord(cid, info)
 
     def set_context(self, cid: int, context_json: bytes) -> None:
-        protocol.decode_json(context_json, "CONTEXT")  # refuse garbage before workers see it
+        frames.decode_json(context_json, "CONTEXT")  # refuse garbage before workers see it
         self.clients[cid].context = bytes(context_json)
         for worker in self.workers.values():
             worker.contexts.discard(cid)   # a changed context goes out again
@@ -116,7 +117,7 @@ class Dispatcher:
                 self._abort(job)
         client.jobs.clear()
         client.queues.clear()
-        forget = protocol.encode_context_for_worker(cid, b"{}")
+        forget = frames.encode_context_for_worker(cid, b"{}")
         for worker in self.workers.values():
             if cid in worker.contexts:
                 worker.contexts.discard(cid)
@@ -214,13 +215,13 @@ class Dispatcher:
         job = client.jobs.pop(jobid, None)
         if job is None:
             # Finished already: its result is on the way, and the client drops it.
-            self.outbox.append((cid, protocol.encode_cancelled(jobid, False)))
+            self.outbox.append((cid, frames.encode_cancelled(jobid, False)))
             return
         if job.state == QUEUED:
             self._drop_queued(job)
         else:
             self._abort(job)
-        self.outbox.append((cid, protocol.encode_cancelled(jobid, True)))
+        self.outbox.append((cid, frames.encode_cancelled(jobid, True)))
 
     def outcome(self, wid: int, gid: int, status: int, payload) -> None:
         worker = self.workers[wid]
@@ -229,7 +230,7 @@ class Dispatcher:
             raise ProtocolError(f"the worker sent an outcome for job {gid}, which it was not running")
         self._leave(worker, job)
         worker.done += 1
-        if status != protocol.OK:
+        if status != Status.OK:
             worker.failures += 1
         self.throughput.count(self.clock())
         self.slots.file(worker)
@@ -247,7 +248,7 @@ class Dispatcher:
             raise ProtocolError(f"the worker sent output of job {gid}, which it was not running")
         if job.client is not None:
             text = text[:4 * settings.MAX_JOB_OUTPUT + 256]   # the worker bounds it; a bad one cannot make us keep more
-            self.outbox.append((job.client.cid, protocol.encode_output_for_client(job.jobid, worker.label, text)))
+            self.outbox.append((job.client.cid, frames.encode_output_for_client(job.jobid, worker.label, text)))
 
     def revoked(self, wid: int, gid: int, given_back: bool) -> None:
         """The worker answers a REVOKE, or gives back a job sent ahead that it was told to ABORT."""
@@ -312,7 +313,7 @@ class Dispatcher:
         job.pinned = True                # never handed to another worker
         job.attempts = 1
         worker.take(job, self._new_gid())
-        self.outbox.append((worker.wid, protocol.encode_job(job.gid, 0, 0.0, payload)))
+        self.outbox.append((worker.wid, frames.encode_job(job.gid, 0, 0.0, payload)))
 
     def _assign(self, job: Job, worker: WorkerRecord, growth: dict) -> None:
         client = job.client
@@ -326,13 +327,13 @@ class Dispatcher:
         cid = client.cid
         if cid not in worker.contexts:
             worker.contexts.add(cid)
-            outbox.append((worker.wid, protocol.encode_context_for_worker(cid, client.context)))
+            outbox.append((worker.wid, frames.encode_context_for_worker(cid, client.context)))
         job.attempts += 1
         worker.take(job, self._new_gid())   # not before: queued jobs carry no id of their own (B5 counts bytes)
         self.slots.file(worker)
         if env is not None:
-            outbox.append((worker.wid, protocol.encode_job_env(job.gid, env)))
-        outbox.append((worker.wid, protocol.encode_job(job.gid, cid, job.timeout, job.payload)))
+            outbox.append((worker.wid, frames.encode_job_env(job.gid, env)))
+        outbox.append((worker.wid, frames.encode_job(job.gid, cid, job.timeout, job.payload)))
 
     def _leave(self, worker: WorkerRecord, job: Job) -> None:
         """``job`` is no longer at ``worker``, which starts the next one, if any."""
@@ -346,7 +347,7 @@ class Dispatcher:
         worker.failures += 1
         if job.client is not None and job.attempts >= job.max_attempts:
             body = json.dumps({"attempts": job.attempts, "workers": list(job.lost_on)}).encode()
-            self._finish(job, protocol.LOST, worker.label, body)
+            self._finish(job, Status.LOST, worker.label, body)
         else:
             self._requeue(job)
 
@@ -369,12 +370,12 @@ class Dispatcher:
         """Nobody wants this job's result: its worker stops it if it runs, or
         gives it back (REVOKED) if it has not started it."""
         job.client = None
-        self.outbox.append((job.worker.wid, protocol.encode_abort(job.gid)))
+        self.outbox.append((job.worker.wid, frames.encode_abort(job.gid)))
 
     def _finish(self, job: Job, status: int, label: bytes, payload) -> None:
         client = job.client
-        client.finish(job, status == protocol.OK)
-        self.outbox.append((client.cid, protocol.encode_result(job.jobid, status, label, payload)))
+        client.finish(job, status == Status.OK)
+        self.outbox.append((client.cid, frames.encode_result(job.jobid, status, label, payload)))
 
     # --- which job goes where -------------------------------------------------
 
@@ -397,7 +398,7 @@ class Dispatcher:
             turns.served(client)
         if not turns:
             for donor in slots.steal():
-                self.outbox.append((donor.wid, protocol.encode_revoke(donor.revoking)))
+                self.outbox.append((donor.wid, frames.encode_revoke(donor.revoking)))
         for client in blocked:
             turns.add(client)
 
@@ -449,4 +450,4 @@ class Dispatcher:
     def _fail_unplaceable(self, client: ClientRecord, job: Job, reason: bytes) -> None:
         self.queued -= 1
         client.queued -= 1
-        self._finish(job, protocol.UNPLACEABLE, b"master:0", reason)
+        self._finish(job, Status.UNPLACEABLE, b"master:0", reason)

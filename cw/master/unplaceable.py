@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 
 from cw.master.placement import Placement
 from cw.master.records import ClientRecord, Job, JobQueue
-from cw.wire import protocol
+from cw.wire import frames
 
 
 class Unplaceable:
@@ -42,7 +42,7 @@ class Unplaceable:
             if queue.key not in client.notified:
                 client.notified.add(queue.key)
                 text = f"{queue.reason}; it waits for such a worker to join, and fails after {self.timeout:g} s"
-                return protocol.encode_notice(job.jobid, text)
+                return frames.encode_notice(job.jobid, text)
         return None
 
     def recheck(self, clients: Iterable[ClientRecord]) -> list[tuple[int, bytes]]:
