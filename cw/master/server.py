@@ -88,10 +88,10 @@ class Master:
                 conn.write(chunks)
 
     async def keep_alive(self) -> None:
-        """Pings every peer, so that they can tell a frozen master; drops workers
-        silent for longer than peer_timeout, so that their jobs run elsewhere.
-        Clients need not answer: a silent client holds up nobody, as its jobs
-        pause once its unread results fill its buffer.  A worker we stopped
+        """Pings every peer, so that they can tell a frozen master, and drops a
+        peer silent for longer than peer_timeout (every peer answers a PING):
+        a lost worker's jobs run elsewhere, a lost client's jobs are dropped
+        instead of running for nobody until TCP gives up.  A peer we stopped
         reading from (flow control) is not silent by its own doing."""
         loop = asyncio.get_running_loop()
         while True:
@@ -100,7 +100,7 @@ class Master:
             for conn in list(self.peers.values()):
                 if conn.reading_paused:
                     conn.last_heard = now
-                elif conn.role == "worker" and now - conn.last_heard > self.peer_timeout:
+                elif conn.role is not None and now - conn.last_heard > self.peer_timeout:
                     conn.drop(f"nothing heard for {now - conn.last_heard:.1f} s (peer timeout "
                               f"{self.peer_timeout:g} s); a frozen machine or a cut network?")
                 else:
