@@ -398,7 +398,7 @@ class PeerConnection(asyncio.BufferedProtocol):
             self.dispatcher.reclaim(self.peer_id)
         elif ftype == Frame.DRAIN:
             log.info("%s is draining: it finishes its job and takes no other", self.name)
-            self.dispatcher.drain_worker(self.peer_id)
+            self.dispatcher.drain_worker(self.peer_id, frames.decode_drain(body))
         elif ftype != Frame.PONG:
             self._unexpected(ftype, body)
 
