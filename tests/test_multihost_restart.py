@@ -29,8 +29,7 @@ import time
 
 import pytest
 from netns import network, read_line  # noqa: F401  (network is a fixture)
-from test_multihost import (CLIENT, DEADLINE, HEARTBEAT, MASTER_READY, PEER_TIMEOUT, PROBE, Client,
-                            check_results, serial)
+from test_multihost import CLIENT, DEADLINE, HEARTBEAT, MASTER_READY, PEER_TIMEOUT, PROBE, Client, check_results, serial
 
 #: Each host has a port space of its own: a fixed port is free on every one.
 PORT = 5494
