@@ -5,7 +5,7 @@ hosts, kills worker processes, and kills and restarts the master.
 Every fault is drawn from one seeded random generator, and the seed is
 printed: ``CW_CHAOS_SEED=N`` replays a run's choices (not its timing, which
 the machine decides).  ``CW_CHAOS_JOBS`` sets the number of jobs (default
-2,000, about a minute here); a larger number makes a longer run with more
+2,000, about 35 s here); a larger number makes a longer run with more
 faults, e.g. ``CW_CHAOS_JOBS=20000`` for a soak.
 
 The checker is test_multihost's: every job's result arrives exactly once,
@@ -43,8 +43,8 @@ CUT_LENGTH = (0.3 * PEER_TIMEOUT, 2.5 * PEER_TIMEOUT)
 #: How long the master stays dead before its restart: up to beyond the peer
 #: timeout, so that workers and clients count it lost on their own clocks.
 MASTER_DOWN = (0.0, 1.5 * PEER_TIMEOUT)
-#: When the master is killed: after these fractions of the results are in.
-MASTER_KILLS = ((0.15, 0.4), (0.55, 0.8))
+#: Master kills: two, and one more per 1,000 jobs beyond 2,000 in a longer run.
+MASTER_KILLS = max(2, JOBS // 1000)
 
 # A user's script: submits jobs FIRST..FIRST+N-1 at once when told (a line on
 # stdin), prints each result as a JSON line as it comes, then {"batch": 1}.
@@ -127,8 +127,8 @@ class ChaosClient:
 
 def test_chaos_run(network, tmp_path):  # noqa: F811
     """JOBS jobs from two clients on three worker hosts, under random cuts and
-    heals of worker hosts, SIGKILLs of worker processes, and two SIGKILLs and
-    restarts of the master: every result arrives exactly once and is right,
+    heals of worker hosts, SIGKILLs of worker processes, and (at least) two
+    SIGKILLs and restarts of the master: every result arrives exactly once and is right,
     and afterwards every worker host's workers are back."""
     seed = int(os.environ.get("CW_CHAOS_SEED") or random.SystemRandom().randrange(1 << 32))
     print(f"\nchaos: seed {seed} (CW_CHAOS_SEED={seed} replays its choices), {JOBS} jobs")
@@ -149,7 +149,10 @@ def test_chaos_run(network, tmp_path):  # noqa: F811
     # Time bound: the work itself (about JOBS * JOB_SECONDS / 6 s) several
     # times over, plus the faults' outages; only a hang comes near it.
     limit = 120.0 + JOBS * JOB_SECONDS
-    kill_master_after = [int(rng.uniform(*span) * JOBS) for span in MASTER_KILLS]   # results in, then it dies
+    # After how many results the master dies: one draw in each of MASTER_KILLS
+    # equal stretches of the first 90 % of the run, so that the kills spread out
+    # and the last comes well before the end.
+    kill_master_after = [int(0.9 * JOBS * rng.uniform(k + 0.2, k + 0.8) / MASTER_KILLS) for k in range(MASTER_KILLS)]
     faults: list[str] = []
     heal_at: dict[str, float] = {}
     started = time.monotonic()
