@@ -35,8 +35,10 @@ JOBS = int(os.environ.get("CW_CHAOS_JOBS", "2000"))
 JOB_SECONDS = 0.05
 WORKER_HOSTS = ("w1", "w2", "w3")
 WORKERS_PER_HOST = 2
-#: Seconds between two faults, drawn uniformly.
-FAULT_GAP = (0.3, 1.5)
+#: Results between two faults, drawn uniformly: counted in results, not
+#: seconds, so that a run on a loaded machine gets the same number of faults
+#: (about one per 60 jobs), not more of them for being slower.
+FAULT_GAP = (20, 100)
 #: How long a cut lasts: some shorter than the peer timeout (the master keeps
 #: the host's workers), most beyond it (it drops them and re-runs their jobs).
 CUT_LENGTH = (0.3 * PEER_TIMEOUT, 2.5 * PEER_TIMEOUT)
@@ -156,7 +158,7 @@ def test_chaos_run(network, tmp_path):  # noqa: F811
     faults: list[str] = []
     heal_at: dict[str, float] = {}
     started = time.monotonic()
-    next_fault = started + rng.uniform(*FAULT_GAP)
+    next_fault = rng.randint(*FAULT_GAP)
     master_kills = 0
     for client in clients:
         client.go()
@@ -179,9 +181,9 @@ def test_chaos_run(network, tmp_path):  # noqa: F811
             master_kills += 1
             time.sleep(down)      # the outage's length is the fault itself
             cluster.start_master(m)
-        if now >= next_fault:
+        if got >= next_fault:
             faults.append(f"{now - started:.1f} " + inject(rng, cluster, workers, heal_at, now))
-            next_fault = now + rng.uniform(*FAULT_GAP)
+            next_fault = got + rng.randint(*FAULT_GAP)
         time.sleep(0.05)          # a poll interval: the clients' lines decide when the run ends
     elapsed = time.monotonic() - started
     for name in list(heal_at):
