@@ -63,6 +63,7 @@ from cw.master import report
 from cw.master.fairshare import FairShare
 from cw.master.placement import Placement
 from cw.master.records import DONE, QUEUED, RUNNING, ClientRecord, Job, JobQueue, WorkerRecord
+from cw.master.outrank import Outrank
 from cw.master.slots import Slots
 from cw.master.unplaceable import Unplaceable
 from cw.wire import frames
@@ -78,7 +79,8 @@ class Dispatcher:
     MAX_SETUPS = 64
 
     def __init__(self, max_attempts: int = DEFAULT_MAX_ATTEMPTS, clock=time.monotonic,
-                 slots: int = settings.WORKER_SLOTS, unplaceable_timeout: float = settings.UNPLACEABLE_TIMEOUT):
+                 slots: int = settings.WORKER_SLOTS, unplaceable_timeout: float = settings.UNPLACEABLE_TIMEOUT,
+                 revoke_timeout: float = settings.REVOKE_TIMEOUT):
         self.max_attempts = max_attempts
         self.clock = clock
         self.started = clock()
@@ -86,7 +88,8 @@ class Dispatcher:
         self.clients: dict[int, ClientRecord] = {}
         self.workers: dict[int, WorkerRecord] = {}
         self.placement = Placement(self.workers)
-        self.slots = Slots(self.workers, slots, self.placement)
+        self.slots = Slots(self.workers, slots, self.placement, revoke_timeout)
+        self.outrank = Outrank(self.workers, self.slots)
         self.turns = FairShare(self.clients)
         self.unplaceable = Unplaceable(self.placement, clock, unplaceable_timeout)
         self.queued = 0
@@ -172,8 +175,7 @@ class Dispatcher:
         if worker is None:
             return
         self.unplaceable.epoch += 1
-        self.slots.file(worker)
-        self.slots.answered(worker)
+        self.slots.left(worker)
         # Back to the heads of their queues in the order they were sent; only
         # those it had started count as an attempt.
         jobs, started = list(worker.jobs), worker.started()
@@ -206,6 +208,8 @@ class Dispatcher:
         self.turns.add(client)
         if self.slots.idle or self.slots.spare:
             self._pump()
+        if priority != client.floor and job.state == QUEUED:
+            self._ask_back(self.outrank.submitted(client, job), swap=True)
 
     def set_limit(self, tag: str, limit: int | None) -> None:
         """At most ``limit`` jobs tagged ``tag`` run at once (None: no limit)."""
@@ -256,7 +260,8 @@ class Dispatcher:
     def revoked(self, wid: int, gid: int, given_back: bool) -> None:
         """The worker answers a REVOKE, or gives back a job sent ahead that it was told to ABORT."""
         worker = self.workers[wid]
-        self.slots.answered(worker, gid)
+        swap = self.slots.answered(worker, gid)
+        self.slots.heard(worker)
         job = next((j for j in worker.jobs if j.gid == gid), None)
         if given_back:
             # The worker knows best: even the job we took for its running one
@@ -266,6 +271,12 @@ class Dispatcher:
             self._leave(worker, job)
             job.attempts -= 1
             self._requeue(job)
+            client = job.client
+            if swap and client is not None and not client.paused:
+                # Its place goes to the client's most urgent job, on the turn it gave back.
+                picked = self._pick(client)
+                if picked is not None:
+                    self._assign(*picked)
         elif job is not None:
             job.pinned = True             # it started: asking again cannot get it back
         self.slots.file(worker)
@@ -296,8 +307,16 @@ class Dispatcher:
 
     def expire(self) -> None:
         """Fails jobs that no connected worker could run for longer than
-        ``unplaceable_timeout`` (the master calls this every second or so)."""
+        ``unplaceable_timeout``, and takes held jobs from workers that let
+        a REVOKE go unanswered for ``revoke_timeout`` (the master calls this
+        every second or so, more often for a short ``revoke_timeout``)."""
         self.unplaceable.expire(self.clients.values(), self._fail_unplaceable)
+        for worker in self.slots.overdue(self.clock()):
+            job = self.slots.forsake(worker)
+            if job is not None:
+                job.attempts -= 1     # it may never have started there
+                self._requeue(job)
+        self._pump()
 
     def status(self) -> dict:
         return report.status(self)
@@ -334,9 +353,18 @@ class Dispatcher:
         job.attempts += 1
         worker.take(job, self._new_gid())   # not before: queued jobs carry no id of their own (B5 counts bytes)
         self.slots.file(worker)
+        if client.held is not None:
+            self.outrank.sent_ahead(job)
         if env is not None:
             outbox.append((worker.wid, frames.encode_job_env(job.gid, env)))
         outbox.append((worker.wid, frames.encode_job(job.gid, cid, job.timeout, job.payload)))
+
+    def _ask_back(self, held, swap: bool) -> None:
+        """REVOKE of ``held``, a (worker, job sent ahead) or None."""
+        if held is not None:
+            worker, job = held
+            self.slots.ask(worker, job, self.clock(), swap)
+            self.outbox.append((worker.wid, frames.encode_revoke(job.gid)))
 
     def _leave(self, worker: WorkerRecord, job: Job) -> None:
         """``job`` is no longer at ``worker``, which starts the next one, if any."""
@@ -400,7 +428,7 @@ class Dispatcher:
             self._assign(*picked)
             turns.served(client)
         if not turns:
-            for donor in slots.steal():
+            for donor in slots.steal(self.clock()):
                 self.outbox.append((donor.wid, frames.encode_revoke(donor.revoking)))
         for client in blocked:
             turns.add(client)
