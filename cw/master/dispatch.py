@@ -61,9 +61,9 @@ from cw import settings
 from cw.errors import ProtocolError
 from cw.master import report
 from cw.master.fairshare import FairShare
+from cw.master.outrank import Outrank
 from cw.master.placement import Placement
 from cw.master.records import DONE, QUEUED, RUNNING, ClientRecord, Job, JobQueue, WorkerRecord
-from cw.master.outrank import Outrank
 from cw.master.slots import Slots
 from cw.master.unplaceable import Unplaceable
 from cw.wire import frames

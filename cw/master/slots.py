@@ -121,15 +121,13 @@ class Slots:
         gid = worker.revoking
         self.answered(worker)
         jobs = worker.jobs
-        for i, job in enumerate(jobs):
-            if job.gid == gid:
-                break
-        else:
+        job = next((j for j in jobs if j.gid == gid), None)
+        if job is None:
             return None
         stand_in = Job(None, job.jobid, None, 1, 0.0, 0, job.queue)   # client None: its outcome is dropped
         stand_in.gid, stand_in.worker, stand_in.state = gid, worker, job.state
         stand_in.pinned = True        # never asked again: the one REVOKE out for it stands
-        jobs[i] = stand_in
+        jobs[jobs.index(job)] = stand_in
         job.worker = None
         self.stalled.add(worker.wid)
         self.file(worker)
