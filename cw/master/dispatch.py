@@ -208,7 +208,7 @@ class Dispatcher:
         self.turns.add(client)
         if self.slots.idle or self.slots.spare:
             self._pump()
-        if priority != client.floor and job.state == QUEUED:
+        if priority != client.floor:
             self._ask_back(self.outrank.submitted(client, job), swap=True)
 
     def set_limit(self, tag: str, limit: int | None) -> None:
@@ -271,15 +271,13 @@ class Dispatcher:
             self._leave(worker, job)
             job.attempts -= 1
             self._requeue(job)
-            client = job.client
-            if swap and client is not None and not client.paused:
-                # Its place goes to the client's most urgent job, on the turn it gave back.
-                picked = self._pick(client)
-                if picked is not None:
-                    self._assign(*picked)
         elif job is not None:
             job.pinned = True             # it started: asking again cannot get it back
         self.slots.file(worker)
+        if swap and given_back and job.client is not None and not job.client.paused:
+            picked = self._pick(job.client)   # its place: the client's most urgent job, on the turn it gave back
+            if picked is not None:
+                self._assign(*picked)
         self._pump()
 
     def lend(self, wid: int) -> None:

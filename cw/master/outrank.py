@@ -22,7 +22,7 @@ that grows past what the workers could hold is swept.
 """
 from __future__ import annotations
 
-from cw.master.records import AHEAD, ClientRecord, Job, WorkerRecord
+from cw.master.records import AHEAD, QUEUED, ClientRecord, Job, WorkerRecord
 from cw.master.slots import Slots
 
 
@@ -42,7 +42,7 @@ class Outrank:
             return None
         if client.held is None:
             self._watch(client)
-        if job.queue is not client.plain or client.paused:
+        if job.state != QUEUED or job.queue is not client.plain or client.paused:
             return None               # only plain jobs are sent ahead, so only they can take a held one's place
         return self._victim(client, job.priority)
 
