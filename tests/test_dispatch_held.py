@@ -293,6 +293,32 @@ def test_the_frozen_worker_gets_no_job_until_it_answers():
     assert d.status()["workers"][0]["held"] == 1
 
 
+def test_with_three_slots_the_frozen_worker_gets_no_job_into_its_free_slot():
+    """slots=3: W1 runs job 1 and holds job 3, a slot still free; W2 falls idle and asks for job 3.  W1
+    lets the REVOKE go unanswered: job 3 goes to W2, and new jobs go to W2 only, though W1 has room."""
+    clock = Clock()
+    d = Dispatcher(slots=3, clock=clock, revoke_timeout=3.0)
+    client(d, C1)
+    worker(d, W1)
+    worker(d, W2)
+    run = Workers(d, answer=False)
+    for jobid in (1, 2, 3):
+        submit(d, C1, jobid)
+    run.collect()
+    assert {wid: [k for _, k in jobs] for wid, jobs in run.at.items()} == {W1: [(C1, 1), (C1, 3)], W2: [(C1, 2)]}
+    run.finish(W2)
+    assert run.revokes == [(W1, (C1, 3))]
+    clock.now += 3.1
+    d.expire()
+    for jobid in (4, 5, 6):
+        submit(d, C1, jobid)
+    run.collect()
+    assert [k for _, k in run.at[W1]] == [(C1, 1), (C1, 3)]
+    assert [k for _, k in run.at[W2]] == [(C1, 3), (C1, 4), (C1, 5)]
+    run.answer_revokes()                 # it thaws and gives job 3 back: job 6 takes the room
+    assert [k for _, k in run.at[W1]] == [(C1, 1), (C1, 6)]
+
+
 @pytest.mark.parametrize("order", ["late_first", "rerun_first"])
 def test_a_late_start_on_the_thawed_worker_is_dropped_and_the_client_gets_one_result(order):
     """W1 thaws after the timeout and had started job 2 anyway (REVOKED(2, False), then its output and
