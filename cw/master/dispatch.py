@@ -10,28 +10,23 @@ tuple.  Tests drive it with plain calls and read the outbox, no sockets.
 Its only clock is the one it is given.
 
 Rules kept here:
-- Fair share: idle workers take jobs from the clients in turn.  Each client
-  has a virtual clock that advances by 1/weight per job it is given; the
-  client with the earliest clock goes next, so one client's 100,000 queued
-  jobs do not starve another's ten, and a client of weight 2 gets twice the
-  share of one of weight 1.  A client that comes back after a pause starts
-  at the current clock, not with credit for the time it was away.
+- Fair share: idle workers take jobs from the clients in turn, by weight
+  (cw.master.fairshare), so one client's 100,000 queued jobs do not starve
+  another's ten.
 - Within a client, higher priority first, FIFO among equal priorities.
-- A job may ask for resources (CPUs, memory, GPUs, any named amount), carry
-  a tag whose running jobs are limited cluster-wide, or name the workers it
-  may run on.  Such a job goes first-fit to an idle worker whose machine has
-  the resources free, and never more than a machine offers.  Jobs that ask
-  nothing need one CPU: the worker process they run in.  A job that cannot
-  fit now keeps one machine for itself (nothing new starts there) until it
-  fits, so small jobs cannot starve it; other jobs of its client that do
-  fit go meanwhile.  A job that no connected machine could ever run waits,
-  with a notice to its client, and fails after ``unplaceable_timeout``.
-- A worker is sent up to ``slots`` jobs (default 2): the one it runs and the
-  next, sent ahead, so it never waits a round trip between jobs.  Only jobs
-  that ask for nothing more are sent ahead like that.  A worker that falls
-  idle while another has a job sent ahead takes that job over (REVOKE, then
-  REVOKED gives it back), so a job never waits behind a long one while a
-  worker is free.
+- A job may ask for resources, carry a tag whose running jobs are limited
+  cluster-wide, or name the workers it may run on: it goes first-fit to an
+  idle worker whose machine has room, never beyond what a machine offers,
+  and one that cannot fit now keeps a machine for itself until it fits
+  (cw.master.placement).  One that no connected machine could ever run
+  fails after ``unplaceable_timeout`` (cw.master.unplaceable).
+- A worker is sent up to ``slots`` jobs (default 2): the one it runs and
+  the next, sent ahead (only jobs that ask for nothing more).  A job sent
+  ahead is asked back (REVOKE) for a worker that falls idle, or for a more
+  urgent job of its client, which takes its place without using a turn
+  (cw.master.outrank): no job waits behind a long one while a worker is
+  free, and jobs start in priority order.  A REVOKE unanswered for
+  ``revoke_timeout`` costs the worker the job (cw.master.slots).
 - A job that waits for jobs it submitted lends its worker (LEND): the
   worker counts as free and runs other jobs meanwhile, until it says
   RECLAIM.  So trees of jobs far deeper than the cluster is wide complete.
@@ -208,8 +203,8 @@ class Dispatcher:
         self.turns.add(client)
         if self.slots.idle or self.slots.spare:
             self._pump()
-        if priority != client.floor:
-            self._ask_back(self.outrank.submitted(client, job), swap=True)
+        if priority != client.floor:       # rare: most clients submit at one priority
+            self.outbox += self.outrank.submitted(client, job, self.clock())
 
     def set_limit(self, tag: str, limit: int | None) -> None:
         """At most ``limit`` jobs tagged ``tag`` run at once (None: no limit)."""
@@ -261,7 +256,6 @@ class Dispatcher:
         """The worker answers a REVOKE, or gives back a job sent ahead that it was told to ABORT."""
         worker = self.workers[wid]
         swap = self.slots.answered(worker, gid)
-        self.slots.heard(worker)
         job = next((j for j in worker.jobs if j.gid == gid), None)
         if given_back:
             # The worker knows best: even the job we took for its running one
@@ -299,21 +293,13 @@ class Dispatcher:
         worker.lent -= 1
         self.slots.file(worker)
 
-    @property
-    def unplaceable_timeout(self) -> float:
-        return self.unplaceable.timeout
-
     def expire(self) -> None:
-        """Fails jobs that no connected worker could run for longer than
-        ``unplaceable_timeout``, and takes held jobs from workers that let
-        a REVOKE go unanswered for ``revoke_timeout`` (the master calls this
-        every second or so, more often for a short ``revoke_timeout``)."""
+        """Fails jobs no connected worker could run for ``unplaceable_timeout``;
+        takes held jobs whose REVOKE is overdue (the master calls this often)."""
         self.unplaceable.expire(self.clients.values(), self._fail_unplaceable)
-        for worker in self.slots.overdue(self.clock()):
-            job = self.slots.forsake(worker)
-            if job is not None:
-                job.attempts -= 1     # it may never have started there
-                self._requeue(job)
+        for job in self.slots.forsake_overdue(self.clock()):
+            job.attempts -= 1         # it may never have started there
+            self._requeue(job)
         self._pump()
 
     def status(self) -> dict:
@@ -356,13 +342,6 @@ class Dispatcher:
         if env is not None:
             outbox.append((worker.wid, frames.encode_job_env(job.gid, env)))
         outbox.append((worker.wid, frames.encode_job(job.gid, cid, job.timeout, job.payload)))
-
-    def _ask_back(self, held, swap: bool) -> None:
-        """REVOKE of ``held``, a (worker, job sent ahead) or None."""
-        if held is not None:
-            worker, job = held
-            self.slots.ask(worker, job, self.clock(), swap)
-            self.outbox.append((worker.wid, frames.encode_revoke(job.gid)))
 
     def _leave(self, worker: WorkerRecord, job: Job) -> None:
         """``job`` is no longer at ``worker``, which starts the next one, if any."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from cw.master.records import AHEAD, QUEUED, ClientRecord, Job, WorkerRecord
 from cw.master.slots import Slots
+from cw.wire import frames
 
 
 class Outrank:
@@ -31,20 +32,26 @@ class Outrank:
         self.workers = workers        # the dispatcher's own dict
         self.slots = slots
 
-    def submitted(self, client: ClientRecord, job: Job) -> tuple[WorkerRecord, Job] | None:
+    def submitted(self, client: ClientRecord, job: Job, now: float) -> list:
         """``job``'s priority is not its client's floor (the dispatcher
-        checks that first, so the usual submit costs one comparison): returns
-        a held job of the client that it outranks, and its worker, if any."""
+        checks that first, so the usual submit costs one comparison): asks
+        back the least urgent held job of the client below it, if any (a
+        swap).  Returns what to send: [(worker id, REVOKE)] or []."""
         if client.floor is None or job.priority < client.floor:
             if client.floor is not None and client.held is None:
                 self._watch(client)
             client.floor = job.priority
-            return None
+            return []
         if client.held is None:
             self._watch(client)
         if job.state != QUEUED or job.queue is not client.plain or client.paused:
-            return None               # only plain jobs are sent ahead, so only they can take a held one's place
-        return self._victim(client, job.priority)
+            return []                 # only plain jobs are sent ahead, so only they can take a held one's place
+        found = self._victim(client, job.priority)
+        if found is None:
+            return []
+        worker, held = found
+        self.slots.ask(worker, held, now, swap=True)
+        return [(worker.wid, frames.encode_revoke(held.gid))]
 
     def sent_ahead(self, job: Job) -> None:
         """``job``, of a client whose held jobs are indexed, went to a worker (maybe ahead)."""

@@ -115,7 +115,7 @@ class Master:
         often enough that either comes at most a quarter late."""
         d = self.dispatcher
         while True:
-            await asyncio.sleep(min(1.0, d.unplaceable_timeout / 4, d.slots.revoke_timeout / 4))
+            await asyncio.sleep(min(1.0, d.unplaceable.timeout / 4, d.slots.revoke_timeout / 4))
             self.dispatcher.expire()
             self.flush()
 

@@ -80,8 +80,12 @@ class Slots:
         return asked
 
     def answered(self, worker: WorkerRecord, gid: int | None = None) -> bool:
-        """The worker answered our REVOKE (``gid``), or left or is taken not
-        to answer (None): it is no longer asked.  True if it was a swap."""
+        """The worker answered a REVOKE (``gid``), or left or is taken not
+        to answer (None): it is no longer asked.  True if it was a swap.
+        A worker that answers any REVOKE is not frozen: it may take jobs
+        again (the caller files it)."""
+        if gid is not None:
+            self.stalled.discard(worker.wid)
         if worker.revoking is None or (gid is not None and worker.revoking != gid):
             return False
         worker.revoking = None
@@ -98,21 +102,16 @@ class Slots:
         self.answered(worker)
         self.stalled.discard(worker.wid)
 
-    def heard(self, worker: WorkerRecord) -> None:
-        """The worker answered a REVOKE, so it is not frozen: it may take jobs again."""
-        if worker.wid in self.stalled:
-            self.stalled.discard(worker.wid)
-            self.file(worker)
-
-    def overdue(self, now: float) -> list[WorkerRecord]:
-        """Workers whose REVOKE went unanswered past its deadline.  Deadlines
-        grow in the order asked (one timeout, one clock): only the oldest are looked at."""
+    def forsake_overdue(self, now: float) -> list[Job]:
+        """The held jobs whose REVOKE went unanswered past its deadline, out
+        of their workers' books (the caller requeues them).  Deadlines grow in
+        the order asked (one timeout, one clock): only the oldest are looked at."""
         late = []
         for wid, deadline in self.asked.items():
             if deadline > now:
                 break
             late.append(self.workers[wid])
-        return late
+        return [job for job in map(self.forsake, late) if job is not None]
 
     def forsake(self, worker: WorkerRecord) -> Job | None:
         """The worker never answered the REVOKE of its held job: returns the
