@@ -405,7 +405,7 @@ class Dispatcher:
             self._assign(*picked)
             turns.served(client)
         if not turns:
-            for donor in slots.steal(self.clock()):
+            for donor in slots.steal(self.clock):
                 self.outbox.append((donor.wid, frames.encode_revoke(donor.revoking)))
         for client in blocked:
             turns.add(client)

@@ -66,12 +66,13 @@ class Slots:
         self.asked[worker.wid] = now + self.revoke_timeout
         self.file(worker)
 
-    def steal(self, now: float) -> list[WorkerRecord]:
+    def steal(self, clock) -> list[WorkerRecord]:
         """Workers to ask for their last job sent ahead (they are marked as
         asked), one per idle worker that could run it and is not yet served."""
         if not self.donors or len(self.idle) <= self.revokes:
-            return []
+            return []           # the usual case, before reading the clock
         asked = []
+        now = clock()
         takers = sum(1 for wid in self.idle if self.placement.can_take_plain(self.workers[wid]))
         while self.donors and takers > self.revokes:
             donor = self.workers[next(iter(self.donors))]
