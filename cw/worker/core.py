@@ -34,8 +34,9 @@ Rules kept here:
   (Exit REPLACE: a thread cannot be stopped); of a job that finished, or that
   this worker never had, nothing.
 - A job that waits on jobs it submitted lends the worker: LEND, and the
-  token goes on as when a job ends (Run the queue's head on a free runner;
-  a runner is kept free for the next job, spawned if none is).  When its
+  token goes on as when a job ends (to a job whose wait is over, else the
+  queue's head on a free runner; when it stays free, a runner is kept free
+  for the next job, spawned if none is).  When its
   wait is over it takes the token back at once if free, else as soon as the
   job holding it ends or lends; either way RECLAIM is sent when it does,
   so the master sees the outcome of the job that ran meanwhile before the
@@ -334,7 +335,7 @@ class WorkerCore:
         self.holder = None
         self.outbox.append(protocol.LEND_FRAME)
         actions = self._pass_token()
-        if not self.free:          # a runner for the next job to come, as the lender's is taken
+        if self.holder is None and not self.free:   # a runner for the next job, the lender's being taken
             spare = self._spawn()
             self.free.append(spare)
             actions.append(Spawn(spare))
