@@ -43,10 +43,13 @@ Rules kept here:
   RECLAIM, and the LEND before the outcome of any job run under the loan.
   No lending while draining or after the connection is lost (the job then
   simply waits, holding the token).
-- A job's end sends its OUTPUT (if it printed) and OUTCOME, then passes the
-  token on.  An outcome that views memory the next job may change
-  (``snapshot``) keeps the token until the shell says it was sent (Flush,
-  then ``sent``).
+- A job's end puts its OUTPUT (if it printed) and OUTCOME in the outbox;
+  the job keeps the token until the shell has handed them to the
+  connection (Flush, then ``sent``).  So an outcome that views memory the
+  next job may change is on its way before that job starts (the shell
+  waits until it is sent), and a JOB read meanwhile queues: a burst of jobs
+  runs back to back on one runner, not each on the reader with a thread
+  woken to take the reading over.
 - A job running past its timeout (the shell tells ``deadline``) gets a
   JobTimeout OUTCOME, and the process exits (Exit REPLACE) after sending it.
 - Drain (first SIGTERM, or the supervisor's SIGUSR1; idempotent): every
@@ -65,12 +68,12 @@ Rules kept here:
 - After Exit or End the core does nothing: every event returns [].
 
 API.  Events from the master (the reader calls them): ``receive(ftype,
-body)`` decodes a frame and calls one of ``job``, ``job_env``, ``context``,
-``ping``, ``revoke``, ``abort``, or ``closed`` (for ERROR); ``closed(why)``
-when the connection ends.  Local events: ``start()`` (the session begins),
-``finished(runner, gid, status, data, printed, snapshot)``, ``sent(runner,
-gid)``, ``lend(runner, gid)``, ``wait_over(runner, gid)``, ``drain()``,
-``sigterm()``, ``deadline(gid)``.  Each returns a list of actions (below);
+body)`` decodes a frame (``decode``) and calls one of ``job``, ``job_env``,
+``context``, ``ping``, ``revoke``, ``abort``, or ``closed`` (for ERROR);
+``closed(why)`` when the connection ends.  Local events: ``start()`` (the session begins),
+``finished(runner, gid, status, data, printed)``, ``sent(runner, gid)``,
+``lend(runner, gid)``, ``wait_over(runner, gid)``, ``drain()``, ``sigterm()``,
+``deadline(gid)``.  Each returns a list of actions (below);
 the caller's own next task, if any, is among them.  Frames to send
 accumulate in ``outbox`` (a deque: the shell may pop from it while events
 append); ``jobs`` maps the gids of started jobs to their ``Job``.
@@ -136,7 +139,8 @@ class Resume(NamedTuple):
 
 
 class Flush(NamedTuple):
-    """The runner waits until everything in the outbox has been sent, then calls ``sent``."""
+    """The runner sends the outbox (and waits until its job's outcome is
+    on the wire if it views memory the next job could change), then calls ``sent``."""
     runner: int
     gid: int
 
@@ -167,6 +171,28 @@ class End(NamedTuple):
     """The session is over: drained (the process exits) or not (the
     connection was lost: connect again)."""
     drained: bool
+
+
+def decode(ftype: int, body) -> tuple:
+    """A frame from the master as ``(event, args)``: ``event(core, *args)``
+    feeds it to a core.  (Pure, so a shell can decode before it takes the
+    lock it holds around its core.)  Raises ProtocolError for a frame a
+    worker cannot get or cannot decode (the shell then calls ``closed``)."""
+    if ftype == protocol.JOB:
+        return WorkerCore.job, protocol.decode_job(body)
+    if ftype == protocol.JOB_ENV:
+        return WorkerCore.job_env, protocol.decode_job_env(body)
+    if ftype == protocol.CONTEXT:
+        return WorkerCore.context, protocol.decode_context_for_worker(body)
+    if ftype == protocol.PING:
+        return WorkerCore.ping, ()
+    if ftype == protocol.REVOKE:
+        return WorkerCore.revoke, (protocol.decode_revoke(body),)
+    if ftype == protocol.ABORT:
+        return WorkerCore.abort, (protocol.decode_abort(body),)
+    if ftype == protocol.ERROR:
+        return WorkerCore.closed, ("the master closed our connection: " + bytes(body).decode("utf-8", "replace"),)
+    raise ProtocolError(f"the master sent an unexpected {protocol.FRAME_NAMES.get(ftype, ftype)} frame")
 
 
 class WorkerCore:
@@ -207,23 +233,9 @@ class WorkerCore:
     # --- frames from the master ------------------------------------------------
 
     def receive(self, ftype: int, body) -> list:
-        """One frame from the master.  Raises ProtocolError for a frame a worker
-        cannot get or cannot decode (the shell then calls ``closed``)."""
-        if ftype == protocol.JOB:
-            return self.job(*protocol.decode_job(body))
-        if ftype == protocol.JOB_ENV:
-            return self.job_env(*protocol.decode_job_env(body))
-        if ftype == protocol.CONTEXT:
-            return self.context(*protocol.decode_context_for_worker(body))
-        if ftype == protocol.PING:
-            return self.ping()
-        if ftype == protocol.REVOKE:
-            return self.revoke(protocol.decode_revoke(body))
-        if ftype == protocol.ABORT:
-            return self.abort(protocol.decode_abort(body))
-        if ftype == protocol.ERROR:
-            return self.closed("the master closed our connection: " + bytes(body).decode("utf-8", "replace"))
-        raise ProtocolError(f"the master sent an unexpected {protocol.FRAME_NAMES.get(ftype, ftype)} frame")
+        """One frame from the master (see ``decode``)."""
+        event, args = decode(ftype, body)
+        return event(self, *args)
 
     def job(self, gid: int, ctx: int, timeout: float, payload) -> list:
         if self.over or self.lost:
@@ -303,24 +315,20 @@ class WorkerCore:
 
     # --- local events ------------------------------------------------------------
 
-    def finished(self, runner: int, gid: int, status: int, data, printed: str = "", snapshot: bool = False) -> list:
+    def finished(self, runner: int, gid: int, status: int, data, printed: str = "") -> list:
         """The job ``gid`` that ``runner`` ran ended: ``status`` and ``data`` are its
-        outcome, ``printed`` its output.  ``snapshot``: the outcome views memory
-        that the next job might change, so the token stays until it was sent."""
+        outcome, ``printed`` its output.  The runner is to send them (Flush)."""
         if self.over:
             return []
-        job = self.jobs[gid]
         if not self.lost:
             if printed:
                 self.outbox.append(protocol.encode_output(gid, printed))
             self.outbox.append(protocol.encode_outcome(gid, status, data))
-            if snapshot:
-                job.state = SENDING
-                return [Flush(runner, gid)]
-        return self._release(runner, gid)
+        self.jobs[gid].state = SENDING
+        return [Flush(runner, gid)]
 
     def sent(self, runner: int, gid: int) -> list:
-        """The outcome of ``gid``, kept back by ``finished(snapshot=True)``, has been sent."""
+        """The outcome of ``gid`` (see ``finished``) went to the connection."""
         if self.over:
             return []
         return self._release(runner, gid)

@@ -8,12 +8,12 @@ its exit channel, see cw.worker.channel).
 reads frames, runs payloads in its threads, captures their output, sends
 what the core puts in its outbox and does what the core says::
 
-    master --frames--> reader thread --events--> WorkerCore --outbox--> link --> master
-                          ^                        |    ^
-                          |  Read / Run / Resume /  |    | finished, lend,
-                          +---- Idle / Stop -------+    | wait_over, drain
-                                                        |
-    runner threads (one runs a job at a time) ---------+
+    reader (one runner at a time) --frames-------->  +------------+
+    runners: finished, lend, wait_over ----------->  | WorkerCore | --outbox--> link --> master
+    signals, timers: drain, sigterm, deadline ---->  +------------+
+                                                           |
+        actions, to the runners named: Read, Run, Resume, Idle, Stop;
+        to the shell: Spawn (a thread), Pong, Exit (the process), End (the session)
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from cw.wire.payload import run_payload, views_writable_memory  # (an import per
 from cw.worker import channel, output
 from cw.worker.channel import EXIT_CONFIG, EXIT_NO_MASTER, EXIT_NOW, EXIT_REPLACE, ExitChannel
 from cw.worker.context import ContextSwitcher
-from cw.worker.core import End, Exit, Flush, Pong, Read, Resume, Run, Spawn, Stop, WorkerCore
+from cw.worker.core import End, Exit, Pong, Read, Resume, Run, Spawn, Stop, WorkerCore, decode
 from cw.worker.nested import NestedJobHooks, enable_nested_jobs
 
 __all__ = ["NestedJobHooks", "Session", "SignalRelay", "master_resolver", "run_worker"]
@@ -215,8 +215,9 @@ class Session:
                 if item is None:
                     why = f"the master at {link.address} closed the connection"
                     break
+                event, args = decode(*item)
                 with lock:
-                    actions = core.receive(*item)
+                    actions = event(core, *args)
                     mine = self._act(actions, me.id) if actions else None
                 self._after(direct=False)
                 if mine is not None:
@@ -252,13 +253,14 @@ class Session:
             for future in local.children:
                 future.cancel()
             local.job = local.children = None
-        task = self._call(self.core.finished, me.id, gid, status, data, printed, views_writable_memory(data),
-                          me=me.id)
-        if type(task) is Flush:      # the next job may change what this one returned: send it first
+        with self.lock:
+            self._act(self.core.finished(me.id, gid, status, data, printed), me.id)   # Flush
+        if views_writable_memory(data):   # the next job may change what this one returned: send it first
             self._send_all()
             self.link.flush(timeout=None)
-            task = self._call(self.core.sent, me.id, gid, me=me.id)
-        return task
+        else:
+            self._send()
+        return self._call(self.core.sent, me.id, gid, me=me.id)
 
     # --- nested jobs (see NestedJobHooks) ----------------------------------------------
 
