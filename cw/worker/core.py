@@ -36,9 +36,9 @@ Rules kept here:
 - A job that waits on jobs it submitted lends the worker: LEND, and the
   token goes on as when a job ends (to a job whose wait is over, else the
   queue's head on a free runner; when it stays free, a runner is kept free
-  for the next job, spawned if none is).  When its
-  wait is over it takes the token back at once if free, else as soon as the
-  job holding it ends or lends; either way RECLAIM is sent when it does,
+  for the next job, spawned if none is).  When its wait is over it takes
+  the token back at once if free, else as soon as the job holding it ends
+  or lends; either way RECLAIM is sent when it does,
   so the master sees the outcome of the job that ran meanwhile before the
   RECLAIM, and the LEND before the outcome of any job run under the loan.
   No lending while draining or after the connection is lost (the job then
@@ -65,28 +65,33 @@ Rules kept here:
   are dropped (the master re-runs them), nothing more is sent, free runners
   stop, jobs started run to their end (a waiting job still gets the token
   back), and the session ends when none is left (End, not drained).
-- After Exit or End the core does nothing: every event returns [].
+- After Exit or End the core does nothing: every event returns [] (but
+  ``closed`` still stops the reader).
 
-API.  Events from the master (the reader calls them): ``receive(ftype,
+API.  Events from the master, which the reader calls: ``receive(ftype,
 body)`` decodes a frame (``decode``) and calls one of ``job``, ``job_env``,
 ``context``, ``ping``, ``revoke``, ``abort``, or ``closed`` (for ERROR);
-``closed(why)`` when the connection ends.  Local events: ``start()`` (the session begins),
-``finished(runner, gid, status, data, printed)``, ``sent(runner, gid)``,
-``lend(runner, gid)``, ``wait_over(runner, gid)``, ``drain()``, ``sigterm()``,
-``deadline(gid)``.  Each returns a list of actions (below);
-the caller's own next task, if any, is among them.  Frames to send
-accumulate in ``outbox`` (a deque: the shell may pop from it while events
-append); ``jobs`` maps the gids of started jobs to their ``Job``.
+``closed(why)`` when the connection ends.  Local events: ``start()`` (the
+session begins), ``finished(runner, gid, status, data, printed)``,
+``sent(runner, gid)``, ``lend(runner, gid)``, ``wait_over(runner, gid)``,
+``drain()``, ``sigterm()``, ``deadline(gid)``.  Each returns a list of
+actions (cw.worker.actions); the caller's own next task, if any, is among
+them.  Frames to send accumulate in ``outbox``, a deque the shell may pop
+from while events append; ``jobs`` maps the gids of started jobs to their
+``Job``.
 """
 from __future__ import annotations
 
 from collections import deque
-from typing import NamedTuple
 
 from cw.errors import JobTimeout, ProtocolError
 from cw.wire import protocol
 from cw.wire.payload import error_outcome
+from cw.worker.actions import End, Exit, Flush, Idle, Pong, Read, Resume, Run, Spawn, Stop
 from cw.worker.channel import ExitChannel
+
+__all__ = ["End", "Exit", "Flush", "Idle", "Job", "Pong", "Read", "Resume", "Run", "Spawn", "Stop", "WorkerCore",
+           "decode"]
 
 RUNNING = "running"    # holds the token
 WAITING = "waiting"    # lent the worker; waits on jobs it submitted
@@ -112,65 +117,6 @@ class Job:
 
     def __repr__(self) -> str:
         return f"Job({self.gid}, {self.state or 'queued'})"
-
-
-# --- actions -----------------------------------------------------------------
-
-class Spawn(NamedTuple):
-    """Start a thread for a new runner; it is free until a task names it."""
-    runner: int
-
-
-class Read(NamedTuple):
-    """The runner takes the reading role."""
-    runner: int
-
-
-class Run(NamedTuple):
-    """The runner runs the job (it has started; arm its timeout, if any)."""
-    runner: int
-    job: Job
-
-
-class Resume(NamedTuple):
-    """The job that waited on its children goes on, on its own runner."""
-    runner: int
-    gid: int
-
-
-class Flush(NamedTuple):
-    """The runner sends the outbox (and waits until its job's outcome is
-    on the wire if it views memory the next job could change), then calls ``sent``."""
-    runner: int
-    gid: int
-
-
-class Idle(NamedTuple):
-    """The runner waits for its next task."""
-    runner: int
-
-
-class Stop(NamedTuple):
-    """The runner's thread ends."""
-    runner: int
-
-
-class Pong(NamedTuple):
-    """Answer a PING now, unordered with other frames: a PONG must not wait
-    behind a backlog of outcomes (their bytes show the master we live)."""
-
-
-class Exit(NamedTuple):
-    """Send what the outbox holds, then end the process.  ``reason`` is an
-    ExitChannel reason (REPLACE or STOPPED); ``why`` is for the log."""
-    reason: str
-    why: str
-
-
-class End(NamedTuple):
-    """The session is over: drained (the process exits) or not (the
-    connection was lost: connect again)."""
-    drained: bool
 
 
 def decode(ftype: int, body) -> tuple:
@@ -245,7 +191,7 @@ class WorkerCore:
             self.outbox.append(protocol.encode_revoked(gid, True))
             return []
         job = Job(gid, ctx, timeout, payload, env, self.contexts.get(ctx))
-        if self.holder is not None or self.queue:
+        if self.holder is not None:        # (while the token is free, nothing is queued)
             self.queue.append(job)
             return []
         # Nothing holds the token: the reader runs the job itself, and a free
