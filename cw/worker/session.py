@@ -285,8 +285,7 @@ class Session:
         concurrent.futures.wait([future], timeout)
         task = self._call(self.core.wait_over, me.id, job.gid, me=me.id)
         while type(task) is not Resume:
-            task = me.wait()           # until the job holding the token ends or lends
-        self._after()                  # RECLAIM
+            task = me.wait()           # until the job holding the token ends or lends (and sends RECLAIM)
         self.contexts.enter(job.context, local.env)
 
     def signal(self, event: str) -> None:
@@ -312,6 +311,8 @@ class SignalRelay:
 
     def on_sigterm(self, signum, frame) -> None:
         """First SIGTERM: drain.  Second: exit now; the master re-runs the job."""
+        if self.session is None and self.draining:   # a second one before the process ended
+            channel.exit_now(ExitChannel.STOPPED, EXIT_NOW)
         self._forward("sigterm")
 
     def on_drain(self, signum, frame) -> None:
@@ -322,8 +323,8 @@ class SignalRelay:
     def _forward(self, event: str) -> None:
         session = self.session
         if session is None:
-            if self.draining:          # a second signal before the process ended
-                channel.exit_now(ExitChannel.STOPPED, EXIT_NOW)
+            if self.draining:
+                return                 # the process is on its way out
             self.draining = True
             channel.exit_channel.say(ExitChannel.DRAINED)
             raise SystemExit(0)        # not connected: nothing to finish
