@@ -18,8 +18,9 @@ import selectors
 import signal
 import sys
 
-from cw.wire import protocol
+from cw.wire import frames
 from cw.wire.auth import load_secret
+from cw.wire.frames import Frame
 from cw.wire.link import open_link, peer_info
 from cw.wire.payload import run_payload
 
@@ -35,7 +36,7 @@ def raise_fd_limit(needed: int) -> None:
 
 def decode_job(body):
     """(gid, payload) of a JOB frame, whatever fields the protocol version puts between."""
-    fields = protocol.decode_job(body)
+    fields = frames.decode_job(body)
     return fields[0], fields[-1]
 
 
@@ -45,8 +46,8 @@ def main(argv=None) -> int:
     raise_fd_limit(count + 256)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     secret = load_secret()
-    pong = getattr(protocol, "PONG_FRAME", None)
-    ping = getattr(protocol, "PING", None)
+    pong = frames.PONG_FRAME
+    ping = Frame.PING
     links = []
     for _ in range(count):
         links.append(open_link(host, port, secret, peer_info("worker"), 30.0))
@@ -64,14 +65,14 @@ def main(argv=None) -> int:
             if item is None:
                 return True
             ftype, body = item
-            if ftype == protocol.JOB:
+            if ftype == Frame.JOB:
                 gid, payload = decode_job(body)
                 status, data = run_payload(payload)
-                link.send(protocol.encode_outcome(gid, status, data))
+                link.send(frames.encode_outcome(gid, status, data))
                 jobs_run += 1
             elif ping is not None and ftype == ping and pong is not None:
                 link.send(pong)
-            elif ftype == protocol.ERROR:
+            elif ftype == Frame.ERROR:
                 return False
             # CONTEXT, WELCOME, ABORT and the rest: nothing to do for no-op jobs.
 

@@ -37,7 +37,7 @@ def randid() -> int:
 _LAZY = {"allocate": "launch.local", "start": "launch.local", "stop": "launch.local", "LocalCluster": "launch.local",
          "ClusterExecutor": "client", "ClientThread": "client", "get_executor": "client",
          "command": "ops.commands", "CommandResult": "ops.commands",
-         "progress": "ops.tracking", "track": "ops.tracking", "Progress": "ops.tracking"}
+         "progress": "client.progress", "track": "client.progress", "Progress": "client.progress"}
 
 
 def __getattr__(name):

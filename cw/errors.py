@@ -29,6 +29,11 @@ class BrokenCluster(CwError, concurrent.futures.BrokenExecutor):
     """The connection to the master was lost; pending futures fail with this."""
 
 
+class HandshakeFailed(BrokenCluster):
+    """The master was reached but the handshake did not complete (it hung up,
+    timed out, or sent garbage); worth another try, unlike a wrong secret."""
+
+
 class WorkerLost(CwError):
     """A job's worker died under it on every attempt it was given."""
 
@@ -97,3 +102,11 @@ class ContainerEngineMissing(CwError, RuntimeError):
 
 class ContainerEngineError(CwError, RuntimeError):
     """The container engine failed before it could run the program (no daemon, no image...)."""
+
+
+class AddressFileError(CwError, ValueError):
+    """A master's address file exists but does not hold a master's address."""
+
+
+class SlurmError(CwError):
+    """A SLURM command failed, or the cluster could not be found."""

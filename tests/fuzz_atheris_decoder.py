@@ -1,4 +1,4 @@
-"""Coverage-guided fuzzing of cw.protocol's decoders with atheris (libFuzzer).
+"""Coverage-guided fuzzing of cw.wire.frames's decoders with atheris (libFuzzer).
 
 Optional: needs ``pip install atheris``.  Run by hand, from the repository root::
 
@@ -20,26 +20,27 @@ import atheris
 
 with atheris.instrument_imports():
     from cw.errors import ProtocolError
-    from cw.wire import protocol
+    from cw.wire import frames
+    from cw.wire.decoder import FrameDecoder
 
 # Found by name, so that new decoders are fuzzed too; each takes the body alone.
-DECODERS = [getattr(protocol, name) for name in sorted(dir(protocol))
-            if name.startswith("decode_") and callable(getattr(protocol, name))]
+DECODERS = [getattr(frames, name) for name in sorted(dir(frames))
+            if name.startswith("decode_") and callable(getattr(frames, name))]
 
 
 def reference_frames(stream: bytes, max_frame: int):
     """The frames a plain reading of the format finds; and whether a length was too big."""
-    frames, pos = [], 0
-    while len(stream) - pos >= protocol.HEADER_SIZE:
-        length, ftype = protocol.HEADER.unpack_from(stream, pos)
+    found, pos = [], 0
+    while len(stream) - pos >= frames.HEADER_SIZE:
+        length, kind = frames.HEADER.unpack_from(stream, pos)
         if length > max_frame:
-            return frames, True
-        if len(stream) - pos - protocol.HEADER_SIZE < length:
+            return found, True
+        if len(stream) - pos - frames.HEADER_SIZE < length:
             break
-        start = pos + protocol.HEADER_SIZE
-        frames.append((ftype, stream[start:start + length]))
+        start = pos + frames.HEADER_SIZE
+        found.append((kind, stream[start:start + length]))
         pos = start + length
-    return frames, False
+    return found, False
 
 
 def decode_everything(body: bytes) -> None:
@@ -58,7 +59,7 @@ def test_one_input(data: bytes) -> None:
         chunks.append(fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 64)))
     stream = b"".join(chunks)
 
-    decoder = protocol.FrameDecoder(max_frame)
+    decoder = FrameDecoder(max_frame)
     got, refused = [], False
     try:
         for chunk in chunks:

@@ -54,6 +54,6 @@ def import_value(module):
 
 
 def installed_here():
-    """What this worker process installed (cw.ops.install.installed), and its pid."""
-    import cw.ops.install
-    return [list(p) for p in cw.ops.install.installed], os.getpid()
+    """What this worker process installed (cw.client.install.installed), and its pid."""
+    import cw.client.install
+    return [list(p) for p in cw.client.install.installed], os.getpid()

@@ -7,27 +7,29 @@ import pytest
 
 from cw.errors import ProtocolError
 from cw.master.dispatch import DEFAULT_RETRIES, Dispatcher
-from cw.wire import protocol as p
+from cw.wire import frames
+from cw.wire.decoder import FrameDecoder
+from cw.wire.frames import Frame, Status
 
 C1, C2 = 101, 102          # client peer ids
 W1, W2, W3 = 1, 2, 3       # worker peer ids
 CTX1 = b'{"cwd":"/home/a","path":["/home/a"]}'
 
 BODY_DECODERS = {
-    p.JOB: p.decode_job,
-    p.JOB_ENV: p.decode_job_env,
-    p.CONTEXT: p.decode_context_for_worker,
-    p.RESULT: p.decode_result,
-    p.CANCELLED: p.decode_cancelled,
-    p.ABORT: p.decode_abort,
-    p.REVOKE: p.decode_revoke,
-    p.NOTICE: p.decode_notice,
+    Frame.JOB: frames.decode_job,
+    Frame.JOB_ENV: frames.decode_job_env,
+    Frame.CONTEXT: frames.decode_context_for_worker,
+    Frame.RESULT: frames.decode_result,
+    Frame.CANCELLED: frames.decode_cancelled,
+    Frame.ABORT: frames.decode_abort,
+    Frame.REVOKE: frames.decode_revoke,
+    Frame.NOTICE: frames.decode_notice,
 }
 
 
 def drain(d):
     """Empties d.outbox; returns [(peer, frame type, decoded fields)] in order."""
-    dec = p.FrameDecoder()
+    dec = FrameDecoder()
     out = []
     for peer, f in d.outbox:
         dec.feed(b"".join(f) if isinstance(f, tuple) else f)
@@ -80,10 +82,10 @@ def test_jobs_go_to_idle_workers_in_fifo_order():
     worker(d, W1)
     worker(d, W2)
     msgs = drain(d)
-    assert [(peer, job[3]) for peer, t, job in msgs if t == p.JOB] == [(W1, payload(C1, 10)), (W2, payload(C1, 11))]
-    gid = of(msgs, p.JOB, W1)[0][0]
-    d.outcome(W1, gid, p.OK, b"r")
-    assert [job[3] for job in of(drain(d), p.JOB, W1)] == [payload(C1, 12)]
+    assert [(peer, job[3]) for peer, t, job in msgs if t == Frame.JOB] == [(W1, payload(C1, 10)), (W2, payload(C1, 11))]
+    gid = of(msgs, Frame.JOB, W1)[0][0]
+    d.outcome(W1, gid, Status.OK, b"r")
+    assert [job[3] for job in of(drain(d), Frame.JOB, W1)] == [payload(C1, 12)]
 
 
 def test_one_job_per_worker_at_a_time():
@@ -92,12 +94,12 @@ def test_one_job_per_worker_at_a_time():
     client(d, C1)
     worker(d, W1)
     submit(d, C1, 1, 2, 3)
-    jobs = of(drain(d), p.JOB)
+    jobs = of(drain(d), Frame.JOB)
     assert len(jobs) == 1
     submit(d, C1, 4)
-    assert of(drain(d), p.JOB) == []
-    d.outcome(W1, jobs[0][0], p.OK, b"")
-    assert len(of(drain(d), p.JOB)) == 1
+    assert of(drain(d), Frame.JOB) == []
+    d.outcome(W1, jobs[0][0], Status.OK, b"")
+    assert len(of(drain(d), Frame.JOB)) == 1
 
 
 def test_context_sent_once_before_first_job_of_each_client():
@@ -108,20 +110,20 @@ def test_context_sent_once_before_first_job_of_each_client():
     worker(d, W1)
     submit(d, C1, 1)
     msgs = drain(d)
-    assert [t for _, t, _ in msgs] == [p.CONTEXT, p.JOB]
-    assert of(msgs, p.CONTEXT, W1) == [(C1, json.loads(CTX1))]
-    gid, ctx, _, _ = of(msgs, p.JOB, W1)[0]
+    assert [t for _, t, _ in msgs] == [Frame.CONTEXT, Frame.JOB]
+    assert of(msgs, Frame.CONTEXT, W1) == [(C1, json.loads(CTX1))]
+    gid, ctx, _, _ = of(msgs, Frame.JOB, W1)[0]
     assert ctx == C1
-    d.outcome(W1, gid, p.OK, b"")
+    d.outcome(W1, gid, Status.OK, b"")
     submit(d, C1, 2)
     msgs = drain(d)
-    assert of(msgs, p.CONTEXT) == [] and len(of(msgs, p.JOB, W1)) == 1
-    d.outcome(W1, of(msgs, p.JOB, W1)[0][0], p.OK, b"")
+    assert of(msgs, Frame.CONTEXT) == [] and len(of(msgs, Frame.JOB, W1)) == 1
+    d.outcome(W1, of(msgs, Frame.JOB, W1)[0][0], Status.OK, b"")
     drain(d)
     submit(d, C2, 1)
     msgs = drain(d)
-    assert [t for _, t, _ in msgs] == [p.CONTEXT, p.JOB]
-    assert of(msgs, p.CONTEXT, W1) == [(C2, {})]
+    assert [t for _, t, _ in msgs] == [Frame.CONTEXT, Frame.JOB]
+    assert of(msgs, Frame.CONTEXT, W1) == [(C2, {})]
 
 
 def test_client_leaving_makes_its_workers_forget_its_context():
@@ -131,12 +133,12 @@ def test_client_leaving_makes_its_workers_forget_its_context():
     worker(d, W1)
     worker(d, W2)
     submit(d, C1, 1)
-    gid = of(drain(d), p.JOB, W1)[0][0]
-    d.outcome(W1, gid, p.OK, b"")
+    gid = of(drain(d), Frame.JOB, W1)[0][0]
+    d.outcome(W1, gid, Status.OK, b"")
     drain(d)
     d.remove_client(C1)
-    assert d.outbox == [(W1, p.encode_context_for_worker(C1, b"{}"))]
-    assert drain(d) == [(W1, p.CONTEXT, (C1, {}))]
+    assert d.outbox == [(W1, frames.encode_context_for_worker(C1, b"{}"))]
+    assert drain(d) == [(W1, Frame.CONTEXT, (C1, {}))]
 
 
 def run_one_worker(d, wid):
@@ -145,13 +147,13 @@ def run_one_worker(d, wid):
     order = []
     msgs = drain(d)
     while True:
-        jobs = of(msgs, p.JOB, wid)
+        jobs = of(msgs, Frame.JOB, wid)
         if not jobs:
             return order
         assert len(jobs) == 1
         gid, ctx, _timeout, job_payload = jobs[0]
         order.append((ctx, job_payload))
-        d.outcome(wid, gid, p.OK, b"")
+        d.outcome(wid, gid, Status.OK, b"")
         msgs = drain(d)
 
 
@@ -194,13 +196,13 @@ def test_lost_job_goes_back_to_the_head_of_its_own_clients_queue():
     worker(d, W1)
     worker(d, W2)
     submit(d, C1, 1, 2)
-    jobs = {peer: fields for peer, t, fields in drain(d) if t == p.JOB}
+    jobs = {peer: fields for peer, t, fields in drain(d) if t == Frame.JOB}
     assert jobs[W2][3] == payload(C1, 2)
     submit(d, C2, 1, 2)        # C2's turn comes before C1's next one
     submit(d, C1, 3)
     d.remove_worker(W2)
     assert drain(d) == []
-    d.outcome(W1, jobs[W1][0], p.OK, b"")
+    d.outcome(W1, jobs[W1][0], Status.OK, b"")
     order = run_one_worker(d, W1)
     assert order == [(C2, payload(C2, 1)), (C1, payload(C1, 2)), (C2, payload(C2, 2)), (C1, payload(C1, 3))]
 
@@ -213,17 +215,17 @@ def test_pause_client_holds_its_jobs_while_others_run_and_resume_releases_them()
     client(d, C2)
     worker(d, W1)
     submit(d, C1, 1, 2)
-    gid = of(drain(d), p.JOB, W1)[0][0]
+    gid = of(drain(d), Frame.JOB, W1)[0][0]
     d.pause_client(C1)
     submit(d, C2, 1, 2)
     submit(d, C1, 3)
     assert drain(d) == []
     assert {c["id"]: c["paused"] for c in d.status()["clients"]} == {C1: True, C2: False}
-    d.outcome(W1, gid, p.OK, b"")
+    d.outcome(W1, gid, Status.OK, b"")
     msgs = drain(d)
-    assert of(msgs, p.RESULT, C1) == [(1, p.OK, b"h1:101", b"")]
-    assert [(job[1], job[3]) for job in of(msgs, p.JOB, W1)] == [(C2, payload(C2, 1))]
-    d.outcome(W1, of(msgs, p.JOB, W1)[0][0], p.OK, b"")
+    assert of(msgs, Frame.RESULT, C1) == [(1, Status.OK, b"h1:101", b"")]
+    assert [(job[1], job[3]) for job in of(msgs, Frame.JOB, W1)] == [(C2, payload(C2, 1))]
+    d.outcome(W1, of(msgs, Frame.JOB, W1)[0][0], Status.OK, b"")
     assert run_one_worker(d, W1) == [(C2, payload(C2, 2))]
     assert drain(d) == [] and d.status()["queued"] == 2
     d.resume_client(C1)
@@ -240,11 +242,11 @@ def test_resume_client_with_no_idle_worker_releases_jobs_at_next_outcome():
     d.pause_client(C1)
     submit(d, C1, 1)
     submit(d, C2, 1)
-    gid = of(drain(d), p.JOB, W1)[0][0]
+    gid = of(drain(d), Frame.JOB, W1)[0][0]
     d.resume_client(C1)
     assert drain(d) == []
-    d.outcome(W1, gid, p.OK, b"")
-    assert [job[3] for job in of(drain(d), p.JOB, W1)] == [payload(C1, 1)]
+    d.outcome(W1, gid, Status.OK, b"")
+    assert [job[3] for job in of(drain(d), Frame.JOB, W1)] == [payload(C1, 1)]
 
 
 def test_paused_clients_lost_job_waits_for_resume():
@@ -253,13 +255,13 @@ def test_paused_clients_lost_job_waits_for_resume():
     client(d, C1)
     worker(d, W1)
     submit(d, C1, 1)
-    gid = of(drain(d), p.JOB, W1)[0][0]
+    gid = of(drain(d), Frame.JOB, W1)[0][0]
     d.pause_client(C1)
     d.remove_worker(W1)
     worker(d, W2)
     assert drain(d) == [] and d.status()["queued"] == 1
     d.resume_client(C1)
-    assert resent(of(drain(d), p.JOB, W2), gid) == [(C1, 0.0, payload(C1, 1))]
+    assert resent(of(drain(d), Frame.JOB, W2), gid) == [(C1, 0.0, payload(C1, 1))]
 
 
 def test_draining_worker_finishes_its_job_and_gets_no_other():
@@ -270,17 +272,17 @@ def test_draining_worker_finishes_its_job_and_gets_no_other():
     worker(d, W1)
     worker(d, W2)
     submit(d, C1, 1, 2, 3)
-    jobs = {peer: fields for peer, t, fields in drain(d) if t == p.JOB}
+    jobs = {peer: fields for peer, t, fields in drain(d) if t == Frame.JOB}
     d.drain_worker(W1)
     assert {w["id"]: w["state"] for w in d.status()["workers"]} == {W1: "draining", W2: "busy"}
-    d.outcome(W1, jobs[W1][0], p.OK, b"r")
+    d.outcome(W1, jobs[W1][0], Status.OK, b"r")
     msgs = drain(d)
-    assert of(msgs, p.RESULT, C1) == [(1, p.OK, b"h1:101", b"r")]
-    assert of(msgs, p.JOB) == []
+    assert of(msgs, Frame.RESULT, C1) == [(1, Status.OK, b"h1:101", b"r")]
+    assert of(msgs, Frame.JOB) == []
     assert d.status()["queued"] == 1
     assert {w["id"]: w["state"] for w in d.status()["workers"]} == {W1: "draining", W2: "busy"}
-    d.outcome(W2, jobs[W2][0], p.OK, b"")
-    assert [(peer, job[3]) for peer, t, job in drain(d) if t == p.JOB] == [(W2, payload(C1, 3))]
+    d.outcome(W2, jobs[W2][0], Status.OK, b"")
+    assert [(peer, job[3]) for peer, t, job in drain(d) if t == Frame.JOB] == [(W2, payload(C1, 3))]
 
 
 def test_draining_idle_worker_gets_no_job():
@@ -293,7 +295,7 @@ def test_draining_idle_worker_gets_no_job():
     assert drain(d) == []
     assert [w["state"] for w in d.status()["workers"]] == ["draining"]
     worker(d, W2)
-    assert [(peer, job[3]) for peer, t, job in drain(d) if t == p.JOB] == [(W2, payload(C1, 1))]
+    assert [(peer, job[3]) for peer, t, job in drain(d) if t == Frame.JOB] == [(W2, payload(C1, 1))]
 
 
 def test_timeout_given_at_submit_is_carried_in_the_job_frame():
@@ -304,12 +306,12 @@ def test_timeout_given_at_submit_is_carried_in_the_job_frame():
     d.submit(C1, 2, DEFAULT_RETRIES, 0.0, b"b")
     worker(d, W1)
     worker(d, W2)
-    jobs = {peer: fields for peer, t, fields in drain(d) if t == p.JOB}
+    jobs = {peer: fields for peer, t, fields in drain(d) if t == Frame.JOB}
     assert jobs[W1][1:] == (C1, 12.5, b"a")
     assert jobs[W2][1:] == (C1, 0.0, b"b")
     d.remove_worker(W1)
     worker(d, W3)
-    assert resent(of(drain(d), p.JOB, W3), jobs[W1][0]) == [(C1, 12.5, b"a")]
+    assert resent(of(drain(d), Frame.JOB, W3), jobs[W1][0]) == [(C1, 12.5, b"a")]
 
 
 # --- results -------------------------------------------------------------------
@@ -322,11 +324,11 @@ def test_result_goes_only_to_submitting_client_with_its_jobid_and_worker_label()
     label1, label2 = worker(d, W1), worker(d, W2)
     submit(d, C1, 7)
     submit(d, C2, 7)      # the same jobid in another client is another job
-    jobs = {peer: fields for peer, t, fields in drain(d) if t == p.JOB}
-    d.outcome(W2, jobs[W2][0], p.RAISED, b"boom")
-    assert drain(d) == [(C2, p.RESULT, (7, p.RAISED, label2, b"boom"))]
-    d.outcome(W1, jobs[W1][0], p.OK, b"fine")
-    assert drain(d) == [(C1, p.RESULT, (7, p.OK, label1, b"fine"))]
+    jobs = {peer: fields for peer, t, fields in drain(d) if t == Frame.JOB}
+    d.outcome(W2, jobs[W2][0], Status.RAISED, b"boom")
+    assert drain(d) == [(C2, Frame.RESULT, (7, Status.RAISED, label2, b"boom"))]
+    d.outcome(W1, jobs[W1][0], Status.OK, b"fine")
+    assert drain(d) == [(C1, Frame.RESULT, (7, Status.OK, label1, b"fine"))]
     assert label1 == b"h1:101"
 
 
@@ -336,12 +338,12 @@ def test_result_is_sent_exactly_once():
     client(d, C1)
     worker(d, W1)
     submit(d, C1, 1)
-    gid = of(drain(d), p.JOB)[0][0]
-    d.outcome(W1, gid, p.OK, b"x")
-    assert len(of(drain(d), p.RESULT, C1)) == 1
+    gid = of(drain(d), Frame.JOB)[0][0]
+    d.outcome(W1, gid, Status.OK, b"x")
+    assert len(of(drain(d), Frame.RESULT, C1)) == 1
     with pytest.raises(ProtocolError):
-        d.outcome(W1, gid, p.OK, b"x")
-    assert of(drain(d), p.RESULT) == []
+        d.outcome(W1, gid, Status.OK, b"x")
+    assert of(drain(d), Frame.RESULT) == []
 
 
 def test_outcome_for_a_job_the_worker_does_not_run_raises():
@@ -351,9 +353,9 @@ def test_outcome_for_a_job_the_worker_does_not_run_raises():
     worker(d, W1)
     worker(d, W2)
     submit(d, C1, 1, 2)
-    gid1 = of(drain(d), p.JOB, W1)[0][0]
+    gid1 = of(drain(d), Frame.JOB, W1)[0][0]
     with pytest.raises(ProtocolError):
-        d.outcome(W2, gid1, p.OK, b"")
+        d.outcome(W2, gid1, Status.OK, b"")
     assert drain(d) == []
 
 
@@ -365,13 +367,13 @@ def test_lost_worker_puts_job_back_at_head_of_queue():
     client(d, C1, CTX1)
     worker(d, W1)
     submit(d, C1, 1, 2)
-    gid = of(drain(d), p.JOB, W1)[0][0]
+    gid = of(drain(d), Frame.JOB, W1)[0][0]
     d.remove_worker(W1)
     assert drain(d) == []
     worker(d, W2)
     msgs = drain(d)
-    assert of(msgs, p.CONTEXT, W2) == [(C1, json.loads(CTX1))]
-    assert resent(of(msgs, p.JOB, W2), gid) == [(C1, 0.0, payload(C1, 1))]
+    assert of(msgs, Frame.CONTEXT, W2) == [(C1, json.loads(CTX1))]
+    assert resent(of(msgs, Frame.JOB, W2), gid) == [(C1, 0.0, payload(C1, 1))]
 
 
 def test_lost_worker_job_goes_to_idle_worker_at_once():
@@ -380,10 +382,10 @@ def test_lost_worker_job_goes_to_idle_worker_at_once():
     client(d, C1)
     worker(d, W1)
     submit(d, C1, 1)
-    gid = of(drain(d), p.JOB, W1)[0][0]
+    gid = of(drain(d), Frame.JOB, W1)[0][0]
     worker(d, W2)
     d.remove_worker(W1)
-    assert resent(of(drain(d), p.JOB, W2), gid) == [(C1, 0.0, payload(C1, 1))]
+    assert resent(of(drain(d), Frame.JOB, W2), gid) == [(C1, 0.0, payload(C1, 1))]
 
 
 @pytest.mark.parametrize("retries, attempts", [(DEFAULT_RETRIES, 3), (0, 1), (1, 2)])
@@ -394,17 +396,17 @@ def test_job_fails_lost_after_max_attempts(retries, attempts):
     submit(d, C1, 5, retries=retries)
     labels = []
     for wid in range(1, attempts + 1):
-        assert of(drain(d), p.RESULT) == []
+        assert of(drain(d), Frame.RESULT) == []
         labels.append(worker(d, wid).decode())
-        assert len(of(drain(d), p.JOB, wid)) == 1
+        assert len(of(drain(d), Frame.JOB, wid)) == 1
         d.remove_worker(wid)
     msgs = drain(d)
     assert len(msgs) == 1
     peer, ftype, (jobid, status, _label, body) = msgs[0]
-    assert (peer, ftype, jobid, status) == (C1, p.RESULT, 5, p.LOST)
+    assert (peer, ftype, jobid, status) == (C1, Frame.RESULT, 5, Status.LOST)
     assert json.loads(body) == {"attempts": attempts, "workers": labels}
     worker(d, 99)
-    assert of(drain(d), p.JOB) == []
+    assert of(drain(d), Frame.JOB) == []
     assert d.status()["queued"] == 0 and d.status()["running"] == 0
 
 
@@ -415,7 +417,7 @@ def test_dispatcher_max_attempts_is_the_default_for_submits():
     submit(d, C1, 1)
     worker(d, W1)
     d.remove_worker(W1)
-    assert [status for _, status, _, _ in of(drain(d), p.RESULT, C1)] == [p.LOST]
+    assert [status for _, status, _, _ in of(drain(d), Frame.RESULT, C1)] == [Status.LOST]
 
 
 # --- cancel -----------------------------------------------------------------
@@ -426,10 +428,10 @@ def test_cancel_queued_job_answers_true_and_never_dispatches_it():
     client(d, C1)
     submit(d, C1, 1, 2)
     d.cancel(C1, 1)
-    assert drain(d) == [(C1, p.CANCELLED, (1, True))]
+    assert drain(d) == [(C1, Frame.CANCELLED, (1, True))]
     worker(d, W1)
     worker(d, W2)
-    jobs = of(drain(d), p.JOB)
+    jobs = of(drain(d), Frame.JOB)
     assert [job[3] for job in jobs] == [payload(C1, 2)]
 
 
@@ -441,19 +443,19 @@ def test_cancel_running_job_answers_true_aborts_it_and_drops_its_outcome():
     worker(d, W1)
     worker(d, W2)
     submit(d, C1, 1, 2)
-    jobs = {peer: fields for peer, t, fields in drain(d) if t == p.JOB}
+    jobs = {peer: fields for peer, t, fields in drain(d) if t == Frame.JOB}
     gid = jobs[W1][0]
     d.cancel(C1, 1)
     msgs = drain(d)
-    assert sorted(msgs) == sorted([(C1, p.CANCELLED, (1, True)), (W1, p.ABORT, gid)])
+    assert sorted(msgs) == sorted([(C1, Frame.CANCELLED, (1, True)), (W1, Frame.ABORT, gid)])
     submit(d, C1, 3)
     assert drain(d) == []     # W1 still holds the aborted job until it reports or leaves
-    d.outcome(W1, gid, p.OK, b"r")
+    d.outcome(W1, gid, Status.OK, b"r")
     msgs = drain(d)
-    assert of(msgs, p.RESULT) == []
-    assert [job[3] for job in of(msgs, p.JOB, W1)] == [payload(C1, 3)]
-    d.outcome(W2, jobs[W2][0], p.OK, b"two")
-    assert of(drain(d), p.RESULT, C1) == [(2, p.OK, b"h2:102", b"two")]
+    assert of(msgs, Frame.RESULT) == []
+    assert [job[3] for job in of(msgs, Frame.JOB, W1)] == [payload(C1, 3)]
+    d.outcome(W2, jobs[W2][0], Status.OK, b"two")
+    assert of(drain(d), Frame.RESULT, C1) == [(2, Status.OK, b"h2:102", b"two")]
 
 
 def test_cancel_after_result_answers_false():
@@ -462,11 +464,11 @@ def test_cancel_after_result_answers_false():
     client(d, C1)
     worker(d, W1)
     submit(d, C1, 1)
-    gid = of(drain(d), p.JOB)[0][0]
-    d.outcome(W1, gid, p.OK, b"r")
+    gid = of(drain(d), Frame.JOB)[0][0]
+    d.outcome(W1, gid, Status.OK, b"r")
     drain(d)
     d.cancel(C1, 1)
-    assert drain(d) == [(C1, p.CANCELLED, (1, False))]
+    assert drain(d) == [(C1, Frame.CANCELLED, (1, False))]
 
 
 def test_cancelled_running_job_is_not_requeued_when_its_worker_dies():
@@ -493,14 +495,14 @@ def test_client_leaving_drops_queued_jobs_and_later_outcome():
     client(d, C1)
     worker(d, W1)
     submit(d, C1, 1, 2, 3)
-    gid = of(drain(d), p.JOB, W1)[0][0]
+    gid = of(drain(d), Frame.JOB, W1)[0][0]
     d.remove_client(C1)
     msgs = drain(d)
-    assert of(msgs, p.ABORT) == [gid] and of(msgs, p.ABORT, W1) == [gid]
-    d.outcome(W1, gid, p.OK, b"late")
+    assert of(msgs, Frame.ABORT) == [gid] and of(msgs, Frame.ABORT, W1) == [gid]
+    d.outcome(W1, gid, Status.OK, b"late")
     worker(d, W2)
     msgs = drain(d)
-    assert of(msgs, p.RESULT) == [] and of(msgs, p.JOB) == []
+    assert of(msgs, Frame.RESULT) == [] and of(msgs, Frame.JOB) == []
     assert d.status()["queued"] == 0 and d.status()["running"] == 0
 
 
@@ -515,16 +517,16 @@ def test_client_leaving_aborts_each_running_job_on_its_worker():
     submit(d, C1, 1)
     submit(d, C2, 1)
     submit(d, C1, 2, 3)
-    jobs = {peer: fields for peer, t, fields in drain(d) if t == p.JOB}
+    jobs = {peer: fields for peer, t, fields in drain(d) if t == Frame.JOB}
     assert {peer: fields[1] for peer, fields in jobs.items()} == {W1: C1, W2: C2, W3: C1}
     d.remove_client(C1)
     msgs = drain(d)
-    assert of(msgs, p.ABORT, W1) == [jobs[W1][0]]
-    assert of(msgs, p.ABORT, W3) == [jobs[W3][0]]
-    assert of(msgs, p.ABORT, W2) == []
+    assert of(msgs, Frame.ABORT, W1) == [jobs[W1][0]]
+    assert of(msgs, Frame.ABORT, W3) == [jobs[W3][0]]
+    assert of(msgs, Frame.ABORT, W2) == []
     assert [t for to, t, _ in msgs if to == W2] == []
-    d.outcome(W2, jobs[W2][0], p.OK, b"ok")
-    assert of(drain(d), p.RESULT, C2) == [(1, p.OK, b"h2:102", b"ok")]
+    d.outcome(W2, jobs[W2][0], Status.OK, b"ok")
+    assert of(drain(d), Frame.RESULT, C2) == [(1, Status.OK, b"h2:102", b"ok")]
 
 
 def test_client_leaving_then_worker_lost_does_not_requeue():
@@ -533,9 +535,9 @@ def test_client_leaving_then_worker_lost_does_not_requeue():
     client(d, C1)
     worker(d, W1)
     submit(d, C1, 1)
-    gid = of(drain(d), p.JOB, W1)[0][0]
+    gid = of(drain(d), Frame.JOB, W1)[0][0]
     d.remove_client(C1)
-    assert of(drain(d), p.ABORT, W1) == [gid]
+    assert of(drain(d), Frame.ABORT, W1) == [gid]
     d.remove_worker(W1)
     worker(d, W2)
     assert drain(d) == []
@@ -571,8 +573,8 @@ def test_status_counts_workers_clients_queued_running():
     clients = {c["id"]: (c["submitted"], c["done"], c["queued"], c["running"]) for c in s["clients"]}
     assert clients == {C1: (3, 0, 1, 2), C2: (1, 0, 1, 0)}
     assert s["uptime_s"] == 2.5
-    jobs = {peer: fields for peer, t, fields in drain(d) if t == p.JOB}
-    d.outcome(W1, jobs[W1][0], p.OK, b"")
+    jobs = {peer: fields for peer, t, fields in drain(d) if t == Frame.JOB}
+    d.outcome(W1, jobs[W1][0], Status.OK, b"")
     d.remove_worker(W2)
     s = d.status()
     assert (s["queued"], s["running"]) == (2, 1)
@@ -612,20 +614,20 @@ def test_status_queued_counts_through_submit_dispatch_cancel_leave_and_lost_work
     assert counts(d) == (3, 1, {C1: (1, 0), C2: (2, 0)})
     worker(d, W2)                                   # dispatches C2's job 1
     assert counts(d) == (2, 2, {C1: (1, 0), C2: (1, 1)})
-    jobs = {peer: fields for peer, t, fields in drain(d) if t == p.JOB}
-    d.outcome(W1, jobs[W1][0], p.OK, b"")           # aborted job's outcome, dropped; W1 takes C1's job 3
+    jobs = {peer: fields for peer, t, fields in drain(d) if t == Frame.JOB}
+    d.outcome(W1, jobs[W1][0], Status.OK, b"")           # aborted job's outcome, dropped; W1 takes C1's job 3
     assert counts(d) == (1, 2, {C1: (0, 1), C2: (1, 1)})
     d.remove_worker(W1)                             # C1's job 3 is re-queued
     assert counts(d) == (2, 1, {C1: (1, 0), C2: (1, 1)})
     d.remove_client(C2)                             # drops C2's job 2, aborts C2's job 1 on W2
     assert counts(d) == (1, 1, {C1: (1, 0)})
-    d.outcome(W2, jobs[W2][0], p.OK, b"")           # dropped; W2 takes C1's job 3
+    d.outcome(W2, jobs[W2][0], Status.OK, b"")           # dropped; W2 takes C1's job 3
     assert counts(d) == (0, 1, {C1: (0, 1)})
     msgs = drain(d)
-    assert [job[3] for job in of(msgs, p.JOB, W2)] == [payload(C1, 3)]
-    d.outcome(W2, of(msgs, p.JOB, W2)[0][0], p.OK, b"")
+    assert [job[3] for job in of(msgs, Frame.JOB, W2)] == [payload(C1, 3)]
+    d.outcome(W2, of(msgs, Frame.JOB, W2)[0][0], Status.OK, b"")
     assert counts(d) == (0, 0, {C1: (0, 0)})
-    assert [fields[0] for fields in of(drain(d), p.RESULT, C1)] == [3]
+    assert [fields[0] for fields in of(drain(d), Frame.RESULT, C1)] == [3]
 
 
 def test_two_clients_all_jobs_complete_each_gets_only_its_results():
@@ -642,15 +644,15 @@ def test_two_clients_all_jobs_complete_each_gets_only_its_results():
     for _ in range(100):
         msgs = drain(d)
         for peer, ftype, fields in msgs:
-            if ftype == p.RESULT:
+            if ftype == Frame.RESULT:
                 jobid, status, _, body = fields
-                assert status == p.OK and jobid not in results[peer]
+                assert status == Status.OK and jobid not in results[peer]
                 results[peer][jobid] = body
-        running = [(peer, fields) for peer, ftype, fields in msgs if ftype == p.JOB]
+        running = [(peer, fields) for peer, ftype, fields in msgs if ftype == Frame.JOB]
         if not running:
             break
         for wid, (gid, _ctx, _timeout, job_payload) in running:
-            d.outcome(wid, gid, p.OK, b"done:" + job_payload)
+            d.outcome(wid, gid, Status.OK, b"done:" + job_payload)
     for cid in (C1, C2):
         assert results[cid] == {jobid: b"done:" + payload(cid, jobid) for jobid in range(10)}
     assert d.status()["queued"] == 0 and d.status()["running"] == 0
@@ -662,12 +664,12 @@ def test_two_clients_all_jobs_complete_each_gets_only_its_results():
 
 def jobs_by_worker(msgs):
     """[(worker, client jobid)] of the JOB frames, in the order sent (payload b"payload-<cid>-<jobid>")."""
-    return [(to, int(fields[3].rsplit(b"-", 1)[1])) for to, t, fields in msgs if t == p.JOB]
+    return [(to, int(fields[3].rsplit(b"-", 1)[1])) for to, t, fields in msgs if t == Frame.JOB]
 
 
 def gids_by_jobid(msgs):
     """{client jobid: gid} of the JOB frames."""
-    return {int(fields[3].rsplit(b"-", 1)[1]): fields[0] for _, t, fields in msgs if t == p.JOB}
+    return {int(fields[3].rsplit(b"-", 1)[1]): fields[0] for _, t, fields in msgs if t == Frame.JOB}
 
 
 def test_slots_two_queued_jobs_fill_idle_workers_first_then_one_held_each():
@@ -679,7 +681,7 @@ def test_slots_two_queued_jobs_fill_idle_workers_first_then_one_held_each():
     worker(d, W2)
     d.pause_client(C1)
     submit(d, C1, 1, 2, 3, 4)
-    assert of(drain(d), p.JOB) == []
+    assert of(drain(d), Frame.JOB) == []
     d.resume_client(C1)
     msgs = drain(d)
     assert jobs_by_worker(msgs) == [(W1, 1), (W2, 2), (W1, 3), (W2, 4)]
@@ -689,11 +691,11 @@ def test_slots_two_queued_jobs_fill_idle_workers_first_then_one_held_each():
     msgs = drain(d)
     assert jobs_by_worker(msgs) == [(W3, 5), (W3, 6)]
     submit(d, C1, 7)
-    assert of(drain(d), p.JOB) == []   # every worker holds 2
-    d.outcome(W1, gids[1], p.OK, b"")  # W1 runs 3 now, with a free slot: it takes 7 as held
+    assert of(drain(d), Frame.JOB) == []   # every worker holds 2
+    d.outcome(W1, gids[1], Status.OK, b"")  # W1 runs 3 now, with a free slot: it takes 7 as held
     assert jobs_by_worker(drain(d)) == [(W1, 7)]
-    d.outcome(W2, gids[2], p.OK, b"")
-    assert of(drain(d), p.JOB) == []   # nothing queued
+    d.outcome(W2, gids[2], Status.OK, b"")
+    assert of(drain(d), Frame.JOB) == []   # nothing queued
 
 
 def test_slots_two_jobs_submitted_to_busy_workers_are_sent_as_held_jobs():
@@ -708,7 +710,7 @@ def test_slots_two_jobs_submitted_to_busy_workers_are_sent_as_held_jobs():
     submit(d, C1, 3, 4)
     assert jobs_by_worker(drain(d)) == [(W1, 3), (W2, 4)]
     submit(d, C1, 5)
-    assert of(drain(d), p.JOB) == []
+    assert of(drain(d), Frame.JOB) == []
 
 
 def test_slots_held_job_counts_as_queued_until_the_worker_reports_the_one_before():
@@ -721,17 +723,18 @@ def test_slots_held_job_counts_as_queued_until_the_worker_reports_the_one_before
     submit(d, C2, 1)
     worker(d, W1)                      # C1's 1 runs, C2's 1 is held (the clients take turns)
     msgs = drain(d)
-    assert [(fields[1], fields[3]) for fields in of(msgs, p.JOB, W1)] == [(C1, payload(C1, 1)), (C2, payload(C2, 1))]
-    gids = {(fields[1], fields[3]): fields[0] for fields in of(msgs, p.JOB, W1)}
+    jobs = [(fields[1], fields[3]) for fields in of(msgs, Frame.JOB, W1)]
+    assert jobs == [(C1, payload(C1, 1)), (C2, payload(C2, 1))]
+    gids = {(fields[1], fields[3]): fields[0] for fields in of(msgs, Frame.JOB, W1)}
     assert counts(d) == (3, 1, {C1: (2, 1), C2: (1, 0)})
     s = d.status()
     assert [(w["id"], w["state"], w["held"]) for w in s["workers"]] == [(W1, "busy", 1)]
-    d.outcome(W1, gids[(C1, payload(C1, 1))], p.OK, b"")   # C2's 1 runs, C1's 2 is held
+    d.outcome(W1, gids[(C1, payload(C1, 1))], Status.OK, b"")   # C2's 1 runs, C1's 2 is held
     msgs = drain(d)
-    assert [fields[3] for fields in of(msgs, p.JOB, W1)] == [payload(C1, 2)]
+    assert [fields[3] for fields in of(msgs, Frame.JOB, W1)] == [payload(C1, 2)]
     assert counts(d) == (2, 1, {C1: (2, 0), C2: (0, 1)})
-    d.outcome(W1, gids[(C2, payload(C2, 1))], p.OK, b"")   # C1's 2 runs, C1's 3 is held
-    assert [fields[3] for fields in of(drain(d), p.JOB, W1)] == [payload(C1, 3)]
+    d.outcome(W1, gids[(C2, payload(C2, 1))], Status.OK, b"")   # C1's 2 runs, C1's 3 is held
+    assert [fields[3] for fields in of(drain(d), Frame.JOB, W1)] == [payload(C1, 3)]
     assert counts(d) == (1, 1, {C1: (1, 1), C2: (0, 0)})
     assert [(w["state"], w["held"]) for w in d.status()["workers"]] == [("busy", 1)]
 
@@ -752,8 +755,8 @@ def test_slots_lost_worker_requeues_held_jobs_in_order_without_an_attempt(slots)
         assert jobs_by_worker(drain(d)) == [(wid, 1)] + [(wid, j) for j in held]
         d.remove_worker(wid)
     msgs = drain(d)
-    assert [(jobid, status, json.loads(body)) for jobid, status, _, body in of(msgs, p.RESULT, C1)] == [
-        (1, p.LOST, {"attempts": 2, "workers": [labels[W1], labels[W2]]})]
+    assert [(jobid, status, json.loads(body)) for jobid, status, _, body in of(msgs, Frame.RESULT, C1)] == [
+        (1, Status.LOST, {"attempts": 2, "workers": [labels[W1], labels[W2]]})]
     assert counts(d) == (5, 0, {C1: (5, 0)})
     # Job 2 was held on both dead workers: it has had no attempt yet, so it survives two more.
     for wid in (W3, 4):
@@ -761,8 +764,8 @@ def test_slots_lost_worker_requeues_held_jobs_in_order_without_an_attempt(slots)
         assert jobs_by_worker(drain(d)) == [(wid, j) for j in range(2, slots + 2)]
         d.remove_worker(wid)
     msgs = drain(d)
-    assert [(jobid, status, json.loads(body)) for jobid, status, _, body in of(msgs, p.RESULT, C1)] == [
-        (2, p.LOST, {"attempts": 2, "workers": [labels[W3], labels[4]]})]
+    assert [(jobid, status, json.loads(body)) for jobid, status, _, body in of(msgs, Frame.RESULT, C1)] == [
+        (2, Status.LOST, {"attempts": 2, "workers": [labels[W3], labels[4]]})]
     worker(d, 5)
     assert jobs_by_worker(drain(d)) == [(5, j) for j in range(3, slots + 3)]
 
@@ -778,11 +781,11 @@ def test_slots_idle_worker_steals_held_job_given_back():
     msgs = drain(d)
     assert jobs_by_worker(msgs) == [(W1, 1), (W1, 2), (W2, 3)]
     gids = gids_by_jobid(msgs)
-    assert of(msgs, p.REVOKE) == []    # W2 is not idle
-    d.outcome(W2, gids[3], p.OK, b"three")
+    assert of(msgs, Frame.REVOKE) == []    # W2 is not idle
+    d.outcome(W2, gids[3], Status.OK, b"three")
     msgs = drain(d)
-    assert of(msgs, p.RESULT, C1) == [(3, p.OK, b"h2:102", b"three")]
-    assert [(to, t, fields) for to, t, fields in msgs if t != p.RESULT] == [(W1, p.REVOKE, gids[2])]
+    assert of(msgs, Frame.RESULT, C1) == [(3, Status.OK, b"h2:102", b"three")]
+    assert [(to, t, fields) for to, t, fields in msgs if t != Frame.RESULT] == [(W1, Frame.REVOKE, gids[2])]
     # Later events send no second REVOKE while the first awaits its answer.
     client(d, C2)
     worker(d, W3)
@@ -793,15 +796,15 @@ def test_slots_idle_worker_steals_held_job_given_back():
     assert drain(d) == []
     d.revoked(W1, gids[2], True)
     msgs = drain(d)
-    assert [t for _, t, _ in msgs] == [p.JOB] and jobs_by_worker(msgs) == [(W2, 2)]
+    assert [t for _, t, _ in msgs] == [Frame.JOB] and jobs_by_worker(msgs) == [(W2, 2)]
     assert counts(d) == (0, 2, {C1: (0, 2), C2: (0, 0)})
     with pytest.raises(ProtocolError, match="not running"):
-        d.outcome(W2, gids[2], p.OK, b"two")     # the id of its first sending means nothing now
-    d.outcome(W2, gids_by_jobid(msgs)[2], p.OK, b"two")
-    d.outcome(W1, gids[1], p.OK, b"one")
+        d.outcome(W2, gids[2], Status.OK, b"two")     # the id of its first sending means nothing now
+    d.outcome(W2, gids_by_jobid(msgs)[2], Status.OK, b"two")
+    d.outcome(W1, gids[1], Status.OK, b"one")
     msgs = drain(d)
-    assert of(msgs, p.RESULT, C1) == [(2, p.OK, b"h2:102", b"two"), (1, p.OK, b"h1:101", b"one")]
-    assert of(msgs, p.REVOKE) == [] and of(msgs, p.JOB) == []
+    assert of(msgs, Frame.RESULT, C1) == [(2, Status.OK, b"h2:102", b"two"), (1, Status.OK, b"h1:101", b"one")]
+    assert of(msgs, Frame.REVOKE) == [] and of(msgs, Frame.JOB) == []
 
 
 def test_slots_steal_refused_leaves_held_job_on_its_worker():
@@ -813,16 +816,16 @@ def test_slots_steal_refused_leaves_held_job_on_its_worker():
     worker(d, W1)
     worker(d, W2)
     gids = gids_by_jobid(drain(d))
-    d.outcome(W2, gids[3], p.OK, b"three")
-    assert of(drain(d), p.REVOKE, W1) == [gids[2]]
-    d.outcome(W1, gids[1], p.OK, b"one")
+    d.outcome(W2, gids[3], Status.OK, b"three")
+    assert of(drain(d), Frame.REVOKE, W1) == [gids[2]]
+    d.outcome(W1, gids[1], Status.OK, b"one")
     d.revoked(W1, gids[2], False)
     msgs = drain(d)
-    assert of(msgs, p.RESULT, C1) == [(1, p.OK, b"h1:101", b"one")]
-    assert of(msgs, p.JOB) == [] and of(msgs, p.REVOKE) == []
+    assert of(msgs, Frame.RESULT, C1) == [(1, Status.OK, b"h1:101", b"one")]
+    assert of(msgs, Frame.JOB) == [] and of(msgs, Frame.REVOKE) == []
     assert counts(d) == (0, 1, {C1: (0, 1)})
-    d.outcome(W1, gids[2], p.OK, b"two")
-    assert of(drain(d), p.RESULT, C1) == [(2, p.OK, b"h1:101", b"two")]
+    d.outcome(W1, gids[2], Status.OK, b"two")
+    assert of(drain(d), Frame.RESULT, C1) == [(2, Status.OK, b"h1:101", b"two")]
     assert counts(d) == (0, 0, {C1: (0, 0)})
 
 
@@ -836,15 +839,15 @@ def test_slots_steal_refused_before_the_previous_outcome_arrives_is_not_asked_ag
     worker(d, W1)
     worker(d, W2)
     gids = gids_by_jobid(drain(d))
-    d.outcome(W2, gids[3], p.OK, b"three")
-    assert of(drain(d), p.REVOKE, W1) == [gids[2]]
+    d.outcome(W2, gids[3], Status.OK, b"three")
+    assert of(drain(d), Frame.REVOKE, W1) == [gids[2]]
     d.revoked(W1, gids[2], False)
-    assert of(drain(d), p.REVOKE) == []
-    d.outcome(W1, gids[1], p.OK, b"one")
-    d.outcome(W1, gids[2], p.OK, b"two")
+    assert of(drain(d), Frame.REVOKE) == []
+    d.outcome(W1, gids[1], Status.OK, b"one")
+    d.outcome(W1, gids[2], Status.OK, b"two")
     msgs = drain(d)
-    assert [fields[0] for fields in of(msgs, p.RESULT, C1)] == [1, 2]
-    assert of(msgs, p.REVOKE) == [] and of(msgs, p.JOB) == []
+    assert [fields[0] for fields in of(msgs, Frame.RESULT, C1)] == [1, 2]
+    assert of(msgs, Frame.REVOKE) == [] and of(msgs, Frame.JOB) == []
 
 
 def test_slots_cancel_held_job_aborts_it_and_the_worker_gives_it_back():
@@ -859,19 +862,19 @@ def test_slots_cancel_held_job_aborts_it_and_the_worker_gives_it_back():
     assert jobs_by_worker(msgs) == [(W1, 1), (W1, 2)]
     gids = gids_by_jobid(msgs)
     d.cancel(C1, 2)
-    assert sorted(drain(d)) == sorted([(C1, p.CANCELLED, (2, True)), (W1, p.ABORT, gids[2])])
+    assert sorted(drain(d)) == sorted([(C1, Frame.CANCELLED, (2, True)), (W1, Frame.ABORT, gids[2])])
     d.revoked(W1, gids[2], True)
     msgs = drain(d)
     assert jobs_by_worker(msgs) == [(W1, 3)]
     gids.update(gids_by_jobid(msgs))
     assert counts(d) == (1, 1, {C1: (1, 1)})   # job 3 held; job 2 is gone, not re-queued
-    d.outcome(W1, gids[1], p.OK, b"one")
-    d.outcome(W1, gids[3], p.OK, b"three")
+    d.outcome(W1, gids[1], Status.OK, b"one")
+    d.outcome(W1, gids[3], Status.OK, b"three")
     worker(d, W3)
     d.remove_worker(W1)
     msgs = drain(d)
-    assert [fields[0] for fields in of(msgs, p.RESULT, C1)] == [1, 3]
-    assert of(msgs, p.JOB) == []
+    assert [fields[0] for fields in of(msgs, Frame.RESULT, C1)] == [1, 3]
+    assert of(msgs, Frame.JOB) == []
     assert counts(d) == (0, 0, {C1: (0, 0)})
 
 
@@ -898,14 +901,14 @@ def test_slots_the_worker_may_give_back_the_job_we_took_for_its_running_one():
     worker(d, W1)
     gids = gids_by_jobid(drain(d))     # W1: [1 running, 2 held]
     worker(d, W2)                      # idle: REVOKE(2) to W1
-    assert of(drain(d), p.REVOKE, W1) == [gids[2]]
-    d.outcome(W1, gids[1], p.OK, b"")
+    assert of(drain(d), Frame.REVOKE, W1) == [gids[2]]
+    d.outcome(W1, gids[1], Status.OK, b"")
     drain(d)
     d.revoked(W1, gids[2], True)
     assert jobs_by_worker(drain(d)) == [(W2, 2)]
     d.remove_worker(W2)                # it dies running job 2: the first real attempt, and the last
-    results = of(drain(d), p.RESULT, C1)
-    assert [(r[0], r[1]) for r in results] == [(2, p.LOST)]
+    results = of(drain(d), Frame.RESULT, C1)
+    assert [(r[0], r[1]) for r in results] == [(2, Status.LOST)]
     assert json.loads(bytes(results[0][3]))["attempts"] == 1
 
 
@@ -922,23 +925,23 @@ def test_slots_one_never_sends_a_second_job_or_revoke():
     assert jobs_by_worker(msgs) == [(W1, 1), (W2, 2)]
     gids = gids_by_jobid(msgs)
     submit(d, C1, 5)
-    assert of(drain(d), p.JOB) == []
-    d.outcome(W2, gids[2], p.OK, b"")
+    assert of(drain(d), Frame.JOB) == []
+    d.outcome(W2, gids[2], Status.OK, b"")
     msgs = drain(d)
     assert jobs_by_worker(msgs) == [(W2, 3)]
     gids.update(gids_by_jobid(msgs))
-    d.outcome(W2, gids[3], p.OK, b"")
+    d.outcome(W2, gids[3], Status.OK, b"")
     msgs = drain(d)
     assert jobs_by_worker(msgs) == [(W2, 4)]
     gids.update(gids_by_jobid(msgs))
-    d.outcome(W2, gids[4], p.OK, b"")
+    d.outcome(W2, gids[4], Status.OK, b"")
     msgs = drain(d)
     assert jobs_by_worker(msgs) == [(W2, 5)]
     gids.update(gids_by_jobid(msgs))
-    d.outcome(W2, gids[5], p.OK, b"")  # W2 idle, W1 still runs 1, nothing queued
+    d.outcome(W2, gids[5], Status.OK, b"")  # W2 idle, W1 still runs 1, nothing queued
     worker(d, W3)
     msgs = drain(d)
-    assert of(msgs, p.JOB) == [] and of(msgs, p.REVOKE) == []
+    assert of(msgs, Frame.JOB) == [] and of(msgs, Frame.REVOKE) == []
     assert counts(d) == (0, 1, {C1: (0, 1)})
 
 
@@ -958,16 +961,16 @@ def test_slots_draining_worker_keeps_its_held_job_until_it_leaves():
     msgs = drain(d)
     assert jobs_by_worker(msgs) == [(W2, 3)]
     gids.update(gids_by_jobid(msgs))
-    d.outcome(W2, gids[3], p.OK, b"")
-    assert of(drain(d), p.JOB) == []
+    d.outcome(W2, gids[3], Status.OK, b"")
+    assert of(drain(d), Frame.JOB) == []
     d.remove_worker(W1)                # lost running job 1: an attempt; job 2 was only held
     msgs = drain(d)
-    assert of(msgs, p.RESULT) == []
+    assert of(msgs, Frame.RESULT) == []
     assert jobs_by_worker(msgs) == [(W2, 1), (W2, 2)]
     gids.update(gids_by_jobid(msgs))
-    d.outcome(W2, gids[1], p.OK, b"")
-    d.outcome(W2, gids[2], p.OK, b"two")
-    assert of(drain(d), p.RESULT, C1) == [(1, p.OK, b"h2:102", b""), (2, p.OK, b"h2:102", b"two")]
+    d.outcome(W2, gids[1], Status.OK, b"")
+    d.outcome(W2, gids[2], Status.OK, b"two")
+    assert of(drain(d), Frame.RESULT, C1) == [(1, Status.OK, b"h2:102", b""), (2, Status.OK, b"h2:102", b"two")]
 
 
 def test_slots_draining_worker_gets_no_job_into_its_free_slot():
@@ -980,10 +983,10 @@ def test_slots_draining_worker_gets_no_job_into_its_free_slot():
     gids = gids_by_jobid(drain(d))
     assert sorted(gids) == [1, 2]
     d.drain_worker(W1)
-    d.outcome(W1, gids[1], p.OK, b"one")
+    d.outcome(W1, gids[1], Status.OK, b"one")
     msgs = drain(d)
-    assert of(msgs, p.RESULT, C1) == [(1, p.OK, b"h1:101", b"one")]
-    assert of(msgs, p.JOB) == []
+    assert of(msgs, Frame.RESULT, C1) == [(1, Status.OK, b"h1:101", b"one")]
+    assert of(msgs, Frame.JOB) == []
     worker(d, W2)
     assert jobs_by_worker(drain(d)) == [(W2, 3)]
 
@@ -997,15 +1000,15 @@ def test_slots_draining_worker_leaving_after_its_last_outcome_requeues_held_job_
     worker(d, W1)
     gids = gids_by_jobid(drain(d))
     d.drain_worker(W1)
-    d.outcome(W1, gids[1], p.OK, b"one")
+    d.outcome(W1, gids[1], Status.OK, b"one")
     msgs = drain(d)
-    assert of(msgs, p.RESULT, C1) == [(1, p.OK, b"h1:101", b"one")]
-    assert of(msgs, p.JOB) == []
+    assert of(msgs, Frame.RESULT, C1) == [(1, Status.OK, b"h1:101", b"one")]
+    assert of(msgs, Frame.JOB) == []
     d.remove_worker(W1)
     assert drain(d) == []
     assert counts(d) == (1, 0, {C1: (1, 0)})
     worker(d, W2)
     msgs = drain(d)
     assert jobs_by_worker(msgs) == [(W2, 2)]
-    d.outcome(W2, gids_by_jobid(msgs)[2], p.OK, b"two")
-    assert of(drain(d), p.RESULT, C1) == [(2, p.OK, b"h2:102", b"two")]
+    d.outcome(W2, gids_by_jobid(msgs)[2], Status.OK, b"two")
+    assert of(drain(d), Frame.RESULT, C1) == [(2, Status.OK, b"h2:102", b"two")]

@@ -13,7 +13,8 @@ from test_dispatch import drain, of, payload  # the same outbox decoding
 
 from cw.errors import ProtocolError
 from cw.master.dispatch import DEFAULT_RETRIES, Dispatcher
-from cw.wire import protocol as p
+from cw.wire import options as job_options
+from cw.wire.frames import Frame, Status
 
 C1, C2, C3 = 101, 102, 103       # client peer ids
 W1, W2, W3, W4, W5 = 1, 2, 3, 4, 5   # worker peer ids
@@ -39,17 +40,17 @@ def who(job_payload):
 
 def sent(msgs):
     """[(worker, cid, jobid)] of the JOB frames, in the order sent."""
-    return [(to, *who(fields[3])) for to, t, fields in msgs if t == p.JOB]
+    return [(to, *who(fields[3])) for to, t, fields in msgs if t == Frame.JOB]
 
 
 def gids(msgs):
     """{(cid, jobid): gid} of the JOB frames."""
-    return {who(fields[3]): fields[0] for _, t, fields in msgs if t == p.JOB}
+    return {who(fields[3]): fields[0] for _, t, fields in msgs if t == Frame.JOB}
 
 
 def envs(msgs):
     """{gid: env} of the JOB_ENV frames."""
-    return dict(of(msgs, p.JOB_ENV))
+    return dict(of(msgs, Frame.JOB_ENV))
 
 
 def client(d, cid, weight=None):
@@ -74,7 +75,7 @@ def options(resources=None, tag=None, workers=None):
         raw["tag"] = tag
     if workers is not None:
         raw["workers"] = list(workers)
-    return p.check_options(raw) or None
+    return job_options.check_submitted(raw) or None
 
 
 def submit(d, cid, *jobids, priority=0, retries=DEFAULT_RETRIES, resources=None, tag=None, workers=None):
@@ -101,15 +102,15 @@ class Run:
         msgs = drain(self.d)
         by_gid = envs(msgs)
         for to, t, fields in msgs:
-            if t == p.JOB:
+            if t == Frame.JOB:
                 key = who(fields[3])
                 self.order.append((to, *key))
                 self.gid[key] = fields[0]
                 self.env[key] = by_gid.get(fields[0])
                 self.at.setdefault(to, deque()).append(key)
-            elif t == p.RESULT:
+            elif t == Frame.RESULT:
                 self.results.append((to, fields[0], fields[1]))
-            elif t == p.NOTICE:
+            elif t == Frame.NOTICE:
                 self.notices.append((to, fields[0]))
         return msgs
 
@@ -117,7 +118,7 @@ class Run:
         jobs = self.at.get(wid)
         return jobs[0] if jobs else None
 
-    def finish(self, wid, key=None, status=p.OK):
+    def finish(self, wid, key=None, status=Status.OK):
         """Worker wid reports its running job (or the job ``key`` it runs while lent)."""
         jobs = self.at[wid]
         key = jobs[0] if key is None else key
@@ -372,9 +373,9 @@ def test_job_env_comes_just_before_its_job_with_cpus_and_memory():
     submit(d, C1, 1, resources={"cpu": 3, "mem": 1536 * (1 << 20)})
     submit(d, C1, 2)
     msgs = drain(d)
-    assert [(to, t) for to, t, _ in msgs] == [(W1, p.CONTEXT), (W1, p.JOB_ENV), (W1, p.JOB),
-                                              (W2, p.CONTEXT), (W2, p.JOB)]
-    (gid, env), = of(msgs, p.JOB_ENV)
+    assert [(to, t) for to, t, _ in msgs] == [(W1, Frame.CONTEXT), (W1, Frame.JOB_ENV), (W1, Frame.JOB),
+                                              (W2, Frame.CONTEXT), (W2, Frame.JOB)]
+    (gid, env), = of(msgs, Frame.JOB_ENV)
     assert gid == gids(msgs)[(C1, 1)]
     assert env == {"CW_JOB_CPUS": "3", "CW_JOB_MEM": str(1536 * (1 << 20))}
 
@@ -561,9 +562,9 @@ def test_unplaceable_job_gets_one_notice_per_kind_is_listed_waiting_and_fails_af
     clock.now += 1
     d.expire()
     msgs = run.collect()
-    results = of(msgs, p.RESULT, C1)
+    results = of(msgs, Frame.RESULT, C1)
     assert sorted((jobid, status) for jobid, status, _, _ in results) == [
-        (1, p.UNPLACEABLE), (2, p.UNPLACEABLE), (3, p.UNPLACEABLE)]
+        (1, Status.UNPLACEABLE), (2, Status.UNPLACEABLE), (3, Status.UNPLACEABLE)]
     for jobid, _, _, body in results:
         info = json.loads(bytes(body))
         assert info["waited"] == 30.0
@@ -572,7 +573,7 @@ def test_unplaceable_job_gets_one_notice_per_kind_is_listed_waiting_and_fails_af
     assert d.status()["queued"] == 0
     assert status_clients(d)[C1]["failed"] == 3
     run.finish(W1)
-    assert [(jobid, status) for _, jobid, status in run.results[-1:]] == [(4, p.OK)]
+    assert [(jobid, status) for _, jobid, status in run.results[-1:]] == [(4, Status.OK)]
 
 
 def test_notice_text_says_what_the_job_needs_and_what_is_offered():
@@ -583,8 +584,8 @@ def test_notice_text_says_what_the_job_needs_and_what_is_offered():
     worker(d, W1, resources={"cpu": 4})
     submit(d, C1, 7, resources={"cpu": 16})
     msgs = drain(d)
-    assert [(to, t) for to, t, _ in msgs] == [(C1, p.NOTICE)]
-    (jobid, text), = of(msgs, p.NOTICE)
+    assert [(to, t) for to, t, _ in msgs] == [(C1, Frame.NOTICE)]
+    (jobid, text), = of(msgs, Frame.NOTICE)
     assert jobid == 7 and "cpu=16" in text and "cpu=4" in text and "12" in text
 
 
@@ -606,7 +607,7 @@ def test_unplaceable_job_runs_if_a_worker_that_fits_joins_before_the_timeout():
     run.collect()
     assert run.results == []
     run.finish(W2)
-    assert run.results == [(C1, 1, p.OK)]
+    assert run.results == [(C1, 1, Status.OK)]
 
 
 def test_job_that_fits_a_busy_worker_gets_no_notice_and_never_expires():
@@ -807,14 +808,14 @@ def test_job_pinned_to_workers_that_left_gets_a_notice_and_fails_unplaceable():
     d.remove_worker(W3)
     submit(d, C1, 1, workers=[W2, W3])
     msgs = drain(d)
-    (jobid, text), = of(msgs, p.NOTICE, C1)
+    (jobid, text), = of(msgs, Frame.NOTICE, C1)
     assert jobid == 1 and "2" in text and "3" in text
-    assert of(msgs, p.JOB) == []
+    assert of(msgs, Frame.JOB) == []
     assert [w["count"] for w in d.status()["waiting"]] == [1]
     clock.now += 10
     d.expire()
-    (result,) = of(drain(d), p.RESULT, C1)
-    assert result[:2] == (1, p.UNPLACEABLE)
+    (result,) = of(drain(d), Frame.RESULT, C1)
+    assert result[:2] == (1, Status.UNPLACEABLE)
     assert json.loads(bytes(result[3]))["waited"] == 10.0
 
 
@@ -864,7 +865,7 @@ def test_lent_worker_runs_a_second_plain_job_whose_outcome_is_accepted():
     run.collect()
     assert run.order[1:] == [(W1, C2, 1)]
     msgs = run.finish(W1, (C2, 1))
-    assert of(msgs, p.RESULT, C2) == [(1, p.OK, label, b"")]
+    assert of(msgs, Frame.RESULT, C2) == [(1, Status.OK, label, b"")]
     assert run.order[2:] == [(W1, C2, 2)]
     run.finish(W1, (C2, 2))
     d.reclaim(W1)
@@ -947,7 +948,7 @@ def test_lend_with_slots_two_accepts_the_outcome_of_the_job_held_when_it_lent():
     run.finish(W1, (C1, 4))
     d.reclaim(W1)
     run.finish(W1, (C1, 1))
-    assert sorted(jobid for _, jobid, status in run.results if status == p.OK) == [1, 2, 3, 4]
+    assert sorted(jobid for _, jobid, status in run.results if status == Status.OK) == [1, 2, 3, 4]
 
 
 def test_lend_without_a_running_job_and_reclaim_without_lend_are_protocol_errors():
@@ -976,7 +977,7 @@ def test_outcome_of_a_held_job_is_refused_unless_the_worker_lent():
     submit(d, C1, 1, 2)
     run = Run(d)
     with pytest.raises(ProtocolError):
-        d.outcome(W1, run.gid[(C1, 2)], p.OK, b"")
+        d.outcome(W1, run.gid[(C1, 2)], Status.OK, b"")
 
 
 def test_worker_lost_while_lent_counts_an_attempt_for_both_running_jobs():
@@ -998,8 +999,8 @@ def test_worker_lost_while_lent_counts_an_attempt_for_both_running_jobs():
     msgs = drain(d)
     assert sorted(jobid for _, _, jobid in sent(msgs)) == [1, 2]
     d.remove_worker(W2)
-    results = of(drain(d), p.RESULT, C1)
-    assert sorted(jobid for jobid, status, _, _ in results if status == p.LOST) == [1, 2]
+    results = of(drain(d), Frame.RESULT, C1)
+    assert sorted(jobid for jobid, status, _, _ in results if status == Status.LOST) == [1, 2]
     for _, _, _, body in results:
         assert json.loads(bytes(body)) == {"attempts": 2, "workers": ["h1:101", "h2:102"]}
 
@@ -1016,8 +1017,8 @@ def test_worker_lost_while_lent_fails_the_job_it_started_meanwhile_if_it_has_no_
     d.lend(W1)
     run.collect()
     d.remove_worker(W1)
-    results = of(drain(d), p.RESULT, C1)
-    assert [(jobid, status) for jobid, status, _, _ in results] == [(2, p.LOST)]
+    results = of(drain(d), Frame.RESULT, C1)
+    assert [(jobid, status) for jobid, status, _, _ in results] == [(2, Status.LOST)]
     worker(d, W2)
     assert [jobid for _, _, jobid in sent(drain(d))] == [1]
 
@@ -1076,9 +1077,9 @@ def test_status_counts_failures_per_worker_and_client_and_throughput():
     submit(d, C2, 1)
     run = Run(d)
     clock.now += 100
-    run.finish(W1, status=p.RAISED)       # C1's 1
+    run.finish(W1, status=Status.RAISED)       # C1's 1
     run.finish(W1)                        # C2's 1
-    run.finish(W1, status=p.RAISED)       # C1's 2
+    run.finish(W1, status=Status.RAISED)       # C1's 2
     s = d.status()
     assert status_workers(d)[W1]["failures"] == 2
     assert {c["id"]: (c["done"], c["failed"]) for c in s["clients"]} == {C1: (2, 2), C2: (1, 0)}
@@ -1109,11 +1110,11 @@ def test_expire_after_every_worker_left_does_not_crash():
     client(d, C1)
     worker(d, W1)
     submit(d, C1, 1, resources={"cpu": 4})
-    assert [t for _, t, _ in drain(d)] == [p.NOTICE]
+    assert [t for _, t, _ in drain(d)] == [Frame.NOTICE]
     d.remove_worker(W1)
     clock.now += 10
     d.expire()
-    assert of(drain(d), p.RESULT, C1) == []     # no worker at all: it waits for one to start
+    assert of(drain(d), Frame.RESULT, C1) == []     # no worker at all: it waits for one to start
 
 
 def test_next_job_of_an_expired_kind_gets_a_notice_and_expires_too():
@@ -1125,13 +1126,13 @@ def test_next_job_of_an_expired_kind_gets_a_notice_and_expires_too():
     drain(d)
     clock.now += 10
     d.expire()
-    assert [f[:2] for f in of(drain(d), p.RESULT, C1)] == [(1, p.UNPLACEABLE)]
+    assert [f[:2] for f in of(drain(d), Frame.RESULT, C1)] == [(1, Status.UNPLACEABLE)]
     submit(d, C1, 2, resources={"cpu": 4})
-    assert [t for _, t, _ in drain(d)] == [p.NOTICE]
+    assert [t for _, t, _ in drain(d)] == [Frame.NOTICE]
     assert len(d.status()["waiting"]) == 1
     clock.now += 10
     d.expire()
-    assert [f[:2] for f in of(drain(d), p.RESULT, C1)] == [(2, p.UNPLACEABLE)]
+    assert [f[:2] for f in of(drain(d), Frame.RESULT, C1)] == [(2, Status.UNPLACEABLE)]
 
 
 def test_waiting_entry_goes_once_the_job_runs():
@@ -1140,7 +1141,7 @@ def test_waiting_entry_goes_once_the_job_runs():
     worker(d, W1)
     submit(d, C1, 1, resources={"cpu": 4})
     worker(d, W2, resources={"cpu": 4})
-    assert of(drain(d), p.JOB, W2)
+    assert of(drain(d), Frame.JOB, W2)
     assert d.status()["waiting"] == []
 
 
@@ -1156,7 +1157,7 @@ def test_requeued_job_whose_queue_was_recreated_is_dispatched():
     submit(d, C1, 4, resources={"cpu": 2})   # a new cpu=2 queue
     d.remove_worker(W1)                      # job 1 goes back, into the new queue
     worker(d, W3, resources={"cpu": 2})
-    assert of(drain(d), p.JOB, W3)
+    assert of(drain(d), Frame.JOB, W3)
 
 
 def test_a_lent_parents_child_runs_on_a_machine_kept_for_a_big_job():
@@ -1208,7 +1209,7 @@ def test_notice_comes_at_submit_even_while_every_worker_is_busy():
     submit(d, C1, 1)
     drain(d)
     submit(d, C1, 2, resources={"cpu": 4})
-    assert [t for _, t, _ in drain(d)] == [p.NOTICE]
+    assert [t for _, t, _ in drain(d)] == [Frame.NOTICE]
 
 
 def test_a_paused_clients_big_job_does_not_keep_a_machine():
@@ -1222,12 +1223,12 @@ def test_a_paused_clients_big_job_does_not_keep_a_machine():
     submit(d, C1, 1, resources={"cpu": 2})   # n1 kept for it
     d.pause_client(C1)
     submit(d, C2, 2)
-    assert len(of(drain(d), p.JOB)) == 1     # C2's second job goes to the idle W2
+    assert len(of(drain(d), Frame.JOB)) == 1     # C2's second job goes to the idle W2
 
 
 def test_a_fraction_of_a_gpu_is_refused_by_the_protocol():
     with pytest.raises(ProtocolError):
-        p.check_options({"resources": {"gpu": 0.5}})
+        job_options.check_submitted({"resources": {"gpu": 0.5}})
 
 
 def test_a_job_only_a_leaving_worker_could_run_is_told_at_once_even_while_the_rest_are_busy():
@@ -1240,7 +1241,7 @@ def test_a_job_only_a_leaving_worker_could_run_is_told_at_once_even_while_the_re
     submit(d, C1, 3, workers=[W2])
     drain(d)
     d.remove_worker(W2)
-    assert [t for _, t, _ in drain(d)] == [p.NOTICE]
+    assert [t for _, t, _ in drain(d)] == [Frame.NOTICE]
     clock.now += 10
     d.expire()
-    assert [f[:2] for f in of(drain(d), p.RESULT, C1)] == [(3, p.UNPLACEABLE)]
+    assert [f[:2] for f in of(drain(d), Frame.RESULT, C1)] == [(3, Status.UNPLACEABLE)]

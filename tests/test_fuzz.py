@@ -20,8 +20,10 @@ from hypothesis import strategies as st
 
 from cw.errors import AuthenticationError, BrokenCluster, ProtocolError
 from cw.launch.local import start_master
-from cw.wire import protocol
+from cw.wire import frames, handshake
 from cw.wire.auth import load_secret
+from cw.wire.decoder import FrameDecoder
+from cw.wire.frames import Frame
 from cw.wire.link import open_link, peer_info
 
 TIMEOUT = 10  # seconds; only catches a hang
@@ -57,8 +59,8 @@ ANY_TYPE = st.integers(0, 255)
 SMALL_BODY = st.binary(max_size=200)
 
 
-def frames(types=ANY_TYPE, bodies=SMALL_BODY):
-    return st.builds(protocol.frame, types, bodies)
+def some_frames(types=ANY_TYPE, bodies=SMALL_BODY):
+    return st.builds(frames.frame, types, bodies)
 
 
 def truncated(frame_strategy):
@@ -69,23 +71,23 @@ def truncated(frame_strategy):
 # the live CHALLENGE (a RESPONSE must answer this connection's nonce to look valid).
 PREAUTH_ATTACKS = st.one_of(
     st.tuples(st.just("random bytes"), st.binary(min_size=1, max_size=6000)),
-    st.tuples(st.just("random frames"), st.lists(frames(), min_size=1, max_size=4).map(b"".join)),
-    st.tuples(st.just("truncated frame"), truncated(frames(bodies=st.binary(min_size=1, max_size=200)))),
+    st.tuples(st.just("random frames"), st.lists(some_frames(), min_size=1, max_size=4).map(b"".join)),
+    st.tuples(st.just("truncated frame"), truncated(some_frames(bodies=st.binary(min_size=1, max_size=200)))),
     st.tuples(st.just("oversized length"), st.builds(
-        lambda length, ftype, rest: protocol.HEADER.pack(length, ftype) + rest,
-        st.integers(protocol.PREAUTH_MAX_FRAME + 1, 2**32 - 1), st.integers(0, 255), st.binary(max_size=100))),
+        lambda length, ftype, rest: frames.HEADER.pack(length, ftype) + rest,
+        st.integers(frames.PREAUTH_MAX_FRAME + 1, 2**32 - 1), st.integers(0, 255), st.binary(max_size=100))),
     st.tuples(st.just("RESPONSE with a random MAC"), st.builds(
-        lambda nonce, mac: protocol.frame(protocol.RESPONSE, nonce + mac),
+        lambda nonce, mac: frames.frame(Frame.RESPONSE, nonce + mac),
         st.binary(min_size=32, max_size=32), st.binary(min_size=32, max_size=32))),
     st.tuples(st.just("RESPONSE with another secret's MAC"), st.tuples(st.just("other secret"))),
     st.tuples(st.just("authenticated, then random frames"),
-              st.tuples(st.just("authenticate"), st.lists(frames(), min_size=1, max_size=3).map(b"".join))),
+              st.tuples(st.just("authenticate"), st.lists(some_frames(), min_size=1, max_size=3).map(b"".join))),
 )
 
 
 def read_until_closed(sock):
     """Frames the master sends until it closes; and how it closed."""
-    decoder = protocol.FrameDecoder(protocol.DEFAULT_MAX_FRAME)
+    decoder = FrameDecoder(frames.DEFAULT_MAX_FRAME)
     got = []
     while True:
         try:
@@ -110,7 +112,7 @@ def read_frame(sock, decoder):
 
 def first_frame_is_complete(data: bytes, max_frame: int) -> bool:
     """Whether the master has enough of ``data`` to judge it: a whole first frame, or a bad length."""
-    decoder = protocol.FrameDecoder(max_frame)
+    decoder = FrameDecoder(max_frame)
     decoder.feed(data)
     try:
         return decoder.next_frame() is not None
@@ -119,13 +121,13 @@ def first_frame_is_complete(data: bytes, max_frame: int) -> bool:
 
 
 def is_valid_hello(data: bytes) -> bool:
-    decoder = protocol.FrameDecoder(protocol.DEFAULT_MAX_FRAME)
+    decoder = FrameDecoder(frames.DEFAULT_MAX_FRAME)
     decoder.feed(data)
     item = decoder.next_frame()
-    if item is None or item[0] != protocol.HELLO:
+    if item is None or item[0] != Frame.HELLO:
         return False
     try:
-        return protocol.decode_json(item[1]).get("role") in ("client", "worker")
+        return frames.decode_json(item[1]).get("role") in ("client", "worker")
     except ProtocolError:
         return False
 
@@ -137,19 +139,19 @@ def test_a_hostile_peer_is_dropped_and_costs_the_master_nothing(fuzzed_master, a
     kind, data = attack
     secret = load_secret()
     with socket.create_connection((cluster.host, cluster.port), timeout=TIMEOUT) as sock:
-        decoder = protocol.FrameDecoder(protocol.PREAUTH_MAX_FRAME)
+        decoder = FrameDecoder(frames.PREAUTH_MAX_FRAME)
         ftype, challenge = read_frame(sock, decoder)
-        assert ftype == protocol.CHALLENGE
-        max_frame = protocol.PREAUTH_MAX_FRAME
+        assert ftype == Frame.CHALLENGE
+        max_frame = frames.PREAUTH_MAX_FRAME
         if data == ("other secret",):
-            data = protocol.peer_response(OTHER_SECRET, ftype, challenge)[1]
+            data = handshake.peer_response(OTHER_SECRET, ftype, challenge)[1]
         elif isinstance(data, tuple):  # authenticate for real, then send the frames
             data = data[1]
             assume(not is_valid_hello(data))
-            nonce, response = protocol.peer_response(secret, ftype, challenge)
+            nonce, response = handshake.peer_response(secret, ftype, challenge)
             sock.sendall(response)
-            protocol.verify_proof(secret, challenge, nonce, *read_frame(sock, decoder))
-            max_frame = protocol.DEFAULT_MAX_FRAME
+            handshake.verify_proof(secret, challenge, nonce, *read_frame(sock, decoder))
+            max_frame = frames.DEFAULT_MAX_FRAME
         judged = first_frame_is_complete(data, max_frame)
         try:
             sock.sendall(data)
@@ -160,8 +162,8 @@ def test_a_hostile_peer_is_dropped_and_costs_the_master_nothing(fuzzed_master, a
         got, how = read_until_closed(sock)  # the socket's timeout fails the test if it stays open
     event(f"{kind}: {'judged' if judged else 'partial'}, {len(got)} ERROR frame(s), {how}")
 
-    assert [f for f in got if f[0] != protocol.ERROR] == [], f"the master answered {kind} with more than ERROR"
-    if judged and len(data) <= protocol.PREAUTH_MAX_FRAME:
+    assert [f for f in got if f[0] != Frame.ERROR] == [], f"the master answered {kind} with more than ERROR"
+    if judged and len(data) <= frames.PREAUTH_MAX_FRAME:
         # It read all we sent: it says why, then closes cleanly.
         assert how == "eof" and len(got) == 1, (how, got)
         reason = got[0][1].decode()
@@ -175,32 +177,32 @@ def test_a_hostile_peer_is_dropped_and_costs_the_master_nothing(fuzzed_master, a
 
 # --- a hostile master, the client/worker side of the handshake -----------------------
 
-CHALLENGE_TYPES = st.one_of(st.sampled_from([protocol.CHALLENGE, protocol.ERROR, protocol.PROOF]),
+CHALLENGE_TYPES = st.one_of(st.sampled_from([Frame.CHALLENGE, Frame.ERROR, Frame.PROOF]),
                             st.integers(0, 255))
-PROOF_TYPES = st.one_of(st.sampled_from([protocol.PROOF, protocol.ERROR, protocol.CHALLENGE]),
+PROOF_TYPES = st.one_of(st.sampled_from([Frame.PROOF, Frame.ERROR, Frame.CHALLENGE]),
                         st.integers(0, 255))
 
 
 def near_valid_challenges():
-    version = st.one_of(st.just(protocol.VERSION), st.integers(0, 255))
-    nonce = st.binary(min_size=protocol.NONCE_SIZE, max_size=protocol.NONCE_SIZE)
+    version = st.one_of(st.just(frames.VERSION), st.integers(0, 255))
+    nonce = st.binary(min_size=handshake.NONCE_SIZE, max_size=handshake.NONCE_SIZE)
     return st.one_of(st.builds(lambda v, n: bytes([v]) + n, version, nonce), st.binary(max_size=80))
 
 
 def near_valid_proofs():
-    return st.one_of(st.binary(min_size=protocol.MAC_SIZE, max_size=protocol.MAC_SIZE), st.binary(max_size=80))
+    return st.one_of(st.binary(min_size=handshake.MAC_SIZE, max_size=handshake.MAC_SIZE), st.binary(max_size=80))
 
 
 @budget(500)
 @given(ftype=CHALLENGE_TYPES, body=near_valid_challenges())
 def test_peer_response_accepts_only_a_well_formed_challenge(ftype, body):
     try:
-        nonce, response = protocol.peer_response(load_secret(), ftype, body)
+        nonce, response = handshake.peer_response(load_secret(), ftype, body)
     except (ProtocolError, AuthenticationError):
         return
-    assert ftype == protocol.CHALLENGE and len(body) == 1 + protocol.NONCE_SIZE and body[0] == protocol.VERSION
-    header = protocol.HEADER.pack(protocol.NONCE_SIZE + protocol.MAC_SIZE, protocol.RESPONSE)
-    assert response[:protocol.HEADER_SIZE] == header
+    assert ftype == Frame.CHALLENGE and len(body) == 1 + handshake.NONCE_SIZE and body[0] == frames.VERSION
+    header = frames.HEADER.pack(handshake.NONCE_SIZE + handshake.MAC_SIZE, Frame.RESPONSE)
+    assert response[:frames.HEADER_SIZE] == header
 
 
 @budget(500)
@@ -208,19 +210,19 @@ def test_peer_response_accepts_only_a_well_formed_challenge(ftype, body):
        body=near_valid_proofs())
 def test_verify_proof_refuses_every_forged_proof(challenge, peer_nonce, ftype, body):
     with pytest.raises((ProtocolError, AuthenticationError)):
-        protocol.verify_proof(load_secret(), challenge, peer_nonce, ftype, body)
+        handshake.verify_proof(load_secret(), challenge, peer_nonce, ftype, body)
 
 
 # What a hostile master sends instead of the CHALLENGE, or after a genuine one instead of the PROOF.
 MASTER_SCRIPTS = st.one_of(
     st.tuples(st.just("challenge"), st.one_of(
         st.binary(max_size=300),
-        st.lists(frames(CHALLENGE_TYPES, near_valid_challenges()), min_size=1, max_size=3).map(b"".join),
-        truncated(frames(CHALLENGE_TYPES, near_valid_challenges())))),
+        st.lists(some_frames(CHALLENGE_TYPES, near_valid_challenges()), min_size=1, max_size=3).map(b"".join),
+        truncated(some_frames(CHALLENGE_TYPES, near_valid_challenges())))),
     st.tuples(st.just("proof"), st.one_of(
         st.binary(max_size=300),
-        st.lists(frames(PROOF_TYPES, near_valid_proofs()), min_size=1, max_size=3).map(b"".join),
-        truncated(frames(PROOF_TYPES, near_valid_proofs())))),
+        st.lists(some_frames(PROOF_TYPES, near_valid_proofs()), min_size=1, max_size=3).map(b"".join),
+        truncated(some_frames(PROOF_TYPES, near_valid_proofs())))),
 )
 
 
@@ -261,7 +263,7 @@ class HostileMaster:
         self.thread.join(2 * TIMEOUT)
         self.server.close()
         assert not self.thread.is_alive()
-        decoder = protocol.FrameDecoder(protocol.DEFAULT_MAX_FRAME)
+        decoder = FrameDecoder(frames.DEFAULT_MAX_FRAME)
         decoder.feed(bytes(self.received))
         sent = []
         while (item := decoder.next_frame()) is not None:
@@ -281,7 +283,7 @@ def test_open_link_refuses_a_hostile_master(script):
     hangs, never returns a link) and sends nothing after its RESPONSE."""
     stage, data = script
     if stage == "proof":
-        data = protocol.frame(protocol.CHALLENGE, bytes([protocol.VERSION]) + os.urandom(protocol.NONCE_SIZE)) + data
+        data = frames.frame(Frame.CHALLENGE, bytes([frames.VERSION]) + os.urandom(handshake.NONCE_SIZE)) + data
     hostile = HostileMaster(lambda conn: conn.sendall(data))
     try:
         link = connect_client(hostile.port)
@@ -292,7 +294,7 @@ def test_open_link_refuses_a_hostile_master(script):
         pytest.fail("open_link accepted a master that never proved it holds the secret")
     sent = hostile.close()
     assert hostile.client_closed
-    assert sent in ([], [protocol.RESPONSE]), f"the client sent {sent} to a master that never proved itself"
+    assert sent in ([], [Frame.RESPONSE]), f"the client sent {sent} to a master that never proved itself"
 
 
 def hang_up_at_once(conn):
@@ -302,12 +304,12 @@ def hang_up_at_once(conn):
 def hang_up_after_the_handshake(conn):
     """A master that proves itself, reads HELLO, then hangs up instead of WELCOME."""
     secret = load_secret()
-    nonce, challenge = protocol.server_challenge()
+    nonce, challenge = handshake.server_challenge()
     conn.sendall(challenge)
-    decoder = protocol.FrameDecoder(protocol.PREAUTH_MAX_FRAME)
-    conn.sendall(protocol.verify_response(secret, nonce, *read_frame(conn, decoder)))
-    decoder.max_frame = protocol.DEFAULT_MAX_FRAME
-    assert read_frame(conn, decoder)[0] == protocol.HELLO
+    decoder = FrameDecoder(frames.PREAUTH_MAX_FRAME)
+    conn.sendall(handshake.verify_response(secret, nonce, *read_frame(conn, decoder)))
+    decoder.max_frame = frames.DEFAULT_MAX_FRAME
+    assert read_frame(conn, decoder)[0] == Frame.HELLO
 
 
 @pytest.mark.parametrize("script", [hang_up_at_once, hang_up_after_the_handshake],

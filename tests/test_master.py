@@ -12,8 +12,10 @@ import jobs
 import pytest
 
 from cw.launch.local import start_master
-from cw.wire import protocol
+from cw.wire import frames, handshake
 from cw.wire.auth import load_secret
+from cw.wire.decoder import FrameDecoder
+from cw.wire.frames import Frame
 
 
 def free_port() -> int:
@@ -22,12 +24,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def raw_connect(cluster) -> tuple[socket.socket, protocol.FrameDecoder, bytes]:
+def raw_connect(cluster) -> tuple[socket.socket, FrameDecoder, bytes]:
     """A TCP connection that has read the master's challenge and nothing more."""
     sock = socket.create_connection((cluster.host, cluster.port), timeout=10)
-    decoder = protocol.FrameDecoder(protocol.PREAUTH_MAX_FRAME)
+    decoder = FrameDecoder(frames.PREAUTH_MAX_FRAME)
     ftype, body = read_frame(sock, decoder)
-    assert ftype == protocol.CHALLENGE
+    assert ftype == Frame.CHALLENGE
     return sock, decoder, body
 
 
@@ -45,7 +47,7 @@ def read_frame(sock, decoder):
 def assert_dropped(sock, decoder, reason_pattern):
     """The master answers with an ERROR frame saying why, then closes."""
     item = read_frame(sock, decoder)
-    assert item is not None and item[0] == protocol.ERROR
+    assert item is not None and item[0] == Frame.ERROR
     assert re.search(reason_pattern, item[1].decode())
     assert read_frame(sock, decoder) is None
     sock.close()
@@ -104,14 +106,14 @@ def test_random_bytes_are_dropped_with_a_log_line(logged_master):
     sock, decoder, _ = raw_connect(logged_master)
     sock.sendall(os.urandom(2000))
     item = read_frame(sock, decoder)
-    assert item is None or item[0] == protocol.ERROR
+    assert item is None or item[0] == Frame.ERROR
     assert still_serves(logged_master)
     assert "dropping peer" in logged_master.log()
 
 
 def test_oversized_length_prefix_is_refused_before_allocating(logged_master):
     sock, decoder, _ = raw_connect(logged_master)
-    sock.sendall(protocol.HEADER.pack(2**31, protocol.RESPONSE))
+    sock.sendall(frames.HEADER.pack(2**31, Frame.RESPONSE))
     assert_dropped(sock, decoder, "exceeds the limit")
     assert still_serves(logged_master)
 
@@ -124,10 +126,10 @@ def test_silent_peer_is_dropped_after_the_handshake_timeout(logged_master):
 def test_replayed_handshake_is_refused(logged_master):
     secret = load_secret()
     sock, decoder, challenge = raw_connect(logged_master)
-    nonce, response = protocol.peer_response(secret, protocol.CHALLENGE, challenge)
+    nonce, response = handshake.peer_response(secret, Frame.CHALLENGE, challenge)
     sock.sendall(response)
     ftype, body = read_frame(sock, decoder)
-    protocol.verify_proof(secret, challenge, nonce, ftype, body)  # the genuine exchange works
+    handshake.verify_proof(secret, challenge, nonce, ftype, body)  # the genuine exchange works
     sock.close()
     replay, replay_decoder, _ = raw_connect(logged_master)
     replay.sendall(response)

@@ -22,7 +22,7 @@ from conftest import wait_until
 
 from cw import settings
 from cw.client import WorkerInfo
-from cw.ops.install import InstallError, pip_command
+from cw.client.install import InstallError, pip_command
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,4 +1,4 @@
-"""cw.tracking: the plain display with an injected clock, thread safety, and
+"""cw.client.progress: the plain display with an injected clock, thread safety, and
 progress()/track() over real futures, generators and a real cluster."""
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import threading
 
 import pytest
 
-import cw.ops.tracking as progress_module
-from cw.ops.tracking import FILE_INTERVAL, TERMINAL_INTERVAL, Progress, progress, track
+import cw.client.progress as progress_module
+from cw.client.progress import FILE_INTERVAL, TERMINAL_INTERVAL, Progress, progress, track
 
 HAS_TQDM = importlib.util.find_spec("tqdm") is not None
 WAIT = 30  # seconds; only reached if something hangs

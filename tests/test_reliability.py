@@ -11,8 +11,9 @@ from conftest import wait_until
 
 from cw.errors import BrokenCluster, JobTimeout
 from cw.launch.local import start_master
-from cw.wire import protocol
+from cw.wire import frames
 from cw.wire.auth import load_secret
+from cw.wire.frames import Frame
 from cw.wire.link import open_link, peer_info
 from cw.wire.payload import dumps_call
 
@@ -170,11 +171,11 @@ def test_a_client_that_stops_reading_is_paused_and_hurts_no_one(cluster):
     link = open_link(cluster.host, cluster.port, load_secret(), peer_info("client"))
     try:
         context = {"cwd": os.getcwd(), "path": [os.path.dirname(jobs.__file__)]}
-        link.send(protocol.encode_json(protocol.CONTEXT, context))
+        link.send(frames.encode_json(Frame.CONTEXT, context))
         payload = dumps_call(big_result, (1 << 20,), {})
         before = rss_kib(cluster.master.pid)
         for jobid in range(300):      # 300 MB of results it never reads
-            link.send(protocol.encode_submit(jobid, 255, 0.0, payload))
+            link.send(frames.encode_submit(jobid, 255, 0.0, payload))
         with cluster.executor() as ex:
             def slow_client():
                 return [c for c in ex.status()["clients"] if c["submitted"] == 300]
@@ -195,7 +196,7 @@ def test_a_crowd_of_idle_and_half_open_connections_does_not_lock_out_a_client(ma
         for i in range(200):
             s = socket.create_connection((master.host, master.port))
             if i % 3 == 1:
-                s.sendall(protocol.HEADER.pack(64, protocol.RESPONSE) + b"\x00" * 10)  # a truncated frame
+                s.sendall(frames.HEADER.pack(64, Frame.RESPONSE) + b"\x00" * 10)  # a truncated frame
             elif i % 3 == 2:
                 s.shutdown(socket.SHUT_WR)                                               # half-open
             crowd.append(s)

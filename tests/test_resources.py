@@ -1,4 +1,5 @@
-"""cw.resources: reading amounts and --resources, GPU discovery, what a machine offers."""
+"""Reading amounts (cw.wire.options) and --resources, GPU discovery, what a machine offers
+(cw.worker.machine), a machine's books (cw.master.placement)."""
 from __future__ import annotations
 
 import os
@@ -6,7 +7,9 @@ import stat
 
 import pytest
 
-from cw import resources as r
+from cw.master import placement
+from cw.wire import options as r
+from cw.worker import machine as m
 
 SMI = """GPU 0: NVIDIA A100-SXM4-40GB (UUID: GPU-5a3c...)
 GPU 1: NVIDIA A100-SXM4-40GB (UUID: GPU-7b1d...)
@@ -28,12 +31,12 @@ def test_bad_amounts_are_refused_with_the_reason(bad):
 
 
 def test_worker_spec_and_its_errors():
-    assert r.parse_spec("gpu=2,mem=64G, license=3") == {"gpu": 2, "mem": 64 << 30, "license": 3}
-    assert r.parse_spec("") == {}
+    assert m.parse_spec("gpu=2,mem=64G, license=3") == {"gpu": 2, "mem": 64 << 30, "license": 3}
+    assert m.parse_spec("") == {}
     with pytest.raises(ValueError, match="NAME=AMOUNT"):
-        r.parse_spec("gpu")
+        m.parse_spec("gpu")
     with pytest.raises(ValueError, match="not valid"):
-        r.parse_spec("2gpu=1")
+        m.parse_spec("2gpu=1")
 
 
 def test_a_jobs_need_defaults_to_one_cpu_and_wants_whole_gpus():
@@ -48,10 +51,10 @@ def test_a_jobs_need_defaults_to_one_cpu_and_wants_whole_gpus():
 
 
 def test_gpu_ids_from_nvidia_smi_and_cuda_visible_devices(tmp_path):
-    assert r.parse_nvidia_smi(SMI) == ["0", "1"]
-    assert r.detect_gpus({"CUDA_VISIBLE_DEVICES": "2,3"}) == ["2", "3"]
-    assert r.detect_gpus({"CUDA_VISIBLE_DEVICES": ""}) == []
-    assert r.detect_gpus({"CUDA_VISIBLE_DEVICES": "-1"}) == []
+    assert m.parse_nvidia_smi(SMI) == ["0", "1"]
+    assert m.detect_gpus({"CUDA_VISIBLE_DEVICES": "2,3"}) == ["2", "3"]
+    assert m.detect_gpus({"CUDA_VISIBLE_DEVICES": ""}) == []
+    assert m.detect_gpus({"CUDA_VISIBLE_DEVICES": "-1"}) == []
     # A real executable named nvidia-smi on PATH (this machine has no GPU).
     smi = tmp_path / "nvidia-smi"
     smi.write_text("#!/bin/sh\n[ \"$1\" = -L ] && printf '%s' '" + SMI + "'\n")
@@ -59,21 +62,21 @@ def test_gpu_ids_from_nvidia_smi_and_cuda_visible_devices(tmp_path):
     old = os.environ["PATH"]
     os.environ["PATH"] = f"{tmp_path}:{old}"
     try:
-        assert r.detect_gpus({}) == ["0", "1"]
+        assert m.detect_gpus({}) == ["0", "1"]
     finally:
         os.environ["PATH"] = old
 
 
 def test_what_a_machine_offers():
-    offer = r.node_resources(16, {"mem": 64 << 30}, ["0", "1"], 128 << 30)
+    offer = m.node_resources(16, {"mem": 64 << 30}, ["0", "1"], 128 << 30)
     assert offer == {"resources": {"cpu": 16, "mem": 64 << 30, "gpu": 2}, "gpu_ids": ["0", "1"]}
-    assert r.node_resources(2, {}, [], 0) == {"resources": {"cpu": 2}, "gpu_ids": []}
-    assert r.node_resources(2, {"gpu": 2}, [], 0)["gpu_ids"] == ["0", "1"]      # declared, none detected
-    assert r.node_resources(2, {"gpu": 1}, ["3", "5"], 0)["gpu_ids"] == ["3"]   # fewer than detected
+    assert m.node_resources(2, {}, [], 0) == {"resources": {"cpu": 2}, "gpu_ids": []}
+    assert m.node_resources(2, {"gpu": 2}, [], 0)["gpu_ids"] == ["0", "1"]      # declared, none detected
+    assert m.node_resources(2, {"gpu": 1}, ["3", "5"], 0)["gpu_ids"] == ["3"]   # fewer than detected
 
 
 def test_node_books_never_go_over_capacity():
-    node = r.Node("n", {"cpu": 2, "gpu": 1}, ["0"])
+    node = placement.Node("n", {"cpu": 2, "gpu": 1}, ["0"])
     assert node.growth({}, {"cpu": 1}) == {"cpu": 1}
     node.take({"cpu": 2})
     assert node.growth({}, {"cpu": 1}) is None

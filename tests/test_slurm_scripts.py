@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import pytest
 
+from cw.client import discovery
+from cw.client.discovery import JobInfo, SlurmError
 from cw.launch import slurm
-from cw.launch.slurm import JobInfo, Options, SlurmError
+from cw.launch.slurm import Options
 
 
 def directives(script: str) -> list[str]:
@@ -67,17 +69,17 @@ def test_sbatch_output_without_a_job_id_is_an_error(output):
 
 def test_squeue_output_parsing():
     text = "101|cw-x-master|RUNNING|node7|None\n102_3|cw-x-workers|PENDING||Resources\n\n"
-    assert slurm.parse_squeue(text) == [JobInfo("101", "cw-x-master", "RUNNING", "node7", "None"),
+    assert discovery.parse_squeue(text) == [JobInfo("101", "cw-x-master", "RUNNING", "node7", "None"),
                                         JobInfo("102_3", "cw-x-workers", "PENDING", "", "Resources")]
     with pytest.raises(SlurmError, match="unexpected squeue line"):
-        slurm.parse_squeue("garbage line\n")
+        discovery.parse_squeue("garbage line\n")
 
 
 def test_a_stale_address_file_of_an_ended_job_is_ignored(tmp_path, monkeypatch):
     monkeypatch.setenv("CW_STATE_DIR", str(tmp_path))
-    path = slurm.address_file("old")
+    path = discovery.address_file("old")
     path.parent.mkdir(parents=True)
     path.write_text('{"host": "n1", "port": 4000, "pid": 1, "job": null}')
-    assert slurm.read_address("old") == ("n1", 4000)   # no job recorded: taken as it is
+    assert discovery.read_address("old") == ("n1", 4000)   # no job recorded: taken as it is
     path.write_text('{"host": "n1", "port": 4000')      # half a file
-    assert slurm.read_address("old") is None
+    assert discovery.read_address("old") is None

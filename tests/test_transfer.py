@@ -19,8 +19,10 @@ import pytest
 
 from bench.procinfo import hwm_kib, reset_hwm
 from cw.errors import CallUnpicklingError
-from cw.wire import payload, protocol
+from cw.wire import frames, payload
 from cw.wire.buffers import BufferPool
+from cw.wire.decoder import FrameDecoder
+from cw.wire.frames import Frame, Status
 
 MB = 1_000_000
 BIG = payload.OUT_OF_BAND_MIN
@@ -65,7 +67,7 @@ def test_a_non_contiguous_array_goes_in_band():
 
 def test_a_result_of_big_bytes_goes_out_of_band():
     status, data = payload.run_payload(payload.joined(payload.dumps_call(jobs.identity, (b"r" * BIG,), {})))
-    assert status == protocol.OK and type(data) is tuple
+    assert status == Status.OK and type(data) is tuple
     assert payload.load_outcome(status, payload.joined(data)) == (True, b"r" * BIG)
 
 
@@ -79,7 +81,7 @@ def test_a_damaged_out_of_band_payload_fails_its_job_clearly(damage):
     else:
         bad = good[:1] + (10 ** 6).to_bytes(4, "big") + good[5:]
     status, data = payload.run_payload(bad)
-    assert status == protocol.RAISED
+    assert status == Status.RAISED
     ok, exc = payload.load_outcome(status, data)
     assert not ok and isinstance(exc, CallUnpicklingError)
     assert "cannot unpickle the job" in str(exc)
@@ -130,9 +132,9 @@ def test_the_pool_gives_back_idle_buffers_and_keeps_at_most_keep_bytes():
 
 def test_the_decoder_receives_large_frames_into_reused_buffers():
     pool = BufferPool()
-    decoder = protocol.FrameDecoder(allocate=pool.get)
-    body = b"y" * (2 * protocol.LARGE_FRAME)
-    frame = protocol.frame(protocol.PING, body)
+    decoder = FrameDecoder(allocate=pool.get)
+    body = b"y" * (2 * frames.LARGE_FRAME)
+    frame = frames.frame(Frame.PING, body)
     underlying = []
     for _ in range(3):
         decoder.feed(frame[:1000])
@@ -140,7 +142,7 @@ def test_the_decoder_receives_large_frames_into_reused_buffers():
         view[:] = frame[1000:1000 + len(view)]
         decoder.direct_filled(len(view))
         ftype, got = decoder.next_frame()
-        assert ftype == protocol.PING and got == body
+        assert ftype == Frame.PING and got == body
         underlying.append(id(got.obj))
         del got, view
     assert underlying[0] == underlying[1] == underlying[2]

@@ -29,11 +29,12 @@ import itertools
 from typing import NamedTuple
 
 from cw.errors import ProtocolError
-from cw.wire import protocol
+from cw.wire import frames
+from cw.wire.frames import Frame, kind_name
 
 
 class Result(NamedTuple):
-    """A job ended: its outcome ``status`` (protocol.OK, RAISED, LOST,
+    """A job ended: its outcome ``status`` (Status.OK, RAISED, LOST,
     UNPLACEABLE), the label of the worker that ran it, its payload."""
     jobid: int
     status: int
@@ -66,7 +67,7 @@ class Closed(NamedTuple):
 
 class ClientCore:
     def __init__(self, context: dict):
-        self.context_frame = protocol.encode_json(protocol.CONTEXT, context)
+        self.context_frame = frames.encode_json(Frame.CONTEXT, context)
         self.unfinished: dict[int, object] = {}     # jobid -> its SUBMIT frame, in the order first sent
         self.limits: dict[str, int | None] = {}
         self.setups: list = []                      # SETUP frames, each sent again to a new master
@@ -82,9 +83,9 @@ class ClientCore:
                options: dict | None = None):
         """The frame that submits job ``jobid``; kept until the job ends."""
         if priority or options:
-            frame = protocol.encode_submit_with(jobid, retries, timeout, priority, options, payload)
+            frame = frames.encode_submit_with(jobid, retries, timeout, priority, options, payload)
         else:
-            frame = protocol.encode_submit(jobid, retries, timeout, payload)
+            frame = frames.encode_submit(jobid, retries, timeout, payload)
         self.unfinished[jobid] = frame
         return frame
 
@@ -96,11 +97,11 @@ class ClientCore:
         """The CANCEL frame to send, or None when the job has ended already."""
         if self.unfinished.pop(jobid, None) is None:
             return None
-        return protocol.encode_cancel(jobid)
+        return frames.encode_cancel(jobid)
 
     def limit(self, tag: str, limit: int | None) -> bytes:
         self.limits[tag] = limit
-        return protocol.encode_json(protocol.LIMIT, {"tag": tag, "limit": limit})
+        return frames.encode_json(Frame.LIMIT, {"tag": tag, "limit": limit})
 
     def setup(self, frame) -> None:
         """A sticky setup job sent to the master (kept for a new master)."""
@@ -108,35 +109,35 @@ class ClientCore:
 
     def status_request(self, reqid: int) -> bytes:
         self.status_requests.add(reqid)
-        return protocol.encode_status_request(reqid)
+        return frames.encode_status_request(reqid)
 
     # --- what the master says --------------------------------------------------
 
     def receive(self, ftype: int, body):
         """The event a frame from the master makes (None for nothing to do).
         Raises ProtocolError for a frame a master never sends a client."""
-        if ftype == protocol.RESULT:
-            result = Result(*protocol.decode_result(body))
+        if ftype == Frame.RESULT:
+            result = Result(*frames.decode_result(body))
             if self.unfinished.pop(result.jobid, None) is None:
                 return None     # cancelled meanwhile, or answered already
             return result
-        if ftype == protocol.OUTPUT:
-            output = Output(*protocol.decode_output_for_client(body))
+        if ftype == Frame.OUTPUT:
+            output = Output(*frames.decode_output_for_client(body))
             return output if output.jobid in self.unfinished else None
-        if ftype == protocol.NOTICE:
-            notice = Notice(*protocol.decode_notice(body))
+        if ftype == Frame.NOTICE:
+            notice = Notice(*frames.decode_notice(body))
             return notice if notice.jobid in self.unfinished else None
-        if ftype == protocol.STATUS:
-            reqid, status = protocol.decode_status(body)
+        if ftype == Frame.STATUS:
+            reqid, status = frames.decode_status(body)
             if reqid in self.status_requests:
                 self.status_requests.discard(reqid)
                 return StatusAnswer(reqid, status)
             return None
-        if ftype in (protocol.PING, protocol.CANCELLED):
+        if ftype in (Frame.PING, Frame.CANCELLED):
             return None          # the link answers pings; a cancelled future is done already
-        if ftype == protocol.ERROR:
+        if ftype == Frame.ERROR:
             return Closed(bytes(body).decode("utf-8", "replace"))
-        raise ProtocolError(f"the master sent an unexpected {protocol.FRAME_NAMES.get(ftype, ftype)} frame")
+        raise ProtocolError(f"the master sent an unexpected {kind_name(ftype)} frame")
 
     # --- a lost connection -------------------------------------------------------
 
@@ -148,12 +149,11 @@ class ClientCore:
     def resubmission(self) -> list:
         """Every frame a master that knows nothing of this client must get,
         in order: the context, the limits, the setups, then every unfinished job."""
-        frames = [self.context_frame]
-        frames += [protocol.encode_json(protocol.LIMIT, {"tag": tag, "limit": limit})
-                   for tag, limit in self.limits.items()]
-        frames += self.setups
-        frames += list(self.unfinished.values())
-        return frames
+        out = [self.context_frame]
+        out += [frames.encode_json(Frame.LIMIT, {"tag": tag, "limit": limit}) for tag, limit in self.limits.items()]
+        out += self.setups
+        out += list(self.unfinished.values())
+        return out
 
     def give_up(self) -> list[int]:
         """The jobs that end with the connection (no ride-through): all of them."""

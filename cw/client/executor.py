@@ -1,84 +1,41 @@
-"""Clients: ``ClusterExecutor`` (concurrent.futures) and ``ClientThread`` (callbacks).
+"""``ClusterExecutor``: a concurrent.futures executor on a cw cluster.
 
-Both hold one authenticated connection to the master.  Calls are pickled in
+It holds one authenticated connection to the master.  Calls are pickled in
 the submitting thread and sent at once; a reader thread receives results,
 unpickles them and completes the futures.  If the connection breaks, every
 pending future fails with ``BrokenCluster`` instead of waiting forever.
+
+``get_executor`` gives the executor a process shares (inside a job: one on
+the job's own cluster, see ``set_executor_factory`` and ``JobHooks``).
 """
 from __future__ import annotations
 
 import collections
 import concurrent.futures
 import itertools
-import json
 import logging
 import os
-import queue
 import sys
 import threading
 import time
-from typing import NamedTuple
 
 from cw import PORT, settings
-from cw.errors import BrokenCluster, CwError, ProtocolError, Unplaceable, WorkerLost
-from cw.master.dispatch import DEFAULT_RETRIES
-from cw.wire import buffers, protocol
+from cw.client.discovery import resolve_master
+from cw.client.everyworker import EveryWorker
+from cw.client.future import ClusterFuture, JobHooks, WorkerInfo, job_outcome
+from cw.errors import BrokenCluster, CwError, ProtocolError
+from cw.wire import buffers, frames
+from cw.wire import options as job_options
 from cw.wire.auth import load_secret
-from cw.wire.link import master_timeout, open_link, parse_address, peer_info
+from cw.wire.frames import Frame, Status, kind_name
+from cw.wire.link import master_timeout, open_link, peer_info
+from cw.wire.options import DEFAULT_RETRIES
 
 log = logging.getLogger("cw.client")
 
 DEFAULT_CONNECT_TIMEOUT = settings.CLIENT_CONNECT_TIMEOUT
 DEFAULT_MAP_WINDOW = settings.MAP_WINDOW
 STATUS_TIMEOUT = settings.STATUS_TIMEOUT
-ENV_MASTER = "CW_MASTER"
-
-
-class WorkerInfo(NamedTuple):
-    """The worker that ran a job."""
-    host: str
-    pid: int
-
-    @classmethod
-    def from_label(cls, label: bytes) -> WorkerInfo:
-        host, _, pid = label.decode("utf-8", "replace").rpartition(":")
-        return cls(host, int(pid) if pid.isdigit() else -1)
-
-
-class WorkerDescription(NamedTuple):
-    """A connected worker, as ``ClusterExecutor.workers()`` lists it.  Pass it
-    (or its ``id``) in ``workers=[...]`` to run a job on that worker."""
-    id: int
-    host: str
-    pid: int
-    node: str | None
-    resources: dict
-    state: str
-    jobs_done: int
-
-    @property
-    def info(self) -> WorkerInfo:
-        return WorkerInfo(self.host, self.pid)
-
-    def __hash__(self) -> int:      # resources is a dict: hash by the worker's id
-        return hash(self.id)
-
-
-def resolve_master(host: str | None, port: int = PORT) -> tuple[str, int]:
-    """Where the master is: the given host, else ``$CW_MASTER`` (HOST:PORT, set
-    by ``cw.allocate``), else the master of the SLURM cluster ``$CW_CLUSTER``
-    (default "default") when one has published its address, else this machine."""
-    if host:
-        return parse_address(host, port)
-    if os.environ.get(ENV_MASTER):
-        return parse_address(os.environ[ENV_MASTER], port)
-    from cw.launch import slurm
-    if slurm.address_file(os.environ.get("CW_CLUSTER") or slurm.DEFAULT_NAME).exists() and slurm.available():
-        try:
-            return slurm.master_address(port=port)
-        except LookupError:
-            pass
-    return "localhost", port
 
 
 def _check_retries(max_retries: int | None) -> int:
@@ -97,129 +54,12 @@ def _check_timeout(timeout: float | None) -> float:
     return float(timeout)
 
 
-_MAX_PRIORITY = 2 ** 31 - 1
-
-
 def scheduling_options(priority=0, resources=None, tag=None, workers=None) -> tuple[int, dict]:
     """Checks a job's scheduling options; returns (priority, SUBMIT_WITH options)."""
-    from cw.resources import PLAIN, normalize_need
-    if isinstance(priority, bool) or not isinstance(priority, int) or not -_MAX_PRIORITY <= priority <= _MAX_PRIORITY:
-        raise ValueError(f"priority must be a whole number between {-_MAX_PRIORITY} and {_MAX_PRIORITY}, "
-                         f"not {priority!r}")
-    options = {}
-    need = normalize_need(resources)
-    if need is not PLAIN:
-        options["resources"] = need
-    if tag is not None:
-        if not isinstance(tag, str) or not tag or len(tag) > 200:
-            raise ValueError(f"tag must be a non-empty string of at most 200 characters, not {tag!r}")
-        options["tag"] = tag
-    if workers is not None:
-        if isinstance(workers, (str, int, WorkerDescription)):
-            workers = [workers]
-        names = []
-        for w in workers:
-            if isinstance(w, WorkerDescription):
-                names.append(w.id)
-            elif isinstance(w, (int, str)) and not isinstance(w, bool):
-                names.append(w)
-            else:
-                raise ValueError(f"workers= takes worker ids, host names or the entries of executor.workers(), "
-                                 f"not {w!r}")
-        if not names:
-            raise ValueError("workers= is empty: the job could run nowhere")
-        options["workers"] = names
-    return priority, options
+    return job_options.job_options(priority, resources, tag, workers)
 
 
-class JobHooks:
-    """How an executor inside a running job ties the jobs it submits to that
-    job.  A worker process gives one to the executor ``get_executor()``
-    returns in its jobs (see cw.worker.session.NestedJobHooks); elsewhere
-    there is none.  Each method's default does nothing."""
-
-    def prepare(self, fn, args: tuple, kwargs: dict, priority: int) -> tuple:
-        """The call and priority to submit instead of ``fn(*args, **kwargs)``
-        at ``priority``: returns (fn, args, kwargs, priority)."""
-        return fn, args, kwargs, priority
-
-    def context_change(self) -> dict | None:
-        """The working directory and path to send before the next job
-        ({"cwd", "path"}) when they changed since the last one, else None."""
-        return None
-
-    def adopt(self, future: ClusterFuture) -> None:
-        """A future this executor made: a child of the running job."""
-
-    def wait(self, future: ClusterFuture, timeout: float | None) -> None:
-        """Called when the running job waits on ``future``, before the
-        waiting itself; returns when the future is done or after
-        ``timeout`` seconds (a worker runs other jobs meanwhile)."""
-
-
-class ClusterFuture(concurrent.futures.Future):
-    """A future for one job; ``worker`` names the worker that ran it;
-    ``notice`` says why it waits, if the master said so."""
-
-    def __init__(self, executor: ClusterExecutor, jobid: int):
-        super().__init__()
-        self.jobid = jobid
-        self.worker: WorkerInfo | None = None
-        self.notice: str | None = None
-        self.submitted_at = time.time()
-        self.finished_at: float | None = None
-        self._output = ""
-        self._executor = executor
-
-    def output(self, timeout=None) -> str:
-        """What the job printed (stdout, stderr, logging records), once it is
-        done; "" when nothing.  Bounded: see settings.MAX_JOB_OUTPUT."""
-        concurrent.futures.wait([self], timeout)
-        if not self.done():
-            raise TimeoutError(f"job {self.jobid} is not done after {timeout} s")
-        return self._output
-
-    @property
-    def state(self) -> str:
-        """"queued", "running", "done", "failed" or "cancelled".  For a job not
-        done yet this asks the master (a round trip)."""
-        if self.cancelled():
-            return "cancelled"
-        if self.done():
-            return "failed" if self.exception() is not None else "done"
-        return "running" if self.jobid in self._executor._running_jobids() else "queued"
-
-    def result(self, timeout=None):
-        return super().result(self._help(timeout))
-
-    def exception(self, timeout=None):
-        return super().exception(self._help(timeout))
-
-    def _help(self, timeout):
-        """Inside a job, waiting lends the worker (see JobHooks.wait); returns the time left."""
-        hooks = self._executor._hooks
-        if hooks is None or self.done():
-            return timeout
-        start = time.monotonic()
-        hooks.wait(self, timeout)
-        return None if timeout is None else max(0.0, timeout - (time.monotonic() - start))
-
-    def cancel(self) -> bool:
-        # Unlike a thread pool, a cw job can be withdrawn until its result is
-        # here: the master drops it from its queue, or the result is ignored.
-        with self._condition:
-            was_pending = self._state == "PENDING"
-        if not super().cancel():
-            return False
-        if was_pending:
-            # CANCELLED -> CANCELLED_AND_NOTIFIED, or wait() and as_completed()
-            # would never count this future as done.
-            self.set_running_or_notify_cancel()
-            self._executor._withdraw(self.jobid)
-        return True
-
-
-class ClusterExecutor(concurrent.futures.Executor):
+class ClusterExecutor(EveryWorker, concurrent.futures.Executor):
     """Runs calls on a cw cluster.
 
     ``host=None`` finds the master (see ``resolve_master``).  ``max_retries``
@@ -243,7 +83,7 @@ class ClusterExecutor(concurrent.futures.Executor):
         info = peer_info("client")
         info["weight"] = weight
         self._link = open_link(self.host, self.port, load_secret(), info, connect_timeout)
-        self._link.send(protocol.encode_json(protocol.CONTEXT, {"cwd": os.getcwd(), "path": sys.path}))
+        self._link.send(frames.encode_json(Frame.CONTEXT, {"cwd": os.getcwd(), "path": sys.path}))
         self._link.start_writer()
         self._lock = threading.Lock()
         self._pending: dict[int, ClusterFuture] = {}
@@ -321,11 +161,11 @@ class ClusterExecutor(concurrent.futures.Executor):
         if self._hooks is not None:
             context = self._hooks.context_change()
             if context is not None:
-                self._link.post(protocol.encode_json(protocol.CONTEXT, context))
+                self._link.post(frames.encode_json(Frame.CONTEXT, context))
         if priority or options:
-            frame = protocol.encode_submit_with(future.jobid, retries, timeout, priority, options, payload)
+            frame = frames.encode_submit_with(future.jobid, retries, timeout, priority, options, payload)
         else:
-            frame = protocol.encode_submit(future.jobid, retries, timeout, payload)
+            frame = frames.encode_submit(future.jobid, retries, timeout, payload)
         try:
             if type(payload) is tuple and _views_writable_memory(payload):
                 self._link.post_and_wait(frame, timeout=None)   # the array as it is now, not as it will be
@@ -388,7 +228,7 @@ class ClusterExecutor(concurrent.futures.Executor):
                     future.cancel()
 
         if progress:
-            from cw.ops.tracking import track
+            from cw.client.progress import track
             return track(results(), total=total)
         return results()
 
@@ -397,7 +237,7 @@ class ClusterExecutor(concurrent.futures.Executor):
             if self._pending.pop(jobid, None) is None or self._broken is not None:
                 return
         try:
-            self._link.post(protocol.encode_cancel(jobid))
+            self._link.post(frames.encode_cancel(jobid))
         except OSError:
             pass  # the reader will see the broken connection
         self._maybe_close()
@@ -413,26 +253,26 @@ class ClusterExecutor(concurrent.futures.Executor):
                     reason = "the master closed the connection"
                     break
                 ftype, body = item
-                if ftype == protocol.RESULT:
-                    self._on_result(*protocol.decode_result(body))
-                elif ftype == protocol.OUTPUT:
-                    self._on_output(*protocol.decode_output_for_client(body))
-                elif ftype == protocol.NOTICE:
-                    self._on_notice(*protocol.decode_notice(body))
-                elif ftype == protocol.PING:
+                if ftype == Frame.RESULT:
+                    self._on_result(*frames.decode_result(body))
+                elif ftype == Frame.OUTPUT:
+                    self._on_output(*frames.decode_output_for_client(body))
+                elif ftype == Frame.NOTICE:
+                    self._on_notice(*frames.decode_notice(body))
+                elif ftype == Frame.PING:
                     buffers.POOL.release_idle()   # (a PING shows the master lives; it comes every few seconds)
-                elif ftype == protocol.CANCELLED:
+                elif ftype == Frame.CANCELLED:
                     pass  # a cancelled future is done already
-                elif ftype == protocol.STATUS:
-                    reqid, status = protocol.decode_status(body)
+                elif ftype == Frame.STATUS:
+                    reqid, status = frames.decode_status(body)
                     waiter = self._status_waiters.pop(reqid, None)
                     if waiter is not None:
                         waiter.set_result(status)
-                elif ftype == protocol.ERROR:
+                elif ftype == Frame.ERROR:
                     reason = "the master dropped this client: " + bytes(body).decode("utf-8", "replace")
                     break
                 else:
-                    reason = f"the master sent an unexpected {protocol.FRAME_NAMES.get(ftype, ftype)} frame"
+                    reason = f"the master sent an unexpected {kind_name(ftype)} frame"
                     break
         except (OSError, ProtocolError) as exc:  # TimeoutError included: the master stopped answering
             reason = str(exc) or type(exc).__name__
@@ -448,23 +288,9 @@ class ClusterExecutor(concurrent.futures.Executor):
             return  # cancelled meanwhile
         future.worker = WorkerInfo.from_label(label)
         future.finished_at = time.time()
-        if status == protocol.UNPLACEABLE:
-            info = json.loads(bytes(payload))
-            ok, value = False, Unplaceable(
-                f"job {jobid} could not run: {info['reason']}, and no worker that could joined within "
-                f"{info['waited']:g} s; start workers with what it needs (python -m cw.worker --resources ...), "
-                "ask for less, or raise the master's --unplaceable-timeout")
-            future.worker = None
-        elif status == protocol.LOST:
-            info = json.loads(bytes(payload))
-            ok, value = False, WorkerLost(
-                f"job {jobid} was lost with its worker {info['attempts']} time(s) (last on "
-                f"{future.worker.host} pid {future.worker.pid}; all: {', '.join(info['workers'])}); "
-                "it may crash its worker (out of memory, segfault, os._exit): run it locally to see",
-                jobid, info["attempts"], info["workers"])
-        else:
-            from cw.wire.payload import load_outcome
-            ok, value = load_outcome(status, payload)
+        ok, value = job_outcome(jobid, status, future.worker, payload)
+        if status == Status.UNPLACEABLE:
+            future.worker = None     # it ran nowhere
         try:
             if ok:
                 future.set_result(value)
@@ -522,7 +348,7 @@ class ClusterExecutor(concurrent.futures.Executor):
                 raise BrokenCluster(self._broken)
             reqid = next(self._ids) & 0xFFFFFFFF
             self._status_waiters[reqid] = waiter
-        self._link.post(protocol.encode_status_request(reqid))
+        self._link.post(frames.encode_status_request(reqid))
         try:
             return waiter.result(timeout)
         except concurrent.futures.TimeoutError:
@@ -533,60 +359,8 @@ class ClusterExecutor(concurrent.futures.Executor):
         """At most ``limit`` jobs submitted with ``tag=tag`` run at once, across
         the cluster and every client; ``None`` lifts the limit.  The limit
         lives in the master until changed (by any client)."""
-        if not isinstance(tag, str) or not tag or len(tag) > 200:
-            raise ValueError(f"tag must be a non-empty string of at most 200 characters, not {tag!r}")
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
-            raise ValueError(f"limit must be a whole number >= 0, or None for no limit, not {limit!r}")
-        self._link.post(protocol.encode_json(protocol.LIMIT, {"tag": tag, "limit": limit}))
-
-    def workers(self, timeout: float = STATUS_TIMEOUT) -> list[WorkerDescription]:
-        """The workers connected now (one per worker process)."""
-        return [WorkerDescription(w["id"], w.get("host"), w.get("pid"), w.get("node"), w.get("resources") or {},
-                                  w.get("state"), w.get("jobs_done", 0))
-                for w in self.status(timeout)["workers"]]
-
-    def submit_on_all(self, fn, /, *args, **kwargs) -> dict[WorkerInfo, ClusterFuture]:
-        """Submits ``fn(*args, **kwargs)`` once for every connected worker, each
-        pinned to its worker (it runs after the jobs the worker holds);
-        returns {WorkerInfo(host, pid): future}.  A worker that leaves first
-        fails its job with Unplaceable."""
-        return {w.info: self.submit_with(fn, args, kwargs, workers=[w.id], max_retries=0) for w in self.workers()}
-
-    def run_on_all(self, fn, /, *args, **kwargs) -> dict[WorkerInfo, object]:
-        """Runs ``fn(*args, **kwargs)`` once on every connected worker; returns
-        {WorkerInfo(host, pid): result}.  If some failed, raises the first
-        failure once all are done, with the failed workers listed in a note."""
-        futures = self.submit_on_all(fn, *args, **kwargs)
-        failed = _failures(futures)
-        if failed:
-            first = next(iter(failed.values()))
-            first.add_note("failed on " + ", ".join(f"{w.host} pid {w.pid}: {type(e).__name__}: {e}"
-                                                     for w, e in failed.items()))
-            raise first
-        return {w: f.result() for w, f in futures.items()}
-
-    def install(self, packages, *, sticky: bool = True, pip_args=(), timeout: float | None = None) -> dict:
-        """Installs pip requirements (``["numpy", "scipy==1.*"]``, paths, URLs)
-        on every connected worker with its own Python; returns {WorkerInfo:
-        pip's last line}.  Raises ``cw.ops.install.InstallError`` naming the
-        workers that failed, with pip's error.  ``sticky``: workers that
-        connect later install them too, before their first job.
-        ``pip_args``: extra pip options (``["--index-url", URL]``)."""
-        from cw.ops.install import InstallError, check_packages, install_packages
-        from cw.wire.payload import dumps_call, joined
-        packages = check_packages(packages)
-        pip_args = [str(a) for a in pip_args]
-        call = os.urandom(8).hex()
-        if sticky:
-            self._link.post(protocol.frame(protocol.SETUP, joined(dumps_call(
-                install_packages, (packages, pip_args, timeout, call), {}))))
-        futures = self.submit_on_all(install_packages, packages, pip_args, timeout, call)
-        failed = _failures(futures)
-        if failed:
-            lines = [f"- {w.host} pid {w.pid}: {e}" for w, e in failed.items()]
-            raise InstallError(f"installing {' '.join(packages)} failed on {len(failed)} of {len(futures)} "
-                               "workers:\n" + "\n".join(lines))
-        return {w: f.result() for w, f in futures.items()}
+        tag, limit = job_options.check_tag(tag), job_options.check_limit(limit)
+        self._link.post(frames.encode_json(Frame.LIMIT, {"tag": tag, "limit": limit}))
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._lock:
@@ -618,12 +392,6 @@ def _views_writable_memory(payload) -> bool:
     return views_writable_memory(payload)
 
 
-def _failures(futures: dict) -> dict:
-    """Waits for every future of {worker: future}; returns {worker: exception} of those that failed."""
-    concurrent.futures.wait(list(futures.values()))
-    return {w: f.exception() for w, f in futures.items() if f.exception() is not None}
-
-
 _executor_lock = threading.Lock()
 _shared_executor: ClusterExecutor | None = None
 _executor_factory = None
@@ -649,85 +417,3 @@ def get_executor() -> ClusterExecutor:
         if executor is None or executor._broken is not None or executor._shutdown:
             executor = _shared_executor = (_executor_factory or ClusterExecutor)()
         return executor
-
-
-class ClientThread:
-    """The original cluster-workers client: ``callback(jobid, result)`` runs in
-    this object's own thread for each job that succeeds; ``wait()`` blocks
-    until every submitted job is done and raises the first job's exception."""
-
-    def __init__(self, callback, host: str | None = None, port: int = PORT, **executor_options):
-        self.callback = callback
-        self.host, self.port = host, port
-        self._options = executor_options
-        self._executor: ClusterExecutor | None = None
-        self._done: queue.SimpleQueue = queue.SimpleQueue()
-        self._cond = threading.Condition()
-        self._outstanding = 0
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run_callbacks, name="cw-client-callbacks", daemon=True)
-
-    def start(self) -> None:
-        self._executor = ClusterExecutor(self.host, self.port, **self._options)
-        self._thread.start()
-
-    def submit(self, jobid, func, *args, **kwargs):
-        if self._executor is None:
-            raise RuntimeError("call start() (or use `with ClientThread(...)`) before submit()")
-        with self._cond:
-            self._outstanding += 1
-        try:
-            future = self._executor.submit(func, *args, **kwargs)
-        except BaseException:
-            with self._cond:
-                self._outstanding -= 1
-            raise
-        future.add_done_callback(lambda f: self._done.put((jobid, f)))
-        return jobid
-
-    start_job = submit  # the original's name
-
-    def _run_callbacks(self) -> None:
-        while True:
-            item = self._done.get()
-            if item is None:
-                return
-            jobid, future = item
-            error = None
-            if not future.cancelled():
-                error = future.exception()
-                if error is None:
-                    try:
-                        self.callback(jobid, future.result())
-                    except BaseException as exc:  # noqa: BLE001 - reported by wait()
-                        error = exc
-            with self._cond:
-                self._outstanding -= 1
-                if error is not None and self._error is None:
-                    self._error = error
-                self._cond.notify_all()
-
-    def wait(self) -> None:
-        with self._cond:
-            self._cond.wait_for(lambda: self._outstanding == 0)
-            error, self._error = self._error, None
-        if error is not None:
-            raise error
-
-    def stop(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            self._done.put(None)
-            if threading.current_thread() is not self._thread:
-                self._thread.join()
-
-    def __enter__(self) -> ClientThread:
-        self.start()
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        try:
-            if exc_type is None:
-                self.wait()
-        finally:
-            self.stop()

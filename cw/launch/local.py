@@ -147,11 +147,10 @@ def allocate(nworkers: int | None = None, port: int = PORT, backend: str | None 
     (``backend="slurm"``), else local processes (``backend="local"``);
     ``$CW_BACKEND`` sets the default.  Inside the block, a client made with no
     host (``ClusterExecutor()``) finds this cluster's master."""
-    from cw.client.executor import ENV_MASTER
+    from cw.client.discovery import ENV_MASTER, available
     backend = backend or os.environ.get("CW_BACKEND")
     if backend is None:
-        from cw.launch import slurm
-        backend = "slurm" if slurm.available() else "local"
+        backend = "slurm" if available() else "local"
     if backend == "slurm":
         from cw.launch.slurm import SlurmCluster
         cluster = SlurmCluster.start(nworkers or 1)

@@ -3,83 +3,55 @@
 SLURM stays out of the inner loop: it starts the cluster once, and clients
 then talk to the master directly for as long as it runs.
 
-Discovery cannot race.  The master job binds a free port and writes its
-reachable address to ``<state dir>/clusters/<name>/master`` (JSON, written
-atomically) in the home directory that the nodes share; workers and clients
-wait for that file with a deadline.  A file left by a master job that is no
-longer running is ignored.  Where the file never appears, ``squeue`` gives
-the master job's node once it is RUNNING (never the empty %N of a pending job),
-with the port the cluster was started with.  The secret travels the same way,
-as ``~/.cw/secret`` (or ``$CW_SECRET_FILE``), never in a batch script.
+Discovery (how clients, workers and ``start --wait`` find the master) is
+cw.client.discovery's: the master job publishes its address in the cluster's
+address file, and squeue gives its node where that file never appears.  The
+secret travels through the shared home too, as ``~/.cw/secret`` (or
+``$CW_SECRET_FILE``), never in a batch script.
 """
 from __future__ import annotations
 
-import getpass
 import json
 import os
 import shlex
-import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
 
-from cw import PORT
+from cw.client.discovery import (
+    DEFAULT_NAME,
+    DISCOVERY_TIMEOUT,
+    SQUEUE_FORMAT,
+    JobInfo,
+    SlurmError,
+    address_file,
+    available,
+    cluster_dir,
+    cluster_jobs,
+    job_name,
+    job_state,
+    master_address,
+    parse_squeue,
+    read_address,
+    state_dir,
+)
+from cw.client.discovery import run_slurm as _run
+from cw.client.executor import ClusterExecutor
 from cw.errors import CwError
 
-DEFAULT_NAME = "default"
-#: Seconds to wait for a master job to publish its address.
-DISCOVERY_TIMEOUT = 120.0
+# Discovery's names are part of this module's interface too: the worker's
+# slurm:NAME resolver imports master_address from here.
+__all__ = ["DEFAULT_NAME", "DISCOVERY_TIMEOUT", "DRAIN_SECONDS", "SQUEUE_FORMAT", "STOP_TIMEOUT", "JobInfo",
+           "Options", "SlurmCluster", "SlurmError", "address_file", "available", "cluster_dir", "cluster_jobs",
+           "job_name", "job_state", "main", "master_address", "master_host", "parse_sbatch", "parse_squeue",
+           "read_address", "render_master_script", "render_worker_script", "sbatch", "start", "state_dir",
+           "status", "stop", "worker_command"]
+
 #: Seconds ``stop`` waits for the cluster's jobs to leave squeue.
 STOP_TIMEOUT = 30.0
 #: Seconds before the time limit at which SLURM asks workers to drain.
 DRAIN_SECONDS = 120
-
-
-class SlurmError(CwError):
-    """A SLURM command failed, or the cluster could not be found."""
-
-
-class JobInfo(NamedTuple):
-    jobid: str
-    name: str
-    state: str
-    nodes: str
-    reason: str
-
-
-def available() -> bool:
-    """True where the SLURM commands are installed and answer."""
-    if not shutil.which("sbatch") or not shutil.which("squeue"):
-        return False
-    try:
-        return subprocess.run(["squeue", "-h", "-o", "%i", "-u", _user()], capture_output=True,
-                              timeout=15).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
-def _user() -> str:
-    return os.environ.get("USER") or getpass.getuser()
-
-
-def state_dir() -> Path:
-    """Where cluster records live: ``$CW_STATE_DIR``, else ``~/.cw`` (shared by the nodes)."""
-    return Path(os.environ.get("CW_STATE_DIR") or Path.home() / ".cw")
-
-
-def cluster_dir(name: str) -> Path:
-    return state_dir() / "clusters" / name
-
-
-def address_file(name: str) -> Path:
-    return cluster_dir(name) / "master"
-
-
-def job_name(name: str, role: str) -> str:
-    return f"cw-{name}-{role}"
 
 
 # --- batch scripts ------------------------------------------------------------
@@ -165,18 +137,6 @@ def _script(directives: list[str], extra: list[str], body: str) -> str:
 
 # --- talking to SLURM ----------------------------------------------------------
 
-def _run(cmd: list[str], input: str | None = None) -> str:
-    try:
-        proc = subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=60)
-    except FileNotFoundError:
-        raise SlurmError(f"{cmd[0]} not found: is SLURM installed here, and on PATH?") from None
-    except subprocess.TimeoutExpired:
-        raise SlurmError(f"`{shlex.join(cmd)}` did not answer within 60 s; is slurmctld up?") from None
-    if proc.returncode != 0:
-        raise SlurmError(f"`{shlex.join(cmd)}` failed (exit {proc.returncode}): {proc.stderr.strip()}")
-    return proc.stdout
-
-
 def parse_sbatch(output: str) -> str:
     """The job id from ``sbatch --parsable`` output: ``ID`` or ``ID;cluster``."""
     text = output.strip().splitlines()[-1] if output.strip() else ""
@@ -188,33 +148,6 @@ def parse_sbatch(output: str) -> str:
 
 def sbatch(script: str, extra_args=()) -> str:
     return parse_sbatch(_run(["sbatch", "--parsable", *extra_args], input=script))
-
-
-SQUEUE_FORMAT = "%i|%j|%T|%N|%r"
-
-
-def parse_squeue(output: str) -> list[JobInfo]:
-    jobs = []
-    for line in output.splitlines():
-        if not line.strip():
-            continue
-        parts = line.split("|")
-        if len(parts) != 5:
-            raise SlurmError(f"unexpected squeue line {line!r}; expected {SQUEUE_FORMAT}")
-        jobs.append(JobInfo(*(p.strip() for p in parts)))
-    return jobs
-
-
-def cluster_jobs(name: str) -> list[JobInfo]:
-    names = ",".join(job_name(name, role) for role in ("master", "workers"))
-    return parse_squeue(_run(["squeue", "-h", "-u", _user(), "-n", names, "-o", SQUEUE_FORMAT]))
-
-
-def job_state(jobid: str) -> str | None:
-    """The job's state, or None once SLURM no longer lists it."""
-    proc = subprocess.run(["squeue", "-h", "-j", jobid, "-o", "%T"], capture_output=True, text=True, timeout=60)
-    state = proc.stdout.strip()
-    return state if proc.returncode == 0 and state else None
 
 
 # --- start, find, stop ---------------------------------------------------------
@@ -237,46 +170,6 @@ def start(workers: int = 1, *, master: bool = True, start_workers: bool = True, 
     if start_workers:
         jobs["workers"] = sbatch(render_worker_script(opts), opts.xworkers)
     return jobs
-
-
-def read_address(name: str) -> tuple[str, int] | None:
-    """The published address, if its master job (when it had one) still runs."""
-    try:
-        record = json.loads(address_file(name).read_text())
-        host, port, job = record["host"], int(record["port"]), record.get("job")
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    if job and shutil.which("squeue") and job_state(str(job)) != "RUNNING":
-        return None               # left behind by a master job that ended
-    return host, port
-
-
-def master_address(name: str | None = None, port: int = PORT, timeout: float = DISCOVERY_TIMEOUT,
-                   wait: bool = True) -> tuple[str, int]:
-    """(host, port) of cluster ``name``'s master (default ``$CW_CLUSTER`` or
-    "default").  Waits up to ``timeout`` for it; raises LookupError when there
-    is no such cluster, SlurmError when it does not come up in time."""
-    name = name or os.environ.get("CW_CLUSTER") or DEFAULT_NAME
-    deadline = time.monotonic() + timeout
-    while True:
-        address = read_address(name)
-        if address is not None:
-            return address
-        jobs = cluster_jobs(name) if shutil.which("squeue") else []
-        masters = [j for j in jobs if j.name == job_name(name, "master")]
-        if not masters:
-            raise LookupError(f"no cw cluster named {name!r} runs on SLURM (no job {job_name(name, 'master')}); "
-                              f"start one with `slurm.py start -n N --name {name}`")
-        running = [j for j in masters if j.state == "RUNNING" and j.nodes]
-        if running and port and time.monotonic() > deadline - timeout / 2:
-            # No address file (no shared home?): the node from squeue, the fixed port.
-            return running[0].nodes.split(",")[0], port
-        if not wait or time.monotonic() > deadline:
-            state = masters[0].state + (f" ({masters[0].reason})" if masters[0].reason not in ("", "None") else "")
-            raise SlurmError(f"the master job {masters[0].jobid} of cluster {name!r} is {state} and has not "
-                             f"published {address_file(name)} within {timeout:g} s; see its log in "
-                             f"{cluster_dir(name) / 'logs'}")
-        time.sleep(0.2)
 
 
 def master_host(name: str | None = None) -> str:
@@ -309,7 +202,6 @@ def status(name: str = DEFAULT_NAME) -> dict:
     if address is not None:
         result["master"] = f"{address[0]}:{address[1]}"
         try:
-            from cw.client.executor import ClusterExecutor
             with ClusterExecutor(*address, connect_timeout=5) as ex:
                 result["workers"] = ex.status()["workers"]
         except CwError as exc:
@@ -330,7 +222,6 @@ class SlurmCluster:
     @classmethod
     def start(cls, nworkers: int, name: str | None = None, timeout: float = DISCOVERY_TIMEOUT,
               **options) -> SlurmCluster:
-        from cw.client.executor import ClusterExecutor
         name = name or f"alloc-{os.getpid()}-{os.urandom(3).hex()}"
         start(nworkers, name=name, **options)
         try:
@@ -348,7 +239,6 @@ class SlurmCluster:
         return cls(name, host, port)
 
     def executor(self, **options):
-        from cw.client.executor import ClusterExecutor
         return ClusterExecutor(self.host, self.port, **options)
 
     def stop(self) -> None:

@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import collections
 import ipaddress
-import json
 import logging
 import os
 import signal
@@ -25,8 +24,11 @@ import sys
 from cw import PORT, __version__, settings
 from cw.errors import AuthenticationError, CwError, ProtocolError
 from cw.master.dispatch import Dispatcher
-from cw.wire import buffers, protocol
+from cw.wire import buffers, frames, handshake
+from cw.wire.address import remove_address_file, write_address_file
 from cw.wire.auth import load_secret
+from cw.wire.decoder import FrameDecoder
+from cw.wire.frames import Frame
 
 log = logging.getLogger("cw.master")
 
@@ -102,7 +104,7 @@ class Master:
                     conn.drop(f"nothing heard for {now - conn.last_heard:.1f} s (peer timeout "
                               f"{self.peer_timeout:g} s); a frozen machine or a cut network?")
                 else:
-                    conn.write((protocol.PING_FRAME,))
+                    conn.write((frames.PING_FRAME,))
             self.flush()
             buffers.POOL.release_idle()
 
@@ -167,8 +169,8 @@ class PeerConnection(asyncio.BufferedProtocol):
         self.role = None            # "client" or "worker" after HELLO
         self.peer_id = None
         self.name = "unauthenticated peer"
-        self.decoder = protocol.FrameDecoder(protocol.PREAUTH_MAX_FRAME)
-        self.buffer = memoryview(bytearray(protocol.PREAUTH_MAX_FRAME))
+        self.decoder = FrameDecoder(frames.PREAUTH_MAX_FRAME)
+        self.buffer = memoryview(bytearray(frames.PREAUTH_MAX_FRAME))
         self.handler = self._on_handshake
         self.timer = None
         self.nonce = b""
@@ -186,7 +188,7 @@ class PeerConnection(asyncio.BufferedProtocol):
         self.name = f"peer {self.address}"
         self.master.connections.add(self)
         transport.set_write_buffer_limits(settings.WRITE_HIGH_WATER, settings.WRITE_LOW_WATER)
-        self.nonce, challenge = protocol.server_challenge()
+        self.nonce, challenge = handshake.server_challenge()
         transport.write(challenge)
         self.loop = loop = asyncio.get_running_loop()   # kept: asking for it on every read costs a getpid()
         self.last_heard = loop.time()
@@ -211,7 +213,7 @@ class PeerConnection(asyncio.BufferedProtocol):
                     break
                 self.handler(*item)
         except AuthenticationError as exc:
-            self.drop(f"{protocol.AUTH_FAILED}: {exc}")
+            self.drop(f"{handshake.AUTH_FAILED}: {exc}")
         except ProtocolError as exc:
             self.drop(str(exc))
         except Exception:  # a bug must cost one connection, never the master
@@ -277,7 +279,7 @@ class PeerConnection(asyncio.BufferedProtocol):
             return
         small = []
         for i, chunk in enumerate(chunks):
-            if len(chunk) < protocol.LARGE_FRAME:
+            if len(chunk) < frames.LARGE_FRAME:
                 small.append(chunk)
                 continue
             if small:
@@ -297,9 +299,9 @@ class PeerConnection(asyncio.BufferedProtocol):
             if len(chunk) > _SLICE:
                 backlog.appendleft(memoryview(chunk)[_SLICE:])
                 chunk = memoryview(chunk)[:_SLICE]
-            elif len(chunk) < protocol.LARGE_FRAME:
+            elif len(chunk) < frames.LARGE_FRAME:
                 small = [chunk]
-                while backlog and len(backlog[0]) < protocol.LARGE_FRAME:
+                while backlog and len(backlog[0]) < frames.LARGE_FRAME:
                     small.append(backlog.popleft())
                 chunk = b"".join(small)
             transport.write(chunk)
@@ -317,7 +319,7 @@ class PeerConnection(asyncio.BufferedProtocol):
             self.transport.abort()
             return
         if not self.transport.is_closing():
-            self.transport.write(protocol.encode_error(reason))
+            self.transport.write(frames.encode_error(reason))
             self.transport.close()
         if self.reading_paused or self.transport.get_write_buffer_size() > settings.WRITE_HIGH_WATER:
             self.transport.abort()  # it does not read: do not wait to flush what it will never take
@@ -328,15 +330,15 @@ class PeerConnection(asyncio.BufferedProtocol):
     # --- frame handlers, one per connection state ---------------------------
 
     def _on_handshake(self, ftype: int, body: bytes) -> None:
-        proof = protocol.verify_response(self.master.secret, self.nonce, ftype, body)
+        proof = handshake.verify_response(self.master.secret, self.nonce, ftype, body)
         self.transport.write(proof)
         self.decoder.max_frame = settings.MAX_HELLO
         self.handler = self._on_hello
 
     def _on_hello(self, ftype: int, body: bytes) -> None:
-        if ftype != protocol.HELLO:
-            raise ProtocolError(f"expected HELLO after the handshake, got {protocol.FRAME_NAMES.get(ftype, ftype)}")
-        info = protocol.decode_json(body, "HELLO")
+        if ftype != Frame.HELLO:
+            raise ProtocolError(f"expected HELLO after the handshake, got {frames.kind_name(ftype)}")
+        info = frames.decode_json(body, "HELLO")
         role = info.get("role")
         if role not in ("client", "worker"):
             raise ProtocolError(f"HELLO names role {role!r}; expected 'client' or 'worker'")
@@ -346,9 +348,9 @@ class PeerConnection(asyncio.BufferedProtocol):
         self.peer_id = self.master.new_peer_id()
         self.master.peers[self.peer_id] = self
         self.name = f"{role} {self.peer_id} ({info.get('host')} pid {info.get('pid')}, from {self.address})"
-        self.decoder.max_frame = protocol.DEFAULT_MAX_FRAME
+        self.decoder.max_frame = frames.DEFAULT_MAX_FRAME
         self.buffer = memoryview(bytearray(_READ_SIZE))
-        self.transport.write(protocol.encode_json(protocol.WELCOME, {
+        self.transport.write(frames.encode_json(Frame.WELCOME, {
             "id": self.peer_id, "heartbeat": self.master.heartbeat, "timeout": self.master.peer_timeout}))
         log.info("%s connected", self.name)
         if role == "client":
@@ -359,48 +361,51 @@ class PeerConnection(asyncio.BufferedProtocol):
             self.handler = self._on_worker_frame
 
     def _on_client_frame(self, ftype: int, body: bytes) -> None:
-        if ftype == protocol.SUBMIT:
-            jobid, retries, timeout, payload = protocol.decode_submit(body)
+        if ftype == Frame.SUBMIT:
+            jobid, retries, timeout, payload = frames.decode_submit(body)
             self.dispatcher.submit(self.peer_id, jobid, retries, timeout, payload)
-        elif ftype == protocol.SUBMIT_WITH:
-            jobid, retries, timeout, priority, options, payload = protocol.decode_submit_with(body)
+        elif ftype == Frame.SUBMIT_WITH:
+            jobid, retries, timeout, priority, options, payload = frames.decode_submit_with(body)
             self.dispatcher.submit(self.peer_id, jobid, retries, timeout, payload, priority, options)
-        elif ftype == protocol.CANCEL:
-            self.dispatcher.cancel(self.peer_id, protocol.decode_cancel(body))
-        elif ftype == protocol.SETUP:
+        elif ftype == Frame.CANCEL:
+            self.dispatcher.cancel(self.peer_id, frames.decode_cancel(body))
+        elif ftype == Frame.SETUP:
             self.dispatcher.add_setup(body)
-        elif ftype == protocol.LIMIT:
-            self.dispatcher.set_limit(*protocol.decode_limit(body))
-        elif ftype == protocol.CONTEXT:
+        elif ftype == Frame.LIMIT:
+            limit = frames.decode_limit(body)
+            self.dispatcher.set_limit(limit.tag, limit.limit)
+        elif ftype == Frame.CONTEXT:
             self.dispatcher.set_context(self.peer_id, body)
-        elif ftype == protocol.STATUS_REQ:
-            reqid = protocol.decode_status_request(body)
-            self.transport.write(protocol.encode_status(reqid, self.master.status()))
-        elif ftype != protocol.PONG:
+        elif ftype == Frame.STATUS_REQ:
+            reqid = frames.decode_status_request(body)
+            self.transport.write(frames.encode_status(reqid, self.master.status()))
+        elif ftype != Frame.PONG:
             self._unexpected(ftype, body)
 
     def _on_worker_frame(self, ftype: int, body: bytes) -> None:
-        if ftype == protocol.OUTCOME:
-            gid, status, payload = protocol.decode_outcome(body)
+        if ftype == Frame.OUTCOME:
+            gid, status, payload = frames.decode_outcome(body)
             self.dispatcher.outcome(self.peer_id, gid, status, payload)
-        elif ftype == protocol.REVOKED:
-            self.dispatcher.revoked(self.peer_id, *protocol.decode_revoked(body))
-        elif ftype == protocol.OUTPUT:
-            self.dispatcher.output(self.peer_id, *protocol.decode_output(body))
-        elif ftype == protocol.LEND:
+        elif ftype == Frame.REVOKED:
+            revoked = frames.decode_revoked(body)
+            self.dispatcher.revoked(self.peer_id, revoked.gid, revoked.given_back)
+        elif ftype == Frame.OUTPUT:
+            output = frames.decode_output(body)
+            self.dispatcher.output(self.peer_id, output.gid, output.text)
+        elif ftype == Frame.LEND:
             self.dispatcher.lend(self.peer_id)
-        elif ftype == protocol.RECLAIM:
+        elif ftype == Frame.RECLAIM:
             self.dispatcher.reclaim(self.peer_id)
-        elif ftype == protocol.DRAIN:
+        elif ftype == Frame.DRAIN:
             log.info("%s is draining: it finishes its job and takes no other", self.name)
             self.dispatcher.drain_worker(self.peer_id)
-        elif ftype != protocol.PONG:
+        elif ftype != Frame.PONG:
             self._unexpected(ftype, body)
 
     def _unexpected(self, ftype: int, body: bytes) -> None:
-        if ftype == protocol.ERROR:
-            raise ProtocolError(f"it reported an error: {bytes(body[:500]).decode('utf-8', 'replace')}")
-        raise ProtocolError(f"a {self.role} may not send frame type {protocol.FRAME_NAMES.get(ftype, ftype)}")
+        if ftype == Frame.ERROR:
+            raise ProtocolError(f"it reported an error: {frames.decode_error(body[:500])}")
+        raise ProtocolError(f"a {self.role} may not send frame type {frames.kind_name(ftype)}")
 
 
 async def serve(bind: str = "127.0.0.1", port: int = PORT, secret: bytes | None = None,
@@ -441,27 +446,6 @@ def advertised_host(bound: str) -> str:
             return fqdn
         return socket.gethostname()
     return bound
-
-
-def publish_address(path: str, host: str, port: int) -> None:
-    """Writes {"host", "port", "pid", "job"} atomically: readers never see half a file."""
-    record = {"host": host, "port": port, "pid": os.getpid(), "job": os.environ.get("SLURM_JOB_ID")}
-    tmp = f"{path}.{os.getpid()}.tmp"
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(tmp, "w") as f:
-        json.dump(record, f)
-    os.replace(tmp, path)
-
-
-def unpublish_address(path: str) -> None:
-    """Removes the address file if it is still ours (a newer master may own it)."""
-    try:
-        with open(path) as f:
-            if json.load(f).get("pid") != os.getpid():
-                return
-        os.unlink(path)
-    except (OSError, ValueError):
-        pass
 
 
 def _is_loopback(bind: str) -> bool:
@@ -523,7 +507,8 @@ def main(argv=None) -> int:
 
         def ready(host, port):
             if args.address_file:
-                publish_address(args.address_file, args.advertise or advertised_host(host), port)
+                write_address_file(args.address_file, args.advertise or advertised_host(host), port,
+                                   job=os.environ.get("SLURM_JOB_ID"))
             log.info("listening on %s:%s with the %s event loop", host, port, _loop_name())
             print(f"cw master listening on {host}:{port}", flush=True)
 
@@ -542,7 +527,7 @@ def main(argv=None) -> int:
         return 1
     finally:
         if args.address_file:
-            unpublish_address(args.address_file)
+            remove_address_file(args.address_file)
     log.info("master stopped")
     return 0
 

@@ -1,1 +1,1 @@
-"""Operating a cluster: status, runtime installs, command jobs, progress."""
+"""Operating a cluster: the status command and command jobs (``cw.command``)."""

@@ -243,7 +243,7 @@ def format_status(status: dict, *, address: str | None = None) -> str:
 
 def _where(host: str | None, port: int) -> tuple[str, int, str]:
     """Where the master should be, and why we look there (for the error message)."""
-    from cw.client.executor import ENV_MASTER, resolve_master
+    from cw.client.discovery import ENV_MASTER, resolve_master
     found_host, found_port = resolve_master(host, port)
     if host:
         why = "as given"

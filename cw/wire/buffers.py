@@ -4,7 +4,7 @@ Fresh memory is slow: the kernel hands it out a page (4 KiB) at a time, on
 first touch, and on the machines we measure that costs more than copying the
 same bytes into memory already touched (60 ms against 12 ms for 100 MB).  A
 large frame is received into a buffer of its own (see
-``protocol.FrameDecoder``); this pool hands out buffers that earlier frames
+``decoder.FrameDecoder``); this pool hands out buffers that earlier frames
 no longer use, so a stream of big arguments or results touches fresh memory
 once instead of once per frame.
 

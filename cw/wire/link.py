@@ -13,9 +13,12 @@ import socket
 import threading
 import time
 
-from cw import PORT, settings
-from cw.errors import BrokenCluster, ProtocolError
-from cw.wire import protocol
+from cw import settings
+from cw.errors import BrokenCluster, HandshakeFailed, ProtocolError
+from cw.wire import frames, handshake
+from cw.wire.address import parse_address  # noqa: F401 - the worker imports it from here
+from cw.wire.decoder import FrameDecoder
+from cw.wire.frames import Frame
 
 log = logging.getLogger("cw.link")
 
@@ -25,24 +28,8 @@ _RECV_SIZE = 256 * 1024
 BURST_GAP = 50e-6
 
 
-def parse_address(address: str | None, default_port: int = PORT) -> tuple[str, int]:
-    """'host', 'host:port', '[v6]:port' or None -> (host, port)."""
-    if not address:
-        return "localhost", default_port
-    if address.startswith("["):
-        host, _, rest = address[1:].partition("]")
-        return host, int(rest[1:]) if rest.startswith(":") else default_port
-    if address.count(":") == 1:
-        host, port = address.split(":")
-        try:
-            return host or "localhost", int(port)
-        except ValueError:
-            raise ValueError(f"bad port in master address {address!r}; expected HOST:PORT") from None
-    return address, default_port
-
-
 class Link:
-    def __init__(self, sock: socket.socket, decoder: protocol.FrameDecoder, address: str):
+    def __init__(self, sock: socket.socket, decoder: FrameDecoder, address: str):
         self.sock = sock
         self.decoder = decoder
         self.address = address
@@ -265,11 +252,6 @@ class _Writer:
             self.cond.notify_all()
 
 
-class HandshakeFailed(BrokenCluster):
-    """The master was reached but the handshake did not complete (it hung up,
-    timed out, or sent garbage); worth another try, unlike a wrong secret."""
-
-
 def open_link(host: str, port: int, secret: bytes, hello: dict, connect_timeout: float = 10.0) -> Link:
     """Connects and authenticates, retrying refused connections with backoff
     for up to ``connect_timeout`` seconds.  Raises BrokenCluster when the
@@ -291,11 +273,11 @@ def open_link(host: str, port: int, secret: bytes, hello: dict, connect_timeout:
             delay = min(delay * 2, 2.0)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    link = Link(sock, protocol.FrameDecoder(protocol.PREAUTH_MAX_FRAME), address)
+    link = Link(sock, FrameDecoder(frames.PREAUTH_MAX_FRAME), address)
     try:
         _handshake(link, secret)
-        link.decoder.max_frame = protocol.DEFAULT_MAX_FRAME
-        link.send(protocol.encode_json(protocol.HELLO, hello))
+        link.decoder.max_frame = frames.DEFAULT_MAX_FRAME
+        link.send(frames.encode_json(Frame.HELLO, hello))
         link.welcome = _welcome(link)
     except TimeoutError:
         link.close()
@@ -316,11 +298,11 @@ def _welcome(link: Link) -> dict:
     if item is None:
         raise HandshakeFailed(f"the master at {link.address} closed the connection after the handshake")
     ftype, body = item
-    if ftype == protocol.ERROR:
-        raise HandshakeFailed(f"the master at {link.address} refused us: {bytes(body).decode('utf-8', 'replace')}")
-    if ftype != protocol.WELCOME:
-        raise ProtocolError(f"expected WELCOME from the master, got {protocol.FRAME_NAMES.get(ftype, ftype)}")
-    welcome = protocol.decode_json(body, "WELCOME")
+    if ftype == Frame.ERROR:
+        raise HandshakeFailed(f"the master at {link.address} refused us: {frames.decode_error(body)}")
+    if ftype != Frame.WELCOME:
+        raise ProtocolError(f"expected WELCOME from the master, got {frames.kind_name(ftype)}")
+    welcome = frames.decode_json(body, "WELCOME")
     timeout = welcome.get("timeout")
     if not isinstance(timeout, (int, float)) or timeout <= 0:
         raise ProtocolError(f"the master's WELCOME has no valid peer timeout: {welcome!r}")
@@ -337,12 +319,12 @@ def _handshake(link: Link, secret: bytes) -> None:
     if item is None:
         raise HandshakeFailed(f"the master at {link.address} closed the connection before the handshake")
     challenge_type, challenge = item
-    nonce, response = protocol.peer_response(secret, challenge_type, challenge)
+    nonce, response = handshake.peer_response(secret, challenge_type, challenge)
     link.send(response)
     item = link.recv()
     if item is None:
         raise HandshakeFailed(f"the master at {link.address} closed the connection during the handshake")
-    protocol.verify_proof(secret, challenge, nonce, *item)
+    handshake.verify_proof(secret, challenge, nonce, *item)
 
 
 def peer_info(role: str) -> dict:

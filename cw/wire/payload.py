@@ -33,7 +33,7 @@ from cw.errors import (
     ResultPicklingError,
     ResultUnpicklingError,
 )
-from cw.wire import protocol
+from cw.wire.frames import Status
 
 PROTOCOL = 5
 BATCH = "cw-batch"
@@ -196,7 +196,7 @@ def dumps_batch(func, arglists):
 
 def load_outcome(status: int, data):
     """Returns ``(True, value)`` or ``(False, exception)`` for a RESULT's payload."""
-    if status == protocol.OK:
+    if status == Status.OK:
         try:
             return True, loads(data)
         except BaseException as exc:  # noqa: BLE001 - any failure of user code in __setstate__
@@ -254,7 +254,7 @@ def run_payload(data, hold: list | None = None):
     except (Exception, SystemExit) as exc:
         return error_outcome(exc)
     try:
-        return protocol.OK, dumps(_big_bytes(value))
+        return Status.OK, dumps(_big_bytes(value))
     except (Exception, SystemExit) as exc:
         return error_outcome(ResultPicklingError(
             f"the worker cannot pickle the result of {_name(func)} ({_describe(exc)}); "
@@ -269,7 +269,7 @@ def _run_batch(func, arglists):
         except (Exception, SystemExit) as exc:
             outcomes.append((False, _portable(exc, traceback.format_exc())))
     try:
-        return protocol.OK, dumps(outcomes)
+        return Status.OK, dumps(outcomes)
     except (Exception, SystemExit):
         pass
     # One result would not pickle: check each, so that only that one fails.
@@ -282,13 +282,13 @@ def _run_batch(func, arglists):
             err = ResultPicklingError(
                 f"the worker cannot pickle the result of {_name(func)} ({_describe(exc)})")
             safe.append((False, (err, traceback.format_exc())))
-    return protocol.OK, dumps(safe)
+    return Status.OK, dumps(safe)
 
 
 def error_outcome(exc: BaseException, cause: BaseException | None = None):
     """The outcome of a job that raised ``exc`` (or that cw stopped, as a timeout)."""
     tb = "".join(traceback.format_exception(cause or exc))
-    return protocol.RAISED, dumps(_portable(exc, tb))
+    return Status.RAISED, dumps(_portable(exc, tb))
 
 
 def _portable(exc: BaseException, tb: str) -> tuple[BaseException, str]:

@@ -55,7 +55,8 @@ def main(argv=None) -> int:
         return status
     if args.processes < 1:
         parser.error("-n must be at least 1")
-    from cw import resources
+    from cw.wire.options import format_amounts
+    from cw.worker import machine as resources
     try:
         declared = resources.parse_spec(args.resources)
     except ValueError as exc:
@@ -63,7 +64,7 @@ def main(argv=None) -> int:
     offer = resources.node_resources(args.processes, declared, resources.detect_gpus(),
                                      resources.physical_memory())
     offer["node"] = f"{socket.gethostname()}:{os.getpid()}"
-    log.info("this machine offers %s%s", resources.format_amounts(offer["resources"]),
+    log.info("this machine offers %s%s", format_amounts(offer["resources"]),
              f" (GPU ids {','.join(offer['gpu_ids'])})" if offer["gpu_ids"] else "")
     return Supervisor(args.master, args.port, args.processes, args.connect_timeout, args.log_level, offer).run()
 

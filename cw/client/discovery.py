@@ -1,0 +1,194 @@
+"""Finding the master: ``resolve_master`` and the master of a SLURM cluster.
+
+A client asks, in order: the host it was given, ``$CW_MASTER`` (HOST:PORT,
+set by ``cw.allocate``), the master of the SLURM cluster ``$CW_CLUSTER``
+(default "default") when one has published its address, else this machine.
+
+A SLURM cluster's master job binds a free port and publishes its address
+in ``<state dir>/clusters/<name>/master`` (see cw.wire.address) in the home
+directory the nodes share; readers wait for that file with a deadline.  A
+file left by a master job that is no longer running is ignored.  Where the
+file never appears, ``squeue`` gives the master job's node once it is
+RUNNING (never the empty %N of a pending job), with the port the cluster
+was started with.
+
+This module only reads SLURM's state; starting and stopping clusters is
+cw.launch.slurm's, which sits above the client and uses what is here.
+"""
+from __future__ import annotations
+
+import getpass
+import os
+import shlex
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+from cw import PORT
+from cw.errors import SlurmError
+from cw.wire.address import AddressFileError, parse_address, read_address_file
+
+ENV_MASTER = "CW_MASTER"
+ENV_CLUSTER = "CW_CLUSTER"
+DEFAULT_NAME = "default"
+#: Seconds to wait for a master job to publish its address.
+DISCOVERY_TIMEOUT = 120.0
+SQUEUE_FORMAT = "%i|%j|%T|%N|%r"
+
+
+class JobInfo(NamedTuple):
+    jobid: str
+    name: str
+    state: str
+    nodes: str
+    reason: str
+
+
+def resolve_master(host: str | None, port: int = PORT) -> tuple[str, int]:
+    """Where the master is: the given host, else ``$CW_MASTER`` (HOST:PORT, set
+    by ``cw.allocate``), else the master of the SLURM cluster ``$CW_CLUSTER``
+    (default "default") when one has published its address, else this machine."""
+    if host:
+        return parse_address(host, port)
+    if os.environ.get(ENV_MASTER):
+        return parse_address(os.environ[ENV_MASTER], port)
+    if address_file(cluster_name()).exists() and available():
+        try:
+            return master_address(port=port)
+        except LookupError:
+            pass
+    return "localhost", port
+
+
+# --- where a cluster's records live ---------------------------------------------
+
+def cluster_name(name: str | None = None) -> str:
+    """``name``, else ``$CW_CLUSTER``, else "default"."""
+    return name or os.environ.get(ENV_CLUSTER) or DEFAULT_NAME
+
+
+def state_dir() -> Path:
+    """Where cluster records live: ``$CW_STATE_DIR``, else ``~/.cw`` (shared by the nodes)."""
+    return Path(os.environ.get("CW_STATE_DIR") or Path.home() / ".cw")
+
+
+def cluster_dir(name: str) -> Path:
+    return state_dir() / "clusters" / name
+
+
+def address_file(name: str) -> Path:
+    return cluster_dir(name) / "master"
+
+
+def job_name(name: str, role: str) -> str:
+    return f"cw-{name}-{role}"
+
+
+# --- asking SLURM ---------------------------------------------------------------
+
+def user() -> str:
+    return os.environ.get("USER") or getpass.getuser()
+
+
+def available() -> bool:
+    """True where the SLURM commands are installed and answer."""
+    if not shutil.which("sbatch") or not shutil.which("squeue"):
+        return False
+    try:
+        return subprocess.run(["squeue", "-h", "-o", "%i", "-u", user()], capture_output=True,
+                              timeout=15).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def run_slurm(cmd: list[str], input: str | None = None) -> str:
+    """Runs a SLURM command; its stdout, or SlurmError saying what failed."""
+    try:
+        proc = subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=60)
+    except FileNotFoundError:
+        raise SlurmError(f"{cmd[0]} not found: is SLURM installed here, and on PATH?") from None
+    except subprocess.TimeoutExpired:
+        raise SlurmError(f"`{shlex.join(cmd)}` did not answer within 60 s; is slurmctld up?") from None
+    if proc.returncode != 0:
+        raise SlurmError(f"`{shlex.join(cmd)}` failed (exit {proc.returncode}): {proc.stderr.strip()}")
+    return proc.stdout
+
+
+def parse_squeue(output: str) -> list[JobInfo]:
+    jobs = []
+    for line in output.splitlines():
+        if not line.strip():
+            continue
+        parts = line.split("|")
+        if len(parts) != 5:
+            raise SlurmError(f"unexpected squeue line {line!r}; expected {SQUEUE_FORMAT}")
+        jobs.append(JobInfo(*(p.strip() for p in parts)))
+    return jobs
+
+
+def cluster_jobs(name: str) -> list[JobInfo]:
+    names = ",".join(job_name(name, role) for role in ("master", "workers"))
+    return parse_squeue(run_slurm(["squeue", "-h", "-u", user(), "-n", names, "-o", SQUEUE_FORMAT]))
+
+
+def job_state(jobid: str) -> str | None:
+    """The job's state, or None once SLURM no longer lists it."""
+    proc = subprocess.run(["squeue", "-h", "-j", jobid, "-o", "%T"], capture_output=True, text=True, timeout=60)
+    state = proc.stdout.strip()
+    return state if proc.returncode == 0 and state else None
+
+
+# --- the master of a cluster ------------------------------------------------------
+
+def read_address(name: str) -> tuple[str, int] | None:
+    """The address cluster ``name``'s master published, if its master job
+    (when it had one) still runs.  None also for an unreadable file: a new
+    master replaces it; ``master_address`` says what was wrong if none does."""
+    try:
+        record = read_address_file(address_file(name))
+    except (OSError, AddressFileError):
+        return None
+    if record is None:
+        return None
+    if record.job and shutil.which("squeue") and job_state(record.job) != "RUNNING":
+        return None               # left behind by a master job that ended
+    return record.host, record.port
+
+
+def _file_problem(name: str) -> str:
+    """Why cluster ``name``'s address file gives no address, when it is unreadable."""
+    try:
+        read_address_file(address_file(name))
+    except (OSError, AddressFileError) as exc:
+        return f"; {exc}"
+    return ""
+
+
+def master_address(name: str | None = None, port: int = PORT, timeout: float = DISCOVERY_TIMEOUT,
+                   wait: bool = True) -> tuple[str, int]:
+    """(host, port) of cluster ``name``'s master (default ``$CW_CLUSTER`` or
+    "default").  Waits up to ``timeout`` for it; raises LookupError when there
+    is no such cluster, SlurmError when it does not come up in time."""
+    name = cluster_name(name)
+    deadline = time.monotonic() + timeout
+    while True:
+        address = read_address(name)
+        if address is not None:
+            return address
+        jobs = cluster_jobs(name) if shutil.which("squeue") else []
+        masters = [j for j in jobs if j.name == job_name(name, "master")]
+        if not masters:
+            raise LookupError(f"no cw cluster named {name!r} runs on SLURM (no job {job_name(name, 'master')}); "
+                              f"start one with `slurm.py start -n N --name {name}`{_file_problem(name)}")
+        running = [j for j in masters if j.state == "RUNNING" and j.nodes]
+        if running and port and time.monotonic() > deadline - timeout / 2:
+            # No address file (no shared home?): the node from squeue, the fixed port.
+            return running[0].nodes.split(",")[0], port
+        if not wait or time.monotonic() > deadline:
+            state = masters[0].state + (f" ({masters[0].reason})" if masters[0].reason not in ("", "None") else "")
+            raise SlurmError(f"the master job {masters[0].jobid} of cluster {name!r} is {state} and has not "
+                             f"published {address_file(name)} within {timeout:g} s; see its log in "
+                             f"{cluster_dir(name) / 'logs'}{_file_problem(name)}")
+        time.sleep(0.2)

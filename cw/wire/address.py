@@ -1,0 +1,110 @@
+"""Where a master is: ``HOST:PORT`` strings and the address file.
+
+A master started with ``--address-file PATH`` publishes its reachable
+address there; the SLURM helpers, workers and clients read it.  Both sides
+go through this module, so the file's format lives in one place::
+
+    {"host": "node7", "port": 40123, "pid": 4711, "job": "1234"}
+
+``job`` is the SLURM job id of the master (null outside SLURM), so that a
+reader can ignore a file left behind by a master job that has ended.
+
+The file is replaced atomically (written beside it, then renamed), so a
+reader sees the old file or the new one, never half of one.  A file that is
+nevertheless not a record (written by hand, cut short by a full disk) is
+refused with ``AddressFileError`` rather than taken for "no master".
+
+Imports nothing above the wire: the master uses it without loading the client.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from typing import NamedTuple
+
+from cw import PORT
+from cw.errors import AddressFileError
+
+__all__ = ["AddressFileError", "AddressRecord", "parse_address", "read_address_file", "remove_address_file",
+           "write_address_file"]
+
+
+class AddressRecord(NamedTuple):
+    """What an address file says."""
+    host: str
+    port: int
+    pid: int | None
+    job: str | None      # the master's SLURM job id, if it ran as one
+
+
+def parse_address(address: str | None, default_port: int = PORT) -> tuple[str, int]:
+    """'host', 'host:port', '[v6]:port' or None -> (host, port)."""
+    if not address:
+        return "localhost", default_port
+    if address.startswith("["):
+        host, _, rest = address[1:].partition("]")
+        return host, int(rest[1:]) if rest.startswith(":") else default_port
+    if address.count(":") == 1:
+        host, port = address.split(":")
+        try:
+            return host or "localhost", int(port)
+        except ValueError:
+            raise ValueError(f"bad port in master address {address!r}; expected HOST:PORT") from None
+    return address, default_port
+
+
+def write_address_file(path: str | os.PathLike, host: str, port: int, job: str | None = None) -> None:
+    """Publishes (host, port) of this process's master at ``path``, creating
+    its directory; atomic: readers never see half a file."""
+    path = os.fspath(path)
+    record = {"host": host, "port": port, "pid": os.getpid(), "job": job}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    # Beside the target (a rename is atomic only within one file system), and
+    # named after it so that an OSError's filename still points at the target.
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(record, f)
+            f.flush()
+            os.fsync(f.fileno())   # or a crash right after the rename could leave an empty file
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def read_address_file(path: str | os.PathLike) -> AddressRecord | None:
+    """The record at ``path``; None when there is no file.  Raises
+    AddressFileError when the file holds something else."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return None
+    try:
+        record = json.loads(data)
+        host, port = record["host"], int(record["port"])
+        pid, job = record.get("pid"), record.get("job")
+        if not isinstance(host, str) or not host:
+            raise ValueError(f"bad host {host!r}")
+        if not 0 < port < 65536:
+            raise ValueError(f"bad port {port}")
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        shown = data[:80].decode("utf-8", "replace")
+        raise AddressFileError(
+            f"the master address file {os.fspath(path)} is not a master's address record ({exc}; it holds "
+            f"{shown!r}); a running master rewrites it when it starts: remove it, or restart the master") from None
+    return AddressRecord(host, port, pid if isinstance(pid, int) else None, None if job is None else str(job))
+
+
+def remove_address_file(path: str | os.PathLike) -> None:
+    """Removes the address file if this process published it (a newer master
+    may have replaced it since)."""
+    try:
+        record = read_address_file(path)
+        if record is not None and record.pid == os.getpid():
+            os.unlink(path)
+    except (OSError, AddressFileError):
+        pass

@@ -1,0 +1,204 @@
+"""Finding the master: the address file (cw.wire.address) and resolve_master's order.
+
+Real files throughout.  Where SLURM's answers matter, a stand-in ``squeue``
+on PATH answers from files the test writes (a job's state, the queue), so
+the stale-file and order rules are checked without a SLURM controller;
+tests/test_slurm.py runs the same code against a real one.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from cw.client import ENV_MASTER, resolve_master
+from cw.client.discovery import SlurmError, address_file, master_address, read_address
+from cw.launch.local import start_master
+from cw.wire.address import (
+    AddressFileError,
+    AddressRecord,
+    parse_address,
+    read_address_file,
+    remove_address_file,
+    write_address_file,
+)
+
+FAKE_SQUEUE = """#!/bin/sh
+# Stands in for SLURM's squeue: `-j ID` prints the state in state-ID, else the queue file.
+dir="$(dirname "$0")"
+job=""
+while [ $# -gt 0 ]; do
+    [ "$1" = "-j" ] && job="$2"
+    shift
+done
+if [ -n "$job" ]; then
+    [ -f "$dir/state-$job" ] && cat "$dir/state-$job"
+else
+    [ -f "$dir/queue" ] && cat "$dir/queue"
+fi
+exit 0
+"""
+
+
+@pytest.fixture
+def fake_slurm(tmp_path, monkeypatch):
+    """A directory first on PATH whose squeue and sbatch answer from files in it."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "squeue").write_text(FAKE_SQUEUE)
+    (bin_dir / "sbatch").write_text("#!/bin/sh\nexit 1\n")
+    for tool in ("squeue", "sbatch"):
+        (bin_dir / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return bin_dir
+
+
+@pytest.fixture(autouse=True)
+def clean_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("CW_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.delenv(ENV_MASTER, raising=False)
+    monkeypatch.delenv("CW_CLUSTER", raising=False)
+
+
+# --- the address file ---------------------------------------------------------------
+
+def test_address_file_round_trip(tmp_path):
+    path = tmp_path / "clusters" / "exp" / "master"       # its directory is made
+    assert read_address_file(path) is None                # no file: no master published
+    write_address_file(path, "node7", 40123, job="1234")
+    assert read_address_file(path) == AddressRecord("node7", 40123, os.getpid(), "1234")
+    write_address_file(path, "node8", 40124)              # replaced whole
+    assert read_address_file(path) == AddressRecord("node8", 40124, os.getpid(), None)
+    assert os.listdir(path.parent) == ["master"]          # no temporary file left beside it
+
+
+def test_only_the_master_that_wrote_the_file_removes_it(tmp_path):
+    path = tmp_path / "master"
+    path.write_text(json.dumps({"host": "n1", "port": 4000, "pid": os.getpid() + 1, "job": None}))
+    remove_address_file(path)                             # a newer master's file: kept
+    assert read_address_file(path).host == "n1"
+    write_address_file(path, "n2", 4001)
+    remove_address_file(path)
+    assert not path.exists()
+    remove_address_file(path)                             # already gone: nothing to do
+
+
+@pytest.mark.parametrize("content", [
+    b"",                                                  # cut short before anything was written
+    b'{"host": "n1", "port": 40',                         # torn
+    b"node7:4000\n",                                      # not JSON
+    b"[1, 2]",
+    b'{"host": "n1"}',                                    # no port
+    b'{"host": "", "port": 4000}',
+    b'{"host": "n1", "port": 70000}',
+    b'{"host": "n1", "port": "x"}',
+])
+def test_a_file_that_is_no_address_record_is_refused(tmp_path, content):
+    path = tmp_path / "master"
+    path.write_bytes(content)
+    with pytest.raises(AddressFileError, match=f"{path} is not a master's address record.*remove it"):
+        read_address_file(path)
+
+
+def test_a_real_master_publishes_its_address_and_removes_it_when_it_stops(tmp_path):
+    path = tmp_path / "clusters" / "m" / "master"
+    cluster = start_master(port=0, args=["--address-file", str(path)])
+    try:
+        record = read_address_file(path)
+        assert (record.host, record.port, record.pid) == ("127.0.0.1", cluster.port, cluster.master.pid)
+        assert record.job == os.environ.get("SLURM_JOB_ID")
+    finally:
+        cluster.stop()
+    assert not path.exists()
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    (None, ("localhost", 5494)), ("node7", ("node7", 5494)), ("node7:4000", ("node7", 4000)),
+    (":4000", ("localhost", 4000)), ("[::1]:4000", ("::1", 4000)), ("[fe80::1]", ("fe80::1", 5494)),
+])
+def test_parse_address(text, expected):
+    assert parse_address(text, 5494) == expected
+
+
+# --- a SLURM cluster's master ---------------------------------------------------------
+
+def test_a_stale_address_file_of_an_ended_master_job_is_ignored(fake_slurm):
+    write_address_file(address_file("exp"), "n1", 4000, job="77")
+    (fake_slurm / "state-77").write_text("RUNNING\n")
+    assert read_address("exp") == ("n1", 4000)
+    assert master_address("exp", wait=False) == ("n1", 4000)
+    (fake_slurm / "state-77").unlink()                    # the master job ended; its file stayed
+    assert read_address("exp") is None
+    with pytest.raises(LookupError, match="no cw cluster named 'exp'"):
+        master_address("exp", wait=False)
+
+
+def test_master_address_says_why_an_address_file_is_unreadable(fake_slurm):
+    path = address_file("exp")
+    path.parent.mkdir(parents=True)
+    path.write_text('{"host": "n1", "po')
+    (fake_slurm / "queue").write_text("12|cw-exp-master|PENDING||Resources\n")
+    assert read_address("exp") is None
+    with pytest.raises(SlurmError, match=r"job 12 of cluster 'exp' is PENDING \(Resources\).*"
+                                         r"is not a master's address record"):
+        master_address("exp", wait=False)
+
+
+# --- resolve_master's order: the host given, $CW_MASTER, the SLURM cluster, this machine ---------
+
+def test_resolve_master_order(fake_slurm, monkeypatch):
+    monkeypatch.setenv("CW_CLUSTER", "exp")
+    write_address_file(address_file("exp"), "slurm-node", 4000, job="77")
+    (fake_slurm / "state-77").write_text("RUNNING\n")
+    monkeypatch.setenv(ENV_MASTER, "env-host:3000")
+
+    assert resolve_master("given:2000", 5494) == ("given", 2000)
+    assert resolve_master("given", 5494) == ("given", 5494)
+    assert resolve_master(None, 5494) == ("env-host", 3000)
+    monkeypatch.delenv(ENV_MASTER)
+    assert resolve_master(None, 5494) == ("slurm-node", 4000)
+    monkeypatch.setenv("CW_CLUSTER", "other")             # that cluster published nothing
+    assert resolve_master(None, 5494) == ("localhost", 5494)
+    monkeypatch.setenv("CW_CLUSTER", "exp")
+    (fake_slurm / "state-77").unlink()                    # its master job ended
+    assert resolve_master(None, 5494) == ("localhost", 5494)
+
+
+def test_resolve_master_ignores_address_files_where_slurm_is_not_installed(tmp_path, monkeypatch):
+    write_address_file(address_file("default"), "slurm-node", 4000)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))   # no squeue, no sbatch
+    assert resolve_master(None, 5494) == ("localhost", 5494)
+
+
+# --- layering --------------------------------------------------------------------------
+
+def _imported_modules(path) -> set[str]:
+    import ast
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_the_client_never_imports_launch():
+    # launch sits above the client (slurm.py start --wait uses ClusterExecutor);
+    # an import back down would make the two a cycle again.
+    from pathlib import Path
+
+    import cw.client
+    offenders = {f"{path.name}: {name}" for path in Path(cw.client.__file__).parent.glob("*.py")
+                 for name in _imported_modules(path) if name == "cw.launch" or name.startswith("cw.launch.")}
+    assert not offenders
+
+
+def test_the_address_module_loads_nothing_above_the_wire():
+    import subprocess
+    import sys
+    code = ("import sys, cw.wire.address; print(sorted(m for m in sys.modules if m.startswith("
+            "('cw.client', 'cw.master', 'cw.launch', 'cw.worker', 'cloudpickle'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]"
