@@ -9,8 +9,10 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from cw.errors import JobTimeout, ProtocolError
+from cw.wire import frames as f
 from cw.wire import payload
-from cw.wire import protocol as p
+from cw.wire.decoder import FrameDecoder
+from cw.wire.frames import Frame, Status
 from cw.worker.channel import ExitChannel
 from cw.worker.core import (
     READY,
@@ -32,23 +34,23 @@ from cw.worker.core import (
 
 def frames(core: WorkerCore) -> list:
     """Takes the frames out of the outbox, decoded: (NAME, fields)."""
-    decoder = p.FrameDecoder()
+    decoder = FrameDecoder()
     while core.outbox:
         frame = core.outbox.popleft()
         decoder.feed(b"".join(bytes(c) for c in frame) if type(frame) is tuple else frame)
     out = []
     while (item := decoder.next_frame()) is not None:
         ftype, body = item
-        if ftype == p.OUTCOME:
-            gid, status, data = p.decode_outcome(body)
+        if ftype == Frame.OUTCOME:
+            gid, status, data = f.decode_outcome(body)
             out.append(("OUTCOME", gid, status))
-        elif ftype == p.REVOKED:
-            out.append(("REVOKED", *p.decode_revoked(body)))
-        elif ftype == p.OUTPUT:
-            gid, text = p.decode_output(body)
+        elif ftype == Frame.REVOKED:
+            out.append(("REVOKED", *f.decode_revoked(body)))
+        elif ftype == Frame.OUTPUT:
+            gid, text = f.decode_output(body)
             out.append(("OUTPUT", gid, bytes(text).decode()))
         else:
-            out.append((p.FRAME_NAMES[ftype],))
+            out.append((Frame(ftype).name,))
     return out
 
 
@@ -64,7 +66,7 @@ def job(core: WorkerCore, gid: int, timeout: float = 0.0, ctx: int = 1) -> list:
 
 def finish(core: WorkerCore, runner: int, gid: int) -> list:
     """The job ends and the shell sends its outcome: the actions that follow."""
-    assert core.finished(runner, gid, p.OK, b"result") == [Flush(runner, gid)]
+    assert core.finished(runner, gid, Status.OK, b"result") == [Flush(runner, gid)]
     return core.sent(runner, gid)
 
 
@@ -74,7 +76,7 @@ def run_of(actions: list) -> Run:
 
 
 def OUTCOME(gid):   # noqa: N802 - reads like the frame it stands for
-    return ("OUTCOME", gid, p.OK)
+    return ("OUTCOME", gid, Status.OK)
 
 
 # --- running jobs ---------------------------------------------------------------------
@@ -117,8 +119,8 @@ def test_jobs_run_one_at_a_time_in_the_order_they_came():
 def test_output_goes_just_before_its_outcome():
     core = started()
     job(core, 1)
-    assert core.finished(0, 1, p.RAISED, b"exc", printed="hello\n") == [Flush(0, 1)]
-    assert frames(core) == [("OUTPUT", 1, "hello\n"), ("OUTCOME", 1, p.RAISED)]
+    assert core.finished(0, 1, Status.RAISED, b"exc", printed="hello\n") == [Flush(0, 1)]
+    assert frames(core) == [("OUTPUT", 1, "hello\n"), ("OUTCOME", 1, Status.RAISED)]
 
 
 def test_job_env_and_context_travel_with_their_job():
@@ -140,7 +142,7 @@ def test_a_finished_job_keeps_the_token_until_its_outcome_was_sent():
     # the outcome goes out is queued, so the runner runs it next, no thread woken.)
     core = started()
     job(core, 1)
-    assert core.finished(0, 1, p.OK, b"") == [Flush(0, 1)]
+    assert core.finished(0, 1, Status.OK, b"") == [Flush(0, 1)]
     assert core.holder == 1
     assert job(core, 2) == []                 # queued, not run on the reader
     assert frames(core) == [OUTCOME(1)]
@@ -149,7 +151,7 @@ def test_a_finished_job_keeps_the_token_until_its_outcome_was_sent():
 
 def test_ping_is_answered_outside_the_outbox():
     core = started()
-    assert core.receive(p.PING, b"") == [Pong()]
+    assert core.receive(Frame.PING, b"") == [Pong()]
     assert frames(core) == []
 
 
@@ -160,7 +162,7 @@ def test_revoke_gives_back_a_queued_job_and_not_a_started_one():
     core = started()
     job(core, 1)
     job(core, 2)
-    core.receive(p.REVOKE, p.encode_revoke(2)[p.HEADER_SIZE:])
+    core.receive(Frame.REVOKE, f.encode_revoke(2)[f.HEADER_SIZE:])
     core.revoke(1)
     core.revoke(99)
     assert frames(core) == [("REVOKED", 2, True), ("REVOKED", 1, False), ("REVOKED", 99, False)]
@@ -208,7 +210,7 @@ def test_abort_after_the_job_finished_does_nothing():
     finish(core, 0, 1)
     assert core.abort(1) == [] and core.abort(12345) == []
     job(core, 2)
-    core.finished(1, 2, p.OK, b"")        # finished, its outcome still being sent
+    core.finished(1, 2, Status.OK, b"")        # finished, its outcome still being sent
     assert core.abort(2) == []
     assert frames(core) == [OUTCOME(1), OUTCOME(2)]
 
@@ -218,7 +220,7 @@ def test_after_exit_nothing_more_happens():
     job(core, 1)
     job(core, 2)
     core.abort(1)
-    assert job(core, 3) == [] and core.finished(0, 1, p.OK, b"") == [] and core.sent(0, 1) == []
+    assert job(core, 3) == [] and core.finished(0, 1, Status.OK, b"") == [] and core.sent(0, 1) == []
     assert core.drain() == [] and core.ping() == [] and core.deadline(1) == []
     assert frames(core) == []
 
@@ -233,8 +235,8 @@ def test_a_job_past_its_deadline_gets_a_timeout_outcome_then_the_process_exits()
     (action,) = core.deadline(1)
     assert action.reason == ExitChannel.REPLACE
     (outcome,) = core.outbox
-    gid, status, data = p.decode_outcome(b"".join(bytes(c) for c in outcome)[p.HEADER_SIZE:])
-    assert (gid, status) == (1, p.RAISED)
+    gid, status, data = f.decode_outcome(b"".join(bytes(c) for c in outcome)[f.HEADER_SIZE:])
+    assert (gid, status) == (1, Status.RAISED)
     exc, tb = payload.loads(data)
     assert isinstance(exc, JobTimeout) and "2.5 s" in str(exc) and "pid 42" in str(exc)
 
@@ -245,7 +247,7 @@ def test_a_deadline_after_the_job_ended_does_nothing():
     finish(core, 0, 1)
     assert core.deadline(1) == []
     job(core, 2, timeout=1.0)
-    core.finished(1, 2, p.OK, b"")
+    core.finished(1, 2, Status.OK, b"")
     assert core.deadline(2) == []
     assert frames(core) == [OUTCOME(1), OUTCOME(2)]
 
@@ -406,8 +408,8 @@ def test_connection_lost_with_jobs_running_ends_the_session_after_them_and_sends
 def test_error_frame_closes_and_unexpected_frames_raise():
     core = started()
     with pytest.raises(ProtocolError):
-        core.receive(p.SUBMIT, b"")
-    assert core.receive(p.ERROR, b"go away") == [Stop(0), Stop(1), End(drained=False)]
+        core.receive(Frame.SUBMIT, b"")
+    assert core.receive(Frame.ERROR, b"go away") == [Stop(0), Stop(1), End(drained=False)]
     assert "go away" in core.why_lost
     assert core.closed("eof") == []
 
@@ -482,7 +484,7 @@ class WorkerCoreMachine(RuleBasedStateMachine):
     def finish_one(self, data):
         runner = data.draw(st.sampled_from(self.runners("run")))
         gid = self.doing[runner][1]
-        self.apply(self.core.finished(runner, gid, p.OK, b""), runner)
+        self.apply(self.core.finished(runner, gid, Status.OK, b""), runner)
 
     @precondition(lambda self: not self.core.over and self.runners("flush"))
     @rule(data=st.data())

@@ -85,7 +85,8 @@ from __future__ import annotations
 from collections import deque
 
 from cw.errors import JobTimeout, ProtocolError
-from cw.wire import protocol
+from cw.wire import frames
+from cw.wire.frames import Frame
 from cw.wire.payload import error_outcome
 from cw.worker.actions import End, Exit, Flush, Idle, Pong, Read, Resume, Run, Spawn, Stop
 from cw.worker.channel import ExitChannel
@@ -124,21 +125,21 @@ def decode(ftype: int, body) -> tuple:
     feeds it to a core.  (Pure, so a shell can decode before it takes the
     lock it holds around its core.)  Raises ProtocolError for a frame a
     worker cannot get or cannot decode (the shell then calls ``closed``)."""
-    if ftype == protocol.JOB:
-        return WorkerCore.job, protocol.decode_job(body)
-    if ftype == protocol.JOB_ENV:
-        return WorkerCore.job_env, protocol.decode_job_env(body)
-    if ftype == protocol.CONTEXT:
-        return WorkerCore.context, protocol.decode_context_for_worker(body)
-    if ftype == protocol.PING:
+    if ftype == Frame.JOB:
+        return WorkerCore.job, frames.decode_job(body)
+    if ftype == Frame.JOB_ENV:
+        return WorkerCore.job_env, frames.decode_job_env(body)
+    if ftype == Frame.CONTEXT:
+        return WorkerCore.context, frames.decode_context_for_worker(body)
+    if ftype == Frame.PING:
         return WorkerCore.ping, ()
-    if ftype == protocol.REVOKE:
-        return WorkerCore.revoke, (protocol.decode_revoke(body),)
-    if ftype == protocol.ABORT:
-        return WorkerCore.abort, (protocol.decode_abort(body),)
-    if ftype == protocol.ERROR:
-        return WorkerCore.closed, ("the master closed our connection: " + bytes(body).decode("utf-8", "replace"),)
-    raise ProtocolError(f"the master sent an unexpected {protocol.FRAME_NAMES.get(ftype, ftype)} frame")
+    if ftype == Frame.REVOKE:
+        return WorkerCore.revoke, (frames.decode_revoke(body),)
+    if ftype == Frame.ABORT:
+        return WorkerCore.abort, (frames.decode_abort(body),)
+    if ftype == Frame.ERROR:
+        return WorkerCore.closed, ("the master closed our connection: " + frames.decode_error(body),)
+    raise ProtocolError(f"the master sent an unexpected {frames.kind_name(ftype)} frame")
 
 
 class WorkerCore:
@@ -188,7 +189,7 @@ class WorkerCore:
             return []
         env = self.envs.pop(gid, None)
         if self.draining:                  # sent before the master saw our DRAIN
-            self.outbox.append(protocol.encode_revoked(gid, True))
+            self.outbox.append(frames.encode_revoked(gid, True))
             return []
         job = Job(gid, ctx, timeout, payload, env, self.contexts.get(ctx))
         if self.holder is not None:        # (while the token is free, nothing is queued)
@@ -224,14 +225,14 @@ class WorkerCore:
     def revoke(self, gid: int) -> list:
         if self.over or self.lost:
             return []
-        self.outbox.append(protocol.encode_revoked(gid, self._take_back(gid)))
+        self.outbox.append(frames.encode_revoked(gid, self._take_back(gid)))
         return []
 
     def abort(self, gid: int) -> list:
         if self.over or self.lost:
             return []
         if self._take_back(gid):               # not started: hand it back, nothing to stop
-            self.outbox.append(protocol.encode_revoked(gid, True))
+            self.outbox.append(frames.encode_revoked(gid, True))
             return []
         job = self.jobs.get(gid)
         if job is None or job.state == SENDING:
@@ -268,8 +269,8 @@ class WorkerCore:
             return []
         if not self.lost:
             if printed:
-                self.outbox.append(protocol.encode_output(gid, printed))
-            self.outbox.append(protocol.encode_outcome(gid, status, data))
+                self.outbox.append(frames.encode_output(gid, printed))
+            self.outbox.append(frames.encode_outcome(gid, status, data))
         self.jobs[gid].state = SENDING
         return [Flush(runner, gid)]
 
@@ -287,7 +288,7 @@ class WorkerCore:
             return None
         self.jobs[gid].state = WAITING
         self.holder = None
-        self.outbox.append(protocol.LEND_FRAME)
+        self.outbox.append(frames.LEND_FRAME)
         actions = self._pass_token()
         if self.holder is None and not self.free:   # a runner for the next job, the lender's being taken
             spare = self._spawn()
@@ -315,9 +316,9 @@ class WorkerCore:
         if self.lost:
             return self._check_end()
         for job in self.queue:
-            self.outbox.append(protocol.encode_revoked(job.gid, True))
+            self.outbox.append(frames.encode_revoked(job.gid, True))
         self.queue.clear()
-        self.outbox.append(protocol.DRAIN_FRAME)
+        self.outbox.append(frames.DRAIN_FRAME)
         return self._check_end()
 
     def sigterm(self) -> list:
@@ -337,7 +338,7 @@ class WorkerCore:
             status, data = error_outcome(JobTimeout(
                 f"job stopped after its timeout of {job.timeout:g} s on worker pid {self.pid}; the worker "
                 "process was replaced. Raise the timeout if the job needs longer"))
-            self.outbox.append(protocol.encode_outcome(gid, status, data))
+            self.outbox.append(frames.encode_outcome(gid, status, data))
         return self._exit(ExitChannel.REPLACE, f"job {gid} ran past its timeout of {job.timeout:g} s")
 
     # --- the token -----------------------------------------------------------------
@@ -353,7 +354,7 @@ class WorkerCore:
         job.state = RUNNING
         self.holder = job.gid
         if not self.lost:
-            self.outbox.append(protocol.RECLAIM_FRAME)
+            self.outbox.append(frames.RECLAIM_FRAME)
         return Resume(job.runner, job.gid)
 
     def _pass_token(self) -> list:

@@ -27,7 +27,7 @@ from collections import deque
 
 from cw import settings
 from cw.errors import AuthenticationError, BrokenCluster, CwError, ProtocolError
-from cw.wire import buffers, protocol
+from cw.wire import buffers, frames
 from cw.wire.auth import load_secret
 from cw.wire.link import HandshakeFailed, master_timeout, open_link, parse_address, peer_info
 from cw.wire.payload import run_payload, views_writable_memory  # (an import per job costs ~4 us)
@@ -115,7 +115,7 @@ class Session:
                 runner = self.runners[action.runner] = _Runner(action.runner)
                 threading.Thread(target=self._runner, args=(runner,), name="cw-worker", daemon=True).start()
             elif kind is Pong:
-                self.link.post_nowait(protocol.PONG_FRAME)
+                self.link.post_nowait(frames.PONG_FRAME)
                 buffers.POOL.release_idle()     # pings come every few seconds
             elif kind is Exit:
                 self.exit = action
@@ -340,7 +340,7 @@ def master_resolver(spec: str, port: int, connect_timeout: float):
         name = spec[len("slurm:"):]
 
         def resolve():
-            from cw.launch.slurm import master_address
+            from cw.client.discovery import master_address
             return master_address(name, port, timeout=connect_timeout)
         return resolve
     address = parse_address(spec, port)
