@@ -219,7 +219,8 @@ class Session:
                 with lock:
                     actions = event(core, *args)
                     mine = self._act(actions, me.id) if actions else None
-                self._after(direct=False)
+                if self.exit is not None or core.over or core.outbox:
+                    self._after(direct=False)
                 if mine is not None:
                     if type(mine) is Stop:       # ERROR: the master closed our connection
                         log.warning("%s", core.why_lost)
@@ -253,14 +254,19 @@ class Session:
             for future in local.children:
                 future.cancel()
             local.job = local.children = None
+        core = self.core
         with self.lock:
-            self._act(self.core.finished(me.id, gid, status, data, printed), me.id)   # Flush
+            core.finished(me.id, gid, status, data, printed)   # (the task it gives is Flush)
         if views_writable_memory(data):   # the next job may change what this one returned: send it first
             self._send_all()
             self.link.flush(timeout=None)
         else:
             self._send()
-        return self._call(self.core.sent, me.id, gid, me=me.id)
+        with self.lock:
+            task = self._act(core.sent(me.id, gid), me.id)
+        if self.exit is not None or core.over or core.outbox:
+            self._after()
+        return task
 
     # --- nested jobs (see NestedJobHooks) ----------------------------------------------
 
