@@ -40,6 +40,11 @@ MAX_ATTEMPTS = 3
 WORKER_CONNECT_TIMEOUT = 60.0
 #: Seconds a client keeps trying to reach its master when it starts (connect_timeout=).
 CLIENT_CONNECT_TIMEOUT = 10.0
+#: Seconds a client that lost its master keeps its unfinished futures and
+#: tries to reach a master again (the same one back, or a new one the address
+#: file names) before they fail with BrokenCluster (reconnect_timeout=; 0:
+#: fail at once).  A minute covers a master restarted in place or by SLURM.
+CLIENT_RECONNECT_TIMEOUT = 60.0
 #: map() keeps at most this many chunks in flight (map(window=)).
 MAP_WINDOW = 256
 #: Seconds status() waits for the master's answer.

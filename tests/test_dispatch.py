@@ -273,7 +273,7 @@ def test_draining_worker_finishes_its_job_and_gets_no_other():
     worker(d, W2)
     submit(d, C1, 1, 2, 3)
     jobs = {peer: fields for peer, t, fields in drain(d) if t == Frame.JOB}
-    d.drain_worker(W1)
+    d.drain_worker(W1, [jobs[W1][0]])
     assert {w["id"]: w["state"] for w in d.status()["workers"]} == {W1: "draining", W2: "busy"}
     d.outcome(W1, jobs[W1][0], Status.OK, b"r")
     msgs = drain(d)
@@ -956,7 +956,7 @@ def test_slots_draining_worker_keeps_its_held_job_until_it_leaves():
     worker(d, W1)
     gids = gids_by_jobid(drain(d))
     assert sorted(gids) == [1, 2]
-    d.drain_worker(W1)
+    d.drain_worker(W1, [gids[1]])
     worker(d, W2)                      # takes the queued job 3, not W1's held job
     msgs = drain(d)
     assert jobs_by_worker(msgs) == [(W2, 3)]
@@ -982,7 +982,7 @@ def test_slots_draining_worker_gets_no_job_into_its_free_slot():
     worker(d, W1)
     gids = gids_by_jobid(drain(d))
     assert sorted(gids) == [1, 2]
-    d.drain_worker(W1)
+    d.drain_worker(W1, [gids[1]])
     d.outcome(W1, gids[1], Status.OK, b"one")
     msgs = drain(d)
     assert of(msgs, Frame.RESULT, C1) == [(1, Status.OK, b"h1:101", b"one")]
@@ -999,7 +999,7 @@ def test_slots_draining_worker_leaving_after_its_last_outcome_requeues_held_job_
     submit(d, C1, 2, retries=0)
     worker(d, W1)
     gids = gids_by_jobid(drain(d))
-    d.drain_worker(W1)
+    d.drain_worker(W1, [gids[1]])
     d.outcome(W1, gids[1], Status.OK, b"one")
     msgs = drain(d)
     assert of(msgs, Frame.RESULT, C1) == [(1, Status.OK, b"h1:101", b"one")]
@@ -1012,3 +1012,20 @@ def test_slots_draining_worker_leaving_after_its_last_outcome_requeues_held_job_
     assert jobs_by_worker(msgs) == [(W2, 2)]
     d.outcome(W2, gids_by_jobid(msgs)[2], Status.OK, b"two")
     assert of(drain(d), Frame.RESULT, C1) == [(2, Status.OK, b"h2:102", b"two")]
+
+
+def test_a_job_that_crossed_a_drain_goes_back_without_an_attempt():
+    """The master sends a JOB as the worker says DRAIN, having started
+    nothing; the worker is gone before it reads the JOB.  The job was never
+    run: it goes back to its queue, and even a job that may run only once
+    runs (found by tests/test_simulator.py: it used to fail as LOST)."""
+    d = Dispatcher(slots=1)
+    client(d, C1)
+    worker(d, W1)
+    submit(d, C1, 1, retries=0)
+    assert jobs_by_worker(drain(d)) == [(W1, 1)]
+    d.drain_worker(W1, [])               # it had started nothing when it said DRAIN
+    d.remove_worker(W1)
+    assert of(drain(d), Frame.RESULT) == []
+    worker(d, W2)
+    assert jobs_by_worker(drain(d)) == [(W2, 1)]

@@ -842,7 +842,7 @@ def test_draining_worker_does_not_take_jobs_pinned_to_it():
     worker(d, W2)
     submit(d, C1, 1)
     run = Run(d)
-    d.drain_worker(W1)
+    d.drain_worker(W1, [run.gid[key] for key in run.at[W1]])
     submit(d, C1, 2, workers=[W1])
     run.finish(W1)
     assert run.order == [(W1, C1, 1)]

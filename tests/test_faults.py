@@ -59,8 +59,8 @@ def test_max_retries_zero_runs_a_job_at_most_once(cluster, tmp_path):
     assert runs.read_text() == "x\n"
 
 
-def test_master_killed_fails_waiting_futures_quickly(cluster):
-    ex = cluster.executor()
+def test_master_killed_fails_waiting_futures_at_once_without_a_reconnect_window(cluster):
+    ex = cluster.executor(reconnect_timeout=0)
     future = ex.submit(jobs.sleep, 60)
     wait_until(lambda: ex.status()["running"] == 1, what="the job to start")
     cluster.master.kill()

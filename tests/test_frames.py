@@ -101,7 +101,7 @@ ROUND_TRIPS = [
 ]
 
 #: Frames with an empty body, made once.
-BARE_FRAMES = {Frame.PING: f.PING_FRAME, Frame.PONG: f.PONG_FRAME, Frame.DRAIN: f.DRAIN_FRAME,
+BARE_FRAMES = {Frame.PING: f.PING_FRAME, Frame.PONG: f.PONG_FRAME, Frame.DRAIN: f.encode_drain(()),
                Frame.LEND: f.LEND_FRAME, Frame.RECLAIM: f.RECLAIM_FRAME}
 #: Made and checked by cw.wire.handshake (tests/test_handshake.py).
 HANDSHAKE_FRAMES = {Frame.CHALLENGE, Frame.RESPONSE, Frame.PROOF}

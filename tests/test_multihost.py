@@ -62,14 +62,8 @@ CLIENT = textwrap.dedent('''
     def say(**fields):
         print(json.dumps(fields), flush=True)
 
-    options = {}
-    if mode == "reconnect":
-        # Until cw has the option, run without it: the test then shows how
-        # today's client fails (BrokenCluster), not a TypeError.
-        if "reconnect_timeout" in inspect.signature(ClusterExecutor).parameters:
-            options["reconnect_timeout"] = 60
-        else:
-            say(note="this cw has no ClusterExecutor(reconnect_timeout=); running without it")
+    # "plain": a client that gives up when its master is lost (reconnect_timeout=0).
+    options = {"reconnect_timeout": 60 if mode == "reconnect" else 0}
 
     with ClusterExecutor(host, int(port), **options) as ex:
         say(ready=True)
@@ -363,7 +357,6 @@ def test_client_host_cut_shorter_than_peer_timeout(network, tmp_path):  # noqa: 
           f"{caught_up:.1f} s after the heal")
 
 
-@pytest.mark.xfail(strict=True, reason="clients do not yet ride through a lost master (issue 13 item 2)")
 def test_master_host_cut_beyond_peer_timeout_then_back(network, tmp_path):  # noqa: F811
     """The master's host cut off for longer than the peer timeout, then back:
     a client made with ClusterExecutor(reconnect_timeout=60) rides through,
@@ -378,9 +371,8 @@ def test_master_host_cut_beyond_peer_timeout_then_back(network, tmp_path):  # no
     cluster.wait_for_run_on("w1")
     m.cut()
     started = time.monotonic()
-    # The master drops silent workers (it never drops a silent client: see
-    # Master.keep_alive); the workers and the client count the master lost on
-    # their own clocks, so the cut lasts past their timeout too.
+    # The master drops silent peers; the workers and the client count the
+    # master lost on their own clocks, so the cut lasts past their timeout too.
     cluster.wait_status(lambda s: not s["workers"], "the master to drop the workers")
     time.sleep(max(0.0, started + PEER_TIMEOUT * 1.5 - time.monotonic()))
     m.heal()
@@ -391,8 +383,6 @@ def test_master_host_cut_beyond_peer_timeout_then_back(network, tmp_path):  # no
     client.finish()
 
 
-@pytest.mark.xfail(strict=True, reason="the master never drops a silent client (Master.keep_alive), so a client "
-                   "cut off for good keeps its jobs queued and running until TCP gives up, about 15 minutes")
 def test_client_host_cut_for_good_frees_the_cluster(network, tmp_path):  # noqa: F811
     """A client host cut off for good: the client fails with BrokenCluster
     after the peer timeout (as documented), and the master, which can no

@@ -11,7 +11,7 @@ from cw.wire.frames import Frame, Status
 #: Every public name the module had before it was split, and where it lives now.
 OLD_NAMES = {
     frames: ["VERSION", "HEADER", "HEADER_SIZE", "DEFAULT_MAX_FRAME", "PREAUTH_MAX_FRAME", "LARGE_FRAME",
-             "frame", "PING_FRAME", "PONG_FRAME", "DRAIN_FRAME", "LEND_FRAME", "RECLAIM_FRAME",
+             "frame", "PING_FRAME", "PONG_FRAME", "LEND_FRAME", "RECLAIM_FRAME",
              "encode_json", "encode_submit", "encode_submit_with", "encode_job_env", "encode_notice",
              "encode_output", "encode_output_for_client", "encode_cancel", "encode_job", "encode_outcome",
              "encode_result", "encode_abort", "encode_revoke", "encode_revoked", "encode_cancelled",

@@ -65,8 +65,8 @@ def test_a_frozen_worker_is_declared_lost_and_its_job_runs_elsewhere(fast_cluste
         assert [c["done"] for c in ex.status()["clients"] if c["pid"] == os.getpid() and c["submitted"]] == [1]
 
 
-def test_a_client_whose_master_freezes_fails_its_futures(fast_cluster):
-    ex = fast_cluster.executor()
+def test_a_client_whose_master_freezes_fails_its_futures_without_a_reconnect_window(fast_cluster):
+    ex = fast_cluster.executor(reconnect_timeout=0)
     future = ex.submit(jobs.sleep, 60)
     os.kill(fast_cluster.master.pid, signal.SIGSTOP)
     try:

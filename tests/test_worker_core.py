@@ -46,6 +46,8 @@ def frames(core: WorkerCore) -> list:
             out.append(("OUTCOME", gid, status))
         elif ftype == Frame.REVOKED:
             out.append(("REVOKED", *f.decode_revoked(body)))
+        elif ftype == Frame.DRAIN:
+            out.append(("DRAIN", *f.decode_drain(body)))
         elif ftype == Frame.OUTPUT:
             gid, text = f.decode_output(body)
             out.append(("OUTPUT", gid, bytes(text).decode()))
@@ -268,7 +270,7 @@ def test_drain_gives_back_queued_jobs_then_says_drain_and_ends_after_the_running
     job(core, 2)
     job(core, 3)
     assert core.drain() == []                       # runner 0 runs job 1, runner 1 reads on
-    assert frames(core) == [("REVOKED", 2, True), ("REVOKED", 3, True), ("DRAIN",)]
+    assert frames(core) == [("REVOKED", 2, True), ("REVOKED", 3, True), ("DRAIN", 1)]   # it names the job it runs
     assert core.drain() == []                       # idempotent: SLURM's SIGTERM after the supervisor's SIGUSR1
     assert finish(core, 0, 1) == [Stop(0), End(drained=True)]
     assert frames(core) == [OUTCOME(1)]
@@ -278,6 +280,18 @@ def test_drain_of_an_idle_worker_ends_at_once_and_its_free_runner_stops():
     core = started()
     assert core.drain() == [Stop(1), End(drained=True)]
     assert frames(core) == [("DRAIN",)]
+
+
+def test_drain_names_every_job_started_and_not_finished_in_the_order_they_started():
+    core = started()
+    for gid in (1, 2, 3, 4):
+        job(core, gid)
+    core.lend(0, 1)                  # job 2 runs, job 1 waits
+    core.lend(2, 2)                  # job 3 runs, job 2 waits
+    core.finished(3, 3, Status.OK, b"")   # job 3 ended, its outcome on its way; job 4 still queued
+    frames(core)
+    core.drain()
+    assert frames(core) == [("REVOKED", 4, True), ("DRAIN", 1, 2)]
 
 
 def test_a_job_arriving_while_draining_is_given_back():
@@ -300,7 +314,7 @@ def test_outcomes_keep_their_order_with_drain_and_revoked():
     core.revoke(2)            # too late: it started
     core.drain()              # job 3 goes back
     finish(core, 0, 2)
-    assert frames(core) == [OUTCOME(1), ("REVOKED", 2, False), ("REVOKED", 3, True), ("DRAIN",), OUTCOME(2)]
+    assert frames(core) == [OUTCOME(1), ("REVOKED", 2, False), ("REVOKED", 3, True), ("DRAIN", 2), OUTCOME(2)]
 
 
 def test_second_sigterm_exits_now():

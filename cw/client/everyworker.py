@@ -18,7 +18,7 @@ STATUS_TIMEOUT = settings.STATUS_TIMEOUT
 
 class EveryWorker:
     """Mixed into ClusterExecutor, whose ``status``, ``submit_with`` and
-    connection (``_link``) it uses."""
+    connection (``_post_setup``) it uses."""
 
     def workers(self, timeout: float = STATUS_TIMEOUT) -> list[WorkerDescription]:
         """The workers connected now (one per worker process)."""
@@ -59,7 +59,7 @@ class EveryWorker:
         pip_args = [str(a) for a in pip_args]
         call = os.urandom(8).hex()
         if sticky:
-            self._link.post(frames.frame(Frame.SETUP, joined(dumps_call(
+            self._post_setup(frames.frame(Frame.SETUP, joined(dumps_call(
                 install_packages, (packages, pip_args, timeout, call), {}))))
         futures = self.submit_on_all(install_packages, packages, pip_args, timeout, call)
         failed = _failures(futures)

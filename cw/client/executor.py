@@ -2,8 +2,17 @@
 
 It holds one authenticated connection to the master.  Calls are pickled in
 the submitting thread and sent at once; a reader thread receives results,
-unpickles them and completes the futures.  If the connection breaks, every
-pending future fails with ``BrokenCluster`` instead of waiting forever.
+unpickles them and completes the futures.  The books (which jobs are
+unfinished, what the master learnt from this client) are a pure core,
+cw.client.core.ClientCore.
+
+If the connection breaks (the master died, was restarted, or the network
+failed), the futures stay pending while the reader connects again, to the
+master the executor's address names now (a SLURM cluster's address file may
+name a new one), for up to ``reconnect_timeout`` seconds; then it gives
+that master every unfinished job again.  Jobs submitted meanwhile wait in
+the client and go with them.  Only when the window ends does every pending
+future fail with ``BrokenCluster``.
 
 ``get_executor`` gives the executor a process shares (inside a job: one on
 the job's own cluster, see ``set_executor_factory`` and ``JobHooks``).
@@ -20,6 +29,7 @@ import threading
 import time
 
 from cw import PORT, settings
+from cw.client.core import ClientCore, Closed, Notice, Output, Result, StatusAnswer
 from cw.client.discovery import resolve_master
 from cw.client.everyworker import EveryWorker
 from cw.client.future import ClusterFuture, JobHooks, WorkerInfo, job_outcome
@@ -27,13 +37,14 @@ from cw.errors import BrokenCluster, CwError, ProtocolError
 from cw.wire import buffers, frames
 from cw.wire import options as job_options
 from cw.wire.auth import load_secret
-from cw.wire.frames import Frame, Status, kind_name
+from cw.wire.frames import Frame, Status
 from cw.wire.link import master_timeout, open_link, peer_info
 from cw.wire.options import DEFAULT_RETRIES
 
 log = logging.getLogger("cw.client")
 
 DEFAULT_CONNECT_TIMEOUT = settings.CLIENT_CONNECT_TIMEOUT
+DEFAULT_RECONNECT_TIMEOUT = settings.CLIENT_RECONNECT_TIMEOUT
 DEFAULT_MAP_WINDOW = settings.MAP_WINDOW
 STATUS_TIMEOUT = settings.STATUS_TIMEOUT
 
@@ -65,26 +76,37 @@ class ClusterExecutor(EveryWorker, concurrent.futures.Executor):
     ``host=None`` finds the master (see ``resolve_master``).  ``max_retries``
     is how often a job is re-run after its worker died under it (default:
     the master's, 2 re-runs); 0 for jobs that must never run twice.
-    ``job_hooks``: see ``JobHooks`` (given by a worker process to the
-    executors of its jobs).
+    ``reconnect_timeout``: seconds to keep trying to reach a master after
+    the connection broke, keeping unfinished futures (default 60; 0 fails
+    them at once).  ``job_hooks``: see ``JobHooks`` (given by a worker
+    process to the executors of its jobs).
     """
 
     def __init__(self, host: str | None = None, port: int = PORT, *,
                  connect_timeout: float = DEFAULT_CONNECT_TIMEOUT, max_retries: int | None = None,
                  timeout: float | None = None, weight: float = 1.0, echo: bool = False,
-                 job_hooks: JobHooks | None = None):
+                 reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT, job_hooks: JobHooks | None = None):
         self._hooks = job_hooks
         self._retries = _check_retries(max_retries)
         self._timeout = _check_timeout(timeout)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight <= 1e6:
             raise ValueError(f"weight must be a number above 0 (a share relative to other clients), not {weight!r}")
+        if (isinstance(reconnect_timeout, bool) or not isinstance(reconnect_timeout, (int, float))
+                or not 0 <= reconnect_timeout < 1e9):
+            raise ValueError("reconnect_timeout must be a number of seconds >= 0 (0: fail at once when the "
+                             f"master is lost), not {reconnect_timeout!r}")
         self._echo = echo
+        self._reconnect_timeout = float(reconnect_timeout)
+        self._address = (host, port)          # resolved again at every reconnection
         self.host, self.port = resolve_master(host, port)
-        info = peer_info("client")
-        info["weight"] = weight
-        self._link = open_link(self.host, self.port, load_secret(), info, connect_timeout)
-        self._link.send(frames.encode_json(Frame.CONTEXT, {"cwd": os.getcwd(), "path": sys.path}))
+        self._hello = peer_info("client")
+        self._hello["weight"] = weight
+        self._core = ClientCore({"cwd": os.getcwd(), "path": sys.path})
+        self._link = open_link(self.host, self.port, load_secret(), self._hello, connect_timeout)
+        self._link.send(self._core.context_frame)
         self._link.start_writer()
+        self._connected = threading.Event()   # set while there is a link to post on
+        self._connected.set()
         self._lock = threading.Lock()
         self._pending: dict[int, ClusterFuture] = {}
         self._status_waiters: dict[int, concurrent.futures.Future] = {}
@@ -161,19 +183,39 @@ class ClusterExecutor(EveryWorker, concurrent.futures.Executor):
         if self._hooks is not None:
             context = self._hooks.context_change()
             if context is not None:
-                self._link.post(frames.encode_json(Frame.CONTEXT, context))
-        if priority or options:
-            frame = frames.encode_submit_with(future.jobid, retries, timeout, priority, options, payload)
+                with self._lock:
+                    self._core.context_frame = frames.encode_json(Frame.CONTEXT, context)
+                    link = self._link
+                self._post(link, self._core.context_frame)
+        with self._lock:
+            frame = self._core.submit(future.jobid, retries, timeout, payload, priority, options)
+            link = self._link     # None while reconnecting: the job goes with the resubmission
+        if type(payload) is tuple and _views_writable_memory(payload):
+            self._post(link, frame, wait=True)   # the array as it is now, not as it will be
         else:
-            frame = frames.encode_submit(future.jobid, retries, timeout, payload)
-        try:
-            if type(payload) is tuple and _views_writable_memory(payload):
-                self._link.post_and_wait(frame, timeout=None)   # the array as it is now, not as it will be
-            else:
-                self._link.post(frame)
-        except OSError as exc:
-            self._set_broken(f"lost the connection to the cw master at {self._link.address} ({exc})")
+            self._post(link, frame)
         return future
+
+    @staticmethod
+    def _post(link, frame, wait: bool = False) -> None:
+        """Sends a frame on ``link`` unless it is gone (None, or broken: the
+        reader sees that and reconnects; the core keeps what must be resent)."""
+        if link is None:
+            return
+        try:
+            if wait:
+                link.post_and_wait(frame, timeout=None)
+            else:
+                link.post(frame)
+        except OSError:
+            pass
+
+    def _post_setup(self, frame) -> None:
+        """A sticky setup job: kept, so that a new master learns it too."""
+        with self._lock:
+            self._core.setup(frame)
+            link = self._link
+        self._post(link, frame)
 
     def map(self, fn, *iterables, timeout: float | None = None, chunksize: int = 1,
             window: int = DEFAULT_MAP_WINDOW, priority: int = 0, resources: dict | None = None,
@@ -245,43 +287,100 @@ class ClusterExecutor(EveryWorker, concurrent.futures.Executor):
     # --- the master's answers ---------------------------------------------------
 
     def _read_loop(self) -> None:
-        reason = None
+        link = self._link
+        while True:
+            reason = self._read_until_lost(link)
+            if self._closing:
+                return
+            with self._lock:
+                self._link = None
+                self._connected.clear()
+                unanswered = self._core.connection_lost()
+                waiters = [self._status_waiters.pop(r) for r in unanswered if r in self._status_waiters]
+            link.close(flush_timeout=0)
+            for waiter in waiters:
+                waiter.set_exception(BrokenCluster(f"the connection to the cw master at {link.address} broke "
+                                                   f"before it answered ({reason})"))
+            window = self._reconnect_timeout
+            if window <= 0:
+                self._set_broken(f"lost the connection to the cw master at {link.address}: {reason}")
+                return
+            log.warning("cw: lost the master at %s (%s); trying to reach it for up to %g s, keeping %d "
+                        "unfinished jobs", link.address, reason, window, len(self._pending))
+            link = self._reconnect(window)
+            if link is None:
+                self._set_broken(f"lost the connection to the cw master at {self._link_address} ({reason}) and "
+                                 f"could not reach a master again within {window:g} s (reconnect_timeout)")
+                return
+
+    def _read_until_lost(self, link) -> str:
+        """Reads the master's frames until the connection ends; returns why."""
         try:
             while True:
-                item = self._link.recv(master_timeout(self._link))
+                item = link.recv(master_timeout(link))
                 if item is None:
-                    reason = "the master closed the connection"
-                    break
+                    return "the master closed the connection"
                 ftype, body = item
-                if ftype == Frame.RESULT:
-                    self._on_result(*frames.decode_result(body))
-                elif ftype == Frame.OUTPUT:
-                    self._on_output(*frames.decode_output_for_client(body))
-                elif ftype == Frame.NOTICE:
-                    self._on_notice(*frames.decode_notice(body))
-                elif ftype == Frame.PING:
-                    buffers.POOL.release_idle()   # (a PING shows the master lives; it comes every few seconds)
-                elif ftype == Frame.CANCELLED:
-                    pass  # a cancelled future is done already
-                elif ftype == Frame.STATUS:
-                    reqid, status = frames.decode_status(body)
-                    waiter = self._status_waiters.pop(reqid, None)
+                if ftype == Frame.PING:
+                    link.post_nowait(frames.PONG_FRAME)   # so that the master can tell a silent client
+                    buffers.POOL.release_idle()           # (pings come every few seconds)
+                    continue
+                with self._lock:
+                    event = self._core.receive(ftype, body)
+                if isinstance(event, Result):
+                    self._on_result(*event)
+                elif isinstance(event, Output):
+                    self._on_output(*event)
+                elif isinstance(event, Notice):
+                    self._on_notice(*event)
+                elif isinstance(event, StatusAnswer):
+                    waiter = self._status_waiters.pop(event.reqid, None)
                     if waiter is not None:
-                        waiter.set_result(status)
-                elif ftype == Frame.ERROR:
-                    reason = "the master dropped this client: " + bytes(body).decode("utf-8", "replace")
-                    break
-                else:
-                    reason = f"the master sent an unexpected {kind_name(ftype)} frame"
-                    break
+                        waiter.set_result(event.status)
+                elif isinstance(event, Closed):
+                    return "the master dropped this client: " + event.reason
         except (OSError, ProtocolError) as exc:  # TimeoutError included: the master stopped answering
-            reason = str(exc) or type(exc).__name__
-        except Exception as exc:  # a bug here must fail the futures, not leave them hanging
-            reason = f"internal error in the client's reader: {exc!r}"
-        if not self._closing:
-            self._set_broken(f"lost the connection to the cw master at {self._link.address}: {reason}")
+            return str(exc) or type(exc).__name__
+        except Exception as exc:  # a bug here must not leave the futures hanging
+            log.exception("cw: internal error in the client's reader")
+            return f"internal error in the client's reader: {exc!r}"
+
+    def _reconnect(self, window: float):
+        """Connects to the master again (found again: it may have moved),
+        then resubmits every unfinished job; the new link, or None when no
+        master answered within ``window`` seconds (or the executor closed)."""
+        deadline = time.monotonic() + window
+        delay = 0.1
+        while not self._closing:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            try:
+                self.host, self.port = resolve_master(*self._address)
+                link = open_link(self.host, self.port, load_secret(), self._hello, min(left, 5.0))
+            except (CwError, OSError, LookupError) as exc:
+                log.debug("cw: no master yet: %s", exc)
+                time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+                delay = min(delay * 2, 2.0)
+                continue
+            link.start_writer()
+            with self._lock:
+                frames_again = self._core.resubmission()
+                for frame in frames_again:
+                    self._post(link, frame)
+                self._link = link
+                self._connected.set()
+            log.warning("cw: reached the master at %s again; resubmitted %d unfinished jobs", link.address,
+                        len(frames_again) - 1 - len(self._core.limits) - len(self._core.setups))
+            return link
+        return None
+
+    @property
+    def _link_address(self) -> str:
+        return f"{self.host}:{self.port}"
 
     def _on_result(self, jobid: int, status: int, label: bytes, payload) -> None:
+        """The core let this result through: the job's first and only end."""
         with self._lock:
             future = self._pending.pop(jobid, None)
         if future is None:
@@ -312,7 +411,8 @@ class ClusterExecutor(EveryWorker, concurrent.futures.Executor):
             sys.stderr.flush()
 
     def _running_jobids(self) -> set:
-        me = self._link.welcome.get("id")
+        link = self._link
+        me = link.welcome.get("id") if link is not None else None
         status = self.status()
         return {job for w in status["workers"] for job in w.get("current_jobs", {}).get(str(me), [])}
 
@@ -328,6 +428,8 @@ class ClusterExecutor(EveryWorker, concurrent.futures.Executor):
             if self._broken is not None:
                 return
             self._broken = reason
+            self._core.give_up()
+            self._connected.set()       # a status() waiting for a reconnection fails now
             pending = list(self._pending.values())
             self._pending.clear()
             waiters = list(self._status_waiters.values())
@@ -343,16 +445,22 @@ class ClusterExecutor(EveryWorker, concurrent.futures.Executor):
     def status(self, timeout: float = STATUS_TIMEOUT) -> dict:
         """The master's view: connected workers, clients, queued and running jobs."""
         waiter = concurrent.futures.Future()
+        start = time.monotonic()
+        self._connected.wait(timeout)      # while reconnecting, wait for a master (within the timeout)
         with self._lock:
             if self._broken is not None:
                 raise BrokenCluster(self._broken)
             reqid = next(self._ids) & 0xFFFFFFFF
             self._status_waiters[reqid] = waiter
-        self._link.post(frames.encode_status_request(reqid))
+            frame = self._core.status_request(reqid)
+            link = self._link
+        self._post(link, frame)
         try:
-            return waiter.result(timeout)
+            return waiter.result(max(0.0, timeout - (time.monotonic() - start)))
         except concurrent.futures.TimeoutError:
-            raise BrokenCluster(f"the master at {self._link.address} did not answer a status "
+            with self._lock:
+                self._status_waiters.pop(reqid, None)
+            raise BrokenCluster(f"the master at {self._link_address} did not answer a status "
                                 f"request within {timeout:g} s") from None
 
     def limit(self, tag: str, limit: int | None) -> None:
@@ -360,7 +468,10 @@ class ClusterExecutor(EveryWorker, concurrent.futures.Executor):
         the cluster and every client; ``None`` lifts the limit.  The limit
         lives in the master until changed (by any client)."""
         tag, limit = job_options.check_tag(tag), job_options.check_limit(limit)
-        self._link.post(frames.encode_json(Frame.LIMIT, {"tag": tag, "limit": limit}))
+        with self._lock:
+            frame = self._core.limit(tag, limit)
+            link = self._link
+        self._post(link, frame)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._lock:
@@ -384,7 +495,10 @@ class ClusterExecutor(EveryWorker, concurrent.futures.Executor):
             if not self._shutdown or self._pending or self._closing:
                 return
             self._closing = True
-        self._link.close()
+            link = self._link
+        self._connected.set()       # a status() waiting for a reconnection stops waiting
+        if link is not None:
+            link.close()
 
 
 def _views_writable_memory(payload) -> bool:

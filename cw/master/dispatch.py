@@ -153,13 +153,16 @@ class Dispatcher:
             raise ProtocolError(f"more than {self.MAX_SETUPS} setup jobs; restart the master to clear them")
         self.setups.append(bytes(payload))
 
-    def drain_worker(self, wid: int) -> None:
-        """The worker finishes its current job and takes no other (it is stopping)."""
+    def drain_worker(self, wid: int, started=()) -> None:
+        """The worker finishes the jobs it has started (``started``: their
+        gids) and takes no other (it is stopping).  It gives back (REVOKED)
+        every job sent ahead; a JOB that crossed its DRAIN comes back too,
+        or, if the worker is gone first, goes back to its queue with no
+        attempt counted: the worker said it never started it."""
         worker = self.workers.get(wid)
         if worker is not None:
             worker.draining = True
-            # It gives back (REVOKED) every job sent ahead; only this one runs.
-            worker.drain_head = worker.jobs[0].gid if worker.jobs else None
+            worker.drain_started = frozenset(started)
             self.unplaceable.epoch += 1
             self.slots.file(worker)
             self._recheck()

@@ -170,7 +170,7 @@ class ClientRecord:
 
 
 class WorkerRecord:
-    __slots__ = ("booked", "contexts", "done", "drain_head", "draining", "failures", "gpus", "info", "jobs",
+    __slots__ = ("booked", "contexts", "done", "drain_started", "draining", "failures", "gpus", "info", "jobs",
                  "label", "lent", "node", "revoking", "since", "wid")
 
     def __init__(self, wid: int, info: dict, now: float, node):
@@ -183,7 +183,7 @@ class WorkerRecord:
         self.jobs = deque()           # jobs sent to it, in order; the first one runs
         self.lent = 0                 # running jobs waiting on their children (LEND)
         self.revoking = None          # gid of a job sent ahead that we asked it to give back
-        self.drain_head = None        # gid of the job it was running when it said DRAIN
+        self.drain_started: frozenset = frozenset()   # gids of the jobs it had started when it said DRAIN
         self.contexts = set()         # client ids whose CONTEXT it was sent
         self.draining = False
         self.done = 0
@@ -195,12 +195,12 @@ class WorkerRecord:
         return list(self.jobs)[:1 + self.lent]
 
     def started(self) -> list[Job]:
-        """The jobs it has started: the first, with those it ran while lent;
-        none if it drained after the one it ran when it said DRAIN."""
-        jobs = list(self.jobs)
-        if self.draining and not (jobs and jobs[0].gid == self.drain_head):
-            return []
-        return jobs[:1 + self.lent]
+        """The jobs it has started: the first, with those it ran while lent
+        (it may have died before it read the first: the master cannot know);
+        once draining, exactly those it said it had started."""
+        if self.draining:
+            return [job for job in self.jobs if job.gid in self.drain_started]
+        return list(self.jobs)[:1 + self.lent]
 
     def running_job(self, gid: int) -> Job | None:
         jobs = self.jobs

@@ -23,6 +23,7 @@ import sys
 
 from cw import PORT, __version__, settings
 from cw.errors import AuthenticationError, CwError, ProtocolError
+from cw.master import inbox
 from cw.master.dispatch import Dispatcher
 from cw.wire import buffers, frames, handshake
 from cw.wire.address import remove_address_file, write_address_file
@@ -88,10 +89,10 @@ class Master:
                 conn.write(chunks)
 
     async def keep_alive(self) -> None:
-        """Pings every peer, so that they can tell a frozen master; drops workers
-        silent for longer than peer_timeout, so that their jobs run elsewhere.
-        Clients need not answer: a silent client holds up nobody, as its jobs
-        pause once its unread results fill its buffer.  A worker we stopped
+        """Pings every peer, so that they can tell a frozen master, and drops a
+        peer silent for longer than peer_timeout (every peer answers a PING):
+        a lost worker's jobs run elsewhere, a lost client's jobs are dropped
+        instead of running for nobody until TCP gives up.  A peer we stopped
         reading from (flow control) is not silent by its own doing."""
         loop = asyncio.get_running_loop()
         while True:
@@ -100,7 +101,7 @@ class Master:
             for conn in list(self.peers.values()):
                 if conn.reading_paused:
                     conn.last_heard = now
-                elif conn.role == "worker" and now - conn.last_heard > self.peer_timeout:
+                elif conn.role is not None and now - conn.last_heard > self.peer_timeout:
                     conn.drop(f"nothing heard for {now - conn.last_heard:.1f} s (peer timeout "
                               f"{self.peer_timeout:g} s); a frozen machine or a cut network?")
                 else:
@@ -361,44 +362,19 @@ class PeerConnection(asyncio.BufferedProtocol):
             self.handler = self._on_worker_frame
 
     def _on_client_frame(self, ftype: int, body: bytes) -> None:
-        if ftype == Frame.SUBMIT:
-            jobid, retries, timeout, payload = frames.decode_submit(body)
-            self.dispatcher.submit(self.peer_id, jobid, retries, timeout, payload)
-        elif ftype == Frame.SUBMIT_WITH:
-            jobid, retries, timeout, priority, options, payload = frames.decode_submit_with(body)
-            self.dispatcher.submit(self.peer_id, jobid, retries, timeout, payload, priority, options)
-        elif ftype == Frame.CANCEL:
-            self.dispatcher.cancel(self.peer_id, frames.decode_cancel(body))
-        elif ftype == Frame.SETUP:
-            self.dispatcher.add_setup(body)
-        elif ftype == Frame.LIMIT:
-            limit = frames.decode_limit(body)
-            self.dispatcher.set_limit(limit.tag, limit.limit)
-        elif ftype == Frame.CONTEXT:
-            self.dispatcher.set_context(self.peer_id, body)
-        elif ftype == Frame.STATUS_REQ:
+        if ftype == Frame.STATUS_REQ:
             reqid = frames.decode_status_request(body)
             self.transport.write(frames.encode_status(reqid, self.master.status()))
+        elif ftype in inbox.CLIENT_FRAMES:
+            inbox.client_frame(self.dispatcher, self.peer_id, ftype, body)
         elif ftype != Frame.PONG:
             self._unexpected(ftype, body)
 
     def _on_worker_frame(self, ftype: int, body: bytes) -> None:
-        if ftype == Frame.OUTCOME:
-            gid, status, payload = frames.decode_outcome(body)
-            self.dispatcher.outcome(self.peer_id, gid, status, payload)
-        elif ftype == Frame.REVOKED:
-            revoked = frames.decode_revoked(body)
-            self.dispatcher.revoked(self.peer_id, revoked.gid, revoked.given_back)
-        elif ftype == Frame.OUTPUT:
-            output = frames.decode_output(body)
-            self.dispatcher.output(self.peer_id, output.gid, output.text)
-        elif ftype == Frame.LEND:
-            self.dispatcher.lend(self.peer_id)
-        elif ftype == Frame.RECLAIM:
-            self.dispatcher.reclaim(self.peer_id)
-        elif ftype == Frame.DRAIN:
-            log.info("%s is draining: it finishes its job and takes no other", self.name)
-            self.dispatcher.drain_worker(self.peer_id)
+        if ftype in inbox.WORKER_FRAMES:
+            if ftype == Frame.DRAIN:
+                log.info("%s is draining: it finishes its job and takes no other", self.name)
+            inbox.worker_frame(self.dispatcher, self.peer_id, ftype, body)
         elif ftype != Frame.PONG:
             self._unexpected(ftype, body)
 

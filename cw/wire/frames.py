@@ -72,7 +72,8 @@ class Frame(IntEnum):
     PING = 22       # master -> peer, every heartbeat interval: empty
     PONG = 23       # peer -> master, in answer: empty
     ABORT = 24      # master -> worker: gid u64; stop that job now (cancelled by its client)
-    DRAIN = 25      # worker -> master: empty; finishing the current job, send no more
+    DRAIN = 25      # worker -> master: gid u64 of each job it started and has not finished; it finishes
+                    # those and takes no other (the master counts no attempt for the rest)
     REVOKE = 26     # master -> worker: gid u64; give back that job if it has not started
     REVOKED = 27    # worker -> master: gid u64, given back u8 (0: it started, its outcome follows)
     SUBMIT_WITH = 28  # client -> master: SUBMIT's fields, priority i32, options length u16 + options JSON + payload
@@ -224,7 +225,6 @@ def _json(obj) -> bytes:
 
 PING_FRAME = frame(Frame.PING)
 PONG_FRAME = frame(Frame.PONG)
-DRAIN_FRAME = frame(Frame.DRAIN)
 LEND_FRAME = frame(Frame.LEND)
 RECLAIM_FRAME = frame(Frame.RECLAIM)
 
@@ -245,6 +245,17 @@ def encode_submit_with(jobid: int, retries: int, timeout: float, priority: int, 
     opts = _json(options) if options else b""
     fields = _SUBMIT_WITH.pack(jobid, retries, timeout, priority, len(opts)) + opts
     return _with_payload(Frame.SUBMIT_WITH, fields, payload)
+
+
+def encode_drain(started) -> bytes:
+    return frame(Frame.DRAIN, b"".join(_U64.pack(gid) for gid in started))
+
+
+def decode_drain(body) -> list[int]:
+    """The gids a draining worker had started (the jobs it finishes)."""
+    if len(body) % _U64.size:
+        raise ProtocolError(f"DRAIN frame of {len(body)} bytes is not a list of 8-byte job ids")
+    return [gid for (gid,) in _U64.iter_unpack(body)]
 
 
 def encode_cancel(jobid: int) -> bytes:

@@ -8,7 +8,6 @@ from cw.wire import options as job_options
 from cw.wire.decoder import FrameDecoder  # noqa: F401 - re-exported
 from cw.wire.frames import (  # noqa: F401 - re-exported
     DEFAULT_MAX_FRAME,
-    DRAIN_FRAME,
     HEADER,
     HEADER_SIZE,
     LARGE_FRAME,

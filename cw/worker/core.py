@@ -53,7 +53,8 @@ Rules kept here:
 - A job running past its timeout (the shell tells ``deadline``) gets a
   JobTimeout OUTCOME, and the process exits (Exit REPLACE) after sending it.
 - Drain (first SIGTERM, or the supervisor's SIGUSR1; idempotent): every
-  queued job goes back (REVOKED(gid, True), oldest first), then DRAIN; a
+  queued job goes back (REVOKED(gid, True), oldest first), then DRAIN
+  naming the jobs started and not finished (in the order they started); a
   JOB arriving later (sent before the master saw DRAIN) goes back too.  The
   jobs started finish; free runners stop; when none is left the session
   ends (End, drained).  A second SIGTERM while draining exits now (Exit
@@ -318,7 +319,7 @@ class WorkerCore:
         for job in self.queue:
             self.outbox.append(frames.encode_revoked(job.gid, True))
         self.queue.clear()
-        self.outbox.append(frames.DRAIN_FRAME)
+        self.outbox.append(frames.encode_drain([gid for gid, job in self.jobs.items() if job.state != SENDING]))
         return self._check_end()
 
     def sigterm(self) -> list:

@@ -1,0 +1,60 @@
+"""Frames in: what each frame a client or a worker sends means to the
+dispatcher.  The master's asyncio shell and the protocol simulator
+(tests/simulator.py) both pass frames through here, so both drive the
+dispatcher in the same way."""
+from __future__ import annotations
+
+from cw.errors import ProtocolError
+from cw.master.dispatch import Dispatcher
+from cw.wire import frames
+from cw.wire.frames import Frame, kind_name
+
+CLIENT_FRAMES = frozenset({Frame.SUBMIT, Frame.SUBMIT_WITH, Frame.CANCEL, Frame.SETUP, Frame.LIMIT,
+                           Frame.CONTEXT})
+WORKER_FRAMES = frozenset({Frame.OUTCOME, Frame.REVOKED, Frame.OUTPUT, Frame.LEND, Frame.RECLAIM,
+                           Frame.DRAIN})
+
+
+def client_frame(d: Dispatcher, cid: int, ftype: int, body) -> None:
+    """A frame of CLIENT_FRAMES from client ``cid`` (the shell answers
+    status requests and pings).  Raises ProtocolError for a bad body."""
+    if ftype == Frame.SUBMIT:
+        jobid, retries, timeout, payload = frames.decode_submit(body)
+        d.submit(cid, jobid, retries, timeout, payload)
+    elif ftype == Frame.SUBMIT_WITH:
+        jobid, retries, timeout, priority, options, payload = frames.decode_submit_with(body)
+        d.submit(cid, jobid, retries, timeout, payload, priority, options)
+    elif ftype == Frame.CANCEL:
+        d.cancel(cid, frames.decode_cancel(body))
+    elif ftype == Frame.SETUP:
+        d.add_setup(body)
+    elif ftype == Frame.LIMIT:
+        limit = frames.decode_limit(body)
+        d.set_limit(limit.tag, limit.limit)
+    elif ftype == Frame.CONTEXT:
+        d.set_context(cid, body)
+    else:
+        raise ProtocolError(f"a client may not send frame type {kind_name(ftype)}")
+
+def worker_frame(d: Dispatcher, wid: int, ftype: int, body) -> None:
+    """A frame of WORKER_FRAMES from worker ``wid``.  Raises ProtocolError
+    for a bad body or a frame that breaks the rules (an outcome of a job
+    it does not run...): the shell then drops the worker."""
+    if ftype == Frame.OUTCOME:
+        gid, status, payload = frames.decode_outcome(body)
+        d.outcome(wid, gid, status, payload)
+    elif ftype == Frame.REVOKED:
+        revoked = frames.decode_revoked(body)
+        d.revoked(wid, revoked.gid, revoked.given_back)
+    elif ftype == Frame.OUTPUT:
+        output = frames.decode_output(body)
+        d.output(wid, output.gid, output.text)
+    elif ftype == Frame.LEND:
+        d.lend(wid)
+    elif ftype == Frame.RECLAIM:
+        d.reclaim(wid)
+    elif ftype == Frame.DRAIN:
+        d.drain_worker(wid, frames.decode_drain(body))
+    else:
+        raise ProtocolError(f"a worker may not send frame type {kind_name(ftype)}")
+

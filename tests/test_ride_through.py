@@ -1,0 +1,126 @@
+"""Clients ride through a lost master: their unfinished futures wait while
+the client reaches a master again (the same one restarted on its port), then
+every unfinished job is given to it again; jobs submitted meanwhile wait in
+the client.  Only when the reconnect window ends do futures fail."""
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+from conftest import wait_until
+
+from cw.client import ClientThread
+from cw.errors import BrokenCluster
+from cw.launch.local import start_master
+
+
+@pytest.fixture
+def restartable():
+    """A master with two workers whose master can be killed and started
+    again on the same port; stops whatever runs at the end."""
+    cluster = start_master(port=0)
+    cluster.add_workers(2)
+    cluster.wait_for_workers(2)
+    state = {"cluster": cluster, "masters": [cluster.master]}
+
+    def restart():
+        cluster.master.kill()
+        cluster.master.wait()
+        again = start_master(port=cluster.port)
+        cluster.master = again.master
+        state["masters"].append(again.master)
+
+    state["restart"] = restart
+    yield state
+    cluster.stop()
+    for proc in state["masters"]:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def slow_square(x, delay):
+    time.sleep(delay)
+    return x * x
+
+
+def test_futures_survive_a_master_restart_and_each_completes_once(restartable, tmp_path):
+    cluster = restartable["cluster"]
+    runs = tmp_path / "runs"
+    runs.mkdir()
+
+    def job(i):
+        # Each run leaves a mark: a job may run twice (at least once), but its future completes once.
+        (runs / f"{i}.{os.getpid()}.{time.monotonic_ns()}").touch()
+        time.sleep(0.05)
+        return i * 10
+
+    with cluster.executor(reconnect_timeout=60) as ex:
+        futures = [ex.submit(job, i) for i in range(40)]
+        wait_until(lambda: len(os.listdir(runs)) >= 4, what="some jobs to run")
+        restartable["restart"]()
+        # Submitted while the master may still be away: these wait in the client.
+        later = [ex.submit(lambda i=i: -i) for i in range(10)]
+        assert [f.result(timeout=60) for f in futures] == [i * 10 for i in range(40)]
+        assert [f.result(timeout=60) for f in later] == [-i for i in range(10)]
+        done = []
+        for f in futures:
+            f.add_done_callback(done.append)
+        assert len(done) == 40             # each once: a completed future stays as it is
+        # Every job ran at least once.
+        ran = {int(name.split(".")[0]) for name in os.listdir(runs)}
+        assert ran == set(range(40))
+        # The new master knows this client's jobs: it finished them.
+        mine = [c for c in ex.status()["clients"] if c["pid"] == os.getpid() and c["submitted"]]
+        assert mine and mine[0]["done"] >= 10
+
+
+def test_limits_and_the_context_reach_a_restarted_master(restartable, tmp_path):
+    cluster = restartable["cluster"]
+    with cluster.executor(reconnect_timeout=60) as ex:
+        ex.limit("db", 1)
+        assert ex.submit(os.getcwd).result(timeout=30) == os.getcwd()
+        restartable["restart"]()
+        wait_until(lambda: ex.status()["limits"].get("db", {}).get("limit") == 1, what="the limit on the new master")
+        # One db job at a time on the new master, though two workers are free.
+        stamps = [ex.submit(lambda: (time.time(), time.sleep(0.3), time.time())[::2], tag="db") for _ in range(3)]
+        spans = sorted(f.result(timeout=60) for f in stamps)
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False))
+        assert ex.submit(os.getcwd).result(timeout=30) == os.getcwd()
+
+
+def test_a_master_that_does_not_come_back_fails_futures_when_the_window_ends(restartable):
+    cluster = restartable["cluster"]
+    ex = cluster.executor(reconnect_timeout=2)
+    future = ex.submit(slow_square, 3, 30)
+    wait_until(lambda: ex.status()["running"] == 1, what="the job to start")
+    cluster.master.kill()
+    started = time.monotonic()
+    exc = future.exception(timeout=30)
+    waited = time.monotonic() - started
+    assert isinstance(exc, BrokenCluster)
+    assert "within 2 s" in str(exc) and "reconnect_timeout" in str(exc)
+    assert waited >= 2.0                      # it did wait for the master, not fail at once
+    with pytest.raises(BrokenCluster):
+        ex.submit(slow_square, 1, 0)
+
+
+def test_a_client_thread_rides_through_too(restartable):
+    cluster = restartable["cluster"]
+    got = {}
+    lock = threading.Lock()
+
+    def callback(jobid, result):
+        with lock:
+            got.setdefault(jobid, []).append(result)
+
+    with ClientThread(callback, cluster.host, cluster.port, reconnect_timeout=60) as ct:
+        for i in range(10):
+            ct.submit(i, slow_square, i, 0.2)
+        restartable["restart"]()
+        for i in range(10, 15):
+            ct.submit(i, slow_square, i, 0)
+        ct.wait()
+    assert got == {i: [i * i] for i in range(15)}
