@@ -1245,3 +1245,31 @@ def test_a_job_only_a_leaving_worker_could_run_is_told_at_once_even_while_the_re
     clock.now += 10
     d.expire()
     assert [f[:2] for f in of(drain(d), Frame.RESULT, C1)] == [(3, Status.UNPLACEABLE)]
+
+
+def test_a_big_job_that_comes_back_ahead_of_the_one_its_machine_waits_for_still_goes():
+    """A machine kept free for a big job (job 3) while a big job of the same
+    queue (job 1) is re-queued ahead of it, its worker having died: the
+    machine is kept for whichever comes first, and both run.  (Found by the
+    protocol simulator: the reservation stayed with job 3, which the queue
+    never reached, and job 1 could not go: nothing ran again.)"""
+    d = Dispatcher(slots=1)
+    client(d, C1)
+    m = {"node": "m", "resources": {"cpu": 3}}
+    for wid in (W1, W2, W3):
+        worker(d, wid, **m)
+    submit(d, C1, 1, resources={"cpu": 2})
+    submit(d, C1, 2)
+    submit(d, C1, 3, resources={"cpu": 2})
+    run = Run(d)
+    assert sorted(run.order) == [(W1, C1, 1), (W2, C1, 2)]   # job 3 waits: 3 CPUs, 3 in use
+    d.remove_worker(W1)                                       # job 1's worker dies: job 1 goes back first
+    run.at.pop(W1)
+    run.collect()
+    worker(d, W4, **m)
+    run.collect()
+    run.finish(W2)                                            # CPUs free: job 1 goes again
+    resent = [(c, j) for w, c, j in run.order[2:]]
+    assert resent == [(C1, 1)]
+    run.finish_oldest()                                       # then job 3
+    assert [(c, j) for w, c, j in run.order[2:]] == [(C1, 1), (C1, 3)]

@@ -163,6 +163,11 @@ def fits(worker: WorkerRecord, job: Job) -> dict | None:
     if reserved_for is not None and reserved_for is not job and growth is not None:
         if not reserved_for.waiting:
             node.reserved_for = None
+        elif reserved_for.queue is job.queue:
+            # A job of the same queue came back ahead of it (its worker died):
+            # the machine is kept for whichever of them is first, or neither
+            # would ever go.
+            node.reserved_for = job
         elif growth or not worker.lent:
             # Kept for a bigger job.  A lent worker may still run what books
             # nothing more: its parent waits for it, and the big job for the parent.
