@@ -1,4 +1,4 @@
-"""Unit tests of cw.master.dispatch.Dispatcher, driven by plain calls; the outbox is decoded with cw.protocol."""
+"""Unit tests of cw.master.dispatch.Dispatcher, driven by plain calls; the outbox is decoded with cw.wire.frames."""
 from __future__ import annotations
 
 import json

@@ -2,7 +2,7 @@
 share, resources and GPU ids, reservation for big jobs, unplaceable jobs, tag limits, placement on
 named workers, lending a worker while its job waits, and what status() says about all of it.
 
-Pure calls, no sockets: the outbox is decoded with cw.protocol, as in tests/test_dispatch.py."""
+Pure calls, no sockets: the outbox is decoded with cw.wire.frames, as in tests/test_dispatch.py."""
 from __future__ import annotations
 
 import json
@@ -67,7 +67,7 @@ def worker(d, wid, **info):
 
 
 def options(resources=None, tag=None, workers=None):
-    """The options dict the master would get: checked by protocol.check_options (it adds cpu=1)."""
+    """The options dict the master would get: checked by cw.wire.options.check_submitted (it adds cpu=1)."""
     raw = {}
     if resources is not None:
         raw["resources"] = dict(resources)
