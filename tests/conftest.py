@@ -68,6 +68,17 @@ def python(*args, **kwargs) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, *args], **kwargs)
 
 
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` runs: a zombie has exited too (it only waits
+    for its parent, which may reap it between the two looks)."""
+    try:
+        os.kill(pid, 0)
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (ProcessLookupError, FileNotFoundError):
+        return False
+
+
 def wait_until(predicate, timeout: float = 30.0, what: str = "condition"):
     """Polls ``predicate`` until it is true; fails the test after ``timeout`` (a hang)."""
     import time

@@ -8,7 +8,7 @@ import threading
 
 import jobs
 import pytest
-from conftest import wait_until
+from conftest import alive, wait_until
 
 import cw
 from cw.client import ClientThread, ClusterExecutor
@@ -136,6 +136,12 @@ def test_shutdown_can_cancel_unfinished_futures(cluster, tmp_path):
     assert all(f.cancelled() for f in queued + blockers)
     done, _ = concurrent.futures.wait(queued + blockers, timeout=0)
     assert len(done) == 7
+    # The cancellations act on the workers after shutdown returns: a running
+    # job's worker process is replaced.  Release the blockers only then, or a
+    # blocker could finish first and its worker run a queued job whose ABORT
+    # it had not read yet (the test would measure that race, not cancel).
+    pids = [int(p) for p in os.listdir(tmp_path) if p.isdigit()]
+    wait_until(lambda: not any(alive(pid) for pid in pids), what="the blockers' worker processes to be replaced")
     release.touch()
     with cluster.executor() as other:  # the queue is empty: this runs right after the blockers
         assert other.submit(jobs.identity, 1).result(timeout=30) == 1

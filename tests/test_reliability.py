@@ -7,7 +7,7 @@ import socket
 
 import jobs
 import pytest
-from conftest import wait_until
+from conftest import alive, wait_until
 
 from cw.errors import BrokenCluster, JobTimeout
 from cw.launch.local import start_master
@@ -18,20 +18,6 @@ from cw.wire.link import open_link, peer_info
 from cw.wire.payload import dumps_call
 
 FAST = ["--heartbeat", "0.2", "--peer-timeout", "1.5"]
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie is dead too: it has exited and only waits for its parent
-    # (which may reap it between the two looks).
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def started(directory):
