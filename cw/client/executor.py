@@ -29,16 +29,17 @@ import threading
 import time
 
 from cw import PORT, settings
-from cw.client.core import ClientCore, Closed, Notice, Output, Result, StatusAnswer
+from cw.client.connection import MasterConnection
+from cw.client.core import ClientCore
 from cw.client.discovery import resolve_master
 from cw.client.everyworker import EveryWorker
-from cw.client.future import ClusterFuture, JobHooks, WorkerInfo, job_outcome
-from cw.errors import BrokenCluster, CwError, ProtocolError
-from cw.wire import buffers, frames
+from cw.client.future import ClusterFuture, JobHooks
+from cw.errors import BrokenCluster, CwError
+from cw.wire import frames
 from cw.wire import options as job_options
 from cw.wire.auth import load_secret
-from cw.wire.frames import Frame, Status
-from cw.wire.link import master_timeout, open_link, peer_info
+from cw.wire.frames import Frame
+from cw.wire.link import open_link, peer_info
 from cw.wire.options import DEFAULT_RETRIES
 
 log = logging.getLogger("cw.client")
@@ -70,7 +71,7 @@ def scheduling_options(priority=0, resources=None, tag=None, workers=None) -> tu
     return job_options.job_options(priority, resources, tag, workers)
 
 
-class ClusterExecutor(EveryWorker, concurrent.futures.Executor):
+class ClusterExecutor(MasterConnection, EveryWorker, concurrent.futures.Executor):
     """Runs calls on a cw cluster.
 
     ``host=None`` finds the master (see ``resolve_master``).  ``max_retries``
@@ -196,20 +197,6 @@ class ClusterExecutor(EveryWorker, concurrent.futures.Executor):
             self._post(link, frame)
         return future
 
-    @staticmethod
-    def _post(link, frame, wait: bool = False) -> None:
-        """Sends a frame on ``link`` unless it is gone (None, or broken: the
-        reader sees that and reconnects; the core keeps what must be resent)."""
-        if link is None:
-            return
-        try:
-            if wait:
-                link.post_and_wait(frame, timeout=None)
-            else:
-                link.post(frame)
-        except OSError:
-            pass
-
     def _post_setup(self, frame) -> None:
         """A sticky setup job: kept, so that a new master learns it too."""
         with self._lock:
@@ -285,160 +272,6 @@ class ClusterExecutor(EveryWorker, concurrent.futures.Executor):
         self._maybe_close()
 
     # --- the master's answers ---------------------------------------------------
-
-    def _read_loop(self) -> None:
-        link = self._link
-        while True:
-            reason = self._read_until_lost(link)
-            if self._closing:
-                return
-            with self._lock:
-                self._link = None
-                self._connected.clear()
-                unanswered = self._core.connection_lost()
-                waiters = [self._status_waiters.pop(r) for r in unanswered if r in self._status_waiters]
-            link.close(flush_timeout=0)
-            for waiter in waiters:
-                waiter.set_exception(BrokenCluster(f"the connection to the cw master at {link.address} broke "
-                                                   f"before it answered ({reason})"))
-            window = self._reconnect_timeout
-            if window <= 0:
-                self._set_broken(f"lost the connection to the cw master at {link.address}: {reason}")
-                return
-            log.warning("cw: lost the master at %s (%s); trying to reach it for up to %g s, keeping %d "
-                        "unfinished jobs", link.address, reason, window, len(self._pending))
-            link = self._reconnect(window)
-            if link is None:
-                self._set_broken(f"lost the connection to the cw master at {self._link_address} ({reason}) and "
-                                 f"could not reach a master again within {window:g} s (reconnect_timeout)")
-                return
-
-    def _read_until_lost(self, link) -> str:
-        """Reads the master's frames until the connection ends; returns why."""
-        try:
-            while True:
-                item = link.recv(master_timeout(link))
-                if item is None:
-                    return "the master closed the connection"
-                ftype, body = item
-                if ftype == Frame.PING:
-                    link.post_nowait(frames.PONG_FRAME)   # so that the master can tell a silent client
-                    buffers.POOL.release_idle()           # (pings come every few seconds)
-                    continue
-                with self._lock:
-                    event = self._core.receive(ftype, body)
-                if isinstance(event, Result):
-                    self._on_result(*event)
-                elif isinstance(event, Output):
-                    self._on_output(*event)
-                elif isinstance(event, Notice):
-                    self._on_notice(*event)
-                elif isinstance(event, StatusAnswer):
-                    waiter = self._status_waiters.pop(event.reqid, None)
-                    if waiter is not None:
-                        waiter.set_result(event.status)
-                elif isinstance(event, Closed):
-                    return "the master dropped this client: " + event.reason
-        except (OSError, ProtocolError) as exc:  # TimeoutError included: the master stopped answering
-            return str(exc) or type(exc).__name__
-        except Exception as exc:  # a bug here must not leave the futures hanging
-            log.exception("cw: internal error in the client's reader")
-            return f"internal error in the client's reader: {exc!r}"
-
-    def _reconnect(self, window: float):
-        """Connects to the master again (found again: it may have moved),
-        then resubmits every unfinished job; the new link, or None when no
-        master answered within ``window`` seconds (or the executor closed)."""
-        deadline = time.monotonic() + window
-        delay = 0.1
-        while not self._closing:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return None
-            try:
-                self.host, self.port = resolve_master(*self._address)
-                link = open_link(self.host, self.port, load_secret(), self._hello, min(left, 5.0))
-            except (CwError, OSError, LookupError) as exc:
-                log.debug("cw: no master yet: %s", exc)
-                time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-                delay = min(delay * 2, 2.0)
-                continue
-            link.start_writer()
-            with self._lock:
-                frames_again = self._core.resubmission()
-                for frame in frames_again:
-                    self._post(link, frame)
-                self._link = link
-                self._connected.set()
-            log.warning("cw: reached the master at %s again; resubmitted %d unfinished jobs", link.address,
-                        len(frames_again) - 1 - len(self._core.limits) - len(self._core.setups))
-            return link
-        return None
-
-    @property
-    def _link_address(self) -> str:
-        return f"{self.host}:{self.port}"
-
-    def _on_result(self, jobid: int, status: int, label: bytes, payload) -> None:
-        """The core let this result through: the job's first and only end."""
-        with self._lock:
-            future = self._pending.pop(jobid, None)
-        if future is None:
-            return  # cancelled meanwhile
-        future.worker = WorkerInfo.from_label(label)
-        future.finished_at = time.time()
-        ok, value = job_outcome(jobid, status, future.worker, payload)
-        if status == Status.UNPLACEABLE:
-            future.worker = None     # it ran nowhere
-        try:
-            if ok:
-                future.set_result(value)
-            else:
-                future.set_exception(value)
-        except concurrent.futures.InvalidStateError:
-            pass  # cancelled by the user at the same moment
-        self._maybe_close()
-
-    def _on_output(self, jobid: int, label: bytes, text: str) -> None:
-        with self._lock:
-            future = self._pending.get(jobid)
-        if future is not None:
-            future._output = text
-        if self._echo:
-            prefix = f"[job {jobid} on {label.decode('utf-8', 'replace')}] "
-            lines = text.splitlines()
-            sys.stderr.write("".join(prefix + line + "\n" for line in lines))
-            sys.stderr.flush()
-
-    def _running_jobids(self) -> set:
-        link = self._link
-        me = link.welcome.get("id") if link is not None else None
-        status = self.status()
-        return {job for w in status["workers"] for job in w.get("current_jobs", {}).get(str(me), [])}
-
-    def _on_notice(self, jobid: int, text: str) -> None:
-        with self._lock:
-            future = self._pending.get(jobid)
-        if future is not None:
-            future.notice = text
-        log.warning("cw: job %d cannot run yet: %s", jobid, text)
-
-    def _set_broken(self, reason: str) -> None:
-        with self._lock:
-            if self._broken is not None:
-                return
-            self._broken = reason
-            self._core.give_up()
-            self._connected.set()       # a status() waiting for a reconnection fails now
-            pending = list(self._pending.values())
-            self._pending.clear()
-            waiters = list(self._status_waiters.values())
-            self._status_waiters.clear()
-        for future in pending + waiters:
-            try:
-                future.set_exception(BrokenCluster(reason))
-            except concurrent.futures.InvalidStateError:
-                pass
 
     # --- status and shutdown ------------------------------------------------------
 
