@@ -98,7 +98,8 @@ class ClusterExecutor(EveryWorker, concurrent.futures.Executor):
         self._echo = echo
         self._reconnect_timeout = float(reconnect_timeout)
         self._address = (host, port)          # resolved again at every reconnection
-        self.host, self.port = resolve_master(host, port)
+        # A SLURM cluster still starting (its master job pending) is waited for, as a master is.
+        self.host, self.port = resolve_master(host, port, timeout=connect_timeout)
         self._hello = peer_info("client")
         self._hello["weight"] = weight
         self._core = ClientCore({"cwd": os.getcwd(), "path": sys.path})
@@ -356,7 +357,7 @@ class ClusterExecutor(EveryWorker, concurrent.futures.Executor):
             if left <= 0:
                 return None
             try:
-                self.host, self.port = resolve_master(*self._address)
+                self.host, self.port = resolve_master(*self._address, timeout=left)
                 link = open_link(self.host, self.port, load_secret(), self._hello, min(left, 5.0))
             except (CwError, OSError, LookupError) as exc:
                 log.debug("cw: no master yet: %s", exc)
