@@ -37,7 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from netns import Network, NetnsUnavailable
+from netns import NetnsUnavailable, Network
 
 #: Seconds of silence after which slurmctld marks a node DOWN (SLURM's
 #: default is 300; a site's is often 300 too).  Low, so a test sees it soon.

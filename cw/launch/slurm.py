@@ -109,7 +109,7 @@ def render_master_script(opts: Options) -> str:
 # A master that stops on SIGTERM (scancel, the time limit: SLURM signals
 # every process of the job) exits 0 and ends the job; one that crashes
 # (a signal, an uncaught error) is started again, at most {opts.master_restarts} times.
-# Exit 2 is a configuration error (the secret file) that a restart cannot mend.
+# Exit 2 is a configuration error, which a restart cannot mend.
 trap 'stopping=1' TERM INT
 stopping=0
 for attempt in $(seq 0 {opts.master_restarts}); do
@@ -119,7 +119,7 @@ for attempt in $(seq 0 {opts.master_restarts}); do
     {shlex.join(command)}{advertise}
     status=$?
     if [ "$stopping" = 1 ] || [ "$status" = 0 ] || [ "$status" = 2 ]; then exit "$status"; fi
-    echo "cw: the master exited with status $status; restarting it (restart $((attempt + 1)) of {opts.master_restarts})" >&2
+    echo "cw: the master exited with status $status; restart $((attempt + 1)) of {opts.master_restarts}" >&2
     sleep 1
 done
 exit "$status"

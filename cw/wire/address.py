@@ -66,11 +66,12 @@ def write_address_file(path: str | os.PathLike, host: str, port: int, job: str |
     its directory; atomic: readers never see half a file."""
     path = os.fspath(path)
     record = {"host": host, "port": port, "pid": os.getpid(), "job": job}
-    if job is not None:
+    if job is not None and os.environ.get("SLURMD_NODENAME"):
         # Read here rather than passed by the master: they describe the job
-        # the master runs in, as its id does.
+        # the master runs in, as its id does.  SLURM sets the count only
+        # once the job has been requeued.
         restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
-        record.update(node=os.environ.get("SLURMD_NODENAME"), restarts=int(restarts) if restarts.isdigit() else None)
+        record.update(node=os.environ["SLURMD_NODENAME"], restarts=int(restarts) if restarts.isdigit() else None)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     # Beside the target (a rename is atomic only within one file system), and
     # named after it so that an OSError's filename still points at the target.
