@@ -155,6 +155,12 @@ class MultiNodeSlurm:
             except ProcessLookupError:
                 pass
 
+    def restore(self, node) -> None:
+        """``node`` powers on again: back on the network, its slurmd started
+        (SLURM returns it to service by itself, ReturnToService=2)."""
+        node.heal()
+        self._daemon(node, ["slurmd", "-D", "-N", node.name, "-f", str(self.conf)])
+
     def close(self) -> None:
         """Stops the daemons, every job process with them (they live in the
         namespaces, which go), and removes the state directory."""

@@ -76,6 +76,7 @@ class Options:
     port: int = 0                       # 0: a free port, published in the address file
     advertise: str = "name"             # publish the master's host "name", or its first "ip" address
     master_restarts: int = 10           # restarts of a crashed master within its job
+    master_args: list[str] = field(default_factory=list)  # extra `python -m cw.master` arguments
     drain_seconds: int = DRAIN_SECONDS
     python: str = sys.executable
 
@@ -103,7 +104,7 @@ def render_master_script(opts: Options) -> str:
     lines = _directives(opts, "master") + ["--ntasks=1", "--cpus-per-task=1", "--requeue"]
     addr = str(address_file(opts.name))
     command = [opts.python, "-m", "cw.master", "--bind", "0.0.0.0", "--port", str(opts.port),
-               "--address-file", addr]
+               "--address-file", addr, *opts.master_args]
     advertise = ' --advertise "$(hostname -I | cut -d" " -f1)"' if opts.advertise == "ip" else ""
     body = f"""\
 # A master that stops on SIGTERM (scancel, the time limit: SLURM signals
@@ -321,6 +322,9 @@ def main(argv=None) -> int:
     parser.add_argument("--extra", action="append", default=[], metavar="LINE",
                         help="extra line for the batch scripts, e.g. 'module load python' (repeatable)")
     parser.add_argument("--port", type=int, default=0, help="master port (default 0: any free port, published)")
+    parser.add_argument("--master-arg", action="append", default=[], metavar="ARG",
+                        help="extra argument for `python -m cw.master`, e.g. --master-arg=--peer-timeout=10 "
+                             "(repeatable)")
     parser.add_argument("--advertise", choices=("name", "ip"), default="name",
                         help="publish the master's host name (default) or its first IP address, for nodes "
                              "whose names do not resolve where clients run")
@@ -336,7 +340,8 @@ def main(argv=None) -> int:
                          mem=args.mem, cpus_per_worker=args.cpus_per_worker, isolated=args.isolated,
                          array=args.array, docker_image=args.docker_image, docker_args=args.docker_args,
                          xmaster=args.Xmaster, xworkers=args.Xworkers, extra_lines=args.extra,
-                         port=args.port, drain_seconds=args.drain, advertise=args.advertise)
+                         port=args.port, drain_seconds=args.drain, advertise=args.advertise,
+                         master_args=args.master_arg)
             for role, jobid in jobs.items():
                 print(f"submitted {role} job {jobid} ({job_name(args.name, role)})")
             if args.wait:
