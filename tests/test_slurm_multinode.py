@@ -49,7 +49,9 @@ CLIENT = textwrap.dedent('''
 
 
 @pytest.fixture(scope="module")
-def slurm4():
+def slurm4(local_slurm):
+    # local_slurm: the single-node SLURM's start installs the SLURM packages
+    # where they are missing (CI); its daemons and ours never meet.
     from slurm_multinode import MultiNodeSlurm
     try:
         bed = MultiNodeSlurm(nodes=4)
@@ -151,6 +153,7 @@ def test_isolated_workers_get_a_node_each_and_a_failed_node_costs_only_its_worke
     assert workers and workers[0]["state"] == "RUNNING"
 
 
+@pytest.mark.timeout(300)
 def test_the_master_node_fails_and_the_master_comes_back_elsewhere(slurm4, cluster, tmp_path):
     slurm_py(slurm4, "start", "-n", "3", "--name", cluster, "--advertise", "ip", *FAST)
     client = start_client(slurm4, cluster, tmp_path, n=40, seconds=1.0)

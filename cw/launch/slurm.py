@@ -52,6 +52,8 @@ __all__ = ["DEFAULT_NAME", "DISCOVERY_TIMEOUT", "DRAIN_SECONDS", "SQUEUE_FORMAT"
 STOP_TIMEOUT = 30.0
 #: Seconds before the time limit at which SLURM asks workers to drain.
 DRAIN_SECONDS = 120
+#: Seconds a SLURM worker keeps looking for its master (worker --connect-timeout).
+WORKER_CONNECT_TIMEOUT = 600
 
 
 # --- batch scripts ------------------------------------------------------------
@@ -77,6 +79,7 @@ class Options:
     advertise: str = "name"             # publish the master's host "name", or its first "ip" address
     master_restarts: int = 10           # restarts of a crashed master within its job
     master_args: list[str] = field(default_factory=list)  # extra `python -m cw.master` arguments
+    worker_connect_timeout: float = WORKER_CONNECT_TIMEOUT
     drain_seconds: int = DRAIN_SECONDS
     python: str = sys.executable
 
@@ -129,7 +132,11 @@ exit "$status"
 
 
 def worker_command(opts: Options) -> list[str]:
-    command = [opts.python, "-m", "cw.worker", f"slurm:{opts.name}"]
+    # Workers wait for a lost master as long as SLURM may take to requeue its
+    # job on another node (SlurmdTimeout, often 300 s, then CredExpire + 1 s,
+    # 121 s by default); they stop at once when the master job is gone for good.
+    command = [opts.python, "-m", "cw.worker", f"slurm:{opts.name}", "--connect-timeout",
+               str(opts.worker_connect_timeout)]
     if opts.port:
         command += ["--port", str(opts.port)]
     if opts.docker_image:

@@ -568,8 +568,11 @@ def run_worker(resolve, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT, offer:
         host, port = "?", "?"
         try:
             host, port = resolve()
+            # At most 5 s an attempt, then the address is asked again: one that
+            # names a host gone dark (a SLURM node that failed) hangs a connect
+            # rather than refusing it, while a new master is published elsewhere.
             link = open_link(host, port, secret, {**peer_info("worker"), **(offer or {})},
-                             max(1.0, deadline - time.monotonic()))
+                             max(1.0, min(5.0, deadline - time.monotonic())))
         except HandshakeFailed as exc:
             if time.monotonic() > deadline:
                 log.error("giving up: %s", exc)
