@@ -134,3 +134,18 @@ def test_an_unknown_cluster_is_a_clear_error():
     proc = subprocess.run([sys.executable, str(ROOT / "slurm.py"), "status", "--name", "nosuch"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "no jobs" in proc.stdout
+
+
+def test_a_client_started_right_after_start_waits_for_the_master(cluster_name, monkeypatch, caplog):
+    # Issue 13 item 4: without --wait, the master job is still pending or
+    # starting when the client looks for it; the client waits and says so.
+    import logging
+    name = cluster_name[0]
+    slurm_py("start", "-n", "1", "--name", name)
+    monkeypatch.setenv("CW_CLUSTER", name)
+    monkeypatch.delenv("CW_MASTER", raising=False)
+    with caplog.at_level(logging.INFO, logger="cw.client.discovery"):
+        with ClusterExecutor(connect_timeout=120) as ex:
+            assert ex.submit(jobs.square, 7).result(timeout=120) == 49
+    said = [r.getMessage() for r in caplog.records if r.name == "cw.client.discovery"]
+    assert len(said) == 1 and f"cluster {name!r}: job " in said[0], said

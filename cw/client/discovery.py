@@ -228,7 +228,7 @@ def master_address(name: str | None = None, port: int = PORT, timeout: float = D
             return running[0].nodes.split(",")[0], port
         if wait and not said:
             # One line, not one per poll: the wait is normal while a job starts.
-            log.warning("waiting up to %g s for the master of SLURM cluster %r: job %s is %s%s", timeout, name,
+            log.warning("waiting up to %.0f s for the master of SLURM cluster %r: job %s is %s%s", timeout, name,
                         masters[0].jobid, masters[0].state, "" if masters[0].reason in ("", "None")
                         else f" ({masters[0].reason})")
             said = True
