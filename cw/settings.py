@@ -23,6 +23,12 @@ PEER_TIMEOUT = 30.0
 #: Jobs a worker holds at once: the one it runs and the next ones, sent ahead so
 #: that it never waits a round trip between jobs (master --slots; 1: no prefetch).
 WORKER_SLOTS = 2
+#: Seconds a worker has to answer a REVOKE of a job sent ahead (a more urgent
+#: job wants its place, or an idle worker its job) before the job is given to
+#: another worker all the same; a late start of it there is dropped.  A frozen
+#: machine then holds only the job it runs until the peer timeout (master
+#: --revoke-timeout).
+REVOKE_TIMEOUT = 3.0
 
 #: Seconds a job waits when no connected worker could ever run it (it asks for
 #: more than any machine has, or names workers that are gone) before it fails

@@ -13,6 +13,11 @@ cut "beyond the peer timeout" takes seconds.  Waits on state (a readiness
 line, the master's status, a marker file) have deadlines that only catch
 hangs; the one deliberate wait is how long a cut lasts, which is what a test
 is about.
+
+A master that dies and comes back (in place, on another host, through the
+address file) is test_multihost_restart.py's; the chaos run of thousands of
+jobs under random faults is test_multihost_chaos.py's.  Both use the helpers
+here.
 """
 from __future__ import annotations
 

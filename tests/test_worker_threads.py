@@ -1,4 +1,4 @@
-"""How a worker's threads share the work (cw/worker.py, Session): the
+"""How a worker's threads share the work (cw/worker/session.py, Session): the
 reader's role passes to another thread when the reader runs a job itself."""
 from __future__ import annotations
 

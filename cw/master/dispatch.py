@@ -10,28 +10,23 @@ tuple.  Tests drive it with plain calls and read the outbox, no sockets.
 Its only clock is the one it is given.
 
 Rules kept here:
-- Fair share: idle workers take jobs from the clients in turn.  Each client
-  has a virtual clock that advances by 1/weight per job it is given; the
-  client with the earliest clock goes next, so one client's 100,000 queued
-  jobs do not starve another's ten, and a client of weight 2 gets twice the
-  share of one of weight 1.  A client that comes back after a pause starts
-  at the current clock, not with credit for the time it was away.
+- Fair share: idle workers take jobs from the clients in turn, by weight
+  (cw.master.fairshare), so one client's 100,000 queued jobs do not starve
+  another's ten.
 - Within a client, higher priority first, FIFO among equal priorities.
-- A job may ask for resources (CPUs, memory, GPUs, any named amount), carry
-  a tag whose running jobs are limited cluster-wide, or name the workers it
-  may run on.  Such a job goes first-fit to an idle worker whose machine has
-  the resources free, and never more than a machine offers.  Jobs that ask
-  nothing need one CPU: the worker process they run in.  A job that cannot
-  fit now keeps one machine for itself (nothing new starts there) until it
-  fits, so small jobs cannot starve it; other jobs of its client that do
-  fit go meanwhile.  A job that no connected machine could ever run waits,
-  with a notice to its client, and fails after ``unplaceable_timeout``.
-- A worker is sent up to ``slots`` jobs (default 2): the one it runs and the
-  next, sent ahead, so it never waits a round trip between jobs.  Only jobs
-  that ask for nothing more are sent ahead like that.  A worker that falls
-  idle while another has a job sent ahead takes that job over (REVOKE, then
-  REVOKED gives it back), so a job never waits behind a long one while a
-  worker is free.
+- A job may ask for resources, carry a tag whose running jobs are limited
+  cluster-wide, or name the workers it may run on: it goes first-fit to an
+  idle worker whose machine has room, never beyond what a machine offers,
+  and one that cannot fit now keeps a machine for itself until it fits
+  (cw.master.placement).  One that no connected machine could ever run
+  fails after ``unplaceable_timeout`` (cw.master.unplaceable).
+- A worker is sent up to ``slots`` jobs (default 2): the one it runs and
+  the next, sent ahead (only jobs that ask for nothing more).  A job sent
+  ahead is asked back (REVOKE) for a worker that falls idle, or for a more
+  urgent job of its client, which takes its place without using a turn
+  (cw.master.outrank): no job waits behind a long one while a worker is
+  free, and jobs start in priority order.  A REVOKE unanswered for
+  ``revoke_timeout`` costs the worker the job (cw.master.slots).
 - A job that waits for jobs it submitted lends its worker (LEND): the
   worker counts as free and runs other jobs meanwhile, until it says
   RECLAIM.  So trees of jobs far deeper than the cluster is wide complete.
@@ -61,6 +56,7 @@ from cw import settings
 from cw.errors import ProtocolError
 from cw.master import report
 from cw.master.fairshare import FairShare
+from cw.master.outrank import Outrank
 from cw.master.placement import Placement
 from cw.master.records import DONE, QUEUED, RUNNING, ClientRecord, Job, JobQueue, WorkerRecord
 from cw.master.slots import Slots
@@ -78,7 +74,8 @@ class Dispatcher:
     MAX_SETUPS = 64
 
     def __init__(self, max_attempts: int = DEFAULT_MAX_ATTEMPTS, clock=time.monotonic,
-                 slots: int = settings.WORKER_SLOTS, unplaceable_timeout: float = settings.UNPLACEABLE_TIMEOUT):
+                 slots: int = settings.WORKER_SLOTS, unplaceable_timeout: float = settings.UNPLACEABLE_TIMEOUT,
+                 revoke_timeout: float = settings.REVOKE_TIMEOUT):
         self.max_attempts = max_attempts
         self.clock = clock
         self.started = clock()
@@ -86,7 +83,8 @@ class Dispatcher:
         self.clients: dict[int, ClientRecord] = {}
         self.workers: dict[int, WorkerRecord] = {}
         self.placement = Placement(self.workers)
-        self.slots = Slots(self.workers, slots, self.placement)
+        self.slots = Slots(self.workers, slots, self.placement, revoke_timeout)
+        self.outrank = Outrank(self.workers, self.slots)
         self.turns = FairShare(self.clients)
         self.unplaceable = Unplaceable(self.placement, clock, unplaceable_timeout)
         self.queued = 0
@@ -172,8 +170,7 @@ class Dispatcher:
         if worker is None:
             return
         self.unplaceable.epoch += 1
-        self.slots.file(worker)
-        self.slots.answered(worker)
+        self.slots.left(worker)
         # Back to the heads of their queues in the order they were sent; only
         # those it had started count as an attempt.
         jobs, started = list(worker.jobs), worker.started()
@@ -206,6 +203,8 @@ class Dispatcher:
         self.turns.add(client)
         if self.slots.idle or self.slots.spare:
             self._pump()
+        if priority != client.floor:       # rare: most clients submit at one priority
+            self.outbox += self.outrank.submitted(client, job, self.clock())
 
     def set_limit(self, tag: str, limit: int | None) -> None:
         """At most ``limit`` jobs tagged ``tag`` run at once (None: no limit)."""
@@ -256,7 +255,7 @@ class Dispatcher:
     def revoked(self, wid: int, gid: int, given_back: bool) -> None:
         """The worker answers a REVOKE, or gives back a job sent ahead that it was told to ABORT."""
         worker = self.workers[wid]
-        self.slots.answered(worker, gid)
+        swap = self.slots.answered(worker, gid)
         job = next((j for j in worker.jobs if j.gid == gid), None)
         if given_back:
             # The worker knows best: even the job we took for its running one
@@ -269,6 +268,10 @@ class Dispatcher:
         elif job is not None:
             job.pinned = True             # it started: asking again cannot get it back
         self.slots.file(worker)
+        if swap and given_back and job.client is not None and not job.client.paused:
+            picked = self._pick(job.client)   # its place: the client's most urgent job, on the turn it gave back
+            if picked is not None:
+                self._assign(*picked)
         self._pump()
 
     def lend(self, wid: int) -> None:
@@ -290,14 +293,14 @@ class Dispatcher:
         worker.lent -= 1
         self.slots.file(worker)
 
-    @property
-    def unplaceable_timeout(self) -> float:
-        return self.unplaceable.timeout
-
     def expire(self) -> None:
-        """Fails jobs that no connected worker could run for longer than
-        ``unplaceable_timeout`` (the master calls this every second or so)."""
+        """Fails jobs no connected worker could run for ``unplaceable_timeout``;
+        takes held jobs whose REVOKE is overdue (the master calls this often)."""
         self.unplaceable.expire(self.clients.values(), self._fail_unplaceable)
+        for job in self.slots.forsake_overdue(self.clock()):
+            job.attempts -= 1         # it may never have started there
+            self._requeue(job)
+        self._pump()
 
     def status(self) -> dict:
         return report.status(self)
@@ -334,6 +337,8 @@ class Dispatcher:
         job.attempts += 1
         worker.take(job, self._new_gid())   # not before: queued jobs carry no id of their own (B5 counts bytes)
         self.slots.file(worker)
+        if client.held is not None:
+            self.outrank.sent_ahead(job)
         if env is not None:
             outbox.append((worker.wid, frames.encode_job_env(job.gid, env)))
         outbox.append((worker.wid, frames.encode_job(job.gid, cid, job.timeout, job.payload)))
@@ -400,7 +405,7 @@ class Dispatcher:
             self._assign(*picked)
             turns.served(client)
         if not turns:
-            for donor in slots.steal():
+            for donor in slots.steal(self.clock):
                 self.outbox.append((donor.wid, frames.encode_revoke(donor.revoking)))
         for client in blocked:
             turns.add(client)

@@ -101,8 +101,8 @@ class JobQueue:
 
 
 class ClientRecord:
-    __slots__ = ("cid", "context", "done", "failed", "in_ready", "info", "jobs", "notified", "paused", "plain",
-                 "queued", "queues", "submitted", "vtime", "weight")
+    __slots__ = ("cid", "context", "done", "failed", "floor", "held", "in_ready", "info", "jobs", "notified",
+                 "paused", "plain", "queued", "queues", "submitted", "vtime", "weight")
 
     def __init__(self, cid: int, info: dict):
         self.cid = cid
@@ -118,6 +118,8 @@ class ClientRecord:
         weight = info.get("weight", 1)
         self.weight = float(weight) if isinstance(weight, (int, float)) and 0 < weight <= 1e6 else 1.0
         self.notified = set()         # shape keys it was told cannot run now
+        self.floor = None             # the lowest priority it submitted (cw.master.outrank)
+        self.held = None              # its jobs sent ahead, by priority, once it used two priorities
         self.submitted = 0
         self.done = 0
         self.failed = 0

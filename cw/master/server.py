@@ -110,9 +110,12 @@ class Master:
             buffers.POOL.release_idle()
 
     async def expire_unplaceable(self) -> None:
-        """Fails jobs that no worker could run for longer than the dispatcher allows."""
+        """Fails jobs that no worker could run for longer than the dispatcher
+        allows, and takes held jobs from workers that leave a REVOKE unanswered:
+        often enough that either comes at most a quarter late."""
+        d = self.dispatcher
         while True:
-            await asyncio.sleep(min(1.0, self.dispatcher.unplaceable_timeout / 4))
+            await asyncio.sleep(min(1.0, d.unplaceable.timeout / 4, d.slots.revoke_timeout / 4))
             self.dispatcher.expire()
             self.flush()
 
@@ -392,7 +395,9 @@ async def serve(bind: str = "127.0.0.1", port: int = PORT, secret: bytes | None 
         secret = load_secret(create=True)
     slots = options.pop("slots", settings.WORKER_SLOTS)
     unplaceable = options.pop("unplaceable_timeout", settings.UNPLACEABLE_TIMEOUT)
-    master = Master(secret, Dispatcher(slots=slots, unplaceable_timeout=unplaceable), **options)
+    revoke = options.pop("revoke_timeout", settings.REVOKE_TIMEOUT)
+    master = Master(secret, Dispatcher(slots=slots, unplaceable_timeout=unplaceable, revoke_timeout=revoke),
+                    **options)
     loop = asyncio.get_running_loop()
     server = await loop.create_server(lambda: PeerConnection(master), bind, port, backlog=settings.BACKLOG)
     keep_alive = asyncio.create_task(master.keep_alive())
@@ -448,6 +453,11 @@ def main(argv=None) -> int:
     parser.add_argument("--slots", type=int, default=settings.WORKER_SLOTS,
                         help="jobs a worker holds at once: the one it runs and the next ones, sent ahead "
                              f"(default {settings.WORKER_SLOTS}; 1 sends a job only to an idle worker)")
+    parser.add_argument("--revoke-timeout", type=float, default=settings.REVOKE_TIMEOUT,
+                        help="seconds a worker has to give back a job sent ahead when asked (a more urgent job "
+                             "wants its place, or an idle worker its job) before the job goes to another worker "
+                             "anyway; a frozen worker's late start of it is dropped "
+                             f"(default {settings.REVOKE_TIMEOUT:g})")
     parser.add_argument("--unplaceable-timeout", type=float, default=settings.UNPLACEABLE_TIMEOUT,
                         help="seconds a job that no connected worker could run (it needs more than any has, or "
                              "names workers that are gone) waits for one to join before it fails "
@@ -490,7 +500,7 @@ def main(argv=None) -> int:
 
         await serve(args.bind, args.port, secret, ready, stop, handshake_timeout=args.handshake_timeout,
                     heartbeat=args.heartbeat, peer_timeout=args.peer_timeout, slots=args.slots,
-                    unplaceable_timeout=args.unplaceable_timeout)
+                    unplaceable_timeout=args.unplaceable_timeout, revoke_timeout=args.revoke_timeout)
 
     try:
         run_loop(run())

@@ -1,0 +1,65 @@
+"""Puts a worker process in a job's surroundings: its client's working
+directory and ``sys.path`` (in front of the worker's own, where those exist
+here), and the environment variables the master set for it (JOB_ENV).
+
+Several jobs of one process may be under way at once (one runs, others wait
+on their children), so a job that goes on after waiting enters its
+surroundings again: another job may have changed them meanwhile.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+#: Variables the master sets per job (JOB_ENV); a job without them gets the worker's own.
+MANAGED_ENV = ("CUDA_VISIBLE_DEVICES", "CW_JOB_CPUS", "CW_JOB_MEM")
+
+
+class ContextSwitcher:
+    """Switches this process between jobs' surroundings, doing nothing when
+    the job's are those already in place (most jobs: the same as the last)."""
+
+    def __init__(self):
+        self.base_path = list(sys.path)
+        self.base_env = {name: os.environ.get(name) for name in MANAGED_ENV}
+        self.context: dict | None = None    # the client context in place now (compared by identity)
+        self.env = self.base_env            # what the managed variables are set to now
+        self.entered = False
+
+    def job_environ(self, env: dict | None) -> dict:
+        """The managed variables as a job with JOB_ENV ``env`` must see them."""
+        if not env:
+            return self.base_env
+        target = dict(self.base_env)
+        target.update(env)
+        return target
+
+    def enter(self, context: dict | None, env: dict) -> None:
+        """Takes on a client's ``context`` (as a job carries it, or None) and a
+        job's environment (from ``job_environ``)."""
+        if context is not self.context or not self.entered:
+            self._enter_context(context or {})
+            self.context = context
+            self.entered = True
+        if env is not self.env:
+            _set_environ(env)
+            self.env = env
+
+    def _enter_context(self, context: dict) -> None:
+        cwd = context.get("cwd")
+        if isinstance(cwd, str) and os.path.isdir(cwd):
+            os.chdir(cwd)
+        client_path = [p for p in context.get("path", ()) if isinstance(p, str) and p and os.path.exists(p)]
+        seen: set = set()
+        sys.path[:] = [p for p in client_path + self.base_path if not (p in seen or seen.add(p))]
+
+
+def _set_environ(env: dict) -> None:
+    """Sets (or, for None values, removes) environment variables."""
+    for name, value in env.items():
+        if not isinstance(name, str):
+            continue
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = str(value)
