@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 
 import pytest
 
@@ -256,3 +257,16 @@ def test_a_starting_master_that_never_comes_fails_with_its_job_and_state(fake_sl
     (fake_slurm / "queue").write_text("77|cw-exp-master|PENDING||Resources\n")
     with pytest.raises(SlurmError, match=r"job 77 of cluster 'exp' is PENDING \(Resources\)"):
         resolve_master(None, 5494, timeout=0.5)
+
+
+def test_without_an_address_file_a_fixed_port_is_tried_on_the_job_node_after_a_short_grace(fake_slurm, monkeypatch):
+    # A worker waits up to 600 s; a master job RUNNING with no file (home not
+    # shared, or the file removed) must not cost it half of that.
+    from cw.client import discovery
+    monkeypatch.setattr(discovery, "FILE_GRACE", 0.3)
+    (fake_slurm / "queue").write_text("77|cw-exp-master|RUNNING|node-a|None\n")
+    started = time.monotonic()
+    assert discovery.master_address("exp", port=4000, timeout=600) == ("node-a", 4000)
+    assert time.monotonic() - started < 30
+    with pytest.raises(SlurmError, match="job 77 of cluster 'exp' is RUNNING"):
+        discovery.master_address("exp", port=0, timeout=1)    # no fixed port: nothing to try

@@ -67,7 +67,8 @@ def test_docker_workers_run_the_image_with_the_shared_home():
     assert command[:3] == ["docker", "run", "--rm"]
     assert "--gpus" in command and "me/cw:1" in command
     image = command.index("me/cw:1")
-    assert command[image + 1:] == ["-m", "cw.worker", "slurm:d", "--connect-timeout", "600"]
+    assert command[image + 1:] == ["-m", "cw.worker", "slurm:d", "--connect-timeout", "600",
+                                  "--port", "0"]
 
 
 @pytest.mark.parametrize("output, jobid", [("12345\n", "12345"), ("777;cluster2\n", "777"),

@@ -46,6 +46,12 @@ DISCOVERY_TIMEOUT = 120.0
 SQUEUE_FORMAT = "%i|%j|%T|%N|%r"
 #: Seconds ``resolve_master`` waits for a starting SLURM cluster's master by default.
 RESOLVE_TIMEOUT = 10.0
+#: Seconds a reader waits for the address file of a RUNNING master job before
+#: it takes the job's node from squeue (with the cluster's fixed port) instead;
+#: at most half the reader's timeout.  Bounded: a worker waits up to 600 s, and
+#: a file removed right after it was written (no shared home) must not cost it
+#: half of that.
+FILE_GRACE = 5.0
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +217,8 @@ def master_address(name: str | None = None, port: int = PORT, timeout: float = D
     "default").  Waits up to ``timeout`` for it; raises LookupError when there
     is no such cluster, SlurmError when it does not come up in time."""
     name = cluster_name(name)
-    deadline = time.monotonic() + timeout
+    started = time.monotonic()
+    deadline = started + timeout
     said = False
     while True:
         address = read_address(name)
@@ -223,7 +230,7 @@ def master_address(name: str | None = None, port: int = PORT, timeout: float = D
             raise LookupError(f"no cw cluster named {name!r} runs on SLURM (no job {job_name(name, 'master')}); "
                               f"start one with `slurm.py start -n N --name {name}`{_file_problem(name)}")
         running = [j for j in masters if j.state == "RUNNING" and j.nodes]
-        if running and port and time.monotonic() > deadline - timeout / 2:
+        if running and port and time.monotonic() > started + min(timeout / 2, FILE_GRACE):
             # No address file (no shared home?): the node from squeue, the fixed port.
             return running[0].nodes.split(",")[0], port
         if wait and not said:

@@ -135,10 +135,10 @@ def worker_command(opts: Options) -> list[str]:
     # Workers wait for a lost master as long as SLURM may take to requeue its
     # job on another node (SlurmdTimeout, often 300 s, then CredExpire + 1 s,
     # 121 s by default); they stop at once when the master job is gone for good.
+    # --port always: 0 (a free port) tells the workers there is no fixed port
+    # to try on the master job's node when its address file is missing.
     command = [opts.python, "-m", "cw.worker", f"slurm:{opts.name}", "--connect-timeout",
-               str(opts.worker_connect_timeout)]
-    if opts.port:
-        command += ["--port", str(opts.port)]
+               str(opts.worker_connect_timeout), "--port", str(opts.port)]
     if opts.docker_image:
         home = str(Path.home())
         docker = ["docker", "run", "--rm", "--network", "host", "-v", f"{home}:{home}",
