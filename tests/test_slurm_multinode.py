@@ -96,10 +96,10 @@ def start_client(bed, name: str, tmp_path, n: int, seconds: float) -> subprocess
     return proc
 
 
-def results(proc, until_done: bool = True, count: int | None = None) -> list[dict]:
+def results(proc, until_done: bool = True, count: int | None = None, deadline: float = DEADLINE * 2) -> list[dict]:
     got = []
     while count is None or len(got) < count:
-        line = json.loads(read_line(proc, DEADLINE * 2))
+        line = json.loads(read_line(proc, deadline))
         if "done" in line:
             assert until_done
             return got
@@ -154,9 +154,6 @@ def test_isolated_workers_get_a_node_each_and_a_failed_node_costs_only_its_worke
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.xfail(reason="open: the master comes back on another node (~53 s) and the client reconnects and "
-                          "resubmits, but the workers on healthy nodes log nothing more and never rejoin "
-                          "(suspected: the workers job's srun ran on the failed node)", strict=False)
 def test_the_master_node_fails_and_the_master_comes_back_elsewhere(slurm4, cluster, tmp_path):
     slurm_py(slurm4, "start", "-n", "3", "--name", cluster, "--advertise", "ip", *FAST)
     client = start_client(slurm4, cluster, tmp_path, n=40, seconds=1.0)
@@ -165,7 +162,9 @@ def test_the_master_node_fails_and_the_master_comes_back_elsewhere(slurm4, clust
     assert master["name"].endswith("-master") and master["state"] == "RUNNING"
     failed_at = time.time()
     slurm4.fail(node_named(slurm4, master["nodes"]))
-    rest = results(client)                  # the client rides through, finding the new master
+    # The client rides through, finding the new master (its reconnect_timeout
+    # is 150 s; within the test's timeout, so a hang fails this test alone).
+    rest = results(client, deadline=150)
     back = time.time()
     assert sorted(r["job"] for r in first + rest) == list(range(40))
     now = jobs_of(slurm4, cluster)[0]
