@@ -15,8 +15,8 @@ longer runs, or runs on another node than the one that wrote it (requeued
 after its node failed, its new master not yet up); the master job's batch
 script also removes the file of a master that crashed before restarting it.
 Readers ask again at every (re)connection, so they follow a restarted master
-to its new host and port.  Where the file does not appear within a few
-seconds (FILE_GRACE) of the master job RUNNING, ``squeue`` gives the job's
+to its new host and port.  Where a reader has found no file for a few
+seconds (FILE_GRACE) while the master job is RUNNING, ``squeue`` gives the job's
 node (never the empty %N of a pending job), with the port the cluster was
 started with, if it was started with one.
 
