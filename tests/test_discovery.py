@@ -8,7 +8,9 @@ tests/test_slurm.py runs the same code against a real one.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import time
 
 import pytest
 
@@ -202,3 +204,69 @@ def test_the_address_module_loads_nothing_above_the_wire():
             "('cw.client', 'cw.master', 'cw.launch', 'cw.worker', 'cloudpickle'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# --- a cluster that starts, or whose master moved (issue 13 items 3 and 4) --------------
+
+def test_a_file_written_before_a_requeue_names_a_node_the_job_left(fake_slurm, monkeypatch):
+    monkeypatch.setenv("SLURMD_NODENAME", "node-a")       # the master job's first run
+    write_address_file(address_file("exp"), "10.0.0.1", 4000, job="77")
+    assert read_address_file(address_file("exp")).node == "node-a"
+    (fake_slurm / "state-77").write_text("RUNNING|node-a\n")
+    assert read_address("exp") == ("10.0.0.1", 4000)
+    (fake_slurm / "state-77").write_text("PENDING|\n")    # node-a failed: SLURM requeued the job
+    assert read_address("exp") is None
+    (fake_slurm / "state-77").write_text("RUNNING|node-b\n")   # started elsewhere, no new master yet
+    assert read_address("exp") is None
+
+
+def test_a_client_waits_for_a_starting_master_and_says_so_once(fake_slurm, monkeypatch, caplog):
+    import threading
+    monkeypatch.setenv("CW_CLUSTER", "exp")
+    (fake_slurm / "queue").write_text("77|cw-exp-master|PENDING||Priority\n")
+    (fake_slurm / "state-77").write_text("RUNNING|node-a\n")
+
+    def master_starts():
+        # The master job publishes its address while the client waits for it.
+        wait_until_logged()
+        write_address_file(address_file("exp"), "node-a", 4000, job="77")
+    logged = threading.Event()
+
+    def wait_until_logged():
+        assert logged.wait(30), "the client logged no line saying what it waits for"
+
+    class Spy(logging.Handler):
+        def emit(self, record):
+            logged.set()
+    spy = Spy()
+    logging.getLogger("cw.client.discovery").addHandler(spy)
+    thread = threading.Thread(target=master_starts)
+    thread.start()
+    try:
+        with caplog.at_level(logging.INFO, logger="cw.client.discovery"):
+            assert resolve_master(None, 5494, timeout=60) == ("node-a", 4000)
+    finally:
+        logging.getLogger("cw.client.discovery").removeHandler(spy)
+        thread.join(30)
+    lines = [r.getMessage() for r in caplog.records if r.name == "cw.client.discovery"]
+    assert lines == ["waiting up to 60 s for the master of SLURM cluster 'exp': job 77 is PENDING (Priority)"]
+
+
+def test_a_starting_master_that_never_comes_fails_with_its_job_and_state(fake_slurm, monkeypatch):
+    monkeypatch.setenv("CW_CLUSTER", "exp")
+    (fake_slurm / "queue").write_text("77|cw-exp-master|PENDING||Resources\n")
+    with pytest.raises(SlurmError, match=r"job 77 of cluster 'exp' is PENDING \(Resources\)"):
+        resolve_master(None, 5494, timeout=0.5)
+
+
+def test_without_an_address_file_a_fixed_port_is_tried_on_the_job_node_after_a_short_grace(fake_slurm, monkeypatch):
+    # A worker waits up to 600 s; a master job RUNNING with no file (home not
+    # shared, or the file removed) must not cost it half of that.
+    from cw.client import discovery
+    monkeypatch.setattr(discovery, "FILE_GRACE", 0.3)
+    (fake_slurm / "queue").write_text("77|cw-exp-master|RUNNING|node-a|None\n")
+    started = time.monotonic()
+    assert discovery.master_address("exp", port=4000, timeout=600) == ("node-a", 4000)
+    assert time.monotonic() - started < 30
+    with pytest.raises(SlurmError, match="job 77 of cluster 'exp' is RUNNING"):
+        discovery.master_address("exp", port=0, timeout=1)    # no fixed port: nothing to try

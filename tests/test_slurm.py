@@ -134,3 +134,35 @@ def test_an_unknown_cluster_is_a_clear_error():
     proc = subprocess.run([sys.executable, str(ROOT / "slurm.py"), "status", "--name", "nosuch"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "no jobs" in proc.stdout
+
+
+def test_a_client_started_right_after_start_waits_for_the_master(cluster_name, monkeypatch, caplog):
+    # Issue 13 item 4: without --wait, the master job is still pending or
+    # starting when the client looks for it; the client waits and says so.
+    # The master job is submitted held, so the client surely finds it
+    # pending, and released once the client has said what it waits for.
+    import logging
+    import re
+    import threading
+    name = cluster_name[0]
+    out = slurm_py("start", "-n", "1", "--name", name, "--Xmaster=--hold")
+    master_job = re.search(r"submitted master job (\d+)", out).group(1)
+    monkeypatch.setenv("CW_CLUSTER", name)
+    monkeypatch.delenv("CW_MASTER", raising=False)
+    answers = []
+
+    def client():
+        with ClusterExecutor(connect_timeout=120) as ex:
+            answers.append(ex.submit(jobs.square, 7).result(timeout=120))
+
+    def said():
+        return [r.getMessage() for r in caplog.records if r.name == "cw.client.discovery"]
+    with caplog.at_level(logging.INFO, logger="cw.client.discovery"):
+        thread = threading.Thread(target=client, daemon=True)
+        thread.start()
+        wait_until(said, timeout=60, what="the client to say it waits for the master")
+        assert slurm.job_state(master_job) == "PENDING"
+        subprocess.run(["scontrol", "release", master_job], check=True, timeout=60)
+        thread.join(180)
+    assert not thread.is_alive() and answers == [49]
+    assert len(said()) == 1 and f"cluster {name!r}: job {master_job} is PENDING" in said()[0], said()

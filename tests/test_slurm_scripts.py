@@ -21,10 +21,25 @@ def test_master_script_publishes_its_address_and_is_named_for_the_cluster():
     assert "--job-name=cw-exp1-master" in d and "--partition=gpu" in d and "--account=lab" in d
     assert "--time=2:00:00" in d and "--ntasks=1" in d
     assert "module load python" in script
-    last = script.strip().splitlines()[-1]
-    assert last.startswith("exec ") and "-m cw.master --bind 0.0.0.0 --port 0 --address-file" in last
-    assert str(slurm.address_file("exp1")) in last
+    assert "-m cw.master --bind 0.0.0.0 --port 0 --address-file" in script
+    assert f"--address-file {slurm.address_file('exp1')}" in script
     assert "secret" not in script.lower()   # the secret never travels in a batch script
+
+
+def test_master_job_is_requeued_and_restarts_a_crashed_master():
+    script = slurm.render_master_script(Options(name="exp1", master_restarts=3))
+    assert "--requeue" in directives(script)        # its node fails: SLURM starts it elsewhere
+    assert "for attempt in $(seq 0 3)" in script    # it crashes: the batch script starts it again
+    assert f"rm -f {slurm.address_file('exp1')}" in script
+    assert "--advertise" not in script
+    ip = slurm.render_master_script(Options(name="exp1", advertise="ip"))
+    assert '--advertise "$(hostname -I' in ip
+
+
+def test_a_failed_node_costs_the_workers_job_only_its_own_workers():
+    script = slurm.render_worker_script(Options(name="exp1", workers=3))
+    assert "--no-kill" in directives(script)
+    assert script.strip().splitlines()[-1].startswith("srun --no-kill ")
 
 
 def test_worker_script_runs_n_tasks_under_srun_and_drains_before_the_limit():
@@ -52,7 +67,8 @@ def test_docker_workers_run_the_image_with_the_shared_home():
     assert command[:3] == ["docker", "run", "--rm"]
     assert "--gpus" in command and "me/cw:1" in command
     image = command.index("me/cw:1")
-    assert command[image + 1:] == ["-m", "cw.worker", "slurm:d"]
+    assert command[image + 1:] == ["-m", "cw.worker", "slurm:d", "--connect-timeout", "600",
+                                  "--port", "0"]
 
 
 @pytest.mark.parametrize("output, jobid", [("12345\n", "12345"), ("777;cluster2\n", "777"),

@@ -64,3 +64,33 @@ def test_sys_exit_in_a_thread_the_job_started_ends_only_that_thread(two_workers)
         pid = ex.submit(job).result(timeout=60)
         assert ex.submit(os.getpid).result(timeout=60) in {pid, *[w.pid for w in ex.workers()]}
         assert pid in [w.pid for w in ex.workers()]     # the process lives on
+
+
+def test_a_worker_keeps_looking_for_a_master_past_one_attempt(tmp_path):
+    # One connection attempt lasts at most 5 s (then the address is asked
+    # again); a master that comes up later, within --connect-timeout, still
+    # gets the worker: it once gave up after the first attempt (issue 13).
+    import socket
+    import subprocess
+
+    from conftest import wait_until
+
+    from cw.launch.local import start_master
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path / "worker.log"
+    with open(log, "w") as err:
+        worker = subprocess.Popen([sys.executable, "-m", "cw.worker", f"127.0.0.1:{port}", "--connect-timeout", "60"],
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        wait_until(lambda: "trying again" in log.read_text(), timeout=30, what="the first attempt to run out")
+        assert worker.poll() is None, log.read_text()
+        cluster = start_master(port=port)
+        try:
+            cluster.wait_for_workers(1, timeout=30)
+        finally:
+            cluster.stop()
+    finally:
+        worker.terminate()
+        worker.wait(30)

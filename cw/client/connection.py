@@ -107,7 +107,7 @@ class MasterConnection:
             if left <= 0:
                 return None
             try:
-                self.host, self.port = resolve_master(*self._address)
+                self.host, self.port = resolve_master(*self._address, timeout=left)
                 link = open_link(self.host, self.port, load_secret(), self._hello, min(left, 5.0))
             except (CwError, OSError, LookupError) as exc:
                 log.debug("cw: no master yet: %s", exc)

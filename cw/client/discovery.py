@@ -2,15 +2,23 @@
 
 A client asks, in order: the host it was given, ``$CW_MASTER`` (HOST:PORT,
 set by ``cw.allocate``), the master of the SLURM cluster ``$CW_CLUSTER``
-(default "default") when one has published its address, else this machine.
+(default "default") when that cluster has a master job or has published its
+address, else this machine.
 
 A SLURM cluster's master job binds a free port and publishes its address
 in ``<state dir>/clusters/<name>/master`` (see cw.wire.address) in the home
-directory the nodes share; readers wait for that file with a deadline.  A
-file left by a master job that is no longer running is ignored.  Where the
-file never appears, ``squeue`` gives the master job's node once it is
-RUNNING (never the empty %N of a pending job), with the port the cluster
-was started with.
+directory the nodes share; readers wait for that file with a deadline,
+logging once what they wait for (a client started right after
+``slurm.py start``, while the master job is pending, waits rather than
+failing at once; issue 13).  A file is ignored when its master job no
+longer runs, or runs on another node than the one that wrote it (requeued
+after its node failed, its new master not yet up); the master job's batch
+script also removes the file of a master that crashed before restarting it.
+Readers ask again at every (re)connection, so they follow a restarted master
+to its new host and port.  Where a reader has found no file for a few
+seconds (FILE_GRACE) while the master job is RUNNING, ``squeue`` gives the job's
+node (never the empty %N of a pending job), with the port the cluster was
+started with, if it was started with one.
 
 This module only reads SLURM's state; starting and stopping clusters is
 cw.launch.slurm's, which sits above the client and uses what is here.
@@ -18,6 +26,7 @@ cw.launch.slurm's, which sits above the client and uses what is here.
 from __future__ import annotations
 
 import getpass
+import logging
 import os
 import shlex
 import shutil
@@ -36,6 +45,16 @@ DEFAULT_NAME = "default"
 #: Seconds to wait for a master job to publish its address.
 DISCOVERY_TIMEOUT = 120.0
 SQUEUE_FORMAT = "%i|%j|%T|%N|%r"
+#: Seconds ``resolve_master`` waits for a starting SLURM cluster's master by default.
+RESOLVE_TIMEOUT = 10.0
+#: Seconds a reader waits for the address file of a RUNNING master job before
+#: it takes the job's node from squeue (with the cluster's fixed port) instead;
+#: at most half the reader's timeout.  Bounded: a worker waits up to 600 s, and
+#: a file removed right after it was written (no shared home) must not cost it
+#: half of that.
+FILE_GRACE = 5.0
+
+log = logging.getLogger(__name__)
 
 
 class JobInfo(NamedTuple):
@@ -46,20 +65,32 @@ class JobInfo(NamedTuple):
     reason: str
 
 
-def resolve_master(host: str | None, port: int = PORT) -> tuple[str, int]:
+def resolve_master(host: str | None, port: int = PORT, timeout: float = RESOLVE_TIMEOUT) -> tuple[str, int]:
     """Where the master is: the given host, else ``$CW_MASTER`` (HOST:PORT, set
     by ``cw.allocate``), else the master of the SLURM cluster ``$CW_CLUSTER``
-    (default "default") when one has published its address, else this machine."""
+    (default "default") when that cluster has a master job (waiting up to
+    ``timeout`` for it to publish its address) or an address file, else this
+    machine.  SlurmError when the cluster's master does not come up in time."""
     if host:
         return parse_address(host, port)
     if os.environ.get(ENV_MASTER):
         return parse_address(os.environ[ENV_MASTER], port)
-    if address_file(cluster_name()).exists() and available():
+    name = cluster_name()
+    # squeue is asked only where it is installed: a local cluster on a
+    # laptop costs no subprocess.
+    if shutil.which("squeue") and (address_file(name).exists() or _has_master_job(name)):
         try:
-            return master_address(port=port)
+            return master_address(name, port=port, timeout=timeout)
         except LookupError:
             pass
     return "localhost", port
+
+
+def _has_master_job(name: str) -> bool:
+    try:
+        return any(j.name == job_name(name, "master") for j in cluster_jobs(name))
+    except SlurmError:
+        return False         # squeue is installed but no SLURM answers: not a SLURM machine after all
 
 
 # --- where a cluster's records live ---------------------------------------------
@@ -135,25 +166,40 @@ def cluster_jobs(name: str) -> list[JobInfo]:
 
 def job_state(jobid: str) -> str | None:
     """The job's state, or None once SLURM no longer lists it."""
-    proc = subprocess.run(["squeue", "-h", "-j", jobid, "-o", "%T"], capture_output=True, text=True, timeout=60)
-    state = proc.stdout.strip()
-    return state if proc.returncode == 0 and state else None
+    placed = job_placement(jobid)
+    return placed[0] if placed else None
+
+
+def job_placement(jobid: str) -> tuple[str, list[str]] | None:
+    """The job's state and its nodes (none while it is pending), or None
+    once SLURM no longer lists it."""
+    proc = subprocess.run(["squeue", "-h", "-j", jobid, "-o", "%T|%N"], capture_output=True, text=True, timeout=60)
+    state, _, nodes = proc.stdout.strip().partition("|")
+    if proc.returncode != 0 or not state:
+        return None
+    # A master job has one node: no bracketed ranges to expand.
+    return state, [n for n in nodes.split(",") if n]
 
 
 # --- the master of a cluster ------------------------------------------------------
 
 def read_address(name: str) -> tuple[str, int] | None:
     """The address cluster ``name``'s master published, if its master job
-    (when it had one) still runs.  None also for an unreadable file: a new
-    master replaces it; ``master_address`` says what was wrong if none does."""
+    (when it had one) still runs, on the node that wrote the file.  None also
+    for an unreadable file: a new master replaces it; ``master_address`` says
+    what was wrong if none does."""
     try:
         record = read_address_file(address_file(name))
     except (OSError, AddressFileError):
         return None
     if record is None:
         return None
-    if record.job and shutil.which("squeue") and job_state(record.job) != "RUNNING":
-        return None               # left behind by a master job that ended
+    if record.job and shutil.which("squeue"):
+        placed = job_placement(record.job)
+        if placed is None or placed[0] != "RUNNING":
+            return None           # left behind by a master job that ended, or was requeued
+        if record.node and placed[1] and record.node not in placed[1]:
+            return None           # written before a requeue, on a node the job has left
     return record.host, record.port
 
 
@@ -172,7 +218,9 @@ def master_address(name: str | None = None, port: int = PORT, timeout: float = D
     "default").  Waits up to ``timeout`` for it; raises LookupError when there
     is no such cluster, SlurmError when it does not come up in time."""
     name = cluster_name(name)
-    deadline = time.monotonic() + timeout
+    started = time.monotonic()
+    deadline = started + timeout
+    said = False
     while True:
         address = read_address(name)
         if address is not None:
@@ -183,9 +231,15 @@ def master_address(name: str | None = None, port: int = PORT, timeout: float = D
             raise LookupError(f"no cw cluster named {name!r} runs on SLURM (no job {job_name(name, 'master')}); "
                               f"start one with `slurm.py start -n N --name {name}`{_file_problem(name)}")
         running = [j for j in masters if j.state == "RUNNING" and j.nodes]
-        if running and port and time.monotonic() > deadline - timeout / 2:
+        if running and port and time.monotonic() > started + min(timeout / 2, FILE_GRACE):
             # No address file (no shared home?): the node from squeue, the fixed port.
             return running[0].nodes.split(",")[0], port
+        if wait and not said:
+            # One line, not one per poll: the wait is normal while a job starts.
+            log.warning("waiting up to %.0f s for the master of SLURM cluster %r: job %s is %s%s", timeout, name,
+                        masters[0].jobid, masters[0].state, "" if masters[0].reason in ("", "None")
+                        else f" ({masters[0].reason})")
+            said = True
         if not wait or time.monotonic() > deadline:
             state = masters[0].state + (f" ({masters[0].reason})" if masters[0].reason not in ("", "None") else "")
             raise SlurmError(f"the master job {masters[0].jobid} of cluster {name!r} is {state} and has not "

@@ -99,7 +99,8 @@ class ClusterExecutor(MasterConnection, EveryWorker, concurrent.futures.Executor
         self._echo = echo
         self._reconnect_timeout = float(reconnect_timeout)
         self._address = (host, port)          # resolved again at every reconnection
-        self.host, self.port = resolve_master(host, port)
+        # A SLURM cluster still starting (its master job pending) is waited for, as a master is.
+        self.host, self.port = resolve_master(host, port, timeout=connect_timeout)
         self._hello = peer_info("client")
         self._hello["weight"] = weight
         self._core = ClientCore({"cwd": os.getcwd(), "path": sys.path})

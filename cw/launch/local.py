@@ -142,20 +142,23 @@ def stop(cluster: LocalCluster) -> None:
 
 
 @contextlib.contextmanager
-def allocate(nworkers: int | None = None, port: int = PORT, backend: str | None = None):
-    """Runs a cluster for the ``with`` block: on SLURM when it is available
-    (``backend="slurm"``), else local processes (``backend="local"``);
-    ``$CW_BACKEND`` sets the default.  Inside the block, a client made with no
-    host (``ClusterExecutor()``) finds this cluster's master."""
-    from cw.client.discovery import ENV_MASTER, available
-    backend = backend or os.environ.get("CW_BACKEND")
-    if backend is None:
-        backend = "slurm" if available() else "local"
+def allocate(nworkers: int | None = None, port: int | None = None, backend: str | None = None):
+    """Runs a cluster for the ``with`` block: local processes by default
+    (``backend="local"``), or a master job and worker jobs on SLURM only when
+    asked (``backend="slurm"``, or ``$CW_BACKEND=slurm``): on a login node,
+    submitting batch jobs that may wait in the queue is not something to do
+    behind the user's back just because ``squeue`` answers (issue 13).
+    ``port``: the master's port, ``cw.PORT`` locally and a free one
+    (published in the address file) on SLURM unless given; 0 picks a free
+    one.  Inside the block, a client made with no host (``ClusterExecutor()``)
+    finds this cluster's master."""
+    from cw.client.discovery import ENV_MASTER
+    backend = backend or os.environ.get("CW_BACKEND") or "local"
     if backend == "slurm":
         from cw.launch.slurm import SlurmCluster
-        cluster = SlurmCluster.start(nworkers or 1)
+        cluster = SlurmCluster.start(nworkers or 1, port=port or 0)
     elif backend == "local":
-        cluster = start(nworkers, port)
+        cluster = start(nworkers, PORT if port is None else port)
     else:
         raise ValueError(f"backend must be 'local' or 'slurm', not {backend!r}")
     previous = os.environ.get(ENV_MASTER)

@@ -52,6 +52,8 @@ __all__ = ["DEFAULT_NAME", "DISCOVERY_TIMEOUT", "DRAIN_SECONDS", "SQUEUE_FORMAT"
 STOP_TIMEOUT = 30.0
 #: Seconds before the time limit at which SLURM asks workers to drain.
 DRAIN_SECONDS = 120
+#: Seconds a SLURM worker keeps looking for its master (worker --connect-timeout).
+WORKER_CONNECT_TIMEOUT = 600
 
 
 # --- batch scripts ------------------------------------------------------------
@@ -74,6 +76,10 @@ class Options:
     xworkers: list[str] = field(default_factory=list)
     extra_lines: list[str] = field(default_factory=list)  # extra batch-script lines
     port: int = 0                       # 0: a free port, published in the address file
+    advertise: str = "name"             # publish the master's host "name", or its first "ip" address
+    master_restarts: int = 10           # restarts of a crashed master within its job
+    master_args: list[str] = field(default_factory=list)  # extra `python -m cw.master` arguments
+    worker_connect_timeout: float = WORKER_CONNECT_TIMEOUT
     drain_seconds: int = DRAIN_SECONDS
     python: str = sys.executable
 
@@ -92,16 +98,47 @@ def _directives(opts: Options, role: str) -> list[str]:
 
 
 def render_master_script(opts: Options) -> str:
-    lines = _directives(opts, "master") + ["--ntasks=1", "--cpus-per-task=1"]
+    """The master job: SLURM requeues it when its node fails (--requeue; it
+    starts again elsewhere once SLURM has marked the node down, after
+    SlurmdTimeout, and its old credential has expired, CredExpire + 1 s), and
+    its batch script restarts a master that crashes on a live node.  Each
+    master binds a free port (unless --port) and publishes it in the address
+    file, where workers and clients find it again (issue 13)."""
+    lines = _directives(opts, "master") + ["--ntasks=1", "--cpus-per-task=1", "--requeue"]
+    addr = str(address_file(opts.name))
     command = [opts.python, "-m", "cw.master", "--bind", "0.0.0.0", "--port", str(opts.port),
-               "--address-file", str(address_file(opts.name))]
-    return _script(lines, opts.extra_lines, "exec " + shlex.join(command))
+               "--address-file", addr, *opts.master_args]
+    advertise = ' --advertise "$(hostname -I | cut -d" " -f1)"' if opts.advertise == "ip" else ""
+    body = f"""\
+# A master that stops on SIGTERM (scancel, the time limit: SLURM signals
+# every process of the job) exits 0 and ends the job; one that crashes
+# (a signal, an uncaught error) is started again, at most {opts.master_restarts} times.
+# Exit 2 is a configuration error, which a restart cannot mend.
+trap 'stopping=1' TERM INT
+stopping=0
+for attempt in $(seq 0 {opts.master_restarts}); do
+    # The file a crashed master left names a port nobody listens on:
+    # without it, workers and clients wait for the new one instead.
+    rm -f {shlex.quote(addr)}
+    {shlex.join(command)}{advertise}
+    status=$?
+    if [ "$stopping" = 1 ] || [ "$status" = 0 ] || [ "$status" = 2 ]; then exit "$status"; fi
+    echo "cw: the master exited with status $status; restart $((attempt + 1)) of {opts.master_restarts}" >&2
+    sleep 1
+done
+exit "$status"
+"""
+    return _script(lines, opts.extra_lines, body)
 
 
 def worker_command(opts: Options) -> list[str]:
-    command = [opts.python, "-m", "cw.worker", f"slurm:{opts.name}"]
-    if opts.port:
-        command += ["--port", str(opts.port)]
+    # Workers wait for a lost master as long as SLURM may take to requeue its
+    # job on another node (SlurmdTimeout, often 300 s, then CredExpire + 1 s,
+    # 121 s by default); they stop at once when the master job is gone for good.
+    # --port always: 0 (a free port) tells the workers there is no fixed port
+    # to try on the master job's node when its address file is missing.
+    command = [opts.python, "-m", "cw.worker", f"slurm:{opts.name}", "--connect-timeout",
+               str(opts.worker_connect_timeout), "--port", str(opts.port)]
     if opts.docker_image:
         home = str(Path.home())
         docker = ["docker", "run", "--rm", "--network", "host", "-v", f"{home}:{home}",
@@ -123,10 +160,13 @@ def render_worker_script(opts: Options) -> str:
                   f"--signal=B:TERM@{opts.drain_seconds}"]
         body = "exec " + command
     else:
-        lines += [f"--ntasks={opts.workers}", f"--signal=TERM@{opts.drain_seconds}"]
+        # --no-kill (job and step): a failed node costs its own workers only.
+        # Without it SLURM kills the whole job on every node and requeues it,
+        # leaving the cluster with no worker for minutes (issue 13).
+        lines += [f"--ntasks={opts.workers}", f"--signal=TERM@{opts.drain_seconds}", "--no-kill"]
         if opts.isolated:
             lines += ["--ntasks-per-node=1", "--exclusive"]
-        body = f"srun --kill-on-bad-exit=0 {command}"
+        body = f"srun --no-kill --kill-on-bad-exit=0 {command}"
     return _script(lines, opts.extra_lines, body)
 
 
@@ -289,6 +329,12 @@ def main(argv=None) -> int:
     parser.add_argument("--extra", action="append", default=[], metavar="LINE",
                         help="extra line for the batch scripts, e.g. 'module load python' (repeatable)")
     parser.add_argument("--port", type=int, default=0, help="master port (default 0: any free port, published)")
+    parser.add_argument("--master-arg", action="append", default=[], metavar="ARG",
+                        help="extra argument for `python -m cw.master`, e.g. --master-arg=--peer-timeout=10 "
+                             "(repeatable)")
+    parser.add_argument("--advertise", choices=("name", "ip"), default="name",
+                        help="publish the master's host name (default) or its first IP address, for nodes "
+                             "whose names do not resolve where clients run")
     parser.add_argument("--drain", type=int, default=DRAIN_SECONDS, help="seconds before the time limit at "
                         f"which workers stop taking jobs (default {DRAIN_SECONDS})")
     parser.add_argument("--wait", action="store_true", help="start: wait until the master published its address")
@@ -301,7 +347,8 @@ def main(argv=None) -> int:
                          mem=args.mem, cpus_per_worker=args.cpus_per_worker, isolated=args.isolated,
                          array=args.array, docker_image=args.docker_image, docker_args=args.docker_args,
                          xmaster=args.Xmaster, xworkers=args.Xworkers, extra_lines=args.extra,
-                         port=args.port, drain_seconds=args.drain)
+                         port=args.port, drain_seconds=args.drain, advertise=args.advertise,
+                         master_args=args.master_arg)
             for role, jobid in jobs.items():
                 print(f"submitted {role} job {jobid} ({job_name(args.name, role)})")
             if args.wait:

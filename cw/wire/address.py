@@ -4,10 +4,15 @@ A master started with ``--address-file PATH`` publishes its reachable
 address there; the SLURM helpers, workers and clients read it.  Both sides
 go through this module, so the file's format lives in one place::
 
-    {"host": "node7", "port": 40123, "pid": 4711, "job": "1234"}
+    {"host": "node7", "port": 40123, "pid": 4711, "job": "1234", "node": "node7", "restarts": 0}
 
 ``job`` is the SLURM job id of the master (null outside SLURM), so that a
 reader can ignore a file left behind by a master job that has ended.
+``node`` is the SLURM node the master ran on and ``restarts`` how often
+SLURM had requeued its job then ($SLURMD_NODENAME, $SLURM_RESTART_COUNT;
+null outside SLURM): a job requeued after its node failed runs elsewhere,
+and until its new master replaces the file, the file still names the dead
+node, whose address would hang a connect rather than refuse it (issue 13).
 
 The file is replaced atomically (written beside it, then renamed), so a
 reader sees the old file or the new one, never half of one.  A file that is
@@ -36,6 +41,8 @@ class AddressRecord(NamedTuple):
     port: int
     pid: int | None
     job: str | None      # the master's SLURM job id, if it ran as one
+    node: str | None = None      # the SLURM node it ran on
+    restarts: int | None = None  # SLURM's requeue count of its job then
 
 
 def parse_address(address: str | None, default_port: int = PORT) -> tuple[str, int]:
@@ -59,6 +66,12 @@ def write_address_file(path: str | os.PathLike, host: str, port: int, job: str |
     its directory; atomic: readers never see half a file."""
     path = os.fspath(path)
     record = {"host": host, "port": port, "pid": os.getpid(), "job": job}
+    if job is not None and os.environ.get("SLURMD_NODENAME"):
+        # Read here rather than passed by the master: they describe the job
+        # the master runs in, as its id does.  SLURM sets the count only
+        # once the job has been requeued.
+        restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
+        record.update(node=os.environ["SLURMD_NODENAME"], restarts=int(restarts) if restarts.isdigit() else None)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     # Beside the target (a rename is atomic only within one file system), and
     # named after it so that an OSError's filename still points at the target.
@@ -86,7 +99,7 @@ def read_address_file(path: str | os.PathLike) -> AddressRecord | None:
     try:
         record = json.loads(data)
         host, port = record["host"], int(record["port"])
-        pid, job = record.get("pid"), record.get("job")
+        pid, job, node, restarts = record.get("pid"), record.get("job"), record.get("node"), record.get("restarts")
         if not isinstance(host, str) or not host:
             raise ValueError(f"bad host {host!r}")
         if not 0 < port < 65536:
@@ -96,7 +109,9 @@ def read_address_file(path: str | os.PathLike) -> AddressRecord | None:
         raise AddressFileError(
             f"the master address file {os.fspath(path)} is not a master's address record ({exc}; it holds "
             f"{shown!r}); a running master rewrites it when it starts: remove it, or restart the master") from None
-    return AddressRecord(host, port, pid if isinstance(pid, int) else None, None if job is None else str(job))
+    return AddressRecord(host, port, pid if isinstance(pid, int) else None, None if job is None else str(job),
+                         node if isinstance(node, str) and node else None,
+                         restarts if isinstance(restarts, int) else None)
 
 
 def remove_address_file(path: str | os.PathLike) -> None:

@@ -367,12 +367,16 @@ def run_worker(resolve, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT, offer:
     signal.signal(signal.SIGTERM, relay.on_sigterm)
     signal.signal(signal.SIGUSR1, relay.on_drain)   # the supervisor's "drain"
     deadline = time.monotonic() + connect_timeout
+    unreachable = False          # said once per search for the master, not every attempt
     while not relay.draining:
         host, port = "?", "?"
         try:
             host, port = resolve()
+            # At most 5 s an attempt, then the address is asked again: one that
+            # names a host gone dark (a SLURM node that failed) hangs a connect
+            # rather than refusing it, while a new master is published elsewhere.
             link = open_link(host, port, secret, {**peer_info("worker"), **(offer or {})},
-                             max(1.0, deadline - time.monotonic()))
+                             max(1.0, min(5.0, deadline - time.monotonic())))
         except HandshakeFailed as exc:
             if time.monotonic() > deadline:
                 log.error("giving up: %s", exc)
@@ -380,7 +384,17 @@ def run_worker(resolve, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT, offer:
             log.warning("%s; retrying", exc)
             time.sleep(0.5)
             continue
-        except (BrokenCluster, LookupError) as exc:
+        except BrokenCluster as exc:
+            # One attempt's 5 s ran out (a host gone dark, a master not yet
+            # listening): ask for the address again until the deadline.
+            if time.monotonic() > deadline:
+                log.error("giving up: %s", exc)
+                return EXIT_NO_MASTER
+            if not unreachable:
+                log.warning("%s; trying again for up to %.0f s", exc, deadline - time.monotonic())
+            unreachable = True
+            continue
+        except LookupError as exc:
             log.error("giving up: %s", exc)
             return EXIT_NO_MASTER
         except AuthenticationError as exc:
@@ -389,6 +403,7 @@ def run_worker(resolve, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT, offer:
         except CwError as exc:       # SLURM discovery failed
             log.error("giving up: %s", exc)
             return EXIT_NO_MASTER
+        unreachable = False
         log.info("worker %d connected to %s:%s", os.getpid(), host, port)
         channel.exit_channel.say_ready()
         session = Session(link, contexts)
