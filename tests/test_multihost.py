@@ -43,7 +43,6 @@ MASTER_READY = "cw master listening on "
 # prints one JSON line per job as its future completes, then {"batch": n}.
 CLIENT = textwrap.dedent('''
     import concurrent.futures
-    import inspect
     import json
     import os
     import socket
