@@ -125,12 +125,20 @@ def test_shutdown_waits_and_refuses_new_work(cluster):
         ex.submit(jobs.identity, 1)
 
 
+def _started(directory) -> list[int]:
+    """The pids of the workers that started a ``jobs.block`` job there."""
+    return sorted(int(p) for p in os.listdir(directory) if p.isdigit())
+
+
 def test_shutdown_can_cancel_unfinished_futures(cluster, tmp_path):
     release = tmp_path / "release"
     marker = tmp_path / "marker"
     ex = cluster.executor()
     blockers = [ex.submit(jobs.block, str(tmp_path), str(release)) for _ in range(2)]
-    wait_until(lambda: ex.status()["running"] == 2, what="both workers busy")
+    # Both blockers started on their workers (each leaves a file named after
+    # its pid), not only sent: the master's "running" counts a job on its way.
+    wait_until(lambda: len(_started(tmp_path)) == 2, what="both blockers to start")
+    pids = _started(tmp_path)
     queued = [ex.submit(jobs.append_line, str(marker)) for i in range(5)]
     ex.shutdown(wait=True, cancel_futures=True)
     assert all(f.cancelled() for f in queued + blockers)
@@ -140,7 +148,6 @@ def test_shutdown_can_cancel_unfinished_futures(cluster, tmp_path):
     # job's worker process is replaced.  Release the blockers only then, or a
     # blocker could finish first and its worker run a queued job whose ABORT
     # it had not read yet (the test would measure that race, not cancel).
-    pids = [int(p) for p in os.listdir(tmp_path) if p.isdigit()]
     wait_until(lambda: not any(alive(pid) for pid in pids), what="the blockers' worker processes to be replaced")
     release.touch()
     with cluster.executor() as other:  # the queue is empty: this runs right after the blockers
