@@ -24,13 +24,13 @@ import json
 import random
 from dataclasses import dataclass, field
 
-from cw.client.core import ClientCore, Result
+from cw.client.core import ClientCore
 from cw.errors import ProtocolError
 from cw.master import inbox
 from cw.master.dispatch import DEFAULT_RETRIES, Dispatcher
 from cw.wire import frames
 from cw.wire.decoder import FrameDecoder
-from cw.wire.frames import Frame, Status, kind_name
+from cw.wire.frames import Frame, Result, Status, kind_name
 from cw.worker.actions import End, Exit, Flush, Resume, Run
 from cw.worker.core import WorkerCore
 

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import pytest
 
-from cw.client.core import ClientCore, Closed, Notice, Output, Result, StatusAnswer
+from cw.client.core import ClientCore, Closed
 from cw.errors import ProtocolError
 from cw.wire import frames
 from cw.wire.decoder import FrameDecoder
-from cw.wire.frames import Frame, Status
+from cw.wire.frames import ClientOutput, Frame, Notice, Result, Status, StatusReply
 
 
 def body(frame):
@@ -45,7 +45,8 @@ def test_output_and_notices_of_unfinished_jobs_only():
     core = ClientCore({})
     jobid = core.new_jobid()
     core.submit(jobid, 0xFF, 0.0, b"call")
-    assert core.receive(*body(frames.encode_output_for_client(jobid, b"h:1", b"hi\n"))) == Output(jobid, b"h:1", "hi\n")
+    output = core.receive(*body(frames.encode_output_for_client(jobid, b"h:1", b"hi\n")))
+    assert output == ClientOutput(jobid, b"h:1", "hi\n")
     assert core.receive(*body(frames.encode_notice(jobid, "no GPU"))) == Notice(jobid, "no GPU")
     core.receive(*result_frame(jobid))
     assert core.receive(*body(frames.encode_notice(jobid, "no GPU"))) is None
@@ -70,7 +71,7 @@ def test_status_answers_match_requests_and_a_lost_connection_fails_the_open_ones
     core = ClientCore({})
     core.status_request(7)
     core.status_request(8)
-    assert core.receive(*body(frames.encode_status(7, {"workers": []}))) == StatusAnswer(7, {"workers": []})
+    assert core.receive(*body(frames.encode_status(7, {"workers": []}))) == StatusReply(7, {"workers": []})
     assert core.receive(*body(frames.encode_status(7, {}))) is None
     assert core.connection_lost() == {8}
     assert core.connection_lost() == set()

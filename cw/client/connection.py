@@ -10,13 +10,13 @@ import logging
 import sys
 import time
 
-from cw.client.core import Closed, Notice, Output, Result, StatusAnswer
+from cw.client.core import Closed
 from cw.client.discovery import resolve_master
 from cw.client.future import WorkerInfo, job_outcome
 from cw.errors import BrokenCluster, CwError, ProtocolError
 from cw.wire import buffers, frames
 from cw.wire.auth import load_secret
-from cw.wire.frames import Frame, Status
+from cw.wire.frames import ClientOutput, Frame, Notice, Result, Status, StatusReply
 from cw.wire.link import master_timeout, open_link
 
 log = logging.getLogger("cw.client")
@@ -80,14 +80,14 @@ class MasterConnection:
                     event = self._core.receive(ftype, body)
                 if isinstance(event, Result):
                     self._on_result(*event)
-                elif isinstance(event, Output):
+                elif isinstance(event, ClientOutput):
                     self._on_output(*event)
                 elif isinstance(event, Notice):
                     self._on_notice(*event)
-                elif isinstance(event, StatusAnswer):
+                elif isinstance(event, StatusReply):
                     waiter = self._status_waiters.pop(event.reqid, None)
                     if waiter is not None:
-                        waiter.set_result(event.status)
+                        waiter.set_result(event.report)
                 elif isinstance(event, Closed):
                     return "the master dropped this client: " + event.reason
         except (OSError, ProtocolError) as exc:  # TimeoutError included: the master stopped answering

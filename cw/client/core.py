@@ -33,33 +33,6 @@ from cw.wire import frames
 from cw.wire.frames import Frame, kind_name
 
 
-class Result(NamedTuple):
-    """A job ended: its outcome ``status`` (Status.OK, RAISED, LOST,
-    UNPLACEABLE), the label of the worker that ran it, its payload."""
-    jobid: int
-    status: int
-    label: bytes
-    payload: object
-
-
-class Output(NamedTuple):
-    """What a job printed; it comes just before the job's Result."""
-    jobid: int
-    label: bytes
-    text: str
-
-
-class Notice(NamedTuple):
-    """Why a job (and its like) cannot run yet."""
-    jobid: int
-    text: str
-
-
-class StatusAnswer(NamedTuple):
-    reqid: int
-    status: dict
-
-
 class Closed(NamedTuple):
     """The master ended the connection, saying why."""
     reason: str
@@ -114,24 +87,26 @@ class ClientCore:
     # --- what the master says --------------------------------------------------
 
     def receive(self, ftype: int, body):
-        """The event a frame from the master makes (None for nothing to do).
+        """The event a frame from the master makes: its decoded message
+        (frames.Result, ClientOutput, Notice, StatusReply) when it concerns
+        something unfinished, Closed for ERROR, None for nothing to do.
         Raises ProtocolError for a frame a master never sends a client."""
         if ftype == Frame.RESULT:
-            result = Result(*frames.decode_result(body))
+            result = frames.decode_result(body)
             if self.unfinished.pop(result.jobid, None) is None:
                 return None     # cancelled meanwhile, or answered already
             return result
         if ftype == Frame.OUTPUT:
-            output = Output(*frames.decode_output_for_client(body))
+            output = frames.decode_output_for_client(body)
             return output if output.jobid in self.unfinished else None
         if ftype == Frame.NOTICE:
-            notice = Notice(*frames.decode_notice(body))
+            notice = frames.decode_notice(body)
             return notice if notice.jobid in self.unfinished else None
         if ftype == Frame.STATUS:
-            reqid, status = frames.decode_status(body)
-            if reqid in self.status_requests:
-                self.status_requests.discard(reqid)
-                return StatusAnswer(reqid, status)
+            reply = frames.decode_status(body)
+            if reply.reqid in self.status_requests:
+                self.status_requests.discard(reply.reqid)
+                return reply
             return None
         if ftype in (Frame.PING, Frame.CANCELLED):
             return None          # the link answers pings; a cancelled future is done already
