@@ -79,6 +79,16 @@ def alive(pid: int) -> bool:
         return False
 
 
+def skip_unless_required(reason: str, *required: str) -> None:
+    """Skips the test with ``reason``, or fails it when one of the
+    environment variables ``required`` is "1" (CI: what a test needs must be
+    there, a skip would hide that it did not run)."""
+    named = [name for name in required if os.environ.get(name) == "1"]
+    if named:
+        pytest.fail(f"required here ({', '.join(n + '=1' for n in named)}) but unavailable: {reason}")
+    pytest.skip(reason)
+
+
 def wait_until(predicate, timeout: float = 30.0, what: str = "condition"):
     """Polls ``predicate`` until it is true; fails the test after ``timeout`` (a hang)."""
     import time
@@ -112,9 +122,7 @@ def local_slurm():
     from pathlib import Path
 
     def unavailable(reason):
-        if os.environ.get("CW_REQUIRE_SLURM") == "1":
-            pytest.fail(f"SLURM is required here (CW_REQUIRE_SLURM=1) but {reason}")
-        pytest.skip(reason)
+        skip_unless_required(f"SLURM tests need a SLURM: {reason}", "CW_REQUIRE_SLURM")
 
     if _slurm_answers():
         yield

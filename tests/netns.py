@@ -38,6 +38,7 @@ import threading
 import time
 
 import pytest
+from conftest import skip_unless_required
 
 #: The only addresses these tests use (RFC 2544's benchmarking range).
 SUBNET = ipaddress.ip_network("198.18.0.0/24")
@@ -301,9 +302,7 @@ def network():
     try:
         net = Network()
     except NetnsUnavailable as exc:
-        if os.environ.get("CW_REQUIRE_NETNS") == "1":
-            pytest.fail(f"network namespaces are required here (CW_REQUIRE_NETNS=1) but {exc}")
-        pytest.skip(f"multi-host tests need network namespaces: {exc}")
+        skip_unless_required(f"multi-host tests need network namespaces: {exc}", "CW_REQUIRE_NETNS")
     try:
         yield net
     finally:

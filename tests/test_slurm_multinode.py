@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import skip_unless_required
 from netns import NetnsUnavailable, read_line
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,9 +57,8 @@ def slurm4(local_slurm):
     try:
         bed = MultiNodeSlurm(nodes=4)
     except NetnsUnavailable as exc:
-        if os.environ.get("CW_REQUIRE_SLURM") == "1" or os.environ.get("CW_REQUIRE_NETNS") == "1":
-            pytest.fail(f"the multi-node SLURM is required here (CW_REQUIRE_SLURM=1) but {exc}")
-        pytest.skip(f"multi-node SLURM tests need root, network namespaces and SLURM: {exc}")
+        skip_unless_required(f"multi-node SLURM tests need root, network namespaces and SLURM: {exc}",
+                             "CW_REQUIRE_SLURM", "CW_REQUIRE_NETNS")
     try:
         yield bed
     finally:
