@@ -270,3 +270,59 @@ def test_without_an_address_file_a_fixed_port_is_tried_on_the_job_node_after_a_s
     assert time.monotonic() - started < 30
     with pytest.raises(SlurmError, match="job 77 of cluster 'exp' is RUNNING"):
         discovery.master_address("exp", port=0, timeout=1)    # no fixed port: nothing to try
+
+
+# --- file:PATH and slurm:NAME: an address that says where to look -----------------
+
+def test_file_address_waits_for_the_file_then_reads_it(tmp_path, caplog):
+    path = tmp_path / "master"
+    with caplog.at_level(logging.WARNING, logger="cw.client.discovery"), \
+            pytest.raises(LookupError, match=f"within 0.2 s.*--address-file {path}"):
+        resolve_master(f"file:{path}", 5494, timeout=0.2)
+    assert sum(str(path) in r.getMessage() for r in caplog.records) == 1    # one line, not one per poll
+    write_address_file(path, "node3", 4100)
+    assert resolve_master(f"file:{path}", 5494, timeout=0.2) == ("node3", 4100)
+    path.write_text("not a record")
+    with pytest.raises(AddressFileError, match="not a master's address record"):
+        resolve_master(f"file:{path}", 5494, timeout=5)
+
+
+def test_slurm_address_reads_that_clusters_file(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))   # no squeue: the file is all there is
+    write_address_file(address_file("exp"), "slurm-node", 4000)
+    assert resolve_master("slurm:exp", 5494, timeout=0.2) == ("slurm-node", 4000)
+    with pytest.raises(LookupError, match="no cw cluster named 'nope'"):
+        resolve_master("slurm:nope", 5494, timeout=0.2)
+
+
+def test_client_and_worker_started_before_the_master_find_it_through_its_address_file(tmp_path):
+    """The way a cluster starts in practice: the worker and the user's script
+    come up before the master has published its address (port 0: nobody
+    could know it in advance); both wait for the file, then run a lambda."""
+    import subprocess
+    import sys
+    import threading
+
+    from cw.client import ClusterExecutor
+
+    path = tmp_path / "master"
+    worker = subprocess.Popen([sys.executable, "-m", "cw.worker", f"file:{path}", "--connect-timeout", "60",
+                               "--log-level", "WARNING"])
+    executors = []
+    waiting = threading.Thread(target=lambda: executors.append(ClusterExecutor(f"file:{path}", connect_timeout=60)))
+    waiting.start()
+    cluster = None
+    try:
+        cluster = start_master(port=0, args=["--address-file", str(path)])
+        waiting.join(60)
+        assert executors, "the client did not reach the master within 60 s"
+        with executors[0] as ex:
+            offset = 7
+            assert ex.submit(lambda x: x + offset, 35).result(timeout=60) == 42
+            assert ex.status()["workers"][0]["pid"] != worker.pid      # a worker process of that supervisor
+    finally:
+        worker.terminate()
+        worker.wait(30)
+        if cluster is not None:
+            cluster.stop()
+        waiting.join(60)

@@ -53,7 +53,8 @@ CLIENT = textwrap.dedent('''
     from cw.client import ClusterExecutor
 
     address, runs, seconds, mode = sys.argv[1:5]
-    host, port = address.rsplit(":", 1)
+    # HOST:PORT, or an address that names where to find the master (file:PATH, slurm:NAME)
+    host, port = (address, 5494) if address.startswith(("file:", "slurm:")) else address.rsplit(":", 1)
 
     def sum_of_squares(i):
         # One marker per run, made before the work: a run that is lost

@@ -9,10 +9,9 @@ it is).  The scenarios:
 - the master killed with SIGKILL and restarted on the same host and port:
   clients ride through (reconnect_timeout), workers come back through the
   address file, every job's result arrives exactly once;
-- the master killed and restarted on another host: workers follow the
-  address file to it (a connection attempt lasts at most 5 s, then the file
-  is read again); a client does too where ``squeue`` is installed, and is a
-  strict xfail where it is not (resolve_master reads the file only there);
+- the master killed and restarted on another host: workers (``slurm:NAME``)
+  and clients (``file:PATH``) follow the address file to it (a connection
+  attempt lasts at most 5 s, then the file is read again);
 - the master's host cut off beyond the peer timeout while a ``ClientThread``
   (the callback API) waits on its jobs.
 
@@ -23,13 +22,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
 import time
 
-import pytest
 from netns import network, read_line  # noqa: F401  (network is a fixture)
 from test_multihost import CLIENT, DEADLINE, HEARTBEAT, MASTER_READY, PEER_TIMEOUT, PROBE, Client, check_results, serial
 
@@ -199,22 +196,18 @@ def test_workers_follow_the_address_file_to_a_master_on_another_host(network, tm
     client.finish()
 
 
-@pytest.mark.xfail(shutil.which("squeue") is None, strict=True, reason=(
-    "cw gap where SLURM is not installed: resolve_master(None) reads "
-    "$CW_STATE_DIR/clusters/$CW_CLUSTER/master only where `squeue` is installed, else it tries localhost "
-    "(deliberately, see test_discovery), and ClusterExecutor takes no address file of its own"))
 def test_client_follows_the_address_file_to_a_master_on_another_host(network, tmp_path):  # noqa: F811
-    """A client that finds its master itself (no host given; $CW_CLUSTER and
-    $CW_STATE_DIR name the address file) rides through the master's SIGKILL
-    and its restart on another host, resubmits there, and gets every result
-    exactly once.  (The workers are pointed at each master's address, so that
-    only the client's discovery is tested.)"""
+    """A client given ``file:PATH`` (the address file the master publishes)
+    rides through the master's SIGKILL and its restart on another host,
+    resubmits there, and gets every result exactly once.  (The workers are
+    pointed at each master's address, so that only the client's discovery
+    is tested.)"""
     m1, m2, w1, w2, c = (network.add_host(n) for n in ("m1", "m2", "w1", "w2", "c"))
     cluster = RestartableCluster(tmp_path)
     cluster.start_master(m1)
     cluster.add_workers(w1, 2, master=cluster.address)
     cluster.wait_status(lambda s: cluster.workers_on(s) == {"w1": 2}, "2 workers on w1")
-    client = cluster.start_client(c, seconds=0.5, address=f":{PORT}")
+    client = cluster.start_client(c, seconds=0.5, address=f"file:{cluster.address_file}")
 
     client.submit(range(8))
     cluster.wait_for_runs(2)

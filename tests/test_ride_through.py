@@ -124,3 +124,29 @@ def test_a_client_thread_rides_through_too(restartable):
             ct.submit(i, slow_square, i, 0)
         ct.wait()
     assert got == {i: [i * i] for i in range(15)}
+
+
+def test_jobs_waiting_on_their_children_survive_a_master_restart(restartable, tmp_path):
+    """Every worker holds a parent job that waits on its children when the
+    master dies: the parents' results still arrive once, with every child's.
+    (A parent's worker cannot run another job's children while its own
+    session is over, so it must not sit on its slot.)"""
+    import cw
+    cluster = restartable["cluster"]
+    started = tmp_path / "started"
+    started.mkdir()
+
+    def child(i):
+        (started / f"{i}.{os.getpid()}.{time.monotonic_ns()}").touch()
+        time.sleep(0.5)
+        return i * i
+
+    def parent(base):
+        inner = cw.get_executor()
+        return sum(f.result() for f in [inner.submit(child, base + k) for k in range(2)])
+
+    with cluster.executor(reconnect_timeout=60) as ex:
+        parents = [ex.submit(parent, base) for base in (0, 10)]
+        wait_until(lambda: len(os.listdir(started)) >= 2, what="children to start")
+        restartable["restart"]()
+        assert [f.result(timeout=120) for f in parents] == [0 + 1, 100 + 121]

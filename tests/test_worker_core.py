@@ -407,16 +407,32 @@ def test_connection_lost_with_jobs_running_ends_the_session_after_them_and_sends
     core = started()
     job(core, 1)
     job(core, 2)
-    job(core, 3)
-    core.lend(0, 1)                            # job 2 runs on runner 2, job 1 waits
     frames(core)
     assert core.closed("gone") == [Stop(1)]    # the reader
     assert list(core.queue) == [] and core.why_lost == "gone"
-    assert core.lend(2, 2) is None             # no lending without a master
-    assert core.wait_over(0, 1) == [Idle(0)]
-    assert finish(core, 2, 2) == [Resume(0, 1), Stop(2)]      # job 3 was dropped, never run
-    assert finish(core, 0, 1) == [Stop(0), End(drained=False)]
+    assert finish(core, 0, 1) == [Stop(0), End(drained=False)]      # job 2 was dropped, never run
     assert frames(core) == []
+
+
+def test_connection_lost_while_a_job_waits_on_its_children_ends_the_process():
+    core = started()
+    job(core, 1)
+    job(core, 2)
+    core.lend(0, 1)                            # job 2 runs on runner 2, job 1 waits on its children
+    frames(core)
+    actions = core.closed("gone")
+    assert actions[:-1] == [Stop(1)] and type(actions[-1]) is Exit and actions[-1].reason == ExitChannel.REPLACE
+    assert core.over and frames(core) == []
+
+
+def test_a_job_that_starts_waiting_on_its_children_after_the_master_was_lost_ends_the_process():
+    core = started()
+    job(core, 1)
+    frames(core)
+    core.closed("gone")
+    actions = core.lend(0, 1)
+    assert [type(a) for a in actions] == [Exit] and actions[0].reason == ExitChannel.REPLACE
+    assert core.over and frames(core) == []
 
 
 def test_error_frame_closes_and_unexpected_frames_raise():

@@ -3,7 +3,11 @@
 A client asks, in order: the host it was given, ``$CW_MASTER`` (HOST:PORT,
 set by ``cw.allocate``), the master of the SLURM cluster ``$CW_CLUSTER``
 (default "default") when that cluster has a master job or has published its
-address, else this machine.
+address, else this machine.  Instead of a host, a client or worker can be
+given ``slurm:NAME`` (the master of SLURM cluster NAME) or ``file:PATH`` (the
+address a master started with ``--address-file PATH`` published); both are
+read again at every reconnection, so they follow a master that restarted
+elsewhere, and both wait for a master that has not published yet.
 
 A SLURM cluster's master job binds a free port and publishes its address
 in ``<state dir>/clusters/<name>/master`` (see cw.wire.address) in the home
@@ -65,12 +69,22 @@ class JobInfo(NamedTuple):
     reason: str
 
 
+SLURM_PREFIX = "slurm:"
+FILE_PREFIX = "file:"
+
+
 def resolve_master(host: str | None, port: int = PORT, timeout: float = RESOLVE_TIMEOUT) -> tuple[str, int]:
-    """Where the master is: the given host, else ``$CW_MASTER`` (HOST:PORT, set
-    by ``cw.allocate``), else the master of the SLURM cluster ``$CW_CLUSTER``
-    (default "default") when that cluster has a master job (waiting up to
-    ``timeout`` for it to publish its address) or an address file, else this
-    machine.  SlurmError when the cluster's master does not come up in time."""
+    """Where the master is: the given host (``HOST[:PORT]``, ``slurm:NAME`` or
+    ``file:PATH``), else ``$CW_MASTER`` (HOST:PORT, set by ``cw.allocate``),
+    else the master of the SLURM cluster ``$CW_CLUSTER`` (default "default")
+    when that cluster has a master job (waiting up to ``timeout`` for it to
+    publish its address) or an address file, else this machine.  SlurmError
+    when the cluster's master does not come up in time; LookupError when
+    there is no such cluster or no master published to the file in time."""
+    if host and host.startswith(SLURM_PREFIX):
+        return master_address(host[len(SLURM_PREFIX):] or None, port, timeout=timeout)
+    if host and host.startswith(FILE_PREFIX):
+        return published_address(Path(host[len(FILE_PREFIX):]).expanduser(), timeout)
     if host:
         return parse_address(host, port)
     if os.environ.get(ENV_MASTER):
@@ -84,6 +98,28 @@ def resolve_master(host: str | None, port: int = PORT, timeout: float = RESOLVE_
         except LookupError:
             pass
     return "localhost", port
+
+
+def published_address(path: Path, timeout: float) -> tuple[str, int]:
+    """The address in the address file ``path``, waiting up to ``timeout`` for
+    a master to write it (once, with one log line).  An unreadable file is
+    an error at once: waiting would not mend it."""
+    deadline = time.monotonic() + timeout
+    said = False
+    while True:
+        try:
+            record = read_address_file(path)
+        except OSError as exc:
+            raise LookupError(f"cannot read the master's address file {path}: {exc.strerror}") from None
+        if record is not None:
+            return record.host, record.port
+        if time.monotonic() >= deadline:
+            raise LookupError(f"no cw master has published its address in {path} within {timeout:g} s; start "
+                              f"one with `python -m cw.master --address-file {path}`, or check the path")
+        if not said:
+            log.warning("waiting up to %.0f s for a cw master to publish its address in %s", timeout, path)
+            said = True
+        time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
 
 
 def _has_master_job(name: str) -> bool:

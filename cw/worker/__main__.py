@@ -21,8 +21,10 @@ log = logging.getLogger("cw.worker")
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cw.worker", description="Run cw workers.")
     parser.add_argument("master", nargs="?", default=f"localhost:{PORT}",
-                        help=f"the master's HOST[:PORT] (default localhost:{PORT}), or slurm:NAME for the "
-                             "master of the SLURM cluster NAME")
+                        help=f"the master's HOST[:PORT] (default localhost:{PORT}), slurm:NAME for the "
+                             "master of the SLURM cluster NAME, or file:PATH for the master that publishes its "
+                             "address in PATH (cw.master --address-file PATH); both are read again at every "
+                             "reconnection")
     parser.add_argument("--port", type=int, default=PORT,
                         help=f"the master's port when HOST gives none (default {PORT})")
     parser.add_argument("-n", "--processes", type=int, default=1, help="worker processes to run (default 1)")

@@ -64,8 +64,12 @@ Rules kept here:
   emitted after it.  PONG alone is not ordered (an action, see ping).
 - The connection lost (EOF, ERROR, a protocol error or silence): queued jobs
   are dropped (the master re-runs them), nothing more is sent, free runners
-  stop, jobs started run to their end (a waiting job still gets the token
-  back), and the session ends when none is left (End, not drained).
+  stop, jobs started run to their end, and the session ends when none is
+  left (End, not drained).  But a job that waits on jobs it submitted (now,
+  or later: ``lend``) ends the process (Exit REPLACE): its children are
+  resubmitted to whichever master comes back and need a worker, while its
+  own outcome can no longer reach anyone; if every worker sat on such a
+  parent, nothing would run the children.
 - After Exit or End the core does nothing: every event returns [] (but
   ``closed`` still stops the reader).
 
@@ -98,6 +102,9 @@ __all__ = ["End", "Exit", "Flush", "Idle", "Job", "Pong", "Read", "Resume", "Run
 RUNNING = "running"    # holds the token
 WAITING = "waiting"    # lent the worker; waits on jobs it submitted
 READY = "ready"        # its wait is over; waits for the token
+
+_PARENT_ORPHANED = ("the master was lost while a job waited on jobs it submitted: this process makes way for "
+                    "a fresh one (the job runs again once a master is back; its children need a worker)")
 SENDING = "sending"    # finished; holds the token until its outcome is sent
 
 
@@ -252,6 +259,8 @@ class WorkerCore:
         self.envs.clear()
         self.reader = None
         actions: list = [Stop(reader)] if reader is not None else []
+        if any(job.state in (WAITING, READY) for job in self.jobs.values()):
+            return actions + self._exit(ExitChannel.REPLACE, _PARENT_ORPHANED)
         return actions + self._check_end()
 
     def _take_back(self, gid: int) -> bool:
@@ -284,7 +293,10 @@ class WorkerCore:
     def lend(self, runner: int, gid: int) -> list | None:
         """The running job ``gid`` waits on a job it submitted.  Returns None
         when it may not lend the worker (it then waits holding the token),
-        else the actions; the caller goes on to wait (no task for it)."""
+        else the actions; the caller goes on to wait (no task for it).  Once
+        the connection is lost, the process ends instead (see the rules)."""
+        if not self.over and self.lost and self.holder == gid:
+            return self._exit(ExitChannel.REPLACE, _PARENT_ORPHANED)
         if self.over or self.lost or self.draining or self.holder != gid:
             return None
         self.jobs[gid].state = WAITING

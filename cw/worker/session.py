@@ -340,15 +340,12 @@ class SignalRelay:
 
 def master_resolver(spec: str, port: int, connect_timeout: float):
     """A function giving the master's (host, port), asked again at every
-    (re)connection: ``HOST[:PORT]``, or ``slurm:NAME`` for the master of the
-    SLURM cluster NAME, which may have moved since the last connection."""
-    if spec.startswith("slurm:"):
-        name = spec[len("slurm:"):]
-
-        def resolve():
-            from cw.client.discovery import master_address
-            return master_address(name, port, timeout=connect_timeout)
-        return resolve
+    (re)connection: ``HOST[:PORT]``, ``slurm:NAME`` for the master of the
+    SLURM cluster NAME, or ``file:PATH`` for the master that publishes its
+    address there; those two may have moved since the last connection."""
+    from cw.client.discovery import FILE_PREFIX, SLURM_PREFIX, resolve_master
+    if spec.startswith((SLURM_PREFIX, FILE_PREFIX)):
+        return lambda: resolve_master(spec, port, timeout=connect_timeout)
     address = parse_address(spec, port)
     return lambda: address
 
