@@ -302,3 +302,26 @@ def test_progress_is_silent_when_stderr_is_not_a_terminal(executor, capsys):
     assert not sys.stderr.isatty()
     assert list(executor.map(jobs.square, range(10), progress=True)) == [i * i for i in range(10)]
     assert capsys.readouterr().err == ""
+
+
+def test_a_sticky_install_reaches_a_worker_that_joins_a_restarted_master(cluster, wheel):
+    """The new master learns the sticky install from the client that rides
+    through its restart, and a worker that joins it afterwards installs
+    before its first job."""
+    from cw.launch.local import start_master
+    path, name, value = wheel
+    with cluster.executor(reconnect_timeout=60) as executor:
+        executor.install([path], pip_args=["--no-index"], timeout=120)
+        cluster.master.kill()
+        cluster.master.wait()
+        cluster.master = start_master(port=cluster.port).master
+        # A job through the new master: the client has reconnected and told it everything.
+        assert executor.submit(os.getpid).result(timeout=WAIT)
+        wait_until(lambda: len(executor.workers()) == 2, what="both workers back on the new master")
+        before = {w.pid for w in executor.workers()}
+        cluster.add_workers(1)
+        wait_until(lambda: len(executor.workers()) == 3, what="the third worker on the new master")
+        [new] = [w for w in executor.workers() if w.pid not in before]
+        installed, pid = executor.submit(op_jobs.installed_here, workers=[new]).result(timeout=WAIT)
+        assert (pid, installed) == (new.pid, [[path]])
+        assert executor.submit(op_jobs.import_value, name, workers=[new]).result(timeout=WAIT) == value

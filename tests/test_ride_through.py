@@ -150,3 +150,23 @@ def test_jobs_waiting_on_their_children_survive_a_master_restart(restartable, tm
         wait_until(lambda: len(os.listdir(started)) >= 2, what="children to start")
         restartable["restart"]()
         assert [f.result(timeout=120) for f in parents] == [0 + 1, 100 + 121]
+
+
+def test_map_goes_on_after_a_master_restart(restartable):
+    """``map`` over a generator keeps its window of chunks in flight: the
+    chunks out when the master dies are resubmitted, the rest follow, and
+    the results come in order."""
+    cluster = restartable["cluster"]
+    fed = []
+
+    def numbers():
+        for i in range(300):
+            fed.append(i)
+            yield i
+
+    with cluster.executor(reconnect_timeout=60) as ex:
+        results = ex.map(lambda i: (time.sleep(0.01), i * 3)[1], numbers(), chunksize=5, window=4)
+        first = [next(results) for _ in range(30)]
+        assert len(fed) < 300                       # the window holds the rest back
+        restartable["restart"]()
+        assert first + list(results) == [i * 3 for i in range(300)]
