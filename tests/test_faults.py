@@ -124,3 +124,14 @@ def test_a_client_that_vanishes_has_its_queued_jobs_dropped(cluster, tmp_path):
         client.wait()
         client.stdout.close()
     assert not marker.exists()
+
+
+def test_reading_a_link_this_process_closed_is_an_os_error_not_a_crash(master):
+    """A client's reader thread can be between two reads when shutdown closes
+    the link: it must see a connection error (and end quietly), not a
+    ValueError from select() on descriptor -1 (logged as an internal error)."""
+    from cw.wire.link import open_link, peer_info
+    link = open_link(master.host, master.port, load_secret(), peer_info("client"), 10)
+    link.close(flush_timeout=0)
+    with pytest.raises(OSError, match="closed here"):
+        link.recv(timeout=5)

@@ -6,6 +6,7 @@ handshake and says HELLO; ``Link.recv`` returns one frame at a time and
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import select
@@ -113,8 +114,14 @@ class Link:
             item = decoder.next_frame()
             if item is not None:
                 return item
-            if timeout is not None and not select.select([self.sock], [], [], timeout)[0]:
-                raise TimeoutError(f"nothing heard from the master at {self.address} for {timeout:g} s")
+            if timeout is not None:
+                try:
+                    ready = select.select([self.sock], [], [], timeout)[0]
+                except ValueError:      # closed by this process meanwhile (its descriptor is -1)
+                    raise OSError(errno.EBADF, f"the connection to the master at {self.address} was closed "
+                                               "here") from None
+                if not ready:
+                    raise TimeoutError(f"nothing heard from the master at {self.address} for {timeout:g} s")
             direct = decoder.direct_buffer()
             if direct is not None:      # the rest of a large frame, straight into its own buffer
                 n = self.sock.recv_into(direct)
