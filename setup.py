@@ -1,12 +1,16 @@
 from setuptools import find_packages, setup
 
+# The distribution is "cluster-workers" (the name "cw" on the package index
+# belongs to an unrelated tool); the import name stays ``cw``.  The version
+# lives here only: cw.__version__ reads it from the installed metadata.
 setup(
-    name="cw",
-    version="0.3.0",
+    name="cluster-workers",
+    version="0.4.0",
     description="cluster-workers: spread Python function calls over many machines",
     long_description=open("README.rst", encoding="utf-8").read(),
     long_description_content_type="text/x-rst",
     packages=find_packages(include=["cw", "cw.*"]),
+    package_data={"cw": ["py.typed"]},
     python_requires=">=3.10",
     install_requires=["cloudpickle>=2.2"],
     extras_require={
@@ -23,4 +27,15 @@ setup(
         "cw-status = cw.ops.status:main",
     ]},
     license="MIT",
+    license_files=["LICENSE"],
+    classifiers=[
+        "Development Status :: 4 - Beta",
+        "Intended Audience :: Science/Research",
+        "License :: OSI Approved :: MIT License",
+        "Operating System :: POSIX :: Linux",
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3 :: Only",
+        "Topic :: System :: Distributed Computing",
+        "Typing :: Typed",
+    ],
 )

@@ -8,7 +8,6 @@ from __future__ import annotations
 import random
 
 PORT = 5494
-__version__ = "0.3.0"
 
 from cw.errors import (  # noqa: E402
     AuthenticationError,
@@ -43,11 +42,39 @@ _LAZY = {"allocate": "launch.local", "start": "launch.local", "stop": "launch.lo
 def __getattr__(name):
     # Imported only when asked, so that `import cw` in the master stays light
     # (no pickling machinery, no process helpers).
+    if name == "__version__":
+        return _version()
     module = _LAZY.get(name)
     if module is not None:
         import importlib
         return getattr(importlib.import_module(f"cw.{module}"), name)
     raise AttributeError(f"module 'cw' has no attribute {name!r}")
+
+
+def _version() -> str:
+    """The installed distribution's version (setup.py holds the only copy).
+    Asked for when needed: importlib.metadata costs ~20 ms at import."""
+    from importlib import metadata
+    try:
+        return metadata.version("cluster-workers")
+    except metadata.PackageNotFoundError:   # run from a checkout that was never installed
+        return "0+unknown"
+
+
+def add_version_option(parser) -> None:
+    """Gives an argparse parser ``--version``; the version is looked up only
+    when asked for, so that starting a worker process costs nothing more."""
+    import argparse
+
+    class Version(argparse.Action):
+        def __init__(self, option_strings, dest, **kwargs):
+            super().__init__(option_strings, dest, nargs=0, help="print cw's version and exit")
+
+        def __call__(self, parser, namespace, values, option_string=None):
+            print(f"{parser.prog} (cluster-workers) {_version()}")
+            parser.exit()
+
+    parser.add_argument("--version", action=Version)
 
 
 __all__ = ["PORT", "randid", "allocate", "start", "stop", "LocalCluster", "ClusterExecutor", "ClientThread",

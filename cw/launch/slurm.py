@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cw import add_version_option
 from cw.client.discovery import (
     DEFAULT_NAME,
     DISCOVERY_TIMEOUT,
@@ -305,6 +306,7 @@ def main(argv=None) -> int:
     import argparse
     parser = argparse.ArgumentParser(
         prog="slurm.py", description="Start, inspect and stop a cw cluster on SLURM: one master job and worker jobs.")
+    add_version_option(parser)
     parser.add_argument("command", choices=["start", "stop", "status"])
     parser.add_argument("-n", "--workers", type=int, default=1, help="worker processes to start (default 1)")
     parser.add_argument("--name", default=os.environ.get("CW_CLUSTER") or DEFAULT_NAME,

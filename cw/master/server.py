@@ -21,7 +21,7 @@ import signal
 import socket
 import sys
 
-from cw import PORT, __version__, settings
+from cw import PORT, __version__, add_version_option, settings
 from cw.errors import AuthenticationError, CwError, ProtocolError
 from cw.master import inbox
 from cw.master.dispatch import Dispatcher
@@ -440,6 +440,7 @@ def _is_loopback(bind: str) -> bool:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cw.master", description="Run a cw master.")
+    add_version_option(parser)
     parser.add_argument("--bind", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
     parser.add_argument("--port", type=int, default=PORT, help=f"TCP port (default {PORT}; 0 picks a free one)")

@@ -21,7 +21,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 
-from cw import PORT
+from cw import PORT, add_version_option
 
 #: Seconds between two reports of ``--watch`` when none is given.
 DEFAULT_WATCH = 2.0
@@ -259,6 +259,7 @@ def _where(host: str | None, port: int) -> tuple[str, int, str]:
 def _parse_args(argv) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m cw.status", description="Show what a cw master sees: workers, clients, queues.")
+    add_version_option(parser)
     parser.add_argument("address", nargs="?", metavar="HOST[:PORT]",
                         help="the master (default: $CW_MASTER, the SLURM cluster's master, else localhost)")
     parser.add_argument("--port", type=int, default=PORT, help=f"the master's port when HOST has none ({PORT})")

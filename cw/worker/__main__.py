@@ -9,7 +9,7 @@ import signal
 import socket
 import sys
 
-from cw import PORT
+from cw import PORT, add_version_option
 from cw.worker import channel
 from cw.worker.channel import EXIT_CONFIG, EXIT_NO_MASTER, ExitChannel
 from cw.worker.session import DEFAULT_CONNECT_TIMEOUT, master_resolver, run_worker
@@ -20,6 +20,7 @@ log = logging.getLogger("cw.worker")
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cw.worker", description="Run cw workers.")
+    add_version_option(parser)
     parser.add_argument("master", nargs="?", default=f"localhost:{PORT}",
                         help=f"the master's HOST[:PORT] (default localhost:{PORT}), slurm:NAME for the "
                              "master of the SLURM cluster NAME, or file:PATH for the master that publishes its "
