@@ -8,7 +8,7 @@ setup(
     long_description_content_type="text/x-rst",
     packages=find_packages(include=["cw", "cw.*"]),
     python_requires=">=3.10",
-    install_requires=["cloudpickle>=2.2"],
+    install_requires=["cloudpickle>=2.2", "threadpoolctl>=3.1"],
     extras_require={
         "fast": ["uvloop>=0.17; sys_platform != 'win32'"],
         "test": ["pytest>=7", "pytest-timeout>=2.1", "hypothesis>=6", "numpy", "tqdm",
