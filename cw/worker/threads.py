@@ -11,7 +11,9 @@ issue 12).  Two means together cover every case:
   to it;
 - threadpoolctl, for libraries already loaded when a job starts.  Raising
   OpenBLAS above its load-time count works (checked with OpenBLAS 0.3.31: it
-  starts the extra threads).
+  starts the extra threads and uses them), while the count it reads from the
+  variables at load time is capped to the cores it sees: a 4-CPU job that
+  loads numpy first gets min(4, cores) until the next job resizes it.
 
 A worker's ``--job-threads`` says how many a job gets: ``cpus`` (default),
 a fixed number, or ``off`` (libraries and variables left as they are); a
