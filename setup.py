@@ -12,7 +12,7 @@ setup(
     packages=find_packages(include=["cw", "cw.*"]),
     package_data={"cw": ["py.typed"]},
     python_requires=">=3.10",
-    install_requires=["cloudpickle>=2.2"],
+    install_requires=["cloudpickle>=2.2", "threadpoolctl>=3.1"],
     extras_require={
         "fast": ["uvloop>=0.17; sys_platform != 'win32'"],
         "test": ["pytest>=7", "pytest-timeout>=2.1", "hypothesis>=6", "numpy", "tqdm",

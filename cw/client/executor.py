@@ -66,9 +66,9 @@ def _check_timeout(timeout: float | None) -> float:
     return float(timeout)
 
 
-def scheduling_options(priority=0, resources=None, tag=None, workers=None) -> tuple[int, dict]:
+def scheduling_options(priority=0, resources=None, tag=None, workers=None, threads=None) -> tuple[int, dict]:
     """Checks a job's scheduling options; returns (priority, SUBMIT_WITH options)."""
-    return job_options.job_options(priority, resources, tag, workers)
+    return job_options.job_options(priority, resources, tag, workers, threads)
 
 
 class ClusterExecutor(MasterConnection, EveryWorker, concurrent.futures.Executor):
@@ -142,16 +142,17 @@ class ClusterExecutor(MasterConnection, EveryWorker, concurrent.futures.Executor
 
     def submit_with(self, fn, args=(), kwargs=None, *, timeout: float | None = None,
                     max_retries: int | None = None, priority: int = 0, resources: dict | None = None,
-                    tag: str | None = None, workers=None) -> ClusterFuture:
+                    tag: str | None = None, workers=None, threads: int | None = None) -> ClusterFuture:
         """``submit`` with every per-job option as a keyword of its own, and
         ``fn``'s arguments passed as ``args`` and ``kwargs``.  ``timeout``:
         seconds the job may run before it is stopped and fails with
         JobTimeout (default: the executor's).  ``max_retries``: re-runs after
-        a worker died under it.  The others: see ``submit``."""
+        a worker died under it.  ``threads``: its BLAS/OpenMP threads
+        (default: as many as its CPUs).  The others: see ``submit``."""
         from cw.wire.payload import dumps_call
         retries = self._retries if max_retries is None else _check_retries(max_retries)
         timeout = self._timeout if timeout is None else _check_timeout(timeout)
-        priority, options = scheduling_options(priority, resources, tag, workers)
+        priority, options = scheduling_options(priority, resources, tag, workers, threads)
         if self._hooks is not None:
             fn, args, kwargs, priority = self._hooks.prepare(fn, tuple(args), kwargs or {}, priority)
         try:

@@ -277,10 +277,12 @@ class Placement:
         if node.reserved_for is job:
             node.reserved_for = None
         self.tags.started(job.queue.tag)
-        need = job.need
-        if need is PLAIN and not node.capacity.get("gpu"):
+        need, threads = job.need, job.queue.threads
+        if need is PLAIN and not node.capacity.get("gpu") and threads is None:
             return None
         env = {}
+        if threads is not None:
+            env["CW_JOB_THREADS"] = str(threads)
         if node.capacity.get("gpu"):
             env["CUDA_VISIBLE_DEVICES"] = ",".join(worker.gpus[:int(need.get("gpu", 0))])
         if need is not PLAIN:

@@ -56,12 +56,15 @@ class JobQueue:
     fit the same workers, so when its head cannot go anywhere, neither can
     the rest: the dispatcher looks at heads only."""
 
-    __slots__ = ("allowed", "buckets", "checked", "key", "need", "order", "reason", "tag", "waiting_since")
+    __slots__ = ("allowed", "buckets", "checked", "key", "need", "order", "reason", "tag", "threads",
+                 "waiting_since")
 
-    def __init__(self, key, need: dict = PLAIN, tag: str | None = None, allowed: frozenset | None = None):
+    def __init__(self, key, need: dict = PLAIN, tag: str | None = None, allowed: frozenset | None = None,
+                 threads: int | None = None):
         self.key = key                # None for jobs that ask for nothing
         self.need = need
         self.tag = tag
+        self.threads = threads        # their BLAS/OpenMP threads (None: the worker decides)
         self.allowed = allowed        # frozenset of worker ids and host names, or None
         self.buckets: dict[int, deque] = {}
         self.order: list[int] = []    # priorities present, ascending: the last one goes first
@@ -162,12 +165,13 @@ class ClientRecord:
         tag = options.get("tag")
         allowed = options.get("workers")
         allowed = frozenset(allowed) if allowed is not None else None
-        key = (tuple(sorted(need.items())) if need is not PLAIN else None, tag, allowed)
-        if key == (None, None, None):
+        threads = options.get("threads")
+        key = (tuple(sorted(need.items())) if need is not PLAIN else None, tag, allowed, threads)
+        if key == (None, None, None, None):
             return self.plain
         queue = self.queues.get(key)
         if queue is None:
-            queue = self.queues[key] = JobQueue(key, need, tag, allowed)
+            queue = self.queues[key] = JobQueue(key, need, tag, allowed, threads)
         return queue
 
 

@@ -16,6 +16,8 @@ The options:
   worker process a job runs in); GPUs are whole, as a job gets its own ids.
 - ``tag``: names the jobs a limit (``ClusterExecutor.limit``) counts.
 - ``workers``: the worker ids and host names a job may run on.
+- ``threads``: its BLAS/OpenMP thread pools' size, a whole number >= 1
+  (default: its CPUs, or the worker's ``--job-threads``).
 
 ``format_amounts`` writes amounts back for messages.
 """
@@ -34,12 +36,13 @@ MAX_KINDS = 32
 MAX_PRIORITY = 2 ** 31 - 1           # SUBMIT_WITH carries it as a signed 32-bit number
 MAX_TAG = 200
 MAX_WORKERS = 256
+MAX_THREADS = 4096
 MAX_AMOUNT = 1e18                    # beyond any real machine; keeps the books' sums exact enough
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
 _AMOUNT = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgtp]?)(i?b)?\s*$", re.IGNORECASE)
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
-_KNOWN = {"resources", "tag", "workers"}
+_KNOWN = {"resources", "tag", "workers", "threads"}
 
 
 def parse_amount(value, name: str = "amount") -> int | float:
@@ -149,7 +152,15 @@ def check_workers(workers) -> list:
     return names
 
 
-def job_options(priority=0, resources=None, tag=None, workers=None) -> tuple[int, dict]:
+def check_threads(threads) -> int:
+    """A job's BLAS/OpenMP thread count."""
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= MAX_THREADS:
+        raise ValueError(f"threads must be a whole number from 1 to {MAX_THREADS} (the job's BLAS/OpenMP "
+                         f"threads), or None for as many as its CPUs, not {threads!r}")
+    return threads
+
+
+def job_options(priority=0, resources=None, tag=None, workers=None, threads=None) -> tuple[int, dict]:
     """(priority, SUBMIT_WITH options) of a job; raises ValueError with the reason."""
     options = {}
     need = normalize_need(resources)
@@ -159,6 +170,8 @@ def job_options(priority=0, resources=None, tag=None, workers=None) -> tuple[int
         options["tag"] = check_tag(tag)
     if workers is not None:
         options["workers"] = check_workers(workers)
+    if threads is not None:
+        options["threads"] = check_threads(threads)
     return check_priority(priority), options
 
 

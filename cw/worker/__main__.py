@@ -10,7 +10,7 @@ import socket
 import sys
 
 from cw import PORT, add_version_option
-from cw.worker import channel
+from cw.worker import channel, threads
 from cw.worker.channel import EXIT_CONFIG, EXIT_NO_MASTER, ExitChannel
 from cw.worker.session import DEFAULT_CONNECT_TIMEOUT, master_resolver, run_worker
 from cw.worker.supervisor import Supervisor
@@ -35,6 +35,10 @@ def main(argv=None) -> int:
                         help="what this machine offers jobs, e.g. gpu=2,mem=64G,license=3 (default: cpu = -n, "
                              "mem = the machine's memory, gpu = the GPUs nvidia-smi lists, or those in "
                              "CUDA_VISIBLE_DEVICES)")
+    parser.add_argument("--job-threads", default="cpus", metavar="cpus|N|off",
+                        help="BLAS/OpenMP threads of each job: 'cpus' (default) as many as the CPUs it asked for "
+                             "(1 unless resources={'cpu': N}), N for every job, 'off' to leave the libraries' "
+                             "own counts and OMP_NUM_THREADS and friends alone; a job's threads= overrides it")
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--offer", default=None, help=argparse.SUPPRESS)
@@ -44,6 +48,7 @@ def main(argv=None) -> int:
                         format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s")
     try:
         resolve = master_resolver(args.master, args.port, args.connect_timeout)
+        job_threads = threads.parse_policy(args.job_threads)
     except ValueError as exc:
         parser.error(str(exc))
     if args.child is not None:
@@ -52,7 +57,8 @@ def main(argv=None) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         channel.watch_lifeline(args.child)
         channel.open_exit_channel(args.exit_channel)
-        status = run_worker(resolve, args.connect_timeout, json.loads(args.offer) if args.offer else None)
+        status = run_worker(resolve, args.connect_timeout, json.loads(args.offer) if args.offer else None,
+                            job_threads)
         channel.exit_channel.say({EXIT_CONFIG: ExitChannel.CONFIG, EXIT_NO_MASTER: ExitChannel.NO_MASTER}.get(
             status, ExitChannel.DRAINED))
         return status
@@ -69,7 +75,8 @@ def main(argv=None) -> int:
     offer["node"] = f"{socket.gethostname()}:{os.getpid()}"
     log.info("this machine offers %s%s", format_amounts(offer["resources"]),
              f" (GPU ids {','.join(offer['gpu_ids'])})" if offer["gpu_ids"] else "")
-    return Supervisor(args.master, args.port, args.processes, args.connect_timeout, args.log_level, offer).run()
+    return Supervisor(args.master, args.port, args.processes, args.connect_timeout, args.log_level, offer,
+                      job_threads).run()
 
 
 if __name__ == "__main__":

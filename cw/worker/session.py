@@ -350,15 +350,17 @@ def master_resolver(spec: str, port: int, connect_timeout: float):
     return lambda: address
 
 
-def run_worker(resolve, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT, offer: dict | None = None) -> int:
+def run_worker(resolve, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT, offer: dict | None = None,
+               job_threads="cpus") -> int:
     """One worker process: connect, run jobs, reconnect; returns an exit status.
-    ``offer``: this worker's machine ({"node", "resources", "gpu_ids"})."""
+    ``offer``: this worker's machine ({"node", "resources", "gpu_ids"});
+    ``job_threads``: its jobs' thread pools (cw.worker.threads.parse_policy)."""
     try:
         secret = load_secret()
     except CwError as exc:
         log.error("%s", exc)
         return EXIT_CONFIG
-    contexts = ContextSwitcher()
+    contexts = ContextSwitcher(job_threads)
     relay = SignalRelay()
     output.install()
     signal.signal(signal.SIGTERM, relay.on_sigterm)

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 
+from cw.worker import threads
 from cw.worker.channel import EXIT_NO_MASTER, ExitChannel
 
 log = logging.getLogger("cw.worker")
@@ -29,8 +30,9 @@ class Supervisor:
     """Keeps ``n`` worker processes running."""
 
     def __init__(self, address: str, port: int, n: int, connect_timeout: float, log_level: str,
-                 offer: dict | None = None):
+                 offer: dict | None = None, job_threads=threads.CPUS):
         self.offer = offer or {}
+        self.job_threads = job_threads
         self.address = address
         self.port = port
         self.n = n
@@ -46,11 +48,14 @@ class Supervisor:
         cmd = [sys.executable, "-m", "cw.worker", self.address, "--port", str(self.port),
                "--child", str(self.lifeline_r),
                "--connect-timeout", str(self.connect_timeout), "--log-level", self.log_level,
-               "--offer", json.dumps(self.offer)]
+               "--offer", json.dumps(self.offer), "--job-threads", str(self.job_threads)]
         channel_r, channel_w = os.pipe()
         cmd += ["--exit-channel", str(channel_w)]
         try:
-            proc = subprocess.Popen(cmd, pass_fds=(self.lifeline_r, channel_w))
+            # Its thread variables are set before it imports anything: numpy
+            # (if a job imports it) starts with a job's count, not one per core.
+            proc = subprocess.Popen(cmd, pass_fds=(self.lifeline_r, channel_w),
+                                    env=threads.worker_environ(os.environ, self.job_threads))
         except BaseException:
             os.close(channel_r)
             raise
