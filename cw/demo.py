@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     try:
         import numpy  # noqa: F401
     except ImportError:
-        parser.exit(2, "the demo needs numpy: pip install 'cw[demo]'\n")
+        parser.exit(2, "the demo needs numpy: pip install 'cluster-workers[demo]'\n")
 
     import cw
     from cw.client.executor import ClusterExecutor

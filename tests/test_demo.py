@@ -20,6 +20,8 @@ def test_demo_fans_out_one_job_per_worker():
     assert [j[0] for j in jobs] == ["0", "1"]
     assert len({j[2] for j in jobs}) == 2  # two different workers ran them
     assert re.search(r"^2 jobs in [\d.]+ s wall time", proc.stdout, re.M)
+    # A clean run says nothing on stderr: no worker reports a lost master as the cluster stops.
+    assert proc.stderr == ""
 
 
 def test_ci_runs_exactly_the_readme_test_command():

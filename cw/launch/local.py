@@ -69,11 +69,14 @@ class LocalCluster:
     def stop(self, grace: float = STOP_GRACE) -> None:
         """Stops the workers (running jobs get ``grace`` seconds to finish; then
         their supervisors are killed, and with them, through the lifeline pipe,
-        the worker processes), then the master."""
-        for proc in self.workers + [self.master]:
+        the worker processes), then the master.  The master goes last, once
+        the workers are gone: a worker that saw it close first would log a
+        lost master on a clean shutdown."""
+        for proc in self.workers:
             _terminate(proc)
         for proc in self.workers:
             _reap(proc, grace)
+        _terminate(self.master)
         _reap(self.master)
 
 

@@ -227,7 +227,8 @@ class Session:
                     return mine
         except (OSError, ProtocolError) as exc:   # TimeoutError included: the master stopped answering
             why = f"lost the master at {link.address}: {exc}"
-        log.warning("%s", why)
+        if not core.over:      # (over: the session ended, drained, and this process closed the link itself)
+            log.warning("%s", why)
         return self._call(core.closed, why, me=me.id)
 
     def _run(self, me: _Runner, job):
