@@ -29,6 +29,7 @@ import threading
 import time
 
 from cw import PORT, settings
+from cw.client.aio import AsyncSubmit
 from cw.client.connection import MasterConnection
 from cw.client.core import ClientCore
 from cw.client.discovery import resolve_master
@@ -71,7 +72,7 @@ def scheduling_options(priority=0, resources=None, tag=None, workers=None, threa
     return job_options.job_options(priority, resources, tag, workers, threads)
 
 
-class ClusterExecutor(MasterConnection, EveryWorker, concurrent.futures.Executor):
+class ClusterExecutor(MasterConnection, EveryWorker, AsyncSubmit, concurrent.futures.Executor):
     """Runs calls on a cw cluster.
 
     ``host=None`` finds the master (see ``resolve_master``).  ``max_retries``
@@ -309,6 +310,7 @@ class ClusterExecutor(MasterConnection, EveryWorker, concurrent.futures.Executor
         self._post(link, frame)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._stop_submitter()       # what submit_async was given goes in first
         with self._lock:
             self._shutdown = True
             pending = list(self._pending.values())

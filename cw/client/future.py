@@ -88,6 +88,11 @@ class ClusterFuture(concurrent.futures.Future):
         self._output = ""
         self._executor = executor
 
+    def __await__(self):
+        """``await future``: the job's result on the running event loop (see cw.client.aio)."""
+        from cw.client.aio import await_future
+        return (yield from await_future(self))
+
     def output(self, timeout=None) -> str:
         """What the job printed (stdout, stderr, logging records), once it is
         done; "" when nothing.  Bounded: see settings.MAX_JOB_OUTPUT."""
