@@ -30,6 +30,7 @@ ALLOWED = {
     "cw.launch": BASE | {"cw.wire", "cw.client"},
     "cw.ops": BASE | {"cw.wire", "cw.client", "cw.launch"},
     "cw.demo": BASE | {"cw.launch", "cw.client"},
+    "cw.joblib": BASE | {"cw.client"},
     # `python -m cw.status` and `python -m cw.slurm` keep working through these.
     "cw.status": {"cw.ops"},
     "cw.slurm": {"cw.launch"},
