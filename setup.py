@@ -22,6 +22,7 @@ setup(
         "bench": ["loky", "distributed", "matplotlib", "numpy", "uvloop>=0.17; sys_platform != 'win32'"],
     },
     entry_points={"console_scripts": [
+        "cw = cw.cli:main",
         "cw-master = cw.master.server:main",
         "cw-worker = cw.worker.__main__:main",
         "cw-status = cw.ops.status:main",

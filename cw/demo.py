@@ -24,9 +24,11 @@ def top_eigenvalues(seed: int, size: int = 200, rounds: int = 40, top: int = 3):
     return best, time.perf_counter() - start
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cw.demo", description=__doc__.splitlines()[0])
-    parser.add_argument("-n", "--workers", type=int, default=os.cpu_count() or 1,
+def main(argv=None, prog: str = "python -m cw.demo") -> int:
+    from cw import add_version_option, cliargs
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    add_version_option(parser)
+    parser.add_argument("-n", "--workers", type=cliargs.count, default=os.cpu_count() or 1,
                         help="workers (default: one per core)")
     args = parser.parse_args(argv)
     try:

@@ -18,10 +18,11 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent / "cw"
 #: them; the master and the client sit on the wire side by side; a worker
 #: uses the client for the jobs its jobs submit; launching and operating
 #: sit on top.
-BASE = {"cw", "cw.errors", "cw.settings"}
+BASE = {"cw", "cw.errors", "cw.settings", "cw.cliargs"}
 ALLOWED = {
     "cw.errors": set(),
     "cw.settings": set(),
+    "cw.cliargs": set(),
     "cw": {"cw.errors"},      # the package itself; its public names load lazily
     "cw.wire": BASE,
     "cw.master": BASE | {"cw.wire"},
@@ -31,6 +32,9 @@ ALLOWED = {
     "cw.ops": BASE | {"cw.wire", "cw.client", "cw.launch"},
     "cw.demo": BASE | {"cw.launch", "cw.client"},
     "cw.joblib": BASE | {"cw.client"},
+    # The `cw` command: each subcommand's module is imported by name when it is asked for.
+    "cw.cli": BASE,
+    "cw.__main__": {"cw.cli"},
     # `python -m cw.status` and `python -m cw.slurm` keep working through these.
     "cw.status": {"cw.ops"},
     "cw.slurm": {"cw.launch"},

@@ -302,45 +302,56 @@ def _print_status(info: dict) -> None:
         print(f"  could not ask the master: {info['error']}")
 
 
-def main(argv=None) -> int:
+def main(argv=None, prog: str = "slurm.py") -> int:
     import argparse
+
+    from cw import cliargs
     parser = argparse.ArgumentParser(
-        prog="slurm.py", description="Start, inspect and stop a cw cluster on SLURM: one master job and worker jobs.")
+        prog=prog, description="Start, inspect and stop a cw cluster on SLURM: one master job and worker jobs.")
     add_version_option(parser)
-    parser.add_argument("command", choices=["start", "stop", "status"])
-    parser.add_argument("-n", "--workers", type=int, default=1, help="worker processes to start (default 1)")
-    parser.add_argument("--name", default=os.environ.get("CW_CLUSTER") or DEFAULT_NAME,
-                        help="cluster name, so several clusters of one user coexist; clients find it through "
-                             "$CW_CLUSTER (default: $CW_CLUSTER or 'default')")
-    parser.add_argument("-M", "--no-master", action="store_true", help="start no master job (add workers)")
-    parser.add_argument("-W", "--no-workers", action="store_true", help="start no worker jobs")
-    parser.add_argument("--Xmaster", action="append", default=[], metavar="ARG", help="extra sbatch argument "
-                        "for the master job (repeatable)")
-    parser.add_argument("--Xworkers", action="append", default=[], metavar="ARG", help="extra sbatch argument "
-                        "for the worker jobs (repeatable)")
-    parser.add_argument("-p", "--partition")
-    parser.add_argument("-A", "--account")
-    parser.add_argument("-t", "--time", help="time limit of every job, in SLURM's format (1-00:00:00)")
-    parser.add_argument("--mem", help="memory per worker task, e.g. 4G")
-    parser.add_argument("-c", "--cpus-per-worker", type=int, default=1)
-    parser.add_argument("--isolated", action="store_true", help="one worker per node, nodes not shared")
-    parser.add_argument("--array", action="store_true", help="workers as a job array (one job each) "
-                        "instead of one job of N tasks")
-    parser.add_argument("-d", "--docker-image", help="run the workers in this image (its entrypoint: python)")
-    parser.add_argument("--docker-args", default="", help="extra `docker run` arguments")
-    parser.add_argument("--extra", action="append", default=[], metavar="LINE",
-                        help="extra line for the batch scripts, e.g. 'module load python' (repeatable)")
-    parser.add_argument("--port", type=int, default=0, help="master port (default 0: any free port, published)")
-    parser.add_argument("--master-arg", action="append", default=[], metavar="ARG",
-                        help="extra argument for `python -m cw.master`, e.g. --master-arg=--peer-timeout=10 "
-                             "(repeatable)")
-    parser.add_argument("--advertise", choices=("name", "ip"), default="name",
-                        help="publish the master's host name (default) or its first IP address, for nodes "
-                             "whose names do not resolve where clients run")
-    parser.add_argument("--drain", type=int, default=DRAIN_SECONDS, help="seconds before the time limit at "
-                        f"which workers stop taking jobs (default {DRAIN_SECONDS})")
-    parser.add_argument("--wait", action="store_true", help="start: wait until the master published its address")
-    parser.add_argument("--json", action="store_true", help="status: print JSON")
+    named = argparse.ArgumentParser(add_help=False)
+    named.add_argument("--name", default=os.environ.get("CW_CLUSTER") or DEFAULT_NAME,
+                       help="cluster name, so several clusters of one user coexist; clients find it through "
+                            "$CW_CLUSTER (default: $CW_CLUSTER or 'default')")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{start,stop,status}")
+    begin = commands.add_parser("start", parents=[named], help="submit a master job and worker jobs",
+                                description="Submit a cluster's master job and its worker jobs.")
+    commands.add_parser("stop", parents=[named], help="cancel the cluster's jobs",
+                        description="Cancel every job of the cluster.")
+    inspect = commands.add_parser("status", parents=[named], help="the cluster's jobs and what its master sees",
+                                  description="The cluster's jobs and what its master sees.")
+    inspect.add_argument("--json", action="store_true", help="print JSON")
+    begin.add_argument("-n", "--workers", type=cliargs.count, default=1, help="worker processes to start (default 1)")
+    begin.add_argument("-M", "--no-master", action="store_true", help="start no master job (add workers)")
+    begin.add_argument("-W", "--no-workers", action="store_true", help="start no worker jobs")
+    begin.add_argument("--Xmaster", action="append", default=[], metavar="ARG", help="extra sbatch argument "
+                       "for the master job (repeatable)")
+    begin.add_argument("--Xworkers", action="append", default=[], metavar="ARG", help="extra sbatch argument "
+                       "for the worker jobs (repeatable)")
+    begin.add_argument("-p", "--partition")
+    begin.add_argument("-A", "--account")
+    begin.add_argument("-t", "--time", help="time limit of every job, in SLURM's format (1-00:00:00)")
+    begin.add_argument("--mem", help="memory per worker task, e.g. 4G")
+    begin.add_argument("-c", "--cpus-per-worker", type=cliargs.count, default=1)
+    begin.add_argument("--isolated", action="store_true", help="one worker per node, nodes not shared")
+    begin.add_argument("--array", action="store_true", help="workers as a job array (one job each) "
+                       "instead of one job of N tasks")
+    begin.add_argument("-d", "--docker-image", help="run the workers in this image (its entrypoint: python)")
+    begin.add_argument("--docker-args", default="", help="extra `docker run` arguments")
+    begin.add_argument("--extra", action="append", default=[], metavar="LINE",
+                       help="extra line for the batch scripts, e.g. 'module load python' (repeatable)")
+    begin.add_argument("--port", type=cliargs.port, default=0,
+                       help="master port (default 0: any free port, published)")
+    begin.add_argument("--master-arg", action="append", default=[], metavar="ARG",
+                       help="extra argument for `python -m cw.master`, e.g. --master-arg=--peer-timeout=10 "
+                            "(repeatable)")
+    begin.add_argument("--advertise", choices=("name", "ip"), default="name",
+                       help="publish the master's host name (default) or its first IP address, for nodes "
+                            "whose names do not resolve where clients run")
+    begin.add_argument("--drain", type=cliargs.whole_seconds, default=DRAIN_SECONDS,
+                       help="seconds before the time limit at which workers stop taking jobs "
+                            f"(default {DRAIN_SECONDS})")
+    begin.add_argument("--wait", action="store_true", help="wait until the master published its address")
     args = parser.parse_args(argv)
     try:
         if args.command == "start":

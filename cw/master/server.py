@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import errno
 import ipaddress
 import logging
 import os
@@ -21,7 +22,7 @@ import signal
 import socket
 import sys
 
-from cw import PORT, __version__, add_version_option, settings
+from cw import PORT, __version__, add_version_option, cliargs, settings
 from cw.errors import AuthenticationError, CwError, ProtocolError
 from cw.master import inbox
 from cw.master.dispatch import Dispatcher
@@ -438,28 +439,29 @@ def _is_loopback(bind: str) -> bool:
         return False
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cw.master", description="Run a cw master.")
+def main(argv=None, prog: str = "python -m cw.master") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description="Run a cw master.")
     add_version_option(parser)
-    parser.add_argument("--bind", default="127.0.0.1",
+    parser.add_argument("--bind", default="127.0.0.1", type=cliargs.bind_address,
                         help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
-    parser.add_argument("--port", type=int, default=PORT, help=f"TCP port (default {PORT}; 0 picks a free one)")
-    parser.add_argument("--handshake-timeout", type=float, default=HANDSHAKE_TIMEOUT,
+    parser.add_argument("--port", type=cliargs.port, default=PORT,
+                        help=f"TCP port (default {PORT}; 0 picks a free one)")
+    parser.add_argument("--handshake-timeout", type=cliargs.seconds, default=HANDSHAKE_TIMEOUT,
                         help=f"seconds a new connection has to authenticate (default {HANDSHAKE_TIMEOUT:g})")
-    parser.add_argument("--heartbeat", type=float, default=settings.HEARTBEAT_INTERVAL,
+    parser.add_argument("--heartbeat", type=cliargs.seconds, default=settings.HEARTBEAT_INTERVAL,
                         help=f"seconds between pings to every peer (default {settings.HEARTBEAT_INTERVAL:g})")
-    parser.add_argument("--peer-timeout", type=float, default=settings.PEER_TIMEOUT,
+    parser.add_argument("--peer-timeout", type=cliargs.seconds, default=settings.PEER_TIMEOUT,
                         help="seconds of silence after which a worker or client is declared lost "
                              f"(default {settings.PEER_TIMEOUT:g})")
-    parser.add_argument("--slots", type=int, default=settings.WORKER_SLOTS,
+    parser.add_argument("--slots", type=cliargs.count, default=settings.WORKER_SLOTS,
                         help="jobs a worker holds at once: the one it runs and the next ones, sent ahead "
                              f"(default {settings.WORKER_SLOTS}; 1 sends a job only to an idle worker)")
-    parser.add_argument("--revoke-timeout", type=float, default=settings.REVOKE_TIMEOUT,
+    parser.add_argument("--revoke-timeout", type=cliargs.seconds, default=settings.REVOKE_TIMEOUT,
                         help="seconds a worker has to give back a job sent ahead when asked (a more urgent job "
                              "wants its place, or an idle worker its job) before the job goes to another worker "
                              "anyway; a frozen worker's late start of it is dropped "
                              f"(default {settings.REVOKE_TIMEOUT:g})")
-    parser.add_argument("--unplaceable-timeout", type=float, default=settings.UNPLACEABLE_TIMEOUT,
+    parser.add_argument("--unplaceable-timeout", type=cliargs.seconds, default=settings.UNPLACEABLE_TIMEOUT,
                         help="seconds a job that no connected worker could run (it needs more than any has, or "
                              "names workers that are gone) waits for one to join before it fails "
                              f"(default {settings.UNPLACEABLE_TIMEOUT:g})")
@@ -472,9 +474,10 @@ def main(argv=None) -> int:
     parser.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="auto",
                         help="event loop: uvloop (faster; pip install \"cw[fast]\"), asyncio (the standard "
                              "library's), or auto: uvloop when installed (default)")
-    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    parser.add_argument("--log-level", default="INFO", type=cliargs.log_level,
+                        help="DEBUG, INFO, WARNING, ERROR or CRITICAL (default INFO)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         secret = load_secret(create=True)
@@ -509,14 +512,26 @@ def main(argv=None) -> int:
         if args.address_file and str(exc.filename or "").startswith(args.address_file):
             print(f"cw.master: cannot write the address file {args.address_file}: {exc.strerror}", file=sys.stderr)
             return 1
-        print(f"cw.master: cannot listen on {args.bind}:{args.port}: {exc.strerror}; is another master "
-              "running there? choose another --port", file=sys.stderr)
+        print(f"cw.master: cannot listen on {args.bind} port {args.port}: {_bind_advice(exc)}", file=sys.stderr)
         return 1
     finally:
         if args.address_file:
             remove_address_file(args.address_file)
     log.info("master stopped")
     return 0
+
+
+def _bind_advice(exc: OSError) -> str:
+    """Why a bind failed, in words that say what to change."""
+    if exc.errno == errno.EADDRINUSE:
+        return "the port is in use (another master?); choose another --port, or 0 for any free one"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return "no interface of this machine has that address; give one of its addresses, or 0.0.0.0 for all"
+    if exc.errno == errno.EACCES:
+        return "not allowed (ports below 1024 need privileges); choose a --port of 1024 or more"
+    if isinstance(exc, socket.gaierror):
+        return f"the host name does not resolve ({exc.strerror}); give an IP address of this machine"
+    return exc.strerror or str(exc)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 
-from cw import PORT, add_version_option
+from cw import PORT, add_version_option, cliargs
 
 #: Seconds between two reports of ``--watch`` when none is given.
 DEFAULT_WATCH = 2.0
@@ -256,17 +256,17 @@ def _where(host: str | None, port: int) -> tuple[str, int, str]:
     return found_host, found_port, why
 
 
-def _parse_args(argv) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m cw.status", description="Show what a cw master sees: workers, clients, queues.")
+def _parse_args(argv, prog: str = "python -m cw.status") -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=prog, description="Show what a cw master sees: workers, clients, queues.")
     add_version_option(parser)
-    parser.add_argument("address", nargs="?", metavar="HOST[:PORT]",
+    parser.add_argument("address", nargs="?", metavar="HOST[:PORT]", type=cliargs.master_address,
                         help="the master (default: $CW_MASTER, the SLURM cluster's master, else localhost)")
-    parser.add_argument("--port", type=int, default=PORT, help=f"the master's port when HOST has none ({PORT})")
+    parser.add_argument("--port", type=cliargs.port, default=PORT,
+                        help=f"the master's port when HOST has none ({PORT})")
     parser.add_argument("--json", action="store_true", help="print the status as one JSON object")
     parser.add_argument("--watch", nargs="?", const=str(DEFAULT_WATCH), default=None, metavar="SECONDS",
                         help=f"print a new report every SECONDS (default {DEFAULT_WATCH:g}) until Ctrl-C")
-    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+    parser.add_argument("--timeout", type=cliargs.seconds, default=DEFAULT_TIMEOUT, metavar="SECONDS",
                         help=f"seconds to reach the master and to get its answer ({DEFAULT_TIMEOUT:g})")
     args = parser.parse_args(argv)
     if args.watch is not None:
@@ -306,8 +306,8 @@ def _watch(executor, args, address: str, out) -> None:
         time.sleep(args.watch)
 
 
-def main(argv=None) -> int:
-    args = _parse_args(argv)
+def main(argv=None, prog: str = "python -m cw.status") -> int:
+    args = _parse_args(argv, prog)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="cw.status: %(message)s")
     from cw.client.executor import ClusterExecutor
     from cw.errors import CwError

@@ -274,8 +274,9 @@ def open_link(host: str, port: int, secret: bytes, hello: dict, connect_timeout:
         except OSError as exc:
             if time.monotonic() + delay > deadline:
                 raise BrokenCluster(
-                    f"cannot reach a cw master at {address} ({exc.strerror or exc}) within {connect_timeout:g} s: "
-                    "start one with `python -m cw.master`, or check the host and port") from None
+                    f"cannot reach a cw master at {address} ({exc.strerror or exc}) within "
+                    f"{round(connect_timeout, 1):g} s: start one with `python -m cw.master`, or check the host "
+                    "and port") from None
             time.sleep(delay)
             delay = min(delay * 2, 2.0)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -9,7 +9,7 @@ import signal
 import socket
 import sys
 
-from cw import PORT, add_version_option
+from cw import PORT, add_version_option, cliargs
 from cw.worker import channel, threads
 from cw.worker.channel import EXIT_CONFIG, EXIT_NO_MASTER, ExitChannel
 from cw.worker.session import DEFAULT_CONNECT_TIMEOUT, master_resolver, run_worker
@@ -18,18 +18,18 @@ from cw.worker.supervisor import Supervisor
 log = logging.getLogger("cw.worker")
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cw.worker", description="Run cw workers.")
+def main(argv=None, prog: str = "python -m cw.worker") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description="Run cw workers.")
     add_version_option(parser)
-    parser.add_argument("master", nargs="?", default=f"localhost:{PORT}",
+    parser.add_argument("master", nargs="?", default=f"localhost:{PORT}", type=cliargs.master_address,
                         help=f"the master's HOST[:PORT] (default localhost:{PORT}), slurm:NAME for the "
                              "master of the SLURM cluster NAME, or file:PATH for the master that publishes its "
                              "address in PATH (cw.master --address-file PATH); both are read again at every "
                              "reconnection")
-    parser.add_argument("--port", type=int, default=PORT,
+    parser.add_argument("--port", type=cliargs.port, default=PORT,
                         help=f"the master's port when HOST gives none (default {PORT})")
-    parser.add_argument("-n", "--processes", type=int, default=1, help="worker processes to run (default 1)")
-    parser.add_argument("--connect-timeout", type=float, default=DEFAULT_CONNECT_TIMEOUT,
+    parser.add_argument("-n", "--processes", type=cliargs.count, default=1, help="worker processes to run (default 1)")
+    parser.add_argument("--connect-timeout", type=cliargs.seconds, default=DEFAULT_CONNECT_TIMEOUT,
                         help=f"seconds to keep trying to reach the master (default {DEFAULT_CONNECT_TIMEOUT:g})")
     parser.add_argument("--resources", default="",
                         help="what this machine offers jobs, e.g. gpu=2,mem=64G,license=3 (default: cpu = -n, "
@@ -39,12 +39,13 @@ def main(argv=None) -> int:
                         help="BLAS/OpenMP threads of each job: 'cpus' (default) as many as the CPUs it asked for "
                              "(1 unless resources={'cpu': N}), N for every job, 'off' to leave the libraries' "
                              "own counts and OMP_NUM_THREADS and friends alone; a job's threads= overrides it")
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-level", default="INFO", type=cliargs.log_level,
+                        help="DEBUG, INFO, WARNING, ERROR or CRITICAL (default INFO)")
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--offer", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--exit-channel", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s")
     try:
         resolve = master_resolver(args.master, args.port, args.connect_timeout)
@@ -62,8 +63,13 @@ def main(argv=None) -> int:
         channel.exit_channel.say({EXIT_CONFIG: ExitChannel.CONFIG, EXIT_NO_MASTER: ExitChannel.NO_MASTER}.get(
             status, ExitChannel.DRAINED))
         return status
-    if args.processes < 1:
-        parser.error("-n must be at least 1")
+    from cw.errors import CwError
+    from cw.wire.auth import load_secret
+    try:
+        load_secret()      # a missing or unsafe secret file: said once, here, not by every worker process
+    except CwError as exc:
+        print(f"{parser.prog}: {exc}", file=sys.stderr)
+        return 2           # as the supervisor's exit when its workers find the secret wrong
     from cw.wire.options import format_amounts
     from cw.worker import machine as resources
     try:

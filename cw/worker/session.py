@@ -351,6 +351,10 @@ def master_resolver(spec: str, port: int, connect_timeout: float):
     return lambda: address
 
 
+#: Seconds between two log lines of a worker still looking for its master.
+WAIT_LOG_EVERY = 30.0
+
+
 def run_worker(resolve, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT, offer: dict | None = None,
                job_threads="cpus") -> int:
     """One worker process: connect, run jobs, reconnect; returns an exit status.
@@ -367,7 +371,7 @@ def run_worker(resolve, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT, offer:
     signal.signal(signal.SIGTERM, relay.on_sigterm)
     signal.signal(signal.SIGUSR1, relay.on_drain)   # the supervisor's "drain"
     deadline = time.monotonic() + connect_timeout
-    unreachable = False          # said once per search for the master, not every attempt
+    said_at = None               # when the search for the master was last logged: at its start, then now and then
     while not relay.draining:
         host, port = "?", "?"
         try:
@@ -388,11 +392,12 @@ def run_worker(resolve, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT, offer:
             # One attempt's 5 s ran out (a host gone dark, a master not yet
             # listening): ask for the address again until the deadline.
             if time.monotonic() > deadline:
-                log.error("giving up: %s", exc)
+                log.error("giving up after %.0f s (--connect-timeout): %s", connect_timeout, exc)
                 return EXIT_NO_MASTER
-            if not unreachable:
-                log.warning("%s; trying again for up to %.0f s", exc, deadline - time.monotonic())
-            unreachable = True
+            now = time.monotonic()
+            if said_at is None or now - said_at >= WAIT_LOG_EVERY:
+                log.warning("%s; trying again for up to %.0f s more", exc, deadline - now)
+                said_at = now
             continue
         except LookupError as exc:
             log.error("giving up: %s", exc)
@@ -403,7 +408,7 @@ def run_worker(resolve, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT, offer:
         except CwError as exc:       # SLURM discovery failed
             log.error("giving up: %s", exc)
             return EXIT_NO_MASTER
-        unreachable = False
+        said_at = None
         log.info("worker %d connected to %s:%s", os.getpid(), host, port)
         channel.exit_channel.say_ready()
         session = Session(link, contexts)

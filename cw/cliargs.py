@@ -1,0 +1,104 @@
+"""Checked types for the command lines' options: a bad value is refused
+by argparse with a message that names the option, what was given and what
+is allowed, before anything starts.  Imports nothing of cw but errors, so
+every command line (the master's too) can use it."""
+from __future__ import annotations
+
+import argparse
+import ipaddress
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def port(text: str) -> int:
+    """A TCP port: 0 to 65535 (0: any free one, where a server binds)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number; give 0 to 65535") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port number; give 0 to 65535")
+    return value
+
+
+def log_level(text: str) -> str:
+    """A logging level, in any case: DEBUG, INFO, WARNING, ERROR or CRITICAL."""
+    level = text.upper()
+    if level not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a log level; give one of {', '.join(LOG_LEVELS)}")
+    return level
+
+
+def seconds(text: str) -> float:
+    """A duration above 0 seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value < 1e9:
+        raise argparse.ArgumentTypeError(f"{text} is not a duration; give a number of seconds above 0")
+    return value
+
+
+def seconds_or_zero(text: str) -> float:
+    """A duration of 0 seconds or more."""
+    if text.strip() in ("0", "0.0"):
+        return 0.0
+    return seconds(text)
+
+
+def whole_seconds(text: str) -> int:
+    """A whole number of seconds, 0 or more (SLURM takes no fractions)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of seconds") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is not a duration; give 0 or more seconds")
+    return value
+
+
+def count(text: str) -> int:
+    """A whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is too few; give 1 or more")
+    return value
+
+
+def master_address(text: str) -> str:
+    """HOST[:PORT], [V6]:PORT, slurm:NAME or file:PATH, checked for its form
+    (whether the host exists is found out by connecting)."""
+    if text.startswith(("slurm:", "file:")):
+        if text.partition(":")[2]:
+            return text
+        raise argparse.ArgumentTypeError(f"{text!r} names nothing; give slurm:NAME or file:PATH")
+    host, port_text = text, None
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        if rest:
+            if not rest.startswith(":"):
+                raise argparse.ArgumentTypeError(f"{text!r} is not an address; give [V6ADDRESS]:PORT")
+            port_text = rest[1:]
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    if port_text is not None:
+        port(port_text)
+    if not host and port_text is None:
+        raise argparse.ArgumentTypeError("the address is empty; give HOST[:PORT]")
+    return text
+
+
+def bind_address(text: str) -> str:
+    """An IP address or host name to listen on."""
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        if not text or any(c.isspace() for c in text) or "/" in text or ":" in text:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not an address to listen on; give an IP address of this machine "
+                "(127.0.0.1, 0.0.0.0 for every interface) or its host name") from None
+    return text
