@@ -135,6 +135,8 @@ class Link:
         return kind, body
 
     def _release_all(self) -> None:
+        # The link is gone: big frames posted from now on must not make segments nobody releases.
+        self.sharing = False
         while self._held:
             _, fd = self._held.popitem()
             os.close(fd)

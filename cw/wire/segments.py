@@ -33,6 +33,7 @@ can open our descriptors.
 """
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 import struct
@@ -102,7 +103,7 @@ def write_segment(fields_room: int, payload_chunks) -> tuple[int, int, int]:
     """A new memfd holding the payload at a page-aligned offset with at least
     ``fields_room`` bytes before it; returns ``(fd, offset, length)``."""
     offset = max(_PAGE, -(-fields_room // _PAGE) * _PAGE)
-    fd = os.memfd_create(_MEMFD_NAME, os.MFD_CLOEXEC)
+    fd = os.memfd_create(_MEMFD_NAME, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         os.lseek(fd, offset, os.SEEK_SET)
         length = 0
@@ -112,6 +113,10 @@ def write_segment(fields_room: int, payload_chunks) -> tuple[int, int, int]:
                 n = os.write(fd, view)
                 view = view[n:]
                 length += n
+        # Sealed: nobody can change or shrink it now, so a receiver's mapping
+        # holds what was sent and never faults (SIGBUS) on a truncated file.
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+                    | fcntl.F_SEAL_SEAL)
     except BaseException:
         os.close(fd)
         raise
