@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from conftest import wait_until
 
-from cw.errors import CwError
+from cw.errors import CwError, ProtocolError
 from cw.wire import segments
 
 MB = 1_000_000
@@ -123,6 +123,32 @@ def test_the_probe_refuses_a_peer_we_cannot_open():
     assert not segments.can_open({**mine, "boot": "another machine"})
     assert not segments.can_open({**mine, "ino": mine["ino"] + 1})
     assert not segments.can_open(None)
+
+
+def test_a_segment_maps_privately_with_its_fields_in_front():
+    fd, offset, length = segments.write_segment(3, [b"ab" * 1000, b"cd"])
+    try:
+        ref = memoryview(segments.encode_ref(14, fd, offset, length, 7, b"xyz"))[5:]
+        kind, body, token = segments.open_ref(ref)
+        assert (kind, token, bytes(body)) == (14, 7, b"xyz" + b"ab" * 1000 + b"cd")
+        body[3:5] = b"ZZ"                   # private: the next receiver still sees what was sent
+        assert bytes(segments.open_ref(ref)[1][3:5]) == b"ab"
+    finally:
+        os.close(fd)
+
+
+def test_only_sealed_cw_segments_are_opened():
+    other = os.memfd_create("not-cw")
+    unsealed = os.memfd_create("cw-segment")
+    try:
+        for fd in (other, unsealed):
+            os.write(fd, b"x" * 8192)
+            ref = memoryview(segments.encode_ref(14, fd, 4096, 10, 1, b""))[5:]
+            with pytest.raises(ProtocolError):
+                segments.open_ref(ref)
+    finally:
+        os.close(other)
+        os.close(unsealed)
 
 
 # --- a peer killed mid-transfer leaves nothing behind ------------------------------

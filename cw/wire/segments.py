@@ -69,6 +69,8 @@ def probe() -> dict | None:
     test whether it can open our segments (None where memfds do not exist)."""
     global _probe
     with _probe_lock:
+        if _probe is not None and _probe["pid"] != os.getpid():   # a forked child: its own probe
+            _probe = None
         if _probe is None and hasattr(os, "memfd_create") and boot_id():
             fd = os.memfd_create("cw-probe", os.MFD_CLOEXEC)   # kept open for the process's life
             _probe = {"boot": boot_id(), "pid": os.getpid(), "fd": fd, "ino": os.fstat(fd).st_ino}
@@ -89,7 +91,11 @@ def can_open(peer_probe) -> bool:
 
 
 def _open(pid: int, fd: int, ino: int) -> int:
-    new = os.open(f"/proc/{int(pid)}/fd/{int(fd)}", os.O_RDONLY | os.O_CLOEXEC)
+    path = f"/proc/{int(pid)}/fd/{int(fd)}"
+    # Only cw's own memfds: a peer must not make us read any file some process has open.
+    if not os.readlink(path).startswith("/memfd:cw-"):
+        raise ProtocolError(f"descriptor {fd} of pid {pid} is not a cw segment")
+    new = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     if os.fstat(new).st_ino != ino:
         os.close(new)
         raise ProtocolError(f"descriptor {fd} of pid {pid} is not the segment it was sent as "
@@ -176,6 +182,9 @@ def open_ref(body, keep_fd: bool = False):
                             "was the sender killed?") from exc
     try:
         size = os.fstat(new).st_size
+        if not fcntl.fcntl(new, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK:
+            raise ProtocolError(f"the segment {fd} of pid {pid} is not sealed: its sender could shrink it "
+                                "under our mapping; refusing it")
         if len(fields) > offset or offset + length > size:
             raise ProtocolError(f"BY_SEGMENT names bytes {offset}..{offset + length} of a {size}-byte segment "
                                 f"with {len(fields)} bytes of fields")
