@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from cw.errors import ProtocolError
 from cw.wire import frames as f
+from cw.wire import segments
 from cw.wire.decoder import FrameDecoder
 from cw.wire.frames import Frame, Status
 
@@ -37,7 +38,8 @@ def test_frame_kinds_and_status_codes_keep_their_wire_values():
         "JOB": 14, "OUTCOME": 15, "RESULT": 16, "CANCELLED": 17, "STATUS_REQ": 18, "STATUS": 19, "ERROR": 20,
         "WELCOME": 21, "PING": 22, "PONG": 23, "ABORT": 24, "DRAIN": 25, "REVOKE": 26, "REVOKED": 27,
         "SUBMIT_WITH": 28, "JOB_ENV": 29, "LIMIT": 30, "NOTICE": 31, "LEND": 32, "RECLAIM": 33, "OUTPUT": 34,
-        "SETUP": 35}
+        "SETUP": 35,
+        "BY_SEGMENT": 40, "RELEASE": 41, "SHARING": 42}
     assert {s.name: s.value for s in Status} == {"OK": 0, "RAISED": 1, "LOST": 2, "UNPLACEABLE": 3}
     assert f.VERSION == 2
 
@@ -103,6 +105,14 @@ ROUND_TRIPS = [
 #: Frames with an empty body, made once.
 BARE_FRAMES = {Frame.PING: f.PING_FRAME, Frame.PONG: f.PONG_FRAME, Frame.DRAIN: f.encode_drain(()),
                Frame.LEND: f.LEND_FRAME, Frame.RECLAIM: f.RECLAIM_FRAME}
+# Big frames by reference (cw.wire.segments; more in tests/test_segments.py).
+_SEGMENT = segments.write_segment(4, [b"payload"])[0]   # open for the module's life
+ROUND_TRIPS += [
+    (segments.encode_release(9), Frame.RELEASE, segments.decode_release, 9),
+    (segments.encode_ref(Frame.JOB, _SEGMENT, 4096, 7, 5, b"head"), Frame.BY_SEGMENT,
+     lambda body: bytes(segments.open_ref(body)[1]), b"headpayload"),
+]
+BARE_FRAMES[Frame.SHARING] = f.frame(Frame.SHARING)
 #: Made and checked by cw.wire.handshake (tests/test_handshake.py).
 HANDSHAKE_FRAMES = {Frame.CHALLENGE, Frame.RESPONSE, Frame.PROOF}
 
