@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -18,7 +19,9 @@ import pytest
 from conftest import wait_until
 
 from cw.errors import CwError, ProtocolError
-from cw.wire import segments
+from cw.wire import frames, segments
+from cw.wire.decoder import FrameDecoder
+from cw.wire.link import Link
 
 MB = 1_000_000
 BIG = 100 * MB
@@ -149,6 +152,24 @@ def test_only_sealed_cw_segments_are_opened():
     finally:
         os.close(other)
         os.close(unsealed)
+
+
+def test_a_sender_holds_a_bounded_amount_for_a_peer_that_does_not_release():
+    """Beyond HELD_MAX unreleased bytes big frames take the socket again, whose
+    backpressure then holds the sender back (tests/test_reliability.py: the master's side)."""
+    a, b = socket.socketpair()
+    link = Link(a, FrameDecoder(frames.DEFAULT_MAX_FRAME), "test peer")
+    link.sharing = True
+    try:
+        big = frames.encode_submit(1, 0, 0.0, (b"p", b"\x01" * (10 * MB)))
+        sent = [link._by_reference((big,))[0] for _ in range(20)]
+        by_reference = [type(f) is bytes for f in sent]
+        assert by_reference[0] and not by_reference[-1]
+        assert link._held_bytes <= segments.HELD_MAX
+    finally:
+        link.close()
+        b.close()
+    assert link._held_bytes == 0
 
 
 # --- a peer killed mid-transfer leaves nothing behind ------------------------------

@@ -79,10 +79,10 @@ class Master:
             chunks = gathered.get(peer_id)
             if chunks is None:
                 chunks = gathered[peer_id] = []
+            if type(data) is tuple and len(data) == 2 and type(data[1]) is memoryview and peer_id in self.peers:
+                data = self.peers[peer_id].sharing.outgoing(data)   # same machine: by reference
             if type(data) is tuple:
-                if len(data) == 2 and type(data[1]) is memoryview and peer_id in self.peers:
-                    data = self.peers[peer_id].sharing.outgoing(data)   # same machine: by reference
-                chunks.extend(data) if type(data) is tuple else chunks.append(data)
+                chunks.extend(data)
             else:
                 chunks.append(data)
         for peer_id, chunks in gathered.items():

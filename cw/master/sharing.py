@@ -25,7 +25,8 @@ class PeerSharing:
     def __init__(self):
         self.peer_opened = False    # we can open the peer's segments
         self.enabled = False        # and the peer said (SHARING) that it can open ours
-        self.held: dict[int, object] = {}
+        self.held: dict[int, tuple] = {}   # token -> (mapping, size) until the peer's RELEASE
+        self.held_bytes = 0
         self.tokens = itertools.count(1)
 
     def welcome_fields(self, hello: dict) -> dict:
@@ -39,7 +40,9 @@ class PeerSharing:
         if ftype == Frame.SHARING:
             self.enabled = self.peer_opened
         elif ftype == Frame.RELEASE:
-            self.held.pop(segments.decode_release(body), None)
+            held = self.held.pop(segments.decode_release(body), None)
+            if held is not None:
+                self.held_bytes -= held[1]
         else:
             kind, body, token = segments.open_ref(body, keep_fd=True)
             write([segments.encode_release(token)])
@@ -56,11 +59,15 @@ class PeerSharing:
         if kept is None:
             return data
         segment, mapping = kept
+        if not segments.may_hold(self.held_bytes, segment.length):
+            return data                 # a peer slow to RELEASE: the socket's backpressure takes over
         kind, fields, _ = segments.split_frame(data)
         token = next(self.tokens)
-        self.held[token] = mapping      # our descriptor stays open until the peer's RELEASE
+        self.held[token] = (mapping, segment.length)   # our descriptor stays open until the peer's RELEASE
+        self.held_bytes += segment.length
         COUNTS["sent"] += 1
         return segments.encode_kept_ref(kind, segment, token, fields)
 
     def lost(self) -> None:
         self.held.clear()
+        self.held_bytes = 0

@@ -40,9 +40,10 @@ class Link:
         self._send_lock = threading.Lock()
         self._writer: _Writer | None = None
         # Big frames go by reference (cw.wire.segments) once both ends proved at HELLO that
-        # they share a machine; ``_held``: token -> descriptor we keep until the master's RELEASE.
+        # they share a machine; ``_held``: token -> (descriptor, size) we keep until the master's RELEASE.
         self.sharing = False
-        self._held: dict[int, int] = {}
+        self._held: dict[int, tuple[int, int]] = {}
+        self._held_bytes = 0
         self._tokens = itertools.count(1)
         self.sent_by_reference = 0
         self.received_by_reference = 0
@@ -110,12 +111,16 @@ class Link:
         replaced by a BY_SEGMENT frame naming it (see cw.wire.segments)."""
         out = None
         for i, chunk in enumerate(chunks):
-            if type(chunk) is not tuple or sum(len(c) for c in chunk) < segments.MIN_SIZE:
+            if type(chunk) is not tuple:
+                continue
+            size = sum(len(c) for c in chunk)
+            if size < segments.MIN_SIZE or not segments.may_hold(self._held_bytes, size):
                 continue
             kind, fields, payload = segments.split_frame(chunk)
             fd, offset, length = segments.write_segment(len(fields), payload)
             token = next(self._tokens)
-            self._held[token] = fd
+            self._held[token] = (fd, size)
+            self._held_bytes += size
             if out is None:
                 out = list(chunks)
             out[i] = segments.encode_ref(kind, fd, offset, length, token, fields)
@@ -125,9 +130,10 @@ class Link:
     def _segment_frame(self, ftype: int, body):
         """Handles RELEASE (returns None) and BY_SEGMENT (returns the frame it names)."""
         if ftype == frames.Frame.RELEASE:
-            fd = self._held.pop(segments.decode_release(body), None)
-            if fd is not None:
-                os.close(fd)
+            held = self._held.pop(segments.decode_release(body), None)
+            if held is not None:
+                self._held_bytes -= held[1]
+                os.close(held[0])
             return None
         kind, body, token = segments.open_ref(body)
         self.received_by_reference += 1
@@ -138,7 +144,8 @@ class Link:
         # The link is gone: big frames posted from now on must not make segments nobody releases.
         self.sharing = False
         while self._held:
-            _, fd = self._held.popitem()
+            _, (fd, size) = self._held.popitem()
+            self._held_bytes -= size
             os.close(fd)
 
     def try_send(self, frame: bytes) -> bool:

@@ -45,6 +45,12 @@ from cw.wire.frames import HEADER, Frame, frame
 
 #: Frames at least this big go by reference on a link of one machine.
 MIN_SIZE = 1 << 20
+#: Bytes of segments a sender holds for one peer (not yet RELEASEd) beyond which
+#: it sends big frames through the socket again (one frame always goes by
+#: reference when nothing is held).  A peer that stops reading then fills the
+#: socket, and the usual backpressure holds the sender back, instead of
+#: segments piling up for it.
+HELD_MAX = 64 * 1024 * 1024
 #: kind u8, pid u32, fd u32, inode u64, offset u64, payload length u64, token u64, then the fields.
 _REF = struct.Struct("!BIIQQQQ")
 _TOKEN = struct.Struct("!Q")
@@ -142,6 +148,11 @@ def decode_release(body) -> int:
     if len(body) != _TOKEN.size:
         raise ProtocolError(f"RELEASE body of {len(body)} bytes; expected {_TOKEN.size}")
     return _TOKEN.unpack(body)[0]
+
+
+def may_hold(held_bytes: int, size: int) -> bool:
+    """Whether a frame of ``size`` bytes may go by reference with ``held_bytes`` unreleased (see HELD_MAX)."""
+    return held_bytes == 0 or held_bytes + size <= HELD_MAX
 
 
 def split_frame(chunks) -> tuple[int, bytes, list]:
