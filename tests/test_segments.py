@@ -7,6 +7,7 @@ killed mid-transfer no survivor may keep one (nor the 100 MB as RssShmem).
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -19,6 +20,7 @@ import pytest
 from conftest import wait_until
 
 from cw.errors import CwError, ProtocolError
+from cw.launch.local import READY_PREFIX, LocalCluster, read_line
 from cw.wire import frames, segments
 from cw.wire.decoder import FrameDecoder
 from cw.wire.link import Link
@@ -62,7 +64,9 @@ def worker_pids(ex) -> list[int]:
 
 
 def holds_nothing(pids) -> bool:
-    return all(segment_refs(pid) == 0 and shmem_kib(pid) < 20_000 for pid in pids)
+    held = {pid: (segment_refs(pid), shmem_kib(pid)) for pid in pids}
+    print("held (segments, RssShmem KiB):", held)       # shown when the wait times out
+    return all(refs == 0 and kib < 20_000 for refs, kib in held.values())
 
 
 def started_pid(started_dir: str) -> int:
@@ -170,6 +174,35 @@ def test_a_sender_holds_a_bounded_amount_for_a_peer_that_does_not_release():
         link.close()
         b.close()
     assert link._held_bytes == 0
+
+
+def test_many_waiting_big_jobs_do_not_use_up_the_masters_descriptors(tmp_path):
+    """A master allowed 64 descriptors keeps at most 16 segments open; the
+    other payloads of 80 queued jobs are mapped, closed, and sent as bytes."""
+    def low_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+    proc = subprocess.Popen([sys.executable, "-m", "cw.master", "--port", "0", "--log-level", "WARNING"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True, preexec_fn=low_limit)
+    cluster = None
+    try:
+        line = read_line(proc, 60)
+        host, _, port = line[len(READY_PREFIX):].strip().rpartition(":")
+        cluster = LocalCluster(proc, host, int(port))
+        arg = os.urandom(MB + MB // 10)
+        with cluster.executor() as ex:
+            futures = [ex.submit(len, arg) for _ in range(80)]      # no worker yet: they all wait
+            wait_until(lambda: ex.status()["master"]["by_reference"]["received"] == 80, 60,
+                       "the master to receive the 80 jobs")
+            cluster.add_workers(2)
+            assert [f.result(timeout=120) for f in futures] == [len(arg)] * 80
+            assert 0 < ex.status()["master"]["by_reference"]["sent"] <= 16 + 2
+    finally:
+        if cluster is not None:
+            cluster.stop()
+        else:
+            proc.kill()
+            proc.wait(30)
 
 
 # --- a peer killed mid-transfer leaves nothing behind ------------------------------

@@ -10,12 +10,18 @@ bytes), and to any other peer as the bytes, read from the mapping.
 from __future__ import annotations
 
 import itertools
+import resource
 
 from cw.wire import segments
 from cw.wire.frames import Frame
 
 #: How many frames came in and went out by reference (shown in the master's status).
 COUNTS = {"received": 0, "sent": 0}
+#: Most segments whose descriptor the master keeps (each job waiting with a big
+#: payload keeps one): beyond that, payloads are mapped and their descriptor
+#: closed, and they go on as bytes, so thousands of queued big jobs cannot use
+#: up the master's descriptors (whose soft limit is often 1024).
+KEEP_MAX = resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4
 
 
 class PeerSharing:
@@ -44,7 +50,7 @@ class PeerSharing:
             if held is not None:
                 self.held_bytes -= held[1]
         else:
-            kind, body, token = segments.open_ref(body, keep_fd=True)
+            kind, body, token = segments.open_ref(body, keep_fd=segments.kept_count() < KEEP_MAX)
             write([segments.encode_release(token)])
             COUNTS["received"] += 1
             return kind, body

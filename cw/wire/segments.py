@@ -33,6 +33,7 @@ can open our descriptors.
 """
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import mmap
 import os
@@ -199,7 +200,7 @@ def open_ref(body, keep_fd: bool = False):
         if len(fields) > offset or offset + length > size:
             raise ProtocolError(f"BY_SEGMENT names bytes {offset}..{offset + length} of a {size}-byte segment "
                                 f"with {len(fields)} bytes of fields")
-        mapping = mmap.mmap(new, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        mapping = _map_private(new, size)
     except BaseException:
         os.close(new)
         raise
@@ -209,8 +210,35 @@ def open_ref(body, keep_fd: bool = False):
     else:
         os.close(new)
     start = offset - len(fields)
-    mapping[start:offset] = fields
-    return kind, memoryview(mapping)[start:offset + length], token
+    view = memoryview(mapping).cast("B")
+    view[start:offset] = fields
+    return kind, view[start:offset + length], token
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def _map_private(fd: int, size: int):
+    """A private, writable mapping of the whole file as a ctypes byte array,
+    unmapped when the array and every view of it are gone.  (Python 3.11's
+    ``mmap.mmap`` keeps a duplicate descriptor per mapping: a master with a
+    thousand big jobs waiting would run out of descriptors.)"""
+    addr = _libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE, fd, 0)
+    if addr is None or addr == _MAP_FAILED:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"cannot map a {size}-byte segment: {os.strerror(errno)}")
+    mapping = (ctypes.c_ubyte * size).from_address(addr)
+    weakref.finalize(mapping, _libc.munmap, addr, size)
+    return mapping
+
+
+def kept_count() -> int:
+    """How many segments' descriptors we keep open (see ``open_ref``)."""
+    return len(_KEPT)
 
 
 def _forget(key: int, fd: int) -> None:
@@ -218,9 +246,9 @@ def _forget(key: int, fd: int) -> None:
     os.close(fd)
 
 
-def kept_segment(payload) -> tuple[Segment, mmap.mmap] | None:
+def kept_segment(payload) -> tuple[Segment, object] | None:
     """The kept segment whose whole payload ``payload`` is, with its mapping (None otherwise)."""
-    if type(payload) is not memoryview or type(payload.obj) is not mmap.mmap:
+    if type(payload) is not memoryview:
         return None
     segment = _KEPT.get(id(payload.obj))
     if segment is None or segment.length != len(payload):
