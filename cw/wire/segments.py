@@ -20,6 +20,12 @@ nothing behind, where a name in ``/dev/shm`` outlives a dead creator.  Why
 cannot carry descriptors; opening the sender's descriptor needs no side
 channel, and RELEASE bounds how long the sender holds it (until the link closes at most).
 
+The sender seals the file (no write, no shrink) before naming it, and a
+receiver opens only sealed memfds of cw: a mapping cannot change under a
+job nor fault (SIGBUS) on a file shrunk under it, and a peer cannot make us
+read any other file.  A sender holds at most HELD_MAX unreleased bytes for a
+peer; beyond that big frames take the socket, whose backpressure applies.
+
 The payload sits at ``offset`` (a page or more into the file): the gap before
 it lets the receiver write the frame's fields just before the payload in its
 private mapping, so that the frame's body is one contiguous buffer, as the
@@ -27,9 +33,11 @@ decoders expect.
 
 Whether a link may do this is tested once, at HELLO: each end publishes a
 probe (boot id, pid, a memfd's descriptor and inode) and the other end must
-open it and find the same inode.  A host name is not enough (containers,
-network namespaces): the probe proves the thing that matters, that this peer
-can open our descriptors.
+open it and find the same inode.  A host name is not enough (containers
+in pid namespaces of their own share the kernel but not /proc; one name may
+stand for several machines): the probe proves the thing that matters, that
+this peer can open our descriptors.  Processes in separate network
+namespaces of one kernel and one pid namespace pass it, rightly.
 """
 from __future__ import annotations
 
