@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from cw.errors import ProtocolError
 from cw.wire import frames as f
+from cw.wire import segments
 from cw.wire.decoder import FrameDecoder
 from cw.wire.frames import Frame, Status
 
@@ -37,7 +38,8 @@ def test_frame_kinds_and_status_codes_keep_their_wire_values():
         "JOB": 14, "OUTCOME": 15, "RESULT": 16, "CANCELLED": 17, "STATUS_REQ": 18, "STATUS": 19, "ERROR": 20,
         "WELCOME": 21, "PING": 22, "PONG": 23, "ABORT": 24, "DRAIN": 25, "REVOKE": 26, "REVOKED": 27,
         "SUBMIT_WITH": 28, "JOB_ENV": 29, "LIMIT": 30, "NOTICE": 31, "LEND": 32, "RECLAIM": 33, "OUTPUT": 34,
-        "SETUP": 35}
+        "SETUP": 35,
+        "BY_SEGMENT": 40, "RELEASE": 41, "SHARING": 42}
     assert {s.name: s.value for s in Status} == {"OK": 0, "RAISED": 1, "LOST": 2, "UNPLACEABLE": 3}
     assert f.VERSION == 2
 
@@ -103,6 +105,10 @@ ROUND_TRIPS = [
 #: Frames with an empty body, made once.
 BARE_FRAMES = {Frame.PING: f.PING_FRAME, Frame.PONG: f.PONG_FRAME, Frame.DRAIN: f.encode_drain(()),
                Frame.LEND: f.LEND_FRAME, Frame.RECLAIM: f.RECLAIM_FRAME}
+# Big frames by reference (cw.wire.segments); BY_SEGMENT needs a live segment to
+# decode: its round trip is tests/test_segments.py's.
+ROUND_TRIPS.append((segments.encode_release(9), Frame.RELEASE, segments.decode_release, 9))
+BARE_FRAMES[Frame.SHARING] = f.frame(Frame.SHARING)
 #: Made and checked by cw.wire.handshake (tests/test_handshake.py).
 HANDSHAKE_FRAMES = {Frame.CHALLENGE, Frame.RESPONSE, Frame.PROOF}
 
@@ -134,7 +140,7 @@ def test_bare_frames_are_a_header_with_an_empty_body(kind):
 
 def test_every_frame_kind_has_a_round_trip_or_is_bare():
     """A new frame kind must come with an encoder and decoder tested above (or be bare, or the handshake's)."""
-    covered = {kind for _, kind, _, _ in ROUND_TRIPS} | set(BARE_FRAMES) | HANDSHAKE_FRAMES
+    covered = {kind for _, kind, _, _ in ROUND_TRIPS} | set(BARE_FRAMES) | HANDSHAKE_FRAMES | {Frame.BY_SEGMENT}
     assert set(Frame) - covered == set()
 
 

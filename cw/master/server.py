@@ -24,7 +24,7 @@ import sys
 
 from cw import PORT, __version__, add_version_option, cliargs, settings
 from cw.errors import AuthenticationError, CwError, ProtocolError
-from cw.master import inbox
+from cw.master import inbox, sharing
 from cw.master.dispatch import Dispatcher
 from cw.wire import buffers, frames, handshake
 from cw.wire.address import remove_address_file, write_address_file
@@ -80,6 +80,8 @@ class Master:
             chunks = gathered.get(peer_id)
             if chunks is None:
                 chunks = gathered[peer_id] = []
+            if type(data) is tuple and len(data) == 2 and type(data[1]) is memoryview and peer_id in self.peers:
+                data = self.peers[peer_id].sharing.outgoing(data)   # same machine: by reference
             if type(data) is tuple:
                 chunks.extend(data)
             else:
@@ -123,7 +125,8 @@ class Master:
     def status(self) -> dict:
         status = self.dispatcher.status()
         status["master"] = {"host": socket.gethostname(), "pid": os.getpid(), "uptime_s": status["uptime_s"],
-                            "rss_bytes": _rss_bytes(), "version": __version__, "event_loop": _loop_name()}
+                            "rss_bytes": _rss_bytes(), "version": __version__, "event_loop": _loop_name(),
+                            "by_reference": dict(sharing.COUNTS)}
         return status
 
     def close_all(self) -> None:
@@ -183,6 +186,7 @@ class PeerConnection(asyncio.BufferedProtocol):
         self.reading_paused = False
         self.direct = None
         self.backlog = collections.deque()   # what waits behind a large payload being written
+        self.sharing = sharing.PeerSharing()
 
     # --- asyncio callbacks ------------------------------------------------
 
@@ -254,6 +258,7 @@ class PeerConnection(asyncio.BufferedProtocol):
             self.timer.cancel()
         self.handler = None
         self.backlog.clear()
+        self.sharing.lost()
         self.master.connections.discard(self)
         if self.peer_id is not None:
             self.master.peers.pop(self.peer_id, None)
@@ -356,7 +361,8 @@ class PeerConnection(asyncio.BufferedProtocol):
         self.decoder.max_frame = frames.DEFAULT_MAX_FRAME
         self.buffer = memoryview(bytearray(_READ_SIZE))
         self.transport.write(frames.encode_json(Frame.WELCOME, {
-            "id": self.peer_id, "heartbeat": self.master.heartbeat, "timeout": self.master.peer_timeout}))
+            "id": self.peer_id, "heartbeat": self.master.heartbeat, "timeout": self.master.peer_timeout,
+            **self.sharing.welcome_fields(info)}))
         log.info("%s connected", self.name)
         if role == "client":
             self.dispatcher.add_client(self.peer_id, info)
@@ -366,6 +372,11 @@ class PeerConnection(asyncio.BufferedProtocol):
             self.handler = self._on_worker_frame
 
     def _on_client_frame(self, ftype: int, body: bytes) -> None:
+        if Frame.BY_SEGMENT <= ftype <= Frame.SHARING:    # big frames by reference (master/sharing.py)
+            named = self.sharing.frame(ftype, body, self.write)
+            if named is None:
+                return
+            ftype, body = named
         if ftype == Frame.STATUS_REQ:
             reqid = frames.decode_status_request(body)
             self.transport.write(frames.encode_status(reqid, self.master.status()))
@@ -375,6 +386,11 @@ class PeerConnection(asyncio.BufferedProtocol):
             self._unexpected(ftype, body)
 
     def _on_worker_frame(self, ftype: int, body: bytes) -> None:
+        if Frame.BY_SEGMENT <= ftype <= Frame.SHARING:    # big frames by reference (master/sharing.py)
+            named = self.sharing.frame(ftype, body, self.write)
+            if named is None:
+                return
+            ftype, body = named
         if ftype in inbox.WORKER_FRAMES:
             if ftype == Frame.DRAIN:
                 log.info("%s is draining: it finishes its job and takes no other", self.name)

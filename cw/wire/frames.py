@@ -85,6 +85,11 @@ class Frame(IntEnum):
     OUTPUT = 34     # worker -> master, before its OUTCOME: gid u64 + UTF-8 text the job printed;
                     # master -> client, before its RESULT: jobid u64, label length u8, label + that text
     SETUP = 35      # client -> master: payload of a job every worker that connects later runs first
+    # 36-39: the function cache.  40-42: big frames by reference between processes of one
+    # machine (see cw.wire.segments).
+    BY_SEGMENT = 40  # either way: kind u8, pid u32, fd u32, inode u64, offset u64, length u64, token u64 + fields
+    RELEASE = 41    # either way, in answer to BY_SEGMENT: token u64; its sender may close the segment
+    SHARING = 42    # peer -> master after WELCOME: empty; the peer can open the master's segments too
 
 
 class Status(IntEnum):

@@ -7,6 +7,7 @@ handshake and says HELLO; ``Link.recv`` returns one frame at a time and
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
 import select
@@ -16,7 +17,7 @@ import time
 
 from cw import settings
 from cw.errors import BrokenCluster, HandshakeFailed, ProtocolError
-from cw.wire import frames, handshake
+from cw.wire import frames, handshake, segments
 from cw.wire.address import parse_address  # noqa: F401 - the worker imports it from here
 from cw.wire.decoder import FrameDecoder
 from cw.wire.frames import Frame
@@ -39,6 +40,14 @@ class Link:
         self._recv_view = memoryview(self._recv_buf)
         self._send_lock = threading.Lock()
         self._writer: _Writer | None = None
+        # Big frames go by reference (cw.wire.segments) once both ends proved at HELLO that
+        # they share a machine; ``_held``: token -> (descriptor, size) we keep until the master's RELEASE.
+        self.sharing = False
+        self._held: dict[int, tuple[int, int]] = {}
+        self._held_bytes = 0
+        self._tokens = itertools.count(1)
+        self.sent_by_reference = 0
+        self.received_by_reference = 0
 
     def start_writer(self) -> None:
         """From now on ``post`` hands frames to a writer thread (see _Writer)."""
@@ -47,6 +56,8 @@ class Link:
     def post(self, *chunks, direct: bool = True) -> None:
         """Sends frames, through the writer thread when there is one.  A reader
         thread passes ``direct=False``: it must never block on the socket."""
+        if self.sharing:
+            chunks = self._by_reference(chunks)
         if self._writer is None:
             self.send(*chunks)
         else:
@@ -72,6 +83,8 @@ class Link:
 
     def send(self, *chunks) -> None:
         """Sends whole frames; ``chunks`` may mix bytes and (head, payload) pairs."""
+        if self.sharing:
+            chunks = self._by_reference(chunks)
         flat = []
         for chunk in chunks:
             if type(chunk) is tuple:
@@ -94,6 +107,48 @@ class Link:
             if small:
                 self.sock.sendall(b"".join(small))
 
+    def _by_reference(self, chunks) -> tuple:
+        """``chunks`` with each big frame written to a shared segment and
+        replaced by a BY_SEGMENT frame naming it (see cw.wire.segments)."""
+        out = None
+        for i, chunk in enumerate(chunks):
+            if type(chunk) is not tuple:
+                continue
+            size = sum(len(c) for c in chunk)
+            if size < segments.MIN_SIZE or not segments.may_hold(self._held_bytes, size):
+                continue
+            kind, fields, payload = segments.split_frame(chunk)
+            fd, offset, length = segments.write_segment(len(fields), payload)
+            token = next(self._tokens)
+            self._held[token] = (fd, size)
+            self._held_bytes += size
+            if out is None:
+                out = list(chunks)
+            out[i] = segments.encode_ref(kind, fd, offset, length, token, fields)
+            self.sent_by_reference += 1
+        return chunks if out is None else tuple(out)
+
+    def _segment_frame(self, ftype: int, body):
+        """Handles RELEASE (returns None) and BY_SEGMENT (returns the frame it names)."""
+        if ftype == frames.Frame.RELEASE:
+            held = self._held.pop(segments.decode_release(body), None)
+            if held is not None:
+                self._held_bytes -= held[1]
+                os.close(held[0])
+            return None
+        kind, body, token = segments.open_ref(body)
+        self.received_by_reference += 1
+        self.post(segments.encode_release(token), direct=False)
+        return kind, body
+
+    def _release_all(self) -> None:
+        # The link is gone: big frames posted from now on must not make segments nobody releases.
+        self.sharing = False
+        while self._held:
+            _, (fd, size) = self._held.popitem()
+            self._held_bytes -= size
+            os.close(fd)
+
     def try_send(self, frame: bytes) -> bool:
         """Sends a small frame unless another thread is sending right now (whose
         bytes show the master we are alive anyway).  Never blocks on the lock, so
@@ -113,6 +168,10 @@ class Link:
         while True:
             item = decoder.next_frame()
             if item is not None:
+                if frames.Frame.BY_SEGMENT <= item[0] <= frames.Frame.RELEASE:
+                    item = self._segment_frame(*item)
+                    if item is None:
+                        continue
                 return item
             if timeout is not None:
                 try:
@@ -131,6 +190,7 @@ class Link:
                 continue
             n = self.sock.recv_into(self._recv_buf)   # one buffer for every read: no allocation per read
             if not n:
+                self._release_all()
                 if decoder.buffered:
                     raise ProtocolError(f"the master at {self.address} closed the connection mid-frame")
                 return None
@@ -147,6 +207,7 @@ class Link:
         except OSError:
             pass
         self.sock.close()
+        self._release_all()
 
 
 class _Writer:
@@ -285,8 +346,11 @@ def open_link(host: str, port: int, secret: bytes, hello: dict, connect_timeout:
     try:
         _handshake(link, secret)
         link.decoder.max_frame = frames.DEFAULT_MAX_FRAME
-        link.send(frames.encode_json(Frame.HELLO, hello))
+        link.send(frames.encode_json(Frame.HELLO, {**hello, "probe": segments.probe()}))
         link.welcome = _welcome(link)
+        if link.welcome.get("peer_opened") and segments.can_open(link.welcome.get("probe")):
+            link.send(frames.frame(Frame.SHARING))
+            link.sharing = True
     except TimeoutError:
         link.close()
         raise HandshakeFailed(f"the master at {address} did not finish the handshake within "
