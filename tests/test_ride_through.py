@@ -170,3 +170,41 @@ def test_map_goes_on_after_a_master_restart(restartable):
         assert len(fed) < 300                       # the window holds the rest back
         restartable["restart"]()
         assert first + list(results) == [i * 3 for i in range(300)]
+
+
+def test_a_job_cancelled_while_the_master_is_away_is_not_given_to_the_next_one(restartable, tmp_path):
+    cluster = restartable["cluster"]
+    ran = tmp_path / "ran"
+    ran.mkdir()
+
+    def job(i):
+        (ran / str(i)).touch()
+        return i
+
+    with cluster.executor(reconnect_timeout=60) as ex:
+        assert ex.submit(job, -1).result(timeout=30) == -1
+        cluster.master.kill()
+        cluster.master.wait()
+        wait_until(lambda: not ex._connected.is_set(), what="the client to notice its master is gone")
+        futures = [ex.submit(job, i) for i in range(6)]     # they wait in the client
+        for f in futures[3:]:
+            assert f.cancel()
+        again = start_master(port=cluster.port)
+        cluster.master = again.master
+        restartable["masters"].append(again.master)
+        assert [f.result(timeout=60) for f in futures[:3]] == [0, 1, 2]
+        # The next job through the same workers comes after any resubmitted one would have.
+        assert ex.submit(job, 99).result(timeout=60) == 99
+    assert sorted(os.listdir(ran)) == sorted(["-1", "0", "1", "2", "99"])
+
+
+def test_shutdown_cancelling_futures_while_the_master_is_away(restartable):
+    cluster = restartable["cluster"]
+    ex = cluster.executor(reconnect_timeout=60)
+    future = ex.submit(slow_square, 3, 30)
+    wait_until(lambda: ex.status()["running"] == 1, what="the job to start")
+    cluster.master.kill()
+    cluster.master.wait()
+    wait_until(lambda: not ex._connected.is_set(), what="the client to notice its master is gone")
+    ex.shutdown(wait=False, cancel_futures=True)          # (raised AttributeError on a None link)
+    assert future.cancelled()

@@ -268,10 +268,11 @@ class ClusterExecutor(MasterConnection, EveryWorker, AsyncSubmit, concurrent.fut
         with self._lock:
             if self._pending.pop(jobid, None) is None or self._broken is not None:
                 return
-        try:
-            self._link.post(frames.encode_cancel(jobid))
-        except OSError:
-            pass  # the reader will see the broken connection
+            # Out of the books too: a master reached again later must not get it back.
+            frame = self._core.cancel(jobid)
+            link = self._link       # None while reconnecting: nothing to tell
+        if frame is not None:
+            self._post(link, frame)
         self._maybe_close()
 
     # --- the master's answers ---------------------------------------------------
