@@ -52,13 +52,33 @@ _ABSENT = object()      # a global name not defined (yet): defining it changes t
 _BY_NAME = object()     # an entry's ``ref`` for a function the standard pickler sends by name
 
 
-def _names_of(code: types.CodeType, into: set) -> set:
-    """Every name the code and the code nested in it may read as a global."""
+_names_by_code: dict = {}
+
+
+def _names(code: types.CodeType) -> tuple:
+    """Every name the code and the code nested in it may read as a global
+    (remembered: a lambda made anew for each call has the same code)."""
+    names = _names_by_code.get(code)
+    if names is None:
+        if len(_names_by_code) > 4096:
+            _names_by_code.clear()
+        names = _names_by_code[code] = tuple(sorted(_collect_names(code, set())))
+    return names
+
+
+def _collect_names(code: types.CodeType, into: set) -> set:
     into.update(code.co_names)
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
-            _names_of(const, into)
+            _collect_names(const, into)
     return into
+
+
+def _cell_value(cell):
+    try:
+        return cell.cell_contents
+    except ValueError:
+        return _ABSENT
 
 
 def _travels_by_value(obj) -> bool:
@@ -71,83 +91,81 @@ def _travels_by_value(obj) -> bool:
 
 
 class _Watch:
-    """What one function's pickle depends on: a list of (kind, object, names)."""
+    """What one function's pickle is made of: functions (with the global
+    names their code reads) and namespaces (classes, a bound method's
+    instance) whose attributes it holds.  ``parts`` is None when that is
+    too much to watch (the function is then pickled with each call)."""
 
-    __slots__ = ("parts",)
+    __slots__ = ("functions", "namespaces", "ok")
 
     def __init__(self, func):
-        self.parts: list | None = []
+        self.functions: list = []
+        self.namespaces: list = []
+        self.ok = True
         seen: set[int] = set()
         if isinstance(func, types.MethodType):
             target = func.__self__
             if not hasattr(target, "__dict__"):
-                self.parts = None       # its state lives in slots we do not watch
+                self.ok = False         # its state lives in slots we do not watch
                 return
-            self.parts.append(("instance", target, None))
+            self.namespaces.append(target)
             func = func.__func__
             if _travels_by_value(type(target)):
                 self._add(type(target), seen)
         self._add(func, seen)
 
     def _add(self, obj, seen: set) -> None:
-        if self.parts is None or id(obj) in seen:
+        if not self.ok or id(obj) in seen:
             return
         seen.add(id(obj))
         if len(seen) > MAX_WATCHED:
-            self.parts = None
+            self.ok = False
             return
         if isinstance(obj, type):
-            self.parts.append(("class", obj, None))
-            members = list(vars(obj).values())
-            for member in members:
+            self.namespaces.append(obj)
+            for member in list(vars(obj).values()):
                 inner = getattr(member, "__func__", member)     # staticmethod, classmethod
                 if isinstance(inner, types.FunctionType):
                     self._add(inner, seen)
             return
-        names = tuple(sorted(_names_of(obj.__code__, set())))
-        self.parts.append(("function", obj, names))
-        glob = obj.__globals__
-        for name in names:
-            value = glob.get(name, _ABSENT)
-            if isinstance(value, (types.FunctionType, type)) and _travels_by_value(value):
-                self._add(value, seen)
-        for cell in obj.__closure__ or ():
-            try:
-                value = cell.cell_contents
-            except ValueError:
-                continue
+        names = _names(obj.__code__)
+        self.functions.append((obj, names))
+        glob_get = obj.__globals__.get
+        inner = [glob_get(name) for name in names]
+        inner += map(_cell_value, obj.__closure__ or ())
+        for value in inner:
             if isinstance(value, (types.FunctionType, type)) and _travels_by_value(value):
                 self._add(value, seen)
 
     def state(self) -> list:
-        """The objects the pickle was made of, as they are now."""
-        out = []
-        for kind, obj, names in self.parts:
-            if kind == "function":
-                out += (obj.__code__, obj.__defaults__, obj.__kwdefaults__, len(obj.__dict__))
-                out += obj.__dict__.values()
-                for cell in obj.__closure__ or ():
-                    try:
-                        out.append(cell.cell_contents)
-                    except ValueError:
-                        out.append(_ABSENT)
-                glob_get = obj.__globals__.get
-                out += [glob_get(name, _ABSENT) for name in names]
-            else:   # a class's or an instance's attributes
-                attrs = vars(obj)
-                out.append(len(attrs))
-                out += attrs.values()
+        """The objects the pickle was made of, as they are now (a name's
+        value replaced, or a value added or removed, changes the list)."""
+        out: list = []
+        extend = out.extend
+        for obj, names in self.functions:
+            extend((obj.__code__, obj.__defaults__, obj.__kwdefaults__))
+            attrs = obj.__dict__
+            if attrs:
+                extend(attrs.values())
+            closure = obj.__closure__
+            if closure:
+                extend(map(_cell_value, closure))
+            glob_get = obj.__globals__.get
+            extend([glob_get(name, _ABSENT) for name in names])
+        for obj in self.namespaces:
+            extend(vars(obj).values())
         return out
 
 
 class _Entry:
-    __slots__ = ("func", "ref", "state", "watch")
+    __slots__ = ("code", "func", "ref", "state", "watch")
 
     def __init__(self, func, ref, watch: _Watch | None):
         self.func = func        # held, so that its id is not reused while the entry lives
         self.ref = ref          # (digest, pickled bytes), or _BY_NAME
         self.watch = watch
         self.state = watch.state() if watch is not None else None   # held too: ids stay valid
+        self.code = func.__code__ if type(func) is types.FunctionType else None
 
 
 class FunctionCache:
@@ -161,6 +179,7 @@ class FunctionCache:
         self.bytes = 0
         self.pickled = 0                # functions pickled by value (misses), for tests
         self._entries: OrderedDict = OrderedDict()
+        self._by_code: dict = {}        # code object -> the last entry of a function with that code
         self._lock = threading.Lock()
 
     def lookup(self, func):
@@ -180,6 +199,14 @@ class FunctionCache:
         return self._miss(key, func)
 
     def _miss(self, key, func):
+        if type(func) is types.FunctionType:
+            twin = self._by_code.get(func.__code__)
+            if twin is not None:
+                # A lambda or closure made anew (a notebook's ``submit(lambda x: ..., x)``):
+                # made of the same objects, it pickles to the same bytes.
+                watch = _Watch(func)
+                if watch.ok and _same_objects(watch.state(), twin.state):
+                    return twin.ref
         data = payload.pickle_by_value(func)      # may raise: the caller reports it
         if data is None:
             if type(func) is types.FunctionType:    # bound methods are made anew at each access
@@ -188,11 +215,15 @@ class FunctionCache:
         if len(data) > MAX_FUNCTION_BYTES:
             return None
         watch = _Watch(func)
-        if watch.parts is None:
+        if not watch.ok:
             return None
         self.pickled += 1
         entry = _Entry(func, (payload.digest_of(data), data), watch)
         self._store(key, entry, len(data))
+        if entry.code is not None:
+            if len(self._by_code) >= self.max_entries:
+                self._by_code.clear()
+            self._by_code[entry.code] = entry
         return entry.ref
 
     def _store(self, key, entry: _Entry, size: int) -> None:
@@ -215,8 +246,10 @@ def _same_function(held, func) -> bool:
 
 
 def _unchanged(entry: _Entry) -> bool:
-    now = entry.watch.state()
-    then = entry.state
+    return _same_objects(entry.watch.state(), entry.state)
+
+
+def _same_objects(now: list, then: list) -> bool:
     return len(now) == len(then) and all(map(operator.is_, now, then))
 
 
