@@ -266,6 +266,16 @@ def test_a_waiting_job_is_given_back_on_revoke_and_on_drain():
                                         ("REVOKED", f.encode_revoked(1, True)[5:])]
 
 
+def test_jobs_behind_a_waiting_job_that_is_aborted_go_on():
+    """The client cancelled the job, then forgot its function: no FUNC will come for it."""
+    core = started()
+    core.function(b"b" * 16, b"fb")
+    core.job(1, 0, 0.0, named(b"a" * 16))
+    core.job(2, 0, 0.0, named(b"b" * 16))
+    actions = core.abort(1)
+    assert [a.job.gid for a in actions if type(a) is Run] == [2] and not core.stalled
+
+
 def test_a_function_the_lru_let_go_before_its_job_could_go_is_asked_for_again():
     core = started(lru_size=1)
     core.job(1, 0, 0.0, named(b"a" * 16))

@@ -233,6 +233,10 @@ class WorkerCore:
         self.asked.discard(digest)
         if self.over or self.lost:
             return []
+        return self._unstall()
+
+    def _unstall(self) -> list:
+        """Admits waiting jobs, in order, up to the first whose function has not come."""
         actions: list = []
         stalled = self.stalled
         while stalled:
@@ -282,15 +286,16 @@ class WorkerCore:
     def revoke(self, gid: int) -> list:
         if self.over or self.lost:
             return []
-        self.outbox.append(frames.encode_revoked(gid, self._take_back(gid)))
-        return []
+        given_back = self._take_back(gid)
+        self.outbox.append(frames.encode_revoked(gid, given_back))
+        return self._unstall() if given_back and self.stalled else []
 
     def abort(self, gid: int) -> list:
         if self.over or self.lost:
             return []
         if self._take_back(gid):               # not started: hand it back, nothing to stop
             self.outbox.append(frames.encode_revoked(gid, True))
-            return []
+            return self._unstall() if self.stalled else []
         job = self.jobs.get(gid)
         if job is None or job.state == SENDING:
             return []                           # finished already
