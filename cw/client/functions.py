@@ -93,7 +93,7 @@ def _travels_by_value(obj) -> bool:
 class _Watch:
     """What one function's pickle is made of: functions (with the global
     names their code reads) and namespaces (classes, a bound method's
-    instance) whose attributes it holds.  ``parts`` is None when that is
+    instance) whose attributes it holds.  ``ok`` is False when that is
     too much to watch (the function is then pickled with each call)."""
 
     __slots__ = ("functions", "namespaces", "ok")

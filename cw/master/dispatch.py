@@ -75,7 +75,6 @@ __all__ = ["DEFAULT_MAX_ATTEMPTS", "DEFAULT_RETRIES", "Dispatcher"]
 
 DEFAULT_MAX_ATTEMPTS = settings.MAX_ATTEMPTS
 _NAMED = bytes([frames.FUNCTION_MARK])   # the first byte of a payload that names its function by digest
-_MAX_KNOWN_FUNCTIONS = 4096              # digests remembered as sent to one worker
 
 
 class Dispatcher:
@@ -154,11 +153,8 @@ class Dispatcher:
 
     def need(self, wid: int, digest: bytes) -> None:
         """The worker lacks a function a job it was sent names (NEED)."""
-        worker = self.workers[wid]
-        frame = self.functions.frames.get(digest)
+        frame = self.functions.needed_by(self.workers[wid].functions, digest)
         if frame is not None:     # else no client holds it: the job naming it is being aborted
-            self.functions.needed += 1
-            worker.functions.add(digest)
             self.outbox.append((wid, frame))
 
     def add_worker(self, wid: int, info: dict) -> None:
@@ -373,19 +369,10 @@ class Dispatcher:
             outbox.append((worker.wid, frames.encode_job_env(job.gid, env)))
         payload = job.payload
         if payload[:1] == _NAMED:
-            self._send_function(worker, frames.function_digest(payload))
+            frame = self.functions.for_worker(worker.functions, frames.function_digest(payload))
+            if frame is not None:
+                outbox.append((worker.wid, frame))
         outbox.append((worker.wid, frames.encode_job(job.gid, cid, job.timeout, payload)))
-
-    def _send_function(self, worker: WorkerRecord, digest: bytes) -> None:
-        """The function a job names, unless the worker had it (as far as we know: it says NEED if not)."""
-        known = worker.functions
-        if digest in known:
-            return
-        if len(known) >= _MAX_KNOWN_FUNCTIONS:
-            known.clear()                  # only a hint: the worker asks for what it lacks
-        known.add(digest)
-        self.functions.sent += 1
-        self.outbox.append((worker.wid, self.functions.frames[digest]))
 
     def _leave(self, worker: WorkerRecord, job: Job) -> None:
         """``job`` is no longer at ``worker``, which starts the next one, if any."""

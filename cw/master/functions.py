@@ -20,6 +20,8 @@ from cw.wire import frames
 #: keeps below these, see cw.client.core.ClientCore.MAX_FUNCTIONS).
 MAX_PER_CLIENT = 1024
 MAX_BYTES_PER_CLIENT = 512 * 1024 * 1024
+#: Digests remembered as sent to one worker (only a hint: it asks for what it lacks).
+MAX_KNOWN_PER_WORKER = 4096
 
 
 class FunctionStore:
@@ -69,6 +71,27 @@ class FunctionStore:
         else:
             del self.holders[digest]
             del self.frames[digest]
+
+    def for_worker(self, known: set, digest: bytes) -> bytes | None:
+        """The FUNC frame to send a worker before a job naming ``digest``, or
+        None when it had it (``known``: the digests it was sent, kept up to date)."""
+        if digest in known:
+            return None
+        if len(known) >= MAX_KNOWN_PER_WORKER:
+            known.clear()
+        known.add(digest)
+        self.sent += 1
+        return self.frames[digest]      # (a job at a worker names a function its client holds)
+
+    def needed_by(self, known: set, digest: bytes) -> bytes | None:
+        """The FUNC frame answering a worker's NEED, or None when no client holds it any more."""
+        frame = self.frames.get(digest)
+        if frame is not None:
+            self.needed += 1
+            if len(known) >= MAX_KNOWN_PER_WORKER:
+                known.clear()
+            known.add(digest)
+        return frame
 
     def holds(self, cid: int, digest: bytes) -> bool:
         held = self.by_client.get(cid)
