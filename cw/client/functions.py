@@ -36,6 +36,7 @@ import operator
 import threading
 import types
 from collections import OrderedDict
+from itertools import repeat
 
 from cw.wire import payload
 
@@ -150,8 +151,7 @@ class _Watch:
             closure = obj.__closure__
             if closure:
                 extend(map(_cell_value, closure))
-            glob_get = obj.__globals__.get
-            extend([glob_get(name, _ABSENT) for name in names])
+            extend(map(obj.__globals__.get, names, repeat(_ABSENT, len(names))))   # (no comprehension's frame)
         for obj in self.namespaces:
             extend(vars(obj).values())
         return out
@@ -185,12 +185,13 @@ class FunctionCache:
     def lookup(self, func):
         """``(digest, bytes)`` for a function that travels by value, or None for
         one sent by name (or not cacheable): then the call carries it as before."""
-        key = (id(func.__func__), id(func.__self__)) if type(func) is types.MethodType else id(func)
+        method = type(func) is types.MethodType
+        key = (id(func.__func__), id(func.__self__)) if method else id(func)
         entry = self._entries.get(key)
         if entry is not None:
             if entry.ref is _BY_NAME:
                 return None
-            if _same_function(entry.func, func) and _unchanged(entry):
+            if (_same_method(entry.func, func) if method else entry.func is func) and _unchanged(entry):
                 try:
                     self._entries.move_to_end(key)
                 except KeyError:
@@ -239,10 +240,8 @@ class FunctionCache:
                     self.bytes -= len(gone.ref[1])
 
 
-def _same_function(held, func) -> bool:
-    if type(func) is types.MethodType:
-        return type(held) is types.MethodType and held.__func__ is func.__func__ and held.__self__ is func.__self__
-    return held is func
+def _same_method(held, func) -> bool:
+    return type(held) is types.MethodType and held.__func__ is func.__func__ and held.__self__ is func.__self__
 
 
 def _unchanged(entry: _Entry) -> bool:
