@@ -115,6 +115,14 @@ def test_a_bound_method_sees_its_instance_attribute_rebound():
     assert after[0] != before[0] and payload.loads(after[1])(2) == 10
 
 
+def test_a_method_of_a_module_class_is_not_pickled_by_the_cache(monkeypatch):
+    """Its instance travels with each call anyway: pickling it here too would do it twice."""
+    def refuse(func):
+        raise AssertionError(f"{func!r} was pickled")
+    monkeypatch.setattr(payload, "pickle_by_value", refuse)
+    assert FunctionCache().lookup(FunctionCache(max_entries=1).lookup) is None
+
+
 def test_a_global_changed_in_place_is_not_seen_as_documented():
     cache = FunctionCache()
     ns = script("table = [1]\ndef f():\n    return sum(table)\n")

@@ -200,6 +200,9 @@ class FunctionCache:
         return self._miss(key, func)
 
     def _miss(self, key, func):
+        if type(func) is types.MethodType and not (_travels_by_value(type(func.__self__))
+                                                   or _travels_by_value(func.__func__)):
+            return None     # a module class's method: pickled with its call, as before (no second pickling)
         if type(func) is types.FunctionType:
             twin = self._by_code.get(func.__code__)
             if twin is not None:
