@@ -51,6 +51,9 @@ CLIENT_CONNECT_TIMEOUT = 10.0
 #: file names) before they fail with BrokenCluster (reconnect_timeout=; 0:
 #: fail at once).  A minute covers a master restarted in place or by SLURM.
 CLIENT_RECONNECT_TIMEOUT = 60.0
+#: Functions sent once (by digest) a worker process keeps unpickled, least
+#: recently used out first (environment variable CW_WORKER_FUNCTIONS).
+WORKER_FUNCTIONS = 256
 #: map() keeps at most this many chunks in flight (map(window=)).
 MAP_WINDOW = 256
 #: Seconds status() waits for the master's answer.

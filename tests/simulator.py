@@ -16,6 +16,10 @@ ended, exactly once, with the answer it should have.
 What a job does is written in its payload, so no pickling is involved:
 ``ok`` returns its value, ``raise`` fails, ``crash`` ends its worker
 process, ``wait`` lends its worker while it waits on (simulated) children.
+A job may name one of a few functions by digest, as jobs of functions sent
+once do (FUNC, NEED, FORGET): its worker must hold that function's bytes
+when it starts it (worker processes keep only ``FUNCTION_LRU`` of them, so
+NEED happens), and clients announce at most ``MAX_FUNCTIONS``.
 """
 from __future__ import annotations
 
@@ -31,11 +35,25 @@ from cw.master.dispatch import DEFAULT_RETRIES, Dispatcher
 from cw.wire import frames
 from cw.wire.decoder import FrameDecoder
 from cw.wire.frames import Frame, Result, Status, kind_name
+from cw.wire.payload import digest_of
 from cw.worker.actions import End, Exit, Flush, Resume, Run
 from cw.worker.core import WorkerCore
+from cw.worker.functions import FunctionLRU
 
 MASTER = "master"
 KINDS = ("ok", "ok", "ok", "raise", "crash", "wait")
+FUNCTION_LRU = 2        # functions a simulated worker process keeps
+MAX_FUNCTIONS = 3       # functions a simulated client announces at a time
+
+
+def function_bytes(func: int) -> bytes:
+    return b"function %d" % func
+
+
+def job_fields(payload) -> list:
+    """[client name, jobid, kind, value, function] of a job's payload (named by digest or not)."""
+    data = bytes(payload)
+    return json.loads(data[17:] if data[:1] == b"\xfe" else data)
 
 
 @dataclass
@@ -46,9 +64,11 @@ class Spec:
     need: dict | None = None
     tag: str | None = None
     max_retries: int | None = None
+    func: int | None = None         # the function it names by digest, if any
 
-    def payload(self, cid: int, jobid: int) -> bytes:
-        return json.dumps([cid, jobid, self.kind, self.value]).encode()
+    def payload(self, cid: int, jobid: int, named: bool = False) -> bytes:
+        body = json.dumps([cid, jobid, self.kind, self.value, self.func]).encode()
+        return b"\xfe" + digest_of(function_bytes(self.func)) + body if named else body
 
 
 def decode(frame) -> tuple[int, bytes]:
@@ -77,7 +97,7 @@ class SimWorker:
     def __init__(self, wid: int, machine: Machine):
         self.wid = wid
         self.machine = machine
-        self.core = WorkerCore(pid=wid)
+        self.core = WorkerCore(pid=wid, functions=FunctionLRU(FUNCTION_LRU))
         self.started: dict[int, dict] = {}     # gid -> {"job", "runner", "phase"} of started jobs
         self.cut = False
         self.gone = False
@@ -94,6 +114,7 @@ class SimClient:
         self.cid = cid          # its peer id at the master now (a new one after each reconnection)
         self.name = name
         self.core = ClientCore({"cwd": "/", "path": []})
+        self.core.MAX_FUNCTIONS = MAX_FUNCTIONS
         self.specs: dict[int, Spec] = {}
         self.results: dict[int, list] = collections.defaultdict(list)   # jobid -> Results the core let through
         self.cancelled: set[int] = set()
@@ -194,7 +215,9 @@ class Sim:
         for action in actions or ():
             if isinstance(action, Run):
                 job = action.job
-                cid_name, jobid, kind, value = json.loads(bytes(job.payload))
+                cid_name, jobid, kind, value, func = job_fields(job.payload)
+                if bytes(job.payload[:1]) == b"\xfe":
+                    assert job.function.data == function_bytes(func), f"job {jobid} got another function"
                 w.started[job.gid] = {"job": job, "runner": action.runner, "phase": "run",
                                       "key": (cid_name, jobid), "kind": kind, "value": value}
                 self.runs[(cid_name, jobid)] += 1
@@ -244,9 +267,18 @@ class Sim:
             options["resources"] = spec.need
         if spec.tag:
             options["tag"] = spec.tag
-        frame = c.core.submit(jobid, retries, 0.0, spec.payload(c.name, jobid), 0, options or None)
+        before, digest = [], None
+        if spec.func is not None:
+            data = function_bytes(spec.func)
+            before = c.core.announce(digest_of(data), data)
+            if before is None:
+                before = []            # no room: the job carries its function
+            else:
+                digest = digest_of(data)
+        payload = spec.payload(c.name, jobid, named=digest is not None)
+        frame = c.core.submit(jobid, retries, 0.0, payload, 0, options or None, digest)
         if c.connected:
-            self._send(c.cid, MASTER, [frame])
+            self._send(c.cid, MASTER, [*before, frame])
         return jobid
 
     def cancel(self, client: str, jobid: int) -> None:
@@ -449,7 +481,7 @@ class Sim:
         record = self.dispatcher.workers.get(w.wid)
         for job in record.started() if record is not None else ():
             if job.payload is not None:
-                name, jobid = json.loads(bytes(job.payload))[:2]
+                name, jobid = job_fields(job.payload)[:2]
                 self.deaths[(name, jobid)] += 1
 
     def _crash(self, w: SimWorker) -> None:

@@ -38,10 +38,10 @@ def test_frame_kinds_and_status_codes_keep_their_wire_values():
         "JOB": 14, "OUTCOME": 15, "RESULT": 16, "CANCELLED": 17, "STATUS_REQ": 18, "STATUS": 19, "ERROR": 20,
         "WELCOME": 21, "PING": 22, "PONG": 23, "ABORT": 24, "DRAIN": 25, "REVOKE": 26, "REVOKED": 27,
         "SUBMIT_WITH": 28, "JOB_ENV": 29, "LIMIT": 30, "NOTICE": 31, "LEND": 32, "RECLAIM": 33, "OUTPUT": 34,
-        "SETUP": 35,
+        "SETUP": 35, "FUNC": 36, "NEED": 37, "FORGET": 38,
         "BY_SEGMENT": 40, "RELEASE": 41, "SHARING": 42}
     assert {s.name: s.value for s in Status} == {"OK": 0, "RAISED": 1, "LOST": 2, "UNPLACEABLE": 3}
-    assert f.VERSION == 2
+    assert f.VERSION == 3
 
 
 def test_kind_name_names_known_kinds_and_numbers_unknown_ones():
@@ -100,6 +100,10 @@ ROUND_TRIPS = [
      f.StatusReply(78, {"workers": [], "queued": 0})),
     (f.encode_error("bad secret é"), Frame.ERROR, f.decode_error, "bad secret é"),
     (f.frame(Frame.SETUP, b"pickled setup job"), Frame.SETUP, bytes, b"pickled setup job"),
+    (f.encode_function(b"d" * 16, b"pickled function"), Frame.FUNC, f.decode_function,
+     f.Function(b"d" * 16, b"pickled function")),
+    (f.encode_need(b"n" * 16), Frame.NEED, lambda body: f.decode_digest(body, "NEED"), b"n" * 16),
+    (f.encode_forget(b"g" * 16), Frame.FORGET, lambda body: f.decode_digest(body, "FORGET"), b"g" * 16),
 ]
 
 #: Frames with an empty body, made once.
@@ -136,6 +140,22 @@ def test_encoders_round_trip(encoded, kind, decode, expected):
 @pytest.mark.parametrize("kind", sorted(BARE_FRAMES))
 def test_bare_frames_are_a_header_with_an_empty_body(kind):
     assert only_frame(BARE_FRAMES[kind]) == (kind, b"")
+
+
+def test_a_payload_names_its_function_by_a_prefix_the_master_reads_without_unpickling():
+    named = b"\xfe" + b"d" * 16 + b"\x80pickle"
+    assert f.function_digest(named) == b"d" * 16
+    assert f.function_digest(memoryview(named)) == b"d" * 16
+    assert f.function_digest(b"\x80pickle") is None and f.function_digest(b"") is None
+    assert f.function_digest(b"\xff" + b"d" * 16) is None      # the out-of-band envelope
+
+
+@pytest.mark.parametrize("body, name", [(b"short", "NEED"), (b"x" * 17, "FORGET")])
+def test_digest_frames_of_the_wrong_size_are_refused(body, name):
+    with pytest.raises(ProtocolError, match=name):
+        f.decode_digest(body, name)
+    with pytest.raises(ProtocolError, match="FUNC"):
+        f.decode_function(b"x" * 16)
 
 
 def test_every_frame_kind_has_a_round_trip_or_is_bare():

@@ -44,11 +44,12 @@ class Cluster(RuleBasedStateMachine):
 
     @rule(data=st.data(), kind=st.sampled_from(KINDS), value=st.integers(0, 1000),
           need=st.sampled_from([None, None, None, {"cpu": 2}, {"gpu": 1}, {"cpu": 1, "gpu": 2}]),
-          tag=st.sampled_from([None, None, None, "db"]), retries=st.sampled_from([None, None, 0, 1]))
-    def submit(self, data, kind, value, need, tag, retries):
+          tag=st.sampled_from([None, None, None, "db"]), retries=st.sampled_from([None, None, 0, 1]),
+          func=st.sampled_from([None, None, 0, 1, 2, 3, 4]))
+    def submit(self, data, kind, value, need, tag, retries, func):
         client = self._client(data)
         if client is not None:
-            self.sim.submit(client, Spec(kind, value, need, tag, retries))
+            self.sim.submit(client, Spec(kind, value, need, tag, retries, func))
 
     @rule(data=st.data())
     def deliver(self, data):
@@ -187,3 +188,26 @@ def test_a_master_restart_loses_no_job():
     sim.restart_master()
     sim.settle()
     assert all(len(sim.clients["c1"].results[i]) == 1 for i in ids)
+
+
+def test_jobs_naming_functions_settle_through_need_forget_and_a_master_restart():
+    """Five functions, workers that keep two, a client that announces three:
+    workers ask for what they let go (NEED), the client forgets to make room
+    (FORGET) or sends a job with its function, and a new master learns them again."""
+    sim = Sim(slots=2)
+    sim.add_machine(2)
+    sim.add_client()
+    ids = [sim.submit("c1", Spec("ok", i, func=i % 5)) for i in range(40)]
+    for _ in range(60):
+        if sim.deliverable():
+            sim.deliver(sim.deliverable()[0])
+        if sim.runnable():
+            sim.step_job(*sim.runnable()[0])
+    sim.restart_master()
+    ids += [sim.submit("c1", Spec("ok", i, func=i % 5)) for i in range(40, 60)]
+    sim.settle()
+    ids += [sim.submit("c1", Spec("ok", i, func=3 + i % 2)) for i in range(60, 70)]   # room made by FORGET
+    sim.settle()
+    assert all(len(sim.clients["c1"].results[i]) == 1 for i in ids)
+    kinds = {line.split()[1] for line in sim.log}
+    assert {"FUNC", "NEED", "FORGET"} <= kinds, kinds

@@ -122,7 +122,7 @@ class MasterConnection:
                 self._link = link
                 self._connected.set()
             log.warning("cw: reached the master at %s again; resubmitted %d unfinished jobs", link.address,
-                        len(frames_again) - 1 - len(self._core.limits) - len(self._core.setups))
+                        len(self._core.unfinished))
             return link
         return None
 

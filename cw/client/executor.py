@@ -111,6 +111,7 @@ class ClusterExecutor(MasterConnection, EveryWorker, AsyncSubmit, concurrent.fut
         self._connected = threading.Event()   # set while there is a link to post on
         self._connected.set()
         self._lock = threading.Lock()
+        self._function_lock = threading.Lock()
         self._pending: dict[int, ClusterFuture] = {}
         self._status_waiters: dict[int, concurrent.futures.Future] = {}
         self._ids = itertools.count(1)
@@ -134,11 +135,12 @@ class ClusterExecutor(MasterConnection, EveryWorker, AsyncSubmit, concurrent.fut
                 or self._hooks is not None):
             return self.submit_with(fn, args, kwargs, priority=priority, resources=resources, tag=tag,
                                     workers=workers)
-        from cw.wire.payload import dumps_call
         try:
-            payload = dumps_call(fn, args, kwargs)
+            payload, function = _pickle_call(fn, args, kwargs)
         except CwError as exc:
             return self._failed_future(exc)
+        if function is not None:
+            return self._send_named(fn, (args, kwargs), payload, function, self._retries, self._timeout)
         return self._send_job(payload, self._retries, self._timeout)
 
     def submit_with(self, fn, args=(), kwargs=None, *, timeout: float | None = None,
@@ -150,16 +152,18 @@ class ClusterExecutor(MasterConnection, EveryWorker, AsyncSubmit, concurrent.fut
         JobTimeout (default: the executor's).  ``max_retries``: re-runs after
         a worker died under it.  ``threads``: its BLAS/OpenMP threads
         (default: as many as its CPUs).  The others: see ``submit``."""
-        from cw.wire.payload import dumps_call
         retries = self._retries if max_retries is None else _check_retries(max_retries)
         timeout = self._timeout if timeout is None else _check_timeout(timeout)
         priority, options = scheduling_options(priority, resources, tag, workers, threads)
         if self._hooks is not None:
+            # (The wrapper carries fn as an argument: a job's children send it with each call.)
             fn, args, kwargs, priority = self._hooks.prepare(fn, tuple(args), kwargs or {}, priority)
         try:
-            payload = dumps_call(fn, args, kwargs or {})
+            payload, function = _pickle_call(fn, args, kwargs or {})
         except CwError as exc:
             return self._failed_future(exc)
+        if function is not None:
+            return self._send_named(fn, (args, kwargs or {}), payload, function, retries, timeout, priority, options)
         return self._send_job(payload, retries, timeout, priority, options)
 
     def _new_future(self, register: bool = True) -> ClusterFuture:
@@ -181,8 +185,29 @@ class ClusterExecutor(MasterConnection, EveryWorker, AsyncSubmit, concurrent.fut
         future.set_exception(exc)
         return future
 
+    def _send_named(self, fn, call, payload, function, retries: int, timeout: float, priority: int = 0,
+                    options: dict | None = None) -> ClusterFuture:
+        """Sends a job whose payload names ``function`` ((digest, bytes)), after
+        the function's FUNC the first time.  ``call``: ``(args, kwargs)``, or
+        ``(None, chunk)`` for a map chunk, to pickle the job with its function
+        should the master hold too many of this client's functions already.
+        Jobs that name functions go one at a time (``_function_lock``): a job
+        must never overtake the FUNC of its function, posted by another thread."""
+        with self._function_lock:
+            with self._lock:
+                before = self._core.announce(*function)
+                link = self._link
+            if before is None:
+                from cw.wire.payload import dumps_batch, dumps_call
+                args, kwargs = call
+                payload = dumps_batch(fn, kwargs) if args is None else dumps_call(fn, args, kwargs)
+                return self._send_job(payload, retries, timeout, priority, options)
+            for frame in before:
+                self._post(link, frame)
+            return self._send_job(payload, retries, timeout, priority, options, function[0])
+
     def _send_job(self, payload, retries: int, timeout: float, priority: int = 0,
-                  options: dict | None = None) -> ClusterFuture:
+                  options: dict | None = None, digest: bytes | None = None) -> ClusterFuture:
         future = self._new_future()
         if self._hooks is not None:
             context = self._hooks.context_change()
@@ -192,7 +217,7 @@ class ClusterExecutor(MasterConnection, EveryWorker, AsyncSubmit, concurrent.fut
                     link = self._link
                 self._post(link, self._core.context_frame)
         with self._lock:
-            frame = self._core.submit(future.jobid, retries, timeout, payload, priority, options)
+            frame = self._core.submit(future.jobid, retries, timeout, payload, priority, options, digest)
             link = self._link     # None while reconnecting: the job goes with the resubmission
         if type(payload) is tuple and _views_writable_memory(payload):
             self._post(link, frame, wait=True)   # the array as it is now, not as it will be
@@ -224,7 +249,7 @@ class ClusterExecutor(MasterConnection, EveryWorker, AsyncSubmit, concurrent.fut
         if progress:
             lengths = [len(it) for it in iterables if hasattr(it, "__len__")]
             total = min(lengths) if len(lengths) == len(iterables) and lengths else None
-        from cw.wire.payload import batch_items, dumps_batch
+        from cw.wire.payload import batch_items
         deadline = None if timeout is None else time.monotonic() + timeout
         calls = zip(*iterables, strict=False)
         inflight: collections.deque[ClusterFuture] = collections.deque()
@@ -234,8 +259,12 @@ class ClusterExecutor(MasterConnection, EveryWorker, AsyncSubmit, concurrent.fut
             if not chunk:
                 return False
             try:
-                inflight.append(self._send_job(dumps_batch(fn, chunk), self._retries, self._timeout,
-                                               priority, options))
+                payload, function = _pickle_batch(fn, chunk)
+                if function is not None:
+                    inflight.append(self._send_named(fn, (None, chunk), payload, function, self._retries,
+                                                     self._timeout, priority, options))
+                else:
+                    inflight.append(self._send_job(payload, self._retries, self._timeout, priority, options))
             except CwError as exc:
                 inflight.append(self._failed_future(exc))
             return True
@@ -268,7 +297,8 @@ class ClusterExecutor(MasterConnection, EveryWorker, AsyncSubmit, concurrent.fut
         with self._lock:
             if self._pending.pop(jobid, None) is None or self._broken is not None:
                 return
-            # Out of the books too: a master reached again later must not get it back.
+            # Out of the books too: a master reached again later must not get it back (its function
+            # may be forgotten by then).
             frame = self._core.cancel(jobid)
             link = self._link       # None while reconnecting: nothing to tell
         if frame is not None:
@@ -337,6 +367,44 @@ class ClusterExecutor(MasterConnection, EveryWorker, AsyncSubmit, concurrent.fut
         self._connected.set()       # a status() waiting for a reconnection stops waiting
         if link is not None:
             link.close()
+
+
+_picklers = None
+
+
+def _load_picklers():
+    """cw.wire.payload and the function cache, imported on first use (they
+    load cloudpickle), then kept: an import statement per job costs ~1 us."""
+    global _picklers
+    from cw.client.functions import FUNCTIONS
+    from cw.wire import payload
+    _picklers = (FUNCTIONS.lookup, payload)
+    return _picklers
+
+
+def _pickle_call(fn, args, kwargs):
+    """``(payload, function)``: ``function`` is ``(digest, bytes)`` when the
+    payload names a function sent once (see cw.client.functions), else None."""
+    lookup, payload = _picklers or _load_picklers()
+    try:
+        function = lookup(fn)
+    except Exception:  # noqa: BLE001 - it does not pickle: dumps_call says why
+        function = None
+    if function is None:
+        return payload.dumps_call(fn, args, kwargs), None
+    return payload.dumps_call_named(fn, function[0], args, kwargs), function
+
+
+def _pickle_batch(fn, chunk):
+    """``_pickle_call`` for a chunk of ``map`` calls."""
+    lookup, payload = _picklers or _load_picklers()
+    try:
+        function = lookup(fn)
+    except Exception:  # noqa: BLE001
+        function = None
+    if function is None:
+        return payload.dumps_batch(fn, chunk), None
+    return payload.dumps_batch_named(fn, function[0], chunk), function
 
 
 def _views_writable_memory(payload) -> bool:

@@ -46,6 +46,11 @@ Rules kept here:
 - Before a worker's first job of some client it gets that client's CONTEXT
   (working directory and sys.path); when the client leaves it is told to
   forget it (an empty context).
+- A job may name its function by digest (cw.master.functions): its client
+  must have sent that function (FUNC) first.  Before a worker's first job
+  naming a function, the worker gets its FUNC; a worker that asks for one
+  it lacks (NEED) gets it again, if some client still holds it (else the
+  job that needs it is being aborted).
 """
 from __future__ import annotations
 
@@ -56,6 +61,7 @@ from cw import settings
 from cw.errors import ProtocolError
 from cw.master import report
 from cw.master.fairshare import FairShare
+from cw.master.functions import FunctionStore
 from cw.master.outrank import Outrank
 from cw.master.placement import Placement
 from cw.master.records import DONE, QUEUED, RUNNING, ClientRecord, Job, JobQueue, WorkerRecord
@@ -68,6 +74,7 @@ from cw.wire.options import DEFAULT_RETRIES
 __all__ = ["DEFAULT_MAX_ATTEMPTS", "DEFAULT_RETRIES", "Dispatcher"]
 
 DEFAULT_MAX_ATTEMPTS = settings.MAX_ATTEMPTS
+_NAMED = bytes([frames.FUNCTION_MARK])   # the first byte of a payload that names its function by digest
 
 
 class Dispatcher:
@@ -91,6 +98,7 @@ class Dispatcher:
         self._setup_queue = JobQueue(None)  # what setup jobs count as: plain
         self.throughput = report.Throughput()
         self.setups: list = []              # payloads every worker that connects runs first
+        self.functions = FunctionStore()
         self._next_gid = 1
 
     # --- peers come and go ------------------------------------------------
@@ -115,6 +123,7 @@ class Dispatcher:
                 self._abort(job)
         client.jobs.clear()
         client.queues.clear()
+        self.functions.drop_client(cid)
         forget = frames.encode_context_for_worker(cid, b"{}")
         for worker in self.workers.values():
             if cid in worker.contexts:
@@ -133,6 +142,20 @@ class Dispatcher:
             client.paused = False
             self.turns.add(client)
             self._pump()
+
+    def add_function(self, cid: int, digest: bytes, data: bytes) -> None:
+        """A function the client's jobs will name by ``digest`` (FUNC)."""
+        self.functions.add(cid, digest, data)
+
+    def forget_function(self, cid: int, digest: bytes) -> None:
+        """The client's jobs will not name ``digest`` again (FORGET)."""
+        self.functions.forget(cid, digest)
+
+    def need(self, wid: int, digest: bytes) -> None:
+        """The worker lacks a function a job it was sent names (NEED)."""
+        frame = self.functions.needed_by(self.workers[wid].functions, digest)
+        if frame is not None:     # else no client holds it: the job naming it is being aborted
+            self.outbox.append((wid, frame))
 
     def add_worker(self, wid: int, info: dict) -> None:
         node = self.placement.join(wid, info)
@@ -193,6 +216,9 @@ class Dispatcher:
         client = self.clients[cid]
         if jobid in client.jobs:
             raise ProtocolError(f"the client submitted job id {jobid} twice")
+        if payload[:1] == _NAMED and not self.functions.holds(cid, frames.function_digest(payload)):
+            raise ProtocolError(f"the client's job {jobid} names a function it did not send (FUNC) or forgot "
+                                "(FORGET); the client's cw differs from the master's: install the same version")
         max_attempts = self.max_attempts if retries == DEFAULT_RETRIES else retries + 1
         queue = client.queue_for(options) if options else client.plain
         job = Job(client, jobid, payload, max_attempts, timeout, priority, queue)
@@ -341,7 +367,12 @@ class Dispatcher:
             self.outrank.sent_ahead(job)
         if env is not None:
             outbox.append((worker.wid, frames.encode_job_env(job.gid, env)))
-        outbox.append((worker.wid, frames.encode_job(job.gid, cid, job.timeout, job.payload)))
+        payload = job.payload
+        if payload[:1] == _NAMED:
+            frame = self.functions.for_worker(worker.functions, frames.function_digest(payload))
+            if frame is not None:
+                outbox.append((worker.wid, frame))
+        outbox.append((worker.wid, frames.encode_job(job.gid, cid, job.timeout, payload)))
 
     def _leave(self, worker: WorkerRecord, job: Job) -> None:
         """``job`` is no longer at ``worker``, which starts the next one, if any."""

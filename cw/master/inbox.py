@@ -10,9 +10,9 @@ from cw.wire import frames
 from cw.wire.frames import Frame, kind_name
 
 CLIENT_FRAMES = frozenset({Frame.SUBMIT, Frame.SUBMIT_WITH, Frame.CANCEL, Frame.SETUP, Frame.LIMIT,
-                           Frame.CONTEXT})
+                           Frame.CONTEXT, Frame.FUNC, Frame.FORGET})
 WORKER_FRAMES = frozenset({Frame.OUTCOME, Frame.REVOKED, Frame.OUTPUT, Frame.LEND, Frame.RECLAIM,
-                           Frame.DRAIN})
+                           Frame.DRAIN, Frame.NEED})
 
 
 def client_frame(d: Dispatcher, cid: int, ftype: int, body) -> None:
@@ -33,6 +33,10 @@ def client_frame(d: Dispatcher, cid: int, ftype: int, body) -> None:
         d.set_limit(limit.tag, limit.limit)
     elif ftype == Frame.CONTEXT:
         d.set_context(cid, body)
+    elif ftype == Frame.FUNC:
+        d.add_function(cid, *frames.decode_function(body))
+    elif ftype == Frame.FORGET:
+        d.forget_function(cid, frames.decode_digest(body, "FORGET"))
     else:
         raise ProtocolError(f"a client may not send frame type {kind_name(ftype)}")
 
@@ -55,6 +59,8 @@ def worker_frame(d: Dispatcher, wid: int, ftype: int, body) -> None:
         d.reclaim(wid)
     elif ftype == Frame.DRAIN:
         d.drain_worker(wid, frames.decode_drain(body))
+    elif ftype == Frame.NEED:
+        d.need(wid, frames.decode_digest(body, "NEED"))
     else:
         raise ProtocolError(f"a worker may not send frame type {kind_name(ftype)}")
 

@@ -176,8 +176,8 @@ class ClientRecord:
 
 
 class WorkerRecord:
-    __slots__ = ("booked", "contexts", "done", "drain_started", "draining", "failures", "gpus", "info", "jobs",
-                 "label", "lent", "node", "revoking", "since", "wid")
+    __slots__ = ("booked", "contexts", "done", "drain_started", "draining", "failures", "functions", "gpus", "info",
+                 "jobs", "label", "lent", "node", "revoking", "since", "wid")
 
     def __init__(self, wid: int, info: dict, now: float, node):
         self.wid = wid
@@ -191,6 +191,7 @@ class WorkerRecord:
         self.revoking = None          # gid of a job sent ahead that we asked it to give back
         self.drain_started: frozenset = frozenset()   # gids of the jobs it had started when it said DRAIN
         self.contexts = set()         # client ids whose CONTEXT it was sent
+        self.functions = set()        # digests of the functions (FUNC) it was sent: a hint, see dispatch
         self.draining = False
         self.done = 0
         self.failures = 0

@@ -93,5 +93,5 @@ def status(d: Dispatcher) -> dict:
     return {"workers": _workers(d, now), "clients": clients, "queues": queues, "waiting": waiting,
             "limits": d.placement.tags.report(),
             "queued": d.queued + ahead, "running": running,
-            "throughput": d.throughput.report(now, d.started),
+            "throughput": d.throughput.report(now, d.started), "functions": d.functions.report(),
             "uptime_s": round(now - d.started, 3)}

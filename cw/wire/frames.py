@@ -35,7 +35,7 @@ from cw.errors import ProtocolError
 from cw.wire import options as job_options
 
 #: Sent in the CHALLENGE; both ends must speak the same.
-VERSION = 2
+VERSION = 3   # 3: function cache (FUNC, NEED, FORGET) and frames by reference (BY_SEGMENT, RELEASE, SHARING)
 HEADER = struct.Struct("!IB")
 HEADER_SIZE = HEADER.size
 
@@ -85,8 +85,11 @@ class Frame(IntEnum):
     OUTPUT = 34     # worker -> master, before its OUTCOME: gid u64 + UTF-8 text the job printed;
                     # master -> client, before its RESULT: jobid u64, label length u8, label + that text
     SETUP = 35      # client -> master: payload of a job every worker that connects later runs first
-    # 36-39: the function cache.  40-42: big frames by reference between processes of one
-    # machine (see cw.wire.segments).
+    FUNC = 36       # client -> master, master -> worker: digest[16] + a function's pickled bytes
+                    # (sent once; job payloads then name it by digest, see FUNCTION_MARK)
+    NEED = 37       # worker -> master: digest[16] of a function it lacks (the master answers FUNC)
+    FORGET = 38     # client -> master: digest[16] of a function it will not name again
+    # 40-42: big frames by reference between processes of one machine (see cw.wire.segments).
     BY_SEGMENT = 40  # either way: kind u8, pid u32, fd u32, inode u64, offset u64, length u64, token u64 + fields
     RELEASE = 41    # either way, in answer to BY_SEGMENT: token u64; its sender may close the segment
     SHARING = 42    # peer -> master after WELCOME: empty; the peer can open the master's segments too
@@ -188,6 +191,11 @@ class ClientOutput(NamedTuple):
     text: str
 
 
+class Function(NamedTuple):
+    digest: bytes       # DIGEST_SIZE bytes: blake2b of data
+    data: bytes         # the function, pickled (by value)
+
+
 class StatusReply(NamedTuple):
     reqid: int
     report: dict
@@ -205,6 +213,13 @@ _OUTCOME = struct.Struct("!QB")
 _RESULT = struct.Struct("!QBB")
 _ID_FLAG = struct.Struct("!QB")     # CANCELLED, REVOKED; and OUTPUT's jobid + label length
 _WORKER_STATUSES = (Status.OK, Status.RAISED)   # LOST and UNPLACEABLE are the master's to say
+#: A job payload that names its function by digest: FUNCTION_MARK, the
+#: digest, then the pickled ``(args, kwargs)`` (cw.wire.payload).  A pickle
+#: starts with 0x80 and an out-of-band envelope with 0xFF, so the first byte
+#: tells them apart, and the master reads the digest without unpickling.
+FUNCTION_MARK = 0xFE
+DIGEST_SIZE = 16
+_FUNCTION_HEAD = 1 + DIGEST_SIZE
 _MAX_TEXT = 4000                    # bytes of ERROR and NOTICE text: an ERROR must fit before auth
 
 
@@ -321,6 +336,26 @@ def encode_status_request(reqid: int) -> bytes:
 
 def encode_status(reqid: int, obj) -> bytes:
     return frame(Frame.STATUS, _U32.pack(reqid) + _json(obj))
+
+
+def encode_function(digest: bytes, data) -> bytes:
+    return frame(Frame.FUNC, digest + bytes(data))
+
+
+def encode_need(digest: bytes) -> bytes:
+    return frame(Frame.NEED, digest)
+
+
+def encode_forget(digest: bytes) -> bytes:
+    return frame(Frame.FORGET, digest)
+
+
+def function_digest(payload) -> bytes | None:
+    """The digest of the function a job payload names, or None when the
+    payload carries its function (by reference or by value) itself."""
+    if payload[:1] == b"\xfe" and len(payload) > _FUNCTION_HEAD:
+        return bytes(payload[1:_FUNCTION_HEAD])
+    return None
 
 
 def encode_error(text: str) -> bytes:
@@ -454,6 +489,20 @@ def decode_output_for_client(body) -> ClientOutput:
     jobid, label_len = _fields(_ID_FLAG, body, "OUTPUT")
     start = _ID_FLAG.size + label_len
     return ClientOutput(jobid, bytes(body[_ID_FLAG.size:start]), _text(body[start:]))
+
+
+def decode_function(body) -> Function:
+    """FUNC's digest and pickled function; the bytes are a copy (they are kept)."""
+    if len(body) <= DIGEST_SIZE:
+        raise ProtocolError(f"FUNC frame of {len(body)} bytes holds no function after its {DIGEST_SIZE}-byte digest")
+    return Function(bytes(body[:DIGEST_SIZE]), bytes(body[DIGEST_SIZE:]))
+
+
+def decode_digest(body, name: str = "NEED") -> bytes:
+    """NEED's and FORGET's digest."""
+    if len(body) != DIGEST_SIZE:
+        raise ProtocolError(f"{name} frame of {len(body)} bytes is not a {DIGEST_SIZE}-byte function digest")
+    return bytes(body)
 
 
 def decode_context_for_worker(body) -> WorkerContext:

@@ -16,12 +16,19 @@ is a tuple of chunks, and on the wire::
     the pickle, the buffers
 
 (a pickle of protocol 5 starts with 0x80, so the first byte tells the two apart).
+
+A function that travels by value (defined in ``__main__``, a lambda, a
+closure) is sent once (FUNC frames) and job payloads name it by the digest
+of its pickled bytes: ``0xFE, digest[16]``, then the payload of ``(args,
+kwargs)`` or ``(BATCH, [args, ...])`` as above (see cw.client.functions).
 """
 from __future__ import annotations
 
+import hashlib
 import pickle
 import struct
 import traceback
+import types
 
 import cloudpickle
 
@@ -33,7 +40,7 @@ from cw.errors import (
     ResultPicklingError,
     ResultUnpicklingError,
 )
-from cw.wire.frames import Status
+from cw.wire.frames import DIGEST_SIZE, FUNCTION_MARK, Status
 
 PROTOCOL = 5
 BATCH = "cw-batch"
@@ -174,6 +181,73 @@ def _wrap_big_bytes(args, kwargs):
     return args, kwargs
 
 
+# --- functions sent once ----------------------------------------------------
+
+_FUNCTION_PREFIX = bytes([FUNCTION_MARK])
+_FUNCTION_HEAD = 1 + DIGEST_SIZE
+#: Functions unpickled from FUNC frames by this process (tests read it inside jobs).
+functions_loaded = 0
+
+
+def pickle_by_value(func) -> bytes | None:
+    """The pickled bytes of a function that travels by value (defined in
+    ``__main__``, a lambda, a closure, or a method bound to such a class's
+    instance), or None for one the standard pickler sends by name (a module's
+    function: a few bytes, nothing to cache)."""
+    if not isinstance(func, (types.FunctionType, types.MethodType)):
+        return None
+    if _BY_VALUE_MODULES is not None and not _BY_VALUE_MODULES:
+        try:
+            data = pickle.dumps(func, PROTOCOL)
+        except Exception:  # noqa: BLE001 - a lambda or a closure: by value
+            pass
+        else:
+            if b"__main__" not in data:
+                return None
+    return cloudpickle.dumps(func, protocol=PROTOCOL)
+
+
+def digest_of(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=DIGEST_SIZE).digest()
+
+
+def _named(digest: bytes, inner):
+    """A job payload naming its function by ``digest``; ``inner`` the payload of its arguments."""
+    if type(inner) is tuple:
+        return (_FUNCTION_PREFIX + digest + inner[0], *inner[1:])
+    return _FUNCTION_PREFIX + digest + inner
+
+
+def dumps_call_named(func, digest: bytes, args, kwargs):
+    """The payload of a call of the function whose FUNC is ``digest``."""
+    try:
+        return _named(digest, dumps(_wrap_big_bytes(args, kwargs)))
+    except (Exception, SystemExit) as exc:
+        raise CallPicklingError(
+            f"cannot pickle the arguments of {_name(func)}(...) to send them to a worker ({_describe(exc)}); "
+            "pass arguments that pickle, or create unpicklable objects inside the job") from exc
+
+
+def dumps_batch_named(func, digest: bytes, arglists):
+    try:
+        return _named(digest, dumps((BATCH, arglists)))
+    except (Exception, SystemExit) as exc:
+        raise CallPicklingError(
+            f"cannot pickle a chunk of map calls to {_name(func)} ({_describe(exc)}); "
+            "pass arguments that pickle") from exc
+
+
+def load_function(entry):
+    """The function of a FUNC (a cw.worker.functions.FunctionEntry),
+    unpickled the first time only: later jobs share the object."""
+    global functions_loaded
+    func = entry.func
+    if func is None:
+        func = entry.func = pickle.loads(entry.data)
+        functions_loaded += 1
+    return func
+
+
 # --- client side ------------------------------------------------------------
 
 def dumps_call(func, args, kwargs):
@@ -231,14 +305,18 @@ def batch_items(outcomes):
 
 # --- worker side ------------------------------------------------------------
 
-def run_payload(data, hold: list | None = None):
+def run_payload(data, hold: list | None = None, function=None):
     """Runs one job payload; returns ``(status, outcome payload)``.  Never raises
     for anything the job does, except KeyboardInterrupt and the like, which end
     the worker (the master then re-runs the job elsewhere).  The unpickled
     call is appended to ``hold``: the caller lets go of the arguments after
-    sending the outcome (freeing 100 MB takes milliseconds)."""
+    sending the outcome (freeing 100 MB takes milliseconds).  ``function``:
+    the FunctionEntry of the digest a payload names (see load_function)."""
     try:
-        call = loads(data)
+        if data[:1] == _FUNCTION_PREFIX:
+            call = _load_named(data, function)
+        else:
+            call = loads(data)
     except (Exception, SystemExit) as exc:
         return error_outcome(CallUnpicklingError(
             f"the worker cannot unpickle the job ({_describe(exc)}); the function's module may be "
@@ -259,6 +337,16 @@ def run_payload(data, hold: list | None = None):
         return error_outcome(ResultPicklingError(
             f"the worker cannot pickle the result of {_name(func)} ({_describe(exc)}); "
             "return plain data (numbers, strings, lists, dicts, arrays) instead"), exc)
+
+
+def _load_named(data, function):
+    if function is None:
+        raise ValueError("the payload names a function this worker was not given")
+    func = load_function(function)
+    rest = loads(memoryview(data)[_FUNCTION_HEAD:])
+    if len(rest) == 2 and rest[0] == BATCH:
+        return BATCH, func, rest[1]
+    return func, *rest
 
 
 def _run_batch(func, arglists):

@@ -27,6 +27,13 @@ Rules kept here:
 - JOB_ENV is kept until its JOB comes.  CONTEXT (a client's working
   directory and sys.path) is kept by client; a job carries the context its
   client had when the job arrived, and an empty CONTEXT forgets the client.
+- A job may name its function by digest (FUNC frames, kept in a bounded
+  LRU across connections).  A job naming one this worker lacks (its LRU
+  dropped it, or the worker is new to a master that thought otherwise)
+  waits, and so does every job that comes after it (the master expects
+  jobs to start in the order it sent them), while NEED asks the master for
+  it; its FUNC lets them go on, in order.  Waiting that way they count as
+  queued: REVOKE, ABORT, drain and a lost connection treat them so.
 - REVOKE takes back a job still queued: REVOKED(gid, True); a job that has
   started or is unknown answers REVOKED(gid, False).
 - ABORT of a queued job gives it back (REVOKED(gid, True)); of a started job
@@ -95,6 +102,7 @@ from cw.wire.frames import Frame
 from cw.wire.payload import error_outcome
 from cw.worker.actions import End, Exit, Flush, Idle, Pong, Read, Resume, Run, Spawn, Stop
 from cw.worker.channel import ExitChannel
+from cw.worker.functions import FunctionLRU
 
 __all__ = ["End", "Exit", "Flush", "Idle", "Job", "Pong", "Read", "Resume", "Run", "Spawn", "Stop", "WorkerCore",
            "decode"]
@@ -110,9 +118,11 @@ SENDING = "sending"    # finished; holds the token until its outcome is sent
 
 class Job:
     """A job the master sent.  ``context`` is its client's context when it
-    arrived (or None), ``env`` the variables its JOB_ENV set (or None)."""
+    arrived (or None), ``env`` the variables its JOB_ENV set (or None),
+    ``function`` the FunctionEntry its payload names (or None; its digest
+    while that has not come)."""
 
-    __slots__ = ("context", "ctx", "env", "gid", "payload", "runner", "state", "timeout")
+    __slots__ = ("context", "ctx", "env", "function", "gid", "payload", "runner", "state", "timeout")
 
     def __init__(self, gid: int, ctx: int, timeout: float, payload, env: dict | None, context: dict | None):
         self.gid = gid
@@ -121,6 +131,7 @@ class Job:
         self.payload = payload
         self.env = env
         self.context = context
+        self.function = None
         self.runner: int | None = None
         self.state: str | None = None
 
@@ -139,6 +150,8 @@ def decode(ftype: int, body) -> tuple:
         return WorkerCore.job_env, frames.decode_job_env(body)
     if ftype == Frame.CONTEXT:
         return WorkerCore.context, frames.decode_context_for_worker(body)
+    if ftype == Frame.FUNC:
+        return WorkerCore.function, frames.decode_function(body)
     if ftype == Frame.PING:
         return WorkerCore.ping, ()
     if ftype == Frame.REVOKE:
@@ -153,10 +166,13 @@ def decode(ftype: int, body) -> tuple:
 class WorkerCore:
     """The state of one worker's session with one master (see the module's docstring)."""
 
-    def __init__(self, pid: int = 0):
+    def __init__(self, pid: int = 0, functions: FunctionLRU | None = None):
         self.pid = pid                      # named in the messages of timed-out jobs
         self.outbox: deque = deque()
         self.queue: deque[Job] = deque()    # jobs not started, in the order they came
+        self.functions = functions if functions is not None else FunctionLRU()
+        self.stalled: deque[Job] = deque()  # jobs behind one whose function has not come
+        self.asked: set[bytes] = set()      # digests asked for (NEED) and not come yet
         self.jobs: dict[int, Job] = {}      # started jobs not yet done with, by gid
         self.holder: int | None = None      # gid of the job holding the token
         self.ready: deque[int] = deque()    # gids of jobs whose wait is over, waiting for the token
@@ -200,6 +216,50 @@ class WorkerCore:
             self.outbox.append(frames.encode_revoked(gid, True))
             return []
         job = Job(gid, ctx, timeout, payload, env, self.contexts.get(ctx))
+        digest = frames.function_digest(payload)
+        if digest is not None:
+            job.function = self.functions.get(digest)
+            if job.function is None:
+                job.function = digest
+                self._ask(digest)
+                self.stalled.append(job)
+                return []
+        if self.stalled:
+            self.stalled.append(job)
+            return []
+        return self._admit(job)
+
+    def _ask(self, digest: bytes) -> None:
+        if digest not in self.asked:
+            self.asked.add(digest)
+            self.outbox.append(frames.encode_need(digest))
+
+    def function(self, digest: bytes, data: bytes) -> list:
+        """A function jobs name by ``digest`` (FUNC): the jobs that waited for it go on."""
+        self.functions.put(digest, data)
+        self.asked.discard(digest)
+        if self.over or self.lost:
+            return []
+        return self._unstall()
+
+    def _unstall(self) -> list:
+        """Admits waiting jobs, in order, up to the first whose function has not come."""
+        actions: list = []
+        stalled = self.stalled
+        while stalled:
+            job = stalled[0]
+            if type(job.function) is bytes:
+                entry = self.functions.get(job.function)
+                if entry is None:
+                    self._ask(job.function)    # (asked already, unless the LRU let it go meanwhile)
+                    break
+                job.function = entry
+            stalled.popleft()
+            actions += self._admit(job)
+        return actions
+
+    def _admit(self, job: Job) -> list:
+        """A job that may start: now if the token is free, else after those queued."""
         if self.holder is not None:        # (while the token is free, nothing is queued)
             self.queue.append(job)
             return []
@@ -233,15 +293,16 @@ class WorkerCore:
     def revoke(self, gid: int) -> list:
         if self.over or self.lost:
             return []
-        self.outbox.append(frames.encode_revoked(gid, self._take_back(gid)))
-        return []
+        given_back = self._take_back(gid)
+        self.outbox.append(frames.encode_revoked(gid, given_back))
+        return self._unstall() if given_back and self.stalled else []
 
     def abort(self, gid: int) -> list:
         if self.over or self.lost:
             return []
         if self._take_back(gid):               # not started: hand it back, nothing to stop
             self.outbox.append(frames.encode_revoked(gid, True))
-            return []
+            return self._unstall() if self.stalled else []
         job = self.jobs.get(gid)
         if job is None or job.state == SENDING:
             return []                           # finished already
@@ -256,6 +317,8 @@ class WorkerCore:
         self.lost = True
         self.why_lost = why
         self.queue.clear()
+        self.stalled.clear()
+        self.asked.clear()
         self.envs.clear()
         self.reader = None
         actions: list = [Stop(reader)] if reader is not None else []
@@ -264,10 +327,11 @@ class WorkerCore:
         return actions + self._check_end()
 
     def _take_back(self, gid: int) -> bool:
-        for job in self.queue:
-            if job.gid == gid:
-                self.queue.remove(job)
-                return True
+        for waiting in (self.queue, self.stalled):
+            for job in waiting:
+                if job.gid == gid:
+                    waiting.remove(job)
+                    return True
         return False
 
     # --- local events ------------------------------------------------------------
@@ -328,9 +392,10 @@ class WorkerCore:
         self.draining = True
         if self.lost:
             return self._check_end()
-        for job in self.queue:
+        for job in (*self.queue, *self.stalled):
             self.outbox.append(frames.encode_revoked(job.gid, True))
         self.queue.clear()
+        self.stalled.clear()
         self.outbox.append(frames.encode_drain([gid for gid, job in self.jobs.items() if job.state != SENDING]))
         return self._check_end()
 

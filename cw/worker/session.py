@@ -35,6 +35,7 @@ from cw.worker import channel, output
 from cw.worker.channel import EXIT_CONFIG, EXIT_NO_MASTER, EXIT_NOW, EXIT_REPLACE, ExitChannel
 from cw.worker.context import ContextSwitcher
 from cw.worker.core import End, Exit, Pong, Read, Resume, Run, Spawn, Stop, WorkerCore, decode
+from cw.worker.functions import FunctionLRU
 from cw.worker.nested import NestedJobHooks, enable_nested_jobs
 
 __all__ = ["NestedJobHooks", "Session", "SignalRelay", "master_resolver", "run_worker"]
@@ -80,10 +81,10 @@ class Session:
     30-50 us less per round trip on a small VM, where a wake-up is most of a
     no-op job's time here."""
 
-    def __init__(self, link, contexts: ContextSwitcher):
+    def __init__(self, link, contexts: ContextSwitcher, functions: FunctionLRU | None = None):
         self.link = link
         self.contexts = contexts
-        self.core = WorkerCore(os.getpid())
+        self.core = WorkerCore(os.getpid(), functions)
         self.lock = threading.Lock()
         self.send_lock = threading.Lock()
         self.runners: dict[int, _Runner] = {}
@@ -246,7 +247,7 @@ class Session:
         output.begin()
         call = []          # the job's arguments, let go of once its outcome is sent
         try:
-            status, data = run_payload(job.payload, call)
+            status, data = run_payload(job.payload, call, job.function)
         finally:
             printed = output.end()
             if timer is not None:
@@ -366,6 +367,7 @@ def run_worker(resolve, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT, offer:
         log.error("%s", exc)
         return EXIT_CONFIG
     contexts = ContextSwitcher(job_threads)
+    functions = FunctionLRU()       # kept across connections: a new master's FUNCs are then no news
     relay = SignalRelay()
     output.install()
     signal.signal(signal.SIGTERM, relay.on_sigterm)
@@ -411,7 +413,7 @@ def run_worker(resolve, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT, offer:
         said_at = None
         log.info("worker %d connected to %s:%s", os.getpid(), host, port)
         channel.exit_channel.say_ready()
-        session = Session(link, contexts)
+        session = Session(link, contexts, functions)
         enable_nested_jobs(host, port, session)
         relay.session = session
         try:
