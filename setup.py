@@ -16,7 +16,7 @@ setup(
     extras_require={
         "fast": ["uvloop>=0.17; sys_platform != 'win32'"],
         "test": ["pytest>=7", "pytest-timeout>=2.1", "hypothesis>=6", "numpy", "tqdm", "joblib>=1.3", "scikit-learn",
-                 "sphinx>=7", "furo", "myst-parser",
+                 "sphinx>=7", "furo", "myst-parser", "mypy",
                  "uvloop>=0.17; sys_platform != 'win32'",
                  "atheris>=2.3; sys_platform == 'linux' and platform_machine == 'x86_64' and python_version < '3.13'"],
         "demo": ["numpy"],

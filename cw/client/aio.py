@@ -19,6 +19,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from cw.client.future import ClusterFuture
 
 
 class AsyncSubmit:
@@ -27,7 +32,11 @@ class AsyncSubmit:
     _async_pool: concurrent.futures.ThreadPoolExecutor | None = None
     _async_pool_lock = threading.Lock()
 
-    async def submit_async(self, fn, /, *args, **kwargs):
+    if TYPE_CHECKING:       # what the executor gives this mixin
+        def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> ClusterFuture: ...
+        def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None: ...
+
+    async def submit_async(self, fn: Callable, /, *args: Any, **kwargs: Any) -> ClusterFuture:
         """``submit`` without blocking the event loop: returns the job's
         ``ClusterFuture`` (await it for the result).  Jobs keep the order in
         which ``submit_async`` was called: one thread per executor submits

@@ -17,12 +17,18 @@ from cw.errors import BrokenCluster, CwError, ProtocolError
 from cw.wire import buffers, frames
 from cw.wire.auth import load_secret
 from cw.wire.frames import ClientOutput, Frame, Notice, Result, Status, StatusReply
-from cw.wire.link import master_timeout, open_link
+from cw.wire.link import Link, master_timeout, open_link
 
 log = logging.getLogger("cw.client")
 
 
 class MasterConnection:
+    """The executor's connection: its reader thread, and riding through a
+    lost master (reconnect, resubmit)."""
+
+    _link: Link | None
+    host: str
+    port: int
     @staticmethod
     def _post(link, frame, wait: bool = False) -> None:
         """Sends a frame on ``link`` unless it is gone (None, or broken: the

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from cw import settings
 from cw.client.future import ClusterFuture, WorkerDescription, WorkerInfo
@@ -19,6 +21,11 @@ STATUS_TIMEOUT = settings.STATUS_TIMEOUT
 class EveryWorker:
     """Mixed into ClusterExecutor, whose ``status``, ``submit_with`` and
     connection (``_post_setup``) it uses."""
+
+    if TYPE_CHECKING:       # what the executor gives this mixin
+        def status(self, timeout: float = ...) -> dict: ...
+        submit_with: Callable[..., ClusterFuture]
+        def _post_setup(self, frame: bytes) -> None: ...
 
     def workers(self, timeout: float = STATUS_TIMEOUT) -> list[WorkerDescription]:
         """The workers connected now (one per worker process)."""

@@ -105,9 +105,9 @@ class ClusterExecutor(MasterConnection, EveryWorker, AsyncSubmit, concurrent.fut
         self._hello = peer_info("client")
         self._hello["weight"] = weight
         self._core = ClientCore({"cwd": os.getcwd(), "path": sys.path})
-        self._link = open_link(self.host, self.port, load_secret(), self._hello, connect_timeout)
-        self._link.send(self._core.context_frame)
-        self._link.start_writer()
+        link = self._link = open_link(self.host, self.port, load_secret(), self._hello, connect_timeout)
+        link.send(self._core.context_frame)
+        link.start_writer()
         self._connected = threading.Event()   # set while there is a link to post on
         self._connected.set()
         self._lock = threading.Lock()
@@ -123,8 +123,9 @@ class ClusterExecutor(MasterConnection, EveryWorker, AsyncSubmit, concurrent.fut
 
     # --- submitting -----------------------------------------------------------
 
-    def submit(self, fn, /, *args, priority: int = 0, resources: dict | None = None, tag: str | None = None,
-               workers=None, **kwargs) -> ClusterFuture:
+    # (cw's scheduling keywords make this wider than Executor.submit's typed signature: hence the ignore)
+    def submit(self, fn, /, *args, priority: int = 0, resources: dict | None = None,  # type: ignore[override]
+               tag: str | None = None, workers=None, **kwargs) -> ClusterFuture:
         """Runs ``fn(*args, **kwargs)`` on a worker.  The scheduling keywords
         are cw's, not ``fn``'s (use ``submit_with`` for a function that takes
         keywords of those names): ``priority`` (higher first within this
@@ -311,7 +312,7 @@ class ClusterExecutor(MasterConnection, EveryWorker, AsyncSubmit, concurrent.fut
 
     def status(self, timeout: float = STATUS_TIMEOUT) -> dict:
         """The master's view: connected workers, clients, queued and running jobs."""
-        waiter = concurrent.futures.Future()
+        waiter: concurrent.futures.Future[dict] = concurrent.futures.Future()
         start = time.monotonic()
         self._connected.wait(timeout)      # while reconnecting, wait for a master (within the timeout)
         with self._lock:

@@ -248,6 +248,7 @@ def _same_method(held, func) -> bool:
 
 
 def _unchanged(entry: _Entry) -> bool:
+    assert entry.watch is not None and entry.state is not None    # (only entries with a watch are checked)
     return _same_objects(entry.watch.state(), entry.state)
 
 

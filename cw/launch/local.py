@@ -14,9 +14,13 @@ import signal
 import subprocess
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from cw import PORT
 from cw.errors import CwError
+
+if TYPE_CHECKING:
+    from cw.launch.slurm import SlurmCluster
 
 #: Seconds to wait for the master's readiness line.
 READY_TIMEOUT = 30.0
@@ -119,10 +123,12 @@ def start_master(port: int = PORT, bind: str = "127.0.0.1", args=(), stderr=None
 
 def read_line(proc: subprocess.Popen, timeout: float) -> str:
     """Reads one line of a child's stdout, waiting at most ``timeout`` seconds."""
+    assert proc.stdout is not None, "read_line needs a process started with stdout=PIPE"
     with selectors.DefaultSelector() as sel:
         sel.register(proc.stdout, selectors.EVENT_READ)
         if not sel.select(timeout):
-            raise CwError(f"process {proc.pid} ({' '.join(proc.args[:3])}) printed nothing within {timeout:g} s")
+            command = " ".join(map(str, proc.args[:3])) if isinstance(proc.args, (list, tuple)) else str(proc.args)
+            raise CwError(f"process {proc.pid} ({command}) printed nothing within {timeout:g} s")
     return proc.stdout.readline()
 
 
@@ -157,6 +163,7 @@ def allocate(nworkers: int | None = None, port: int | None = None, backend: str 
     finds this cluster's master."""
     from cw.client.discovery import ENV_MASTER
     backend = backend or os.environ.get("CW_BACKEND") or "local"
+    cluster: LocalCluster | SlurmCluster
     if backend == "slurm":
         from cw.launch.slurm import SlurmCluster
         cluster = SlurmCluster.start(nworkers or 1, port=port or 0)
