@@ -24,3 +24,13 @@ def test_the_docs_build_without_warnings(builder, tmp_path):
         report = (tmp_path / builder / "output.txt").read_text()
         assert re.search(r"^ +[1-9][0-9]* tests?$", report, re.M), report      # some example ran
         assert " 0 failures in tests" in report, report
+
+
+def test_the_readme_is_a_short_front_door_that_renders():
+    docutils_core = pytest.importorskip("docutils.core")
+    text = (ROOT / "README.rst").read_text()
+    assert len(text.encode()) <= 12 * 1024
+    # The package index renders it with docutils: any warning would show as broken markup.
+    docutils_core.publish_string(text, writer="null", settings_overrides={"halt_level": 2, "report_level": 2})
+    for page in ("getting-started", "guide/using", "guarantees", "performance", "design"):
+        assert f"docs/{page}.rst" in text or page.split("/")[-1] + ".rst" in text
