@@ -1,4 +1,4 @@
-"""``python -m bench``: cw side by side with ProcessPoolExecutor, loky and Dask.
+"""``python -m bench``: cw side by side with ProcessPoolExecutor, loky, Dask and Ray.
 
 Run from the repository's root.  See bench/README.md.
 """
@@ -12,13 +12,52 @@ import sys
 import tempfile
 import time
 
+# --- the functions a user's script submits ------------------------------------
+# Defined here, in the module that `python -m bench` runs as __main__, so that
+# they are __main__ functions exactly as in a user's script or notebook:
+# cloudpickle sends them by value (cw, loky, Dask, Ray); ProcessPoolExecutor
+# (fork) pickles them by reference, which is what its users get too.
+# bench/jobs.py holds the same functions as an importable module.
+
+
+def noop(*args):
+    return None
+
+
+def burn(loops):
+    x = 0
+    for i in range(loops):
+        x += i * i
+    return x
+
+
+def eigvals(seed, size, repeats):
+    """B10's job: ``repeats`` x eigenvalues of a random ``size`` x ``size`` matrix;
+    returns the largest BLAS thread pool the job saw (None without threadpoolctl)."""
+    import numpy as np
+
+    from bench.jobs import blas_threads
+    matrix = np.random.default_rng(seed).standard_normal((size, size))
+    for _ in range(repeats):
+        np.linalg.eigvals(matrix)
+    return blas_threads()
+
+
+def new_noop_lambda():
+    """A notebook cell's ``ex.submit(lambda: None)``: a new function object per call."""
+    return lambda *args: None
+
+
+def new_burn_lambda(loops):
+    return lambda: burn(loops)
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description="cw side by side with "
-                                     "ProcessPoolExecutor, loky and Dask distributed (see bench/README.md).")
-    parser.add_argument("--quick", action="store_true", help="small sizes, one repetition (< 2 minutes)")
+                                     "ProcessPoolExecutor, loky, Dask distributed and Ray (see bench/README.md).")
+    parser.add_argument("--quick", action="store_true", help="small sizes, one repetition (a few minutes)")
     parser.add_argument("--only", default="", help="cases to run, e.g. B1,B3 (default: all)")
-    parser.add_argument("--systems", default="", help="systems to run: cw,ppe,loky,dask (default: all available)")
+    parser.add_argument("--systems", default="", help="systems to run: cw,ppe,loky,dask,ray (default: all available)")
     parser.add_argument("--workers", type=int, default=2, help="worker processes per system (default 2)")
     parser.add_argument("--reps", type=int, default=None, help="repetitions per figure (default 3, quick 1)")
     parser.add_argument("--limit", type=float, default=None,
@@ -97,7 +136,8 @@ def run(args, root: str) -> int:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    ctx = cases_mod.Context(args.quick, names, args.workers, reps, results_dir, log, args.limit)
+    script = cases_mod.ScriptFunctions(noop, burn, eigvals)
+    ctx = cases_mod.Context(args.quick, names, args.workers, reps, results_dir, log, args.limit, script)
     config = {"quick": args.quick, "workers": args.workers, "reps": reps, "limit_s": ctx.limit,
               "systems": names, "unavailable": unavailable, "cases": only, "argv": sys.argv[1:]}
     info = report.machine()
@@ -114,7 +154,7 @@ def run(args, root: str) -> int:
         case.seconds = time.perf_counter() - t0
         done[cid] = case
         print()
-        print(report.table(case, names), flush=True)
+        print(report.table(case, case.columns or names), flush=True)
     target_results = report.targets(done)
     print()
     print(report.targets_table(target_results))
