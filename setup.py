@@ -15,7 +15,8 @@ setup(
                  "uvloop>=0.17; sys_platform != 'win32'",
                  "atheris>=2.3; sys_platform == 'linux' and platform_machine == 'x86_64' and python_version < '3.13'"],
         "demo": ["numpy"],
-        "bench": ["loky", "distributed", "matplotlib", "numpy", "uvloop>=0.17; sys_platform != 'win32'"],
+        "bench": ["loky", "distributed", "ray", "matplotlib", "numpy", "threadpoolctl",
+                  "uvloop>=0.17; sys_platform != 'win32'"],
     },
     entry_points={"console_scripts": [
         "cw-master = cw.master.server:main",
