@@ -67,6 +67,8 @@ def main(argv=None) -> int:
     parser.add_argument("--plot-from", metavar="JSON", default=None,
                         help="measure nothing: draw the B6 plot from the results of an earlier run "
                              "(to bench/results/b6_workers.png, or --out)")
+    # A child of a run measuring one separate system (bench/separate.py).
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.plot_from:
         return replot(args.plot_from, args.out)
@@ -113,7 +115,7 @@ def run(args, root: str) -> int:
     from cw.wire.auth import load_secret
 
     from . import cases as cases_mod
-    from . import procinfo, report, systems
+    from . import procinfo, report, separate, systems
 
     load_secret(create=True)
     wanted = [s.strip().lower() for s in args.systems.split(",") if s.strip()] or list(systems.ALL)
@@ -137,7 +139,7 @@ def run(args, root: str) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     script = cases_mod.ScriptFunctions(noop, burn, eigvals)
-    ctx = cases_mod.Context(args.quick, names, args.workers, reps, results_dir, log, args.limit, script)
+    ctx = cases_mod.Context(args.quick, names, args.workers, reps, results_dir, log, args.limit, script, args.child)
     config = {"quick": args.quick, "workers": args.workers, "reps": reps, "limit_s": ctx.limit,
               "systems": names, "unavailable": unavailable, "cases": only, "argv": sys.argv[1:]}
     info = report.machine()
@@ -145,10 +147,17 @@ def run(args, root: str) -> int:
     done: dict = {}
     t_start = time.perf_counter()
     for cid in only:
-        log(f"[{cid}] running ...")
+        if not args.child:
+            log(f"[{cid}] running ...")
         t0 = time.perf_counter()
         watch = procinfo.Contention()
         case = cases_mod.CASES[cid](ctx)
+        for name in sorted(ctx.separate) if cid in separate.IN_PROCESS else ():
+            t1 = time.perf_counter()
+            separate.merge(case, name, *separate.measure(name, cid, ctx, root))
+            log(f"  {name} (child process): {time.perf_counter() - t1:.1f} s")
+            if cid == "B1":
+                ctx.submit_rates[name] = case.value("submit", name)
         case.flush_partials()
         case.contention = watch.stop()
         case.seconds = time.perf_counter() - t0

@@ -85,8 +85,12 @@ class Case:
 
 class Context:
     def __init__(self, quick: bool, systems_: list[str], nworkers: int, reps: int, results_dir: str, log,
-                 limit: float | None = None, script=None):
+                 limit: float | None = None, script=None, child: bool = False):
         self.quick = quick
+        # Systems measured in a child process of their own (systems.SEPARATE),
+        # whose figures __main__ merges in: the cases' loops leave them out.
+        self.child = child
+        self.separate = set() if child else set(systems.SEPARATE) & set(systems_)
         # The functions defined in the benchmark's __main__, as in a user's script
         # (bench/__main__.py passes them); bench.jobs stands in when there is none.
         self.script = script or ScriptFunctions(jobs.noop, jobs.burn, None)
@@ -101,6 +105,10 @@ class Context:
         self.results_dir = results_dir
         self.log = log
         self.submit_rates: dict = {}   # B1's submit calls/s of the other systems: B6's plot draws them beside cw
+
+    def local(self) -> list[str]:
+        """The systems this process starts itself."""
+        return [name for name in self.systems if name not in self.separate]
 
     def size(self, quick, full):
         return quick if self.quick else full
@@ -165,7 +173,7 @@ def run_systems(ctx: Context, case: Case, measure, nworkers: int | None = None, 
     times, store the medians, stop it."""
     nworkers = ctx.nworkers if nworkers is None else nworkers
     reps = ctx.reps if reps is None else reps
-    for name in names or ctx.systems:
+    for name in names or ctx.local():
         t0 = time.perf_counter()
         samples: dict[str, list] = {}
         try:
@@ -441,9 +449,10 @@ def b4(ctx: Context) -> Case:
     case.figure("t1", "batch time, 1 worker: script function", "s", LOWER)
     case.figure("tn", f"batch time, {n} workers: script function", "s", LOWER)
     case.figure("efficiency", f"batch time {n} workers / ideal ({njobs} x job / {n})", "x", LOWER)
-    bare, bare1, baren = bare_speedup(loops, n, reps)
+    bare, bare1, baren = bare_speedup(loops, n, 1 if ctx.child else reps)
     case.extra["bare_processes"] = {"speedup": bare, "t1": bare1, "tn": baren}
-    ctx.log(f"  bare processes: speed-up {bare:.2f}")
+    if not ctx.child:
+        ctx.log(f"  bare processes: speed-up {bare:.2f}")
 
     def batch(system, make):
         t0 = time.perf_counter()
@@ -454,7 +463,7 @@ def b4(ctx: Context) -> Case:
         assert len(system.results(futures)) == njobs
         return time.perf_counter() - t0
 
-    for name in ctx.systems:
+    for name in ctx.local():
         t0 = time.perf_counter()
         one = many = None
         times: dict[str, tuple[list, list]] = {}
@@ -667,12 +676,12 @@ def b6(ctx: Context) -> Case:
                 helper = start_idle_workers(cl.host, cl.port, extra) if extra else None
                 try:
                     _wait_workers(system.executor, ctx.nworkers + extra)
-                    _wait_all(system, 200)
+                    _wait_all(system, 200, ctx.script.noop)
                     rates, cpu = [], []
                     for _ in range(ctx.reps):
                         m0 = procinfo.cpu_seconds(system.master_pid)
                         t1 = time.perf_counter()
-                        _wait_all(system, n)
+                        _wait_all(system, n, ctx.script.noop)
                         rates.append(n / (time.perf_counter() - t1))
                         cpu.append((procinfo.cpu_seconds(system.master_pid) - m0) / n * 1e6)
                 finally:

@@ -33,7 +33,7 @@ class RaySystem(System):
                                "closed before the next one starts")
         self.ray = ray
         self._remotes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # fn -> {cpus: remote fn}
-        self._cancelled: list = []
+        self._left: list = []        # tasks of a batch stopped by the time limit
         # The workers must import bench.jobs: Ray's processes inherit the environment
         # of the moment ray.init starts them, so the repository's root goes on PYTHONPATH.
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -94,21 +94,17 @@ class RaySystem(System):
         return len(ready)
 
     def cancel(self, futures) -> None:
+        # No ray.cancel: with thousands of queued tasks it aborts the driver
+        # (Ray 2.60: "Tried to complete task that was not pending").  The tasks
+        # the benchmark leaves behind are no-ops: settle() lets them run out.
         futures = list(futures)
         _, pending = self.ray.wait(futures, num_returns=len(futures), timeout=0, fetch_local=False)
-        for ref in pending:
-            self.ray.cancel(ref)
-        self._cancelled.extend(pending)
+        self._left.extend(pending)
 
     def settle(self, timeout: float = 120.0) -> None:
-        # A cancelled task that was queued still passes through the raylet and a
-        # worker (slowly, when its function is new): wait until a probe behind
-        # them has run, so that the next measurement starts on an idle node.
-        if not self._cancelled:
-            return
-        self._cancelled = []
-        probes = [self.submit(jobs.noop) for _ in range(2 * self.nworkers)]
-        self.ray.wait(probes, num_returns=len(probes), timeout=timeout, fetch_local=False)
+        if self._left:
+            self.ray.wait(self._left, num_returns=len(self._left), timeout=timeout, fetch_local=False)
+            self._left = []
 
     def _own(self) -> list[tuple[int, str]]:
         return procinfo.children([os.getpid()])

@@ -29,6 +29,12 @@ LABELS = {
 }
 
 
+#: Systems that run in a child process of their own per case: ray.shutdown()
+#: leaves Ray's gRPC threads in the process, and a pool forked later from it can
+#: deadlock (a ProcessPoolExecutor worker hung importing numpy.random).
+SEPARATE = ("ray",)
+
+
 def available(name: str) -> str | None:
     """None when the system can run here, else why not."""
     module = {"cw": "cw", "ppe": "concurrent.futures", "loky": "loky", "dask": "distributed", "ray": "ray"}[name]
