@@ -256,10 +256,14 @@ class DaskSystem(System):
         warnings.filterwarnings("ignore", message=".*Large object.*")
         for logger in ("distributed", "tornado", "asyncio"):   # shutdown noise on stderr
             logging.getLogger(logger).setLevel(logging.CRITICAL + 1)
-        self.cluster = LocalCluster(n_workers=nworkers, threads_per_worker=1, processes=True,
-                                    dashboard_address=":0", silence_logs=logging.ERROR)
-        self.executor = Client(self.cluster)
-        self.executor.wait_for_workers(nworkers)
+        self._environ = dict(os.environ)
+        try:
+            self.cluster = LocalCluster(n_workers=nworkers, threads_per_worker=1, processes=True,
+                                        dashboard_address=":0", silence_logs=logging.ERROR)
+            self.executor = Client(self.cluster)
+            self.executor.wait_for_workers(nworkers)
+        finally:
+            restore_environ(self._environ)
 
     def submit(self, fn, *args):
         return self.executor.submit(fn, *args, pure=False)
@@ -323,6 +327,7 @@ class DaskSystem(System):
             self.executor.close()
         finally:
             self.cluster.close()
+            restore_environ(self._environ)
 
 
 class DaskClient:
@@ -345,6 +350,19 @@ class DaskClient:
 
     def close(self):
         self.executor.close()
+
+
+def restore_environ(saved: dict) -> None:
+    """Puts this process's environment back as ``saved``.  Dask's nanny sets
+    OMP_NUM_THREADS, MKL_NUM_THREADS, ... = 1 in the environment of the process
+    that starts the LocalCluster (distributed 2026.8) and leaves them there: every
+    system started afterwards (cw's workers, the Ray child) would inherit Dask's
+    thread settings instead of its own defaults (B10)."""
+    for key in set(os.environ) - set(saved):
+        del os.environ[key]
+    for key, value in saved.items():
+        if os.environ.get(key) != value:
+            os.environ[key] = value
 
 
 def _dask_wait(futures, timeout) -> int:
