@@ -21,7 +21,8 @@ setup(
                  "atheris>=2.3; sys_platform == 'linux' and platform_machine == 'x86_64' and python_version < '3.13'"],
         "demo": ["numpy"],
         "docs": ["sphinx>=7", "furo", "myst-parser"],
-        "bench": ["loky", "distributed", "matplotlib", "numpy", "uvloop>=0.17; sys_platform != 'win32'"],
+        "bench": ["loky", "distributed", "ray", "matplotlib", "numpy", "threadpoolctl",
+                  "uvloop>=0.17; sys_platform != 'win32'"],
     },
     entry_points={"console_scripts": [
         "cw = cw.cli:main",

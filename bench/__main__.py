@@ -1,4 +1,4 @@
-"""``python -m bench``: cw side by side with ProcessPoolExecutor, loky and Dask.
+"""``python -m bench``: cw side by side with ProcessPoolExecutor, loky, Dask and Ray.
 
 Run from the repository's root.  See bench/README.md.
 """
@@ -12,13 +12,52 @@ import sys
 import tempfile
 import time
 
+# --- the functions a user's script submits ------------------------------------
+# Defined here, in the module that `python -m bench` runs as __main__, so that
+# they are __main__ functions exactly as in a user's script or notebook:
+# cloudpickle sends them by value (cw, loky, Dask, Ray); ProcessPoolExecutor
+# (fork) pickles them by reference, which is what its users get too.
+# bench/jobs.py holds the same functions as an importable module.
+
+
+def noop(*args):
+    return None
+
+
+def burn(loops):
+    x = 0
+    for i in range(loops):
+        x += i * i
+    return x
+
+
+def eigvals(seed, size, repeats):
+    """B10's job: ``repeats`` x eigenvalues of a random ``size`` x ``size`` matrix;
+    returns the largest BLAS thread pool the job saw (None without threadpoolctl)."""
+    import numpy as np
+
+    from bench.jobs import blas_threads
+    matrix = np.random.default_rng(seed).standard_normal((size, size))
+    for _ in range(repeats):
+        np.linalg.eigvals(matrix)
+    return blas_threads()
+
+
+def new_noop_lambda():
+    """A notebook cell's ``ex.submit(lambda: None)``: a new function object per call."""
+    return lambda *args: None
+
+
+def new_burn_lambda(loops):
+    return lambda: burn(loops)
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description="cw side by side with "
-                                     "ProcessPoolExecutor, loky and Dask distributed (see bench/README.md).")
-    parser.add_argument("--quick", action="store_true", help="small sizes, one repetition (< 2 minutes)")
+                                     "ProcessPoolExecutor, loky, Dask distributed and Ray (see bench/README.md).")
+    parser.add_argument("--quick", action="store_true", help="small sizes, one repetition (a few minutes)")
     parser.add_argument("--only", default="", help="cases to run, e.g. B1,B3 (default: all)")
-    parser.add_argument("--systems", default="", help="systems to run: cw,ppe,loky,dask (default: all available)")
+    parser.add_argument("--systems", default="", help="systems to run: cw,ppe,loky,dask,ray (default: all available)")
     parser.add_argument("--workers", type=int, default=2, help="worker processes per system (default 2)")
     parser.add_argument("--reps", type=int, default=None, help="repetitions per figure (default 3, quick 1)")
     parser.add_argument("--limit", type=float, default=None,
@@ -28,6 +67,8 @@ def main(argv=None) -> int:
     parser.add_argument("--plot-from", metavar="JSON", default=None,
                         help="measure nothing: draw the B6 plot from the results of an earlier run "
                              "(to bench/results/b6_workers.png, or --out)")
+    # A child of a run measuring one separate system (bench/separate.py).
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.plot_from:
         return replot(args.plot_from, args.out)
@@ -74,7 +115,7 @@ def run(args, root: str) -> int:
     from cw.wire.auth import load_secret
 
     from . import cases as cases_mod
-    from . import procinfo, report, systems
+    from . import procinfo, report, separate, systems
 
     load_secret(create=True)
     wanted = [s.strip().lower() for s in args.systems.split(",") if s.strip()] or list(systems.ALL)
@@ -97,7 +138,8 @@ def run(args, root: str) -> int:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    ctx = cases_mod.Context(args.quick, names, args.workers, reps, results_dir, log, args.limit)
+    script = cases_mod.ScriptFunctions(noop, burn, eigvals)
+    ctx = cases_mod.Context(args.quick, names, args.workers, reps, results_dir, log, args.limit, script, args.child)
     config = {"quick": args.quick, "workers": args.workers, "reps": reps, "limit_s": ctx.limit,
               "systems": names, "unavailable": unavailable, "cases": only, "argv": sys.argv[1:]}
     info = report.machine()
@@ -105,16 +147,23 @@ def run(args, root: str) -> int:
     done: dict = {}
     t_start = time.perf_counter()
     for cid in only:
-        log(f"[{cid}] running ...")
+        if not args.child:
+            log(f"[{cid}] running ...")
         t0 = time.perf_counter()
         watch = procinfo.Contention()
         case = cases_mod.CASES[cid](ctx)
+        for name in sorted(ctx.separate) if cid in separate.IN_PROCESS else ():
+            t1 = time.perf_counter()
+            separate.merge(case, name, *separate.measure(name, cid, ctx, root))
+            log(f"  {name} (child process): {time.perf_counter() - t1:.1f} s")
+            if cid == "B1":
+                ctx.submit_rates[name] = case.value("submit", name)
         case.flush_partials()
         case.contention = watch.stop()
         case.seconds = time.perf_counter() - t0
         done[cid] = case
         print()
-        print(report.table(case, names), flush=True)
+        print(report.table(case, case.columns or names), flush=True)
     target_results = report.targets(done)
     print()
     print(report.targets_table(target_results))

@@ -1,4 +1,4 @@
-"""The benchmark cases B1..B7.
+"""The benchmark cases B1..B7 (B10 is in ``b10.py``).
 
 Each case is a function ``case(ctx) -> Case``: it runs every selected system
 one right after the other (so they see the same machine load) and fills a
@@ -45,6 +45,7 @@ class Case:
     extra: dict = field(default_factory=dict)
     seconds: float = 0.0
     contention: dict = field(default_factory=dict)
+    columns: list | None = None     # the systems shown, when not the run's (B10 adds its reference)
 
     def figure(self, key, label, unit, better=INFO) -> Figure:
         fig = Figure(key, label, unit, better)
@@ -84,8 +85,15 @@ class Case:
 
 class Context:
     def __init__(self, quick: bool, systems_: list[str], nworkers: int, reps: int, results_dir: str, log,
-                 limit: float | None = None):
+                 limit: float | None = None, script=None, child: bool = False):
         self.quick = quick
+        # Systems measured in a child process of their own (systems.SEPARATE),
+        # whose figures __main__ merges in: the cases' loops leave them out.
+        self.child = child
+        self.separate = set() if child else set(systems.SEPARATE) & set(systems_)
+        # The functions defined in the benchmark's __main__, as in a user's script
+        # (bench/__main__.py passes them); bench.jobs stands in when there is none.
+        self.script = script or ScriptFunctions(jobs.noop, jobs.burn, None)
         # Each timed batch gets at most this many seconds: a system that is
         # slower (Dask) is measured over the calls it finished by then.
         self.limit = limit if limit is not None else (6.0 if quick else 30.0)
@@ -98,8 +106,57 @@ class Context:
         self.log = log
         self.submit_rates: dict = {}   # B1's submit calls/s of the other systems: B6's plot draws them beside cw
 
+    def local(self) -> list[str]:
+        """The systems this process starts itself."""
+        return [name for name in self.systems if name not in self.separate]
+
     def size(self, quick, full):
         return quick if self.quick else full
+
+
+@dataclass
+class ScriptFunctions:
+    """The functions a user's script would submit, defined in its ``__main__``."""
+    noop: object
+    burn: object
+    eigvals: object
+
+    @property
+    def in_main(self) -> bool:
+        return getattr(self.noop, "__module__", None) == "__main__"
+
+    def new_noop_lambda(self):
+        """A notebook's ``ex.submit(lambda: None)``: a new function object each call
+        (made in __main__ when the script supplies a maker, so its globals are __main__'s)."""
+        maker = getattr(self.noop, "__globals__", {}).get("new_noop_lambda")
+        return maker() if maker else (lambda *args: None)
+
+    def new_burn_lambda(self, loops):
+        maker = getattr(self.burn, "__globals__", {}).get("new_burn_lambda")
+        return maker(loops) if maker else (lambda: jobs.burn(loops))
+
+
+def noop_calls(ctx) -> list[tuple[str, str, object]]:
+    """B1/B2's variants: (figure key suffix, label, make() -> (fn, args)); the
+    first one, a function of the script's __main__, is the headline."""
+    s = ctx.script
+    return [("", "script function", lambda: (s.noop, ())),
+            ("_module", "module function", lambda: (jobs.noop, ())),
+            ("_lambda", "new lambda per call", lambda: (s.new_noop_lambda(), ()))]
+
+
+def can_run(case: Case, system, make, label: str) -> bool:
+    """Runs one call of a variant (which also warms it up); a system that cannot
+    run it (ProcessPoolExecutor cannot pickle a lambda) gets a note, once."""
+    try:
+        fn, args = make()
+        system.result(system.submit(fn, *args))
+        return True
+    except Exception as exc:  # noqa: BLE001 - reported as a note
+        note = f"{system.name}: cannot run a {label}: {type(exc).__name__}: {str(exc)[:120]}"
+        if note not in case.notes:
+            case.notes.append(note)
+        return False
 
 
 def _fail(case: Case, name: str, what: str, exc: BaseException, log) -> None:
@@ -116,7 +173,7 @@ def run_systems(ctx: Context, case: Case, measure, nworkers: int | None = None, 
     times, store the medians, stop it."""
     nworkers = ctx.nworkers if nworkers is None else nworkers
     reps = ctx.reps if reps is None else reps
-    for name in names or ctx.systems:
+    for name in names or ctx.local():
         t0 = time.perf_counter()
         samples: dict[str, list] = {}
         try:
@@ -152,11 +209,15 @@ def _cpu_sum(pids) -> float | None:
         return None
 
 
-def _timed_batch(system, n, limit=None, fn=jobs.noop, *args) -> tuple[int, float]:
-    """Submits ``n`` calls at once and waits for all of them, or for ``limit``
-    seconds from the start (the rest is cancelled).  Returns (done, seconds)."""
+def _timed_batch(system, n, limit=None, make=lambda: (jobs.noop, ())) -> tuple[int, float]:
+    """Submits ``n`` calls at once (each ``fn(*args)`` for ``fn, args = make()``)
+    and waits for all of them, or for ``limit`` seconds from the start (the rest
+    is cancelled).  Returns (done, seconds)."""
     t0 = time.perf_counter()
-    futures = [system.submit(fn, *args) for _ in range(n)]
+    futures = []
+    for _ in range(n):
+        fn, args = make()
+        futures.append(system.submit(fn, *args))
     if limit is None:
         assert len(system.results(futures)) == n
         return n, time.perf_counter() - t0
@@ -177,38 +238,46 @@ def b1(ctx: Context) -> Case:
     n = ctx.size(3_000, 20_000)
     n_chunked = 10 * n
     case = Case("B1", "no-op call throughput", {"calls": n, "chunked_calls": n_chunked, "chunksize": 1000})
-    case.figure("submit", f"submit x{n:,}, wait all", "calls/s", HIGHER)
-    case.figure("map", f"map x{n:,} (chunksize default)", "calls/s", HIGHER)
-    case.figure("map_chunked", f"map x{n_chunked:,} chunksize=1000", "calls/s", HIGHER)
-    case.figure("client_cpu", "client process CPU per submit call", "us", LOWER)
-    case.figure("master_cpu", "master process CPU per submit call", "us", LOWER)
-    case.figure("worker_cpu", "worker processes' CPU per submit call", "us", LOWER)
-    case.figure("worker_busy", "worker processes' CPU use during submit", "%", INFO)
-    case.figure("master_busy", "master process CPU use during submit", "%", INFO)
+    variants = noop_calls(ctx)
+    # Ray exports every new function before its call runs (~50 calls/s here):
+    # the notebook-style batch is smaller, so Ray's backlog after the time limit
+    # stays short.
+    counts = {"": n, "_module": n, "_lambda": max(100, n // 10)}
+    for suffix, label, _ in variants:
+        case.figure("submit" + suffix, f"submit x{counts[suffix]:,}, wait all: {label}", "calls/s", HIGHER)
+    case.figure("map", f"map x{n:,} (chunksize default): script function", "calls/s", HIGHER)
+    case.figure("map_chunked", f"map x{n_chunked:,} chunksize=1000: script function", "calls/s", HIGHER)
+    for suffix, label, _ in variants:
+        case.figure("worker_cpu" + suffix, f"worker processes' CPU per call: {label}", "us", LOWER)
+    case.figure("client_cpu", "client process CPU per call: script function", "us", LOWER)
+    case.figure("master_cpu", "master / scheduler processes' CPU per call: script function", "us", LOWER)
+    case.figure("worker_busy", "worker processes' CPU use during submit: script function", "%", INFO)
+    case.figure("master_busy", "master / scheduler processes' CPU use during submit: script fn", "%", INFO)
 
     def measure(system):
         out = {}
-        workers = system.worker_pids()
-        w0 = _cpu_sum(workers)
-        cpu0 = time.process_time()
-        m0 = procinfo.cpu_seconds(system.master_pid) if system.master_pid else None
-        done, elapsed = _timed_batch(system, n, ctx.limit)
-        _partial(case, system.name, "submit", done, n, ctx.limit)
-        out["submit"] = done / elapsed
-        out["client_cpu"] = (time.process_time() - cpu0) / max(done, 1) * 1e6
-        if m0 is not None:
-            master_s = procinfo.cpu_seconds(system.master_pid) - m0
-            out["master_cpu"] = master_s / max(done, 1) * 1e6
-            out["master_busy"] = master_s / elapsed * 100
-        if workers and w0 is not None:
-            w1 = _cpu_sum(workers)
-            if w1 is not None:
-                out["worker_busy"] = (w1 - w0) / (elapsed * len(workers)) * 100
-                out["worker_cpu"] = (w1 - w0) / max(done, 1) * 1e6
-        system.settle()
+        for suffix, label, make in variants:
+            if not can_run(case, system, make, label):
+                continue
+            workers, services = system.worker_pids(), system.service_pids()
+            w0, m0 = _cpu_sum(workers), _cpu_sum(services)
+            cpu0 = time.process_time()
+            done, elapsed = _timed_batch(system, counts[suffix], ctx.limit, make)
+            _partial(case, system.name, "submit" + suffix, done, counts[suffix], ctx.limit)
+            out["submit" + suffix] = done / elapsed
+            if not suffix:
+                out["client_cpu"] = (time.process_time() - cpu0) / max(done, 1) * 1e6
+                if services and m0 is not None and (m1 := _cpu_sum(services)) is not None:
+                    out["master_cpu"] = (m1 - m0) / max(done, 1) * 1e6
+                    out["master_busy"] = (m1 - m0) / elapsed * 100
+            if workers and w0 is not None and (w1 := _cpu_sum(workers)) is not None:
+                out["worker_cpu" + suffix] = (w1 - w0) / max(done, 1) * 1e6
+                if not suffix:
+                    out["worker_busy"] = (w1 - w0) / (elapsed * len(workers)) * 100
+            system.settle()
         for key, count, chunksize in (("map", n, None), ("map_chunked", n_chunked, 1000)):
             t0 = time.perf_counter()
-            done = system.map_count(jobs.noop, range(count), chunksize, ctx.limit)
+            done = system.map_count(ctx.script.noop, range(count), chunksize, ctx.limit)
             out[key] = done / (time.perf_counter() - t0)
             _partial(case, system.name, key, done, count, ctx.limit)
             system.settle()
@@ -216,48 +285,76 @@ def b1(ctx: Context) -> Case:
 
     run_systems(ctx, case, measure)
     ctx.submit_rates = {name: case.value("submit", name) for name in ctx.systems if name != "cw"}
+    case.notes.append(_script_note(ctx))
     case.notes.append("client CPU includes every thread of the client process (cw's reader thread; "
-                      "the pools' management thread; Dask's scheduler, which LocalCluster runs in the client). "
-                      "Worker CPU use = the workers' CPU time / (wall time x workers): below 100% they wait "
-                      "for work while calls are queued.")
-    if "dask" in ctx.systems:
-        case.notes.append("Dask has no map chunksize: chunked map runs one task per chunk of 1000 calls.")
+                      "the pools' management thread; Dask's scheduler, which LocalCluster runs in the client; "
+                      "Ray's core worker threads). Master / scheduler: cw's master process; Ray's gcs_server and "
+                      "raylet. Worker CPU use = the workers' CPU time / (wall time x workers): below 100% they "
+                      "wait for work while calls are queued.")
+    if "dask" in ctx.systems or "ray" in ctx.systems:
+        case.notes.append("Dask and Ray have no map chunksize: chunked map runs one task per chunk of 1000 calls; "
+                          "Ray's map is one task per item.")
+    if "ray" in ctx.systems:
+        case.notes.append("ray: each function is wrapped once with ray.remote (as a user decorates it once); "
+                          "a new lambda per call is wrapped (and exported) with each call.")
     return case
+
+
+def _script_note(ctx) -> str:
+    if ctx.script.in_main:
+        return ("script function = defined in the benchmark's __main__ (bench/__main__.py run by python -m bench), "
+                "as in a user's script: cloudpickle sends it by value (cw, loky, Dask, Ray); ProcessPoolExecutor "
+                "(fork) pickles it by reference. module function = bench.jobs, imported by every worker. "
+                "new lambda per call = a notebook's ex.submit(lambda: None) in a loop.")
+    return ("WARNING: the script functions are NOT __main__ functions in this run (the benchmark was not started "
+            "with python -m bench): they travel by reference like the module functions.")
 
 
 # --- B2 ---------------------------------------------------------------------
 
 def b2(ctx: Context) -> Case:
     n = ctx.size(300, 2_000)
-    case = Case("B2", "sequential round trip, submit(noop).result()", {"calls": n})
-    case.figure("median", "median round trip", "us", LOWER)
-    case.figure("p99", "p99 round trip", "us", LOWER)
+    case = Case("B2", "sequential round trip, submit(fn).result()", {"calls": n})
+    variants = noop_calls(ctx)
+    case.figure("median", "median round trip: script function", "us", LOWER)
+    case.figure("p99", "p99 round trip: script function", "us", LOWER)
+    for suffix, label, _ in variants[1:]:
+        case.figure("median" + suffix, f"median round trip: {label}", "us", LOWER)
+        case.figure("p99" + suffix, f"p99 round trip: {label}", "us", LOWER)
 
     def measure(system):
-        for _ in range(20):
-            system.submit(jobs.noop).result()
-        lat = []
-        deadline = None if ctx.limit is None else time.perf_counter() + ctx.limit
-        for _ in range(n):
-            t0 = time.perf_counter()
-            system.submit(jobs.noop).result()
-            lat.append(time.perf_counter() - t0)
-            if deadline is not None and t0 > deadline:
-                break
-        _partial(case, system.name, "the round trips", len(lat), n, ctx.limit)
-        lat.sort()
-        return {"median": statistics.median(lat) * 1e6,
-                "p99": lat[min(len(lat) - 1, int(round(0.99 * (len(lat) - 1))))] * 1e6}
+        out = {}
+        for suffix, label, make in variants:
+            if not can_run(case, system, make, label):
+                continue
+            for _ in range(20):
+                fn, args = make()
+                system.result(system.submit(fn, *args))
+            lat = []
+            deadline = None if ctx.limit is None else time.perf_counter() + ctx.limit
+            for _ in range(n):
+                fn, args = make()
+                t0 = time.perf_counter()
+                system.result(system.submit(fn, *args))
+                lat.append(time.perf_counter() - t0)
+                if deadline is not None and t0 > deadline:
+                    break
+            _partial(case, system.name, "the round trips" + suffix, len(lat), n, ctx.limit)
+            lat.sort()
+            out["median" + suffix] = statistics.median(lat) * 1e6
+            out["p99" + suffix] = lat[min(len(lat) - 1, int(round(0.99 * (len(lat) - 1))))] * 1e6
+        return out
 
     run_systems(ctx, case, measure)
+    case.notes.append(_script_note(ctx))
     return case
 
 
 # --- B3 ---------------------------------------------------------------------
 
 def b3(ctx: Context) -> Case:
-    size = ctx.size(20, 100) * 1_000_000
-    runs = 5
+    size = 100 * 1_000_000
+    runs = ctx.size(3, 5)
     mb = size // 1_000_000
     case = Case("B3", f"a {mb} MB bytes argument / result", {"bytes": size, "runs": runs})
     case.figure("arg", f"{mb} MB argument -> worker", "MB/s", HIGHER)
@@ -268,17 +365,17 @@ def b3(ctx: Context) -> Case:
 
     def transfer(system):
         t0 = time.perf_counter()
-        assert system.submit(jobs.nbytes, data).result() == size
+        assert system.result(system.submit(jobs.nbytes, data)) == size
         arg = size / 1e6 / (time.perf_counter() - t0)
         t0 = time.perf_counter()
-        assert len(system.submit(jobs.make_bytes, size).result()) == size
+        assert len(system.result(system.submit(jobs.make_bytes, size))) == size
         return arg, size / 1e6 / (time.perf_counter() - t0)
 
     def measure(system):
         out = {}
         if system not in started:
             started.add(system)
-            system.submit(jobs.nbytes, b"x" * 1000).result()
+            system.result(system.submit(jobs.nbytes, b"x" * 1000))
             out["arg_first"], out["result_first"] = transfer(system)
         out["arg"], out["result"] = transfer(system)
         return out
@@ -343,31 +440,46 @@ def b4(ctx: Context) -> Case:
     reps = 5 if ctx.quick else 9
     case = Case("B4", f"CPU-bound speed-up: {njobs} jobs of ~{job_s * 1000:.0f} ms, 1 vs {n} workers",
                 {"jobs": njobs, "loops": loops, "job_s_in_client": job_s, "reps": reps})
-    case.figure("t1", "batch time, 1 worker", "s", LOWER)
-    case.figure("tn", f"batch time, {n} workers", "s", LOWER)
-    case.figure("speedup", f"speed-up 1 -> {n} workers", "x", HIGHER)
+    script = ctx.script
+    variants = [("", "script function", lambda: (script.burn, (loops,))),
+                ("_module", "module function", lambda: (jobs.burn, (loops,))),
+                ("_lambda", "new lambda per call", lambda: (script.new_burn_lambda(loops), ()))]
+    for suffix, label, _ in variants:
+        case.figure("speedup" + suffix, f"speed-up 1 -> {n} workers: {label}", "x", HIGHER)
+    case.figure("t1", "batch time, 1 worker: script function", "s", LOWER)
+    case.figure("tn", f"batch time, {n} workers: script function", "s", LOWER)
     case.figure("efficiency", f"batch time {n} workers / ideal ({njobs} x job / {n})", "x", LOWER)
-    bare, bare1, baren = bare_speedup(loops, n, reps)
+    bare, bare1, baren = bare_speedup(loops, n, 1 if ctx.child else reps)
     case.extra["bare_processes"] = {"speedup": bare, "t1": bare1, "tn": baren}
-    ctx.log(f"  bare processes: speed-up {bare:.2f}")
+    if not ctx.child:
+        ctx.log(f"  bare processes: speed-up {bare:.2f}")
 
-    def batch(system):
+    def batch(system, make):
         t0 = time.perf_counter()
-        _wait_all(system, njobs, jobs.burn, loops)
+        futures = []
+        for _ in range(njobs):
+            fn, args = make()
+            futures.append(system.submit(fn, *args))
+        assert len(system.results(futures)) == njobs
         return time.perf_counter() - t0
 
-    for name in ctx.systems:
+    for name in ctx.local():
         t0 = time.perf_counter()
         one = many = None
-        t1s, tns = [], []
+        times: dict[str, tuple[list, list]] = {}
         try:
-            one = systems.start(name, 1)
             many = systems.start(name, n)
-            batch(one)
-            batch(many)
+            one = many.one_worker_view() or systems.start(name, 1)
+            runnable = [(suffix, make) for suffix, label, make in variants
+                        if can_run(case, one, make, label) and can_run(case, many, make, label)]
+            for suffix, make in runnable:
+                times[suffix] = ([], [])
+                batch(one, make)
+                batch(many, make)
             for _ in range(reps):       # alternate, so both see the same CPU speed
-                t1s.append(batch(one))
-                tns.append(batch(many))
+                for suffix, make in runnable:
+                    times[suffix][0].append(batch(one, make))
+                    times[suffix][1].append(batch(many, make))
         except Exception as exc:
             _fail(case, name, "the measurement", exc, ctx.log)
         finally:
@@ -375,16 +487,24 @@ def b4(ctx: Context) -> Case:
                 if system is not None:
                     with contextlib.suppress(Exception):
                         system.close()
-        t1 = statistics.median(t1s) if t1s else None
-        tn = statistics.median(tns) if tns else None
-        case.set(name, {"t1": [t1], "tn": [tn], "speedup": [t1 / tn if t1 and tn else None],
-                        "efficiency": [tn / (njobs * job_s / n) if tn else None]})
-        case.get("t1").samples[name], case.get("tn").samples[name] = t1s, tns
+        samples = {}
+        for suffix, (t1s, tns) in times.items():
+            t1 = statistics.median(t1s) if t1s else None
+            tn = statistics.median(tns) if tns else None
+            samples["speedup" + suffix] = [t1 / tn if t1 and tn else None]
+            if not suffix:
+                samples.update(t1=[t1], tn=[tn], efficiency=[tn / (njobs * job_s / n) if tn else None])
+        case.set(name, samples)
+        if "" in times:
+            case.get("t1").samples[name], case.get("tn").samples[name] = times[""]
         ctx.log(f"  {name}: {time.perf_counter() - t0:.1f} s")
     case.notes.append(f"jobs: burn({loops:,}), a pure-Python loop calibrated to ~50 ms in the client "
                       f"({job_s * 1000:.1f} ms measured); a 1-worker and a {n}-worker instance of each system "
-                      f"run batches alternately, {reps} each; speed-up = median batch time on 1 worker / on {n}. "
-                      "This machine's CPU speed drifts (virtual CPUs), hence the alternation.")
+                      f"run batches alternately, {reps} each per variant; speed-up = median batch time on 1 worker "
+                      f"/ on {n}. This machine's CPU speed drifts (virtual CPUs), hence the alternation.")
+    if "ray" in ctx.systems:
+        case.notes.append(f"ray: one ray.init per process, so its 1-worker batches run on the same {n}-CPU node "
+                          f"with every task asking for num_cpus={n} (one task at a time).")
     case.notes.append(f"reference: bare processes (no pool, timed inside) give a speed-up of {bare:.2f} here "
                       f"right now: roughly the ceiling for every system.")
     return case
@@ -540,6 +660,8 @@ def b6(ctx: Context) -> Case:
         if name != "cw":
             why = {"ppe": "ProcessPoolExecutor has no notion of extra connected workers",
                    "loky": "loky's pool has no notion of extra connected workers",
+                   "ray": "Ray's workers are its raylet's processes; it has no notion of extra connected "
+                          "workers on one node",
                    "dask": f"{top:,} extra Dask workers (each a Worker with its own heartbeats, or a process) "
                            "are not practical on this machine"}[name]
             case.notes.append(f"{name}: skipped: {why}.")
@@ -554,12 +676,12 @@ def b6(ctx: Context) -> Case:
                 helper = start_idle_workers(cl.host, cl.port, extra) if extra else None
                 try:
                     _wait_workers(system.executor, ctx.nworkers + extra)
-                    _wait_all(system, 200)
+                    _wait_all(system, 200, ctx.script.noop)
                     rates, cpu = [], []
                     for _ in range(ctx.reps):
                         m0 = procinfo.cpu_seconds(system.master_pid)
                         t1 = time.perf_counter()
-                        _wait_all(system, n)
+                        _wait_all(system, n, ctx.script.noop)
                         rates.append(n / (time.perf_counter() - t1))
                         cpu.append((procinfo.cpu_seconds(system.master_pid) - m0) / n * 1e6)
                 finally:
@@ -697,9 +819,15 @@ def b7(ctx: Context) -> Case:
     run_systems(ctx, case, measure)
     case.notes.append(f"{nclients} threads of one process, released together; cw and Dask give each its own "
                       "client connection (ClusterExecutor, distributed.Client), ProcessPoolExecutor and loky "
-                      "can only share one executor. A client's throughput = its calls / time from the common "
-                      "start to its last result; deviation = max |client / mean - 1|.")
+                      "can only share one executor, Ray one driver (ray.init once per process). A client's "
+                      "throughput = its calls / time from the common start to its last result; "
+                      "deviation = max |client / mean - 1|.")
     return case
 
 
 CASES = {"B1": b1, "B2": b2, "B3": b3, "B4": b4, "B5": b5, "B6": b6, "B7": b7}
+
+# B10 lives in a module of its own, which builds on the helpers above.
+from .b10 import b10  # noqa: E402
+
+CASES["B10"] = b10

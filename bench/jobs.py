@@ -50,3 +50,32 @@ def burn_timed(loops, count, conn):
         burn(loops)
     conn.send(time.perf_counter() - t0)
     conn.close()
+
+
+#: The environment variables that size BLAS and OpenMP thread pools at load time.
+BLAS_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                         "BLIS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
+
+
+def one_blas_thread():
+    """Worker initializer of B10's by-hand reference: one BLAS / OpenMP thread,
+    through the environment (libraries loaded later) and threadpoolctl (libraries
+    already loaded, e.g. inherited through fork)."""
+    import os
+    for name in BLAS_THREAD_VARIABLES:
+        os.environ[name] = "1"
+    try:
+        import threadpoolctl
+    except ImportError:
+        return
+    threadpoolctl.threadpool_limits(1)
+
+
+def blas_threads():
+    """The largest BLAS / OpenMP thread pool loaded in this process, or None
+    when threadpoolctl is not importable."""
+    try:
+        import threadpoolctl
+    except ImportError:
+        return None
+    return max((pool["num_threads"] for pool in threadpoolctl.threadpool_info()), default=0)

@@ -46,6 +46,23 @@ def _stat_fields(pid) -> list[str]:
         return f.read().rpartition(")")[2].split()
 
 
+def children(parents) -> list[tuple[int, str]]:
+    """(pid, command name) of the live processes whose parent is in ``parents``."""
+    parents = set(parents)
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                head, _, rest = f.read().rpartition(")")
+            if int(rest.split()[1]) in parents:
+                found.append((int(entry), head.partition("(")[2]))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
 def tree_cpu_seconds(root: int | None = None) -> float:
     """CPU time of a process and all its live descendants, each with its reaped
     children's time (cutime, cstime): what this benchmark itself has used."""

@@ -16,22 +16,30 @@ import os
 import time
 import warnings
 
-from . import jobs
+from . import jobs, procinfo
 
-ALL = ("cw", "ppe", "loky", "dask")
+ALL = ("cw", "ppe", "loky", "dask", "ray")
 LABELS = {
     "cw": "cw (master + N worker processes)",
     "ppe": "concurrent.futures.ProcessPoolExecutor",
     "loky": "loky.ProcessPoolExecutor",
     "dask": "dask.distributed LocalCluster (processes, 1 thread/worker)",
+    "ray": "Ray (ray.init(num_cpus=N), local head node)",
+    "ppe-1t": "ProcessPoolExecutor, one BLAS thread per worker set by hand (B10's reference)",
 }
+
+
+#: Systems that run in a child process of their own per case: ray.shutdown()
+#: leaves Ray's gRPC threads in the process, and a pool forked later from it can
+#: deadlock (a ProcessPoolExecutor worker hung importing numpy.random).
+SEPARATE = ("ray",)
 
 
 def available(name: str) -> str | None:
     """None when the system can run here, else why not."""
-    module = {"cw": "cw", "ppe": "concurrent.futures", "loky": "loky", "dask": "distributed"}[name]
+    module = {"cw": "cw", "ppe": "concurrent.futures", "loky": "loky", "dask": "distributed", "ray": "ray"}[name]
     if importlib.util.find_spec(module) is None:
-        return f"{module} is not importable (pip install loky distributed)"
+        return f"{module} is not importable (pip install loky distributed ray, or the bench extra)"
     return None
 
 
@@ -53,6 +61,20 @@ class System:
 
     def submit(self, fn, *args):
         return self.executor.submit(fn, *args)
+
+    def result(self, future):
+        """One future's result (Ray's futures are object references)."""
+        return future.result()
+
+    def service_pids(self) -> list[int]:
+        """Processes other than the client and the workers that route the calls
+        (cw's master; Ray's GCS server and raylet), for their CPU time."""
+        return [self.master_pid] if self.master_pid else []
+
+    def one_worker_view(self):
+        """The same system limited to one job at a time, for B4's 1-worker batches
+        when a second instance cannot run beside this one (Ray); None otherwise."""
+        return None
 
     def results(self, futures) -> list:
         return [f.result() for f in futures]
@@ -158,18 +180,7 @@ class CwSystem(System):
 
     def worker_pids(self) -> list[int]:
         # The worker processes are the children of the supervisors we started.
-        supervisors = {proc.pid for proc in self.cluster.workers}
-        pids = []
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                try:
-                    with open(f"/proc/{entry}/stat") as f:
-                        ppid = int(f.read().rpartition(")")[2].split()[1])
-                except (OSError, ValueError, IndexError):
-                    continue
-                if ppid in supervisors:
-                    pids.append(int(entry))
-        return pids
+        return [pid for pid, _ in procinfo.children(proc.pid for proc in self.cluster.workers)]
 
     def close(self) -> None:
         try:
@@ -212,6 +223,17 @@ class PpeSystem(System):
         self.executor.shutdown(wait=True, cancel_futures=True)
 
 
+class PpeOneThreadSystem(PpeSystem):
+    """B10's reference: ProcessPoolExecutor whose workers were limited to one
+    BLAS / OpenMP thread by hand (environment variables and threadpoolctl)."""
+    name = "ppe-1t"
+
+    def __init__(self, nworkers: int):
+        System.__init__(self, nworkers)
+        self.executor = concurrent.futures.ProcessPoolExecutor(max_workers=nworkers,
+                                                               initializer=jobs.one_blas_thread)
+
+
 class LokySystem(System):
     name = "loky"
 
@@ -234,10 +256,14 @@ class DaskSystem(System):
         warnings.filterwarnings("ignore", message=".*Large object.*")
         for logger in ("distributed", "tornado", "asyncio"):   # shutdown noise on stderr
             logging.getLogger(logger).setLevel(logging.CRITICAL + 1)
-        self.cluster = LocalCluster(n_workers=nworkers, threads_per_worker=1, processes=True,
-                                    dashboard_address=":0", silence_logs=logging.ERROR)
-        self.executor = Client(self.cluster)
-        self.executor.wait_for_workers(nworkers)
+        self._environ = dict(os.environ)
+        try:
+            self.cluster = LocalCluster(n_workers=nworkers, threads_per_worker=1, processes=True,
+                                        dashboard_address=":0", silence_logs=logging.ERROR)
+            self.executor = Client(self.cluster)
+            self.executor.wait_for_workers(nworkers)
+        finally:
+            restore_environ(self._environ)
 
     def submit(self, fn, *args):
         return self.executor.submit(fn, *args, pure=False)
@@ -301,6 +327,7 @@ class DaskSystem(System):
             self.executor.close()
         finally:
             self.cluster.close()
+            restore_environ(self._environ)
 
 
 class DaskClient:
@@ -325,6 +352,19 @@ class DaskClient:
         self.executor.close()
 
 
+def restore_environ(saved: dict) -> None:
+    """Puts this process's environment back as ``saved``.  Dask's nanny sets
+    OMP_NUM_THREADS, MKL_NUM_THREADS, ... = 1 in the environment of the process
+    that starts the LocalCluster (distributed 2026.8) and leaves them there: every
+    system started afterwards (cw's workers, the Ray child) would inherit Dask's
+    thread settings instead of its own defaults (B10)."""
+    for key in set(os.environ) - set(saved):
+        del os.environ[key]
+    for key, value in saved.items():
+        if os.environ.get(key) != value:
+            os.environ[key] = value
+
+
 def _dask_wait(futures, timeout) -> int:
     import distributed
     try:
@@ -340,11 +380,16 @@ def _scheduler_tasks(dask_scheduler=None) -> int:
                if ts.state in ("released", "waiting", "queued", "processing", "no-worker"))
 
 
-CLASSES = {"cw": CwSystem, "ppe": PpeSystem, "loky": LokySystem, "dask": DaskSystem}
+CLASSES = {"cw": CwSystem, "ppe": PpeSystem, "loky": LokySystem, "dask": DaskSystem,
+           "ppe-1t": PpeOneThreadSystem}
 
 
 def start(name: str, nworkers: int, warm: bool = True) -> System:
-    system = CLASSES[name](nworkers)
+    if name == "ray":
+        from .ray_system import RaySystem  # imports ray only when it takes part
+        system = RaySystem(nworkers)
+    else:
+        system = CLASSES[name](nworkers)
     if warm and nworkers:
         try:
             system.warm()
