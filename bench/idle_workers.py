@@ -4,7 +4,8 @@
 connections that say HELLO as workers (``cw.wire.link.open_link``), prints
 ``ready COUNT`` on stdout, then serves all of them with ``selectors``: each
 JOB frame is run through ``cw.wire.payload.run_payload`` and its OUTCOME sent
-back, PINGs are answered, everything else is ignored.  So they are real, if
+back (with the function the master sent once in a FUNC frame, when the job
+names one by digest), PINGs are answered, everything else is ignored.  So they are real, if
 slow, workers: one process and one thread for all of them.  It exits when
 its stdin closes (the parent's signal to stop) or on SIGTERM.
 
@@ -23,6 +24,7 @@ from cw.wire.auth import load_secret
 from cw.wire.frames import Frame
 from cw.wire.link import open_link, peer_info
 from cw.wire.payload import run_payload
+from cw.worker.functions import FunctionLRU
 
 _RECV = 256 * 1024
 
@@ -57,6 +59,7 @@ def main(argv=None) -> int:
     sel.register(sys.stdin, selectors.EVENT_READ, None)
     print(f"ready {count}", flush=True)
     jobs_run = 0
+    functions = FunctionLRU()       # one for all the connections: they share a master
 
     def handle(link) -> bool:
         nonlocal jobs_run
@@ -67,9 +70,13 @@ def main(argv=None) -> int:
             ftype, body = item
             if ftype == Frame.JOB:
                 gid, payload = decode_job(body)
-                status, data = run_payload(payload)
+                digest = frames.function_digest(payload)
+                status, data = run_payload(payload, None, None if digest is None else functions.get(digest))
                 link.send(frames.encode_outcome(gid, status, data))
                 jobs_run += 1
+            elif ftype == Frame.FUNC:
+                function = frames.decode_function(body)
+                functions.put(function.digest, function.data)
             elif ping is not None and ftype == ping and pong is not None:
                 link.send(pong)
             elif ftype == Frame.ERROR:
