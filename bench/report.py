@@ -11,7 +11,7 @@ from dataclasses import asdict
 
 from .cases import HIGHER, LOWER, ROOT, Case
 
-PACKAGES = ("cw", "cloudpickle", "loky", "distributed", "dask", "ray", "tornado", "msgpack", "matplotlib", "numpy",
+PACKAGES = ("cluster-workers", "cloudpickle", "loky", "distributed", "dask", "ray", "tornado", "msgpack", "matplotlib", "numpy",
             "threadpoolctl", "uvloop")
 
 
