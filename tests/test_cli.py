@@ -66,12 +66,35 @@ def test_bind_errors_say_what_failed(master):
 
 
 def test_a_worker_that_finds_no_master_says_so_and_gives_up_without_float_noise():
-    # Port 1 on loopback refuses at once: nothing listens there.
-    out = run("cw", "worker", "127.0.0.1:1", "--connect-timeout", "3", timeout=60)
+    # Port 1 on loopback refuses at once: nothing listens there.  One attempt lasts 5 s at most,
+    # so with 8 s the worker says what it looks for, reports the first failure, tries again, gives up.
+    out = run("cw", "worker", "127.0.0.1:1", "--connect-timeout", "8", timeout=60)
     assert out.returncode == 3, out.stderr
-    assert "cannot reach a cw master at 127.0.0.1:1" in out.stderr
-    assert "giving up after 3 s (--connect-timeout)" in out.stderr
+    assert re.search(r"looking for the master at 127.0.0.1:1 \(for up to 8 s\)", out.stderr), out.stderr
+    assert re.search(r"cannot reach a cw master at 127.0.0.1:1 \(Connection refused\) within 5 s: .*"
+                     r"trying again for up to [1-7] s more", out.stderr), out.stderr
+    assert "giving up after 8 s (--connect-timeout)" in out.stderr
     assert not re.search(r"\d\.\d{3,}", out.stderr), out.stderr
+
+
+def test_ctrl_c_of_a_supervisor_stops_its_workers_quietly(master):
+    """Ctrl-C in the terminal of `cw worker`: the supervisor drains its workers,
+    which finish and exit with nothing worse than INFO lines on stderr."""
+    import signal
+    proc = subprocess.Popen([sys.executable, "-m", "cw", "worker", master.address, "-n", "2"],
+                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    try:
+        master.wait_for_workers(2)
+        with master.executor() as ex:
+            assert ex.submit(lambda: 6 * 7).result(timeout=60) == 42
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert not re.search(r"WARNING|ERROR|Traceback", err), err
 
 
 def test_the_supervisor_checks_the_secret_before_starting_workers(tmp_path, monkeypatch):

@@ -373,11 +373,16 @@ def run_worker(resolve, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT, offer:
     signal.signal(signal.SIGTERM, relay.on_sigterm)
     signal.signal(signal.SIGUSR1, relay.on_drain)   # the supervisor's "drain"
     deadline = time.monotonic() + connect_timeout
-    said_at = None               # when the search for the master was last logged: at its start, then now and then
+    said_at = None               # when a failed search for the master was last logged (then every WAIT_LOG_EVERY)
+    announced = False            # the search's first line said
     while not relay.draining:
         host, port = "?", "?"
         try:
             host, port = resolve()
+            if not announced:
+                log.info("worker %d looking for the master at %s:%s (for up to %.0f s)", os.getpid(), host, port,
+                         max(0.0, deadline - time.monotonic()))
+                announced = True
             # At most 5 s an attempt, then the address is asked again: one that
             # names a host gone dark (a SLURM node that failed) hangs a connect
             # rather than refusing it, while a new master is published elsewhere.
@@ -410,7 +415,7 @@ def run_worker(resolve, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT, offer:
         except CwError as exc:       # SLURM discovery failed
             log.error("giving up: %s", exc)
             return EXIT_NO_MASTER
-        said_at = None
+        said_at, announced = None, False
         log.info("worker %d connected to %s:%s", os.getpid(), host, port)
         channel.exit_channel.say_ready()
         session = Session(link, contexts, functions)
