@@ -49,23 +49,21 @@ def seconds_or_zero(text: str) -> float:
 
 def whole_seconds(text: str) -> int:
     """A whole number of seconds, 0 or more (SLURM takes no fractions)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of seconds") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is not a duration; give 0 or more seconds")
-    return value
+    return _whole_number(text, 0, " of seconds", "is not a duration; give 0 or more seconds")
 
 
 def count(text: str) -> int:
     """A whole number of at least 1."""
+    return _whole_number(text, 1, "", "is too few; give 1 or more")
+
+
+def _whole_number(text: str, least: int, unit: str, below: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is too few; give 1 or more")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number{unit}") from None
+    if value < least:
+        raise argparse.ArgumentTypeError(f"{value} {below}")
     return value
 
 
