@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
 import textwrap
@@ -112,7 +113,45 @@ def serial(i: int) -> int:
     return sum(k * k for k in range(i))
 
 
-class Cluster:
+class ProbedCluster:
+    """What every multi-host cluster of these tests has: a status probe
+    (``self.probe``, the PROBE script beside the master) and the directory
+    its jobs leave their run markers in (``self.runs``)."""
+
+    probe: subprocess.Popen
+    runs: pathlib.Path
+
+    def status(self) -> dict:
+        self.probe.stdin.write("status\n")
+        self.probe.stdin.flush()
+        return json.loads(read_line(self.probe, DEADLINE))
+
+    def workers_on(self, status: dict) -> dict:
+        """Host name -> connected workers there."""
+        hosts: dict[str, int] = {}
+        for w in status["workers"]:
+            hosts[w["host"]] = hosts.get(w["host"], 0) + 1
+        return hosts
+
+    def wait_status(self, predicate, what: str, timeout: float = DEADLINE) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.status()
+            if predicate(status):
+                return status
+            assert time.monotonic() < deadline, f"timed out after {timeout:g} s waiting for {what}: {status}"
+            time.sleep(0.1)   # a poll interval, not a synchronisation: the predicate decides
+
+    def run_markers(self) -> dict[int, list[tuple[str, str, float]]]:
+        """Job -> its runs so far, as (run name, host, when it started: time.time())."""
+        runs: dict[int, list[tuple[str, str, float]]] = {}
+        for entry in os.scandir(self.runs):
+            _, i, host, _pid, _ = entry.name.split(".")
+            runs.setdefault(int(i), []).append((entry.name, host, entry.stat().st_mtime))
+        return runs
+
+
+class Cluster(ProbedCluster):
     """A master (and a status probe beside it) on one host, workers on others,
     user scripts as clients; the network fixture stops all of it."""
 
@@ -134,27 +173,6 @@ class Cluster:
                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         assert json.loads(read_line(self.probe, DEADLINE)) == {"ready": True}
 
-    def status(self) -> dict:
-        self.probe.stdin.write("status\n")
-        self.probe.stdin.flush()
-        return json.loads(read_line(self.probe, DEADLINE))
-
-    def workers_on(self, status: dict) -> dict:
-        """Host name -> connected workers there."""
-        hosts: dict[str, int] = {}
-        for w in status["workers"]:
-            hosts[w["host"]] = hosts.get(w["host"], 0) + 1
-        return hosts
-
-    def wait_status(self, predicate, what: str) -> dict:
-        deadline = time.monotonic() + DEADLINE
-        while True:
-            status = self.status()
-            if predicate(status):
-                return status
-            assert time.monotonic() < deadline, f"timed out after {DEADLINE} s waiting for {what}: {status}"
-            time.sleep(0.1)   # a poll interval, not a synchronisation: the predicate decides
-
     def add_workers(self, host, n: int):
         return host.popen([sys.executable, "-m", "cw.worker", self.address, "-n", str(n),
                            "--connect-timeout", str(DEADLINE), "--log-level", "WARNING"])
@@ -164,14 +182,6 @@ class Cluster:
                            str(seconds), "reconnect" if reconnect else "plain"],
                           stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         return Client(proc)
-
-    def run_markers(self) -> dict[int, list[tuple[str, str, float]]]:
-        """Job -> its runs so far, as (run name, host, when it started: time.time())."""
-        runs: dict[int, list[tuple[str, str, float]]] = {}
-        for entry in os.scandir(self.runs):
-            _, i, host, _pid, _ = entry.name.split(".")
-            runs.setdefault(int(i), []).append((entry.name, host, entry.stat().st_mtime))
-        return runs
 
     def wait_for_run_on(self, hostname: str) -> None:
         deadline = time.monotonic() + DEADLINE

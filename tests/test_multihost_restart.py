@@ -28,14 +28,25 @@ import textwrap
 import time
 
 from netns import network, read_line  # noqa: F401  (network is a fixture)
-from test_multihost import CLIENT, DEADLINE, HEARTBEAT, MASTER_READY, PEER_TIMEOUT, PROBE, Client, check_results, serial
+from test_multihost import (
+    CLIENT,
+    DEADLINE,
+    HEARTBEAT,
+    MASTER_READY,
+    PEER_TIMEOUT,
+    PROBE,
+    Client,
+    ProbedCluster,
+    check_results,
+    serial,
+)
 
 #: Each host has a port space of its own: a fixed port is free on every one.
 PORT = 5494
 CLUSTER = "mh"
 
 
-class RestartableCluster:
+class RestartableCluster(ProbedCluster):
     """A master that can be killed and started again on any host, publishing
     its address in the shared address file; a status probe beside it; workers
     that find it through that file; user scripts as clients."""
@@ -87,26 +98,6 @@ class RestartableCluster:
         self.probe.wait(DEADLINE)
         self.probe = None
 
-    def status(self) -> dict:
-        self.probe.stdin.write("status\n")
-        self.probe.stdin.flush()
-        return json.loads(read_line(self.probe, DEADLINE))
-
-    def workers_on(self, status: dict) -> dict:
-        hosts: dict[str, int] = {}
-        for w in status["workers"]:
-            hosts[w["host"]] = hosts.get(w["host"], 0) + 1
-        return hosts
-
-    def wait_status(self, predicate, what: str, timeout: float = DEADLINE) -> dict:
-        deadline = time.monotonic() + timeout
-        while True:
-            status = self.status()
-            if predicate(status):
-                return status
-            assert time.monotonic() < deadline, f"timed out after {timeout:g} s waiting for {what}: {status}"
-            time.sleep(0.1)   # a poll interval, not a synchronisation: the predicate decides
-
     def add_workers(self, host, n: int, master: str | None = None):
         """Workers on ``host`` that find the master through the address file
         (``slurm:NAME``), or at ``master`` (HOST:PORT) when given."""
@@ -115,18 +106,11 @@ class RestartableCluster:
 
     def start_client(self, host, seconds: float, address: str | None = None) -> Client:
         """The user's script with reconnect_timeout=60, at ``address`` (the
-        master's now, by default; ":PORT" gives no host: the client finds it itself)."""
+        master's now, by default; ``file:PATH`` follows the address file)."""
         address = self.address if address is None else address
         proc = host.popen([sys.executable, str(self.tmp / "client.py"), address, str(self.runs), str(seconds),
                            "reconnect"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=self.env)
         return Client(proc)
-
-    def run_markers(self) -> dict[int, list[tuple[str, str, float]]]:
-        runs: dict[int, list[tuple[str, str, float]]] = {}
-        for entry in os.scandir(self.runs):
-            _, i, host, _pid, _ = entry.name.split(".")
-            runs.setdefault(int(i), []).append((entry.name, host, entry.stat().st_mtime))
-        return runs
 
     def wait_for_runs(self, n: int) -> None:
         deadline = time.monotonic() + DEADLINE
