@@ -28,8 +28,8 @@ def main(argv=None) -> int:
     add_version_option(parser)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_, summary) in COMMANDS.items():
-        # Each command parses its own options: everything after its name goes to it as it is.
-        commands.add_parser(name, help=summary, add_help=False).add_argument("rest", nargs=argparse.REMAINDER)
+        commands.add_parser(name, help=summary, add_help=False)
+    # Only the command's name is parsed here: everything after it goes to that command as it is.
     args = parser.parse_args(argv[:1])
     module = importlib.import_module(COMMANDS[args.command][0])
     return module.main(argv[1:], prog=f"cw {args.command}")

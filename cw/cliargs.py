@@ -40,13 +40,6 @@ def seconds(text: str) -> float:
     return value
 
 
-def seconds_or_zero(text: str) -> float:
-    """A duration of 0 seconds or more."""
-    if text.strip() in ("0", "0.0"):
-        return 0.0
-    return seconds(text)
-
-
 def whole_seconds(text: str) -> int:
     """A whole number of seconds, 0 or more (SLURM takes no fractions)."""
     return _whole_number(text, 0, " of seconds", "is not a duration; give 0 or more seconds")

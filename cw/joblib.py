@@ -34,9 +34,9 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):
 
     def __init__(self, executor=None, host=None, port=None, **kwargs):
         super().__init__(**kwargs)
-        self._given = executor
         self._address = (host, port)
         self._executor = executor
+        self._owns_executor = False        # made here (host=/port=): ended by terminate()
         self._futures: set = set()
 
     def _cluster(self):
@@ -48,6 +48,7 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):
             else:
                 from cw import PORT
                 self._executor = ClusterExecutor(host, PORT if port is None else port)
+                self._owns_executor = True
         return self._executor
 
     def effective_n_jobs(self, n_jobs):
@@ -57,10 +58,6 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):
             # Every worker process connected now (at least one: jobs wait for workers that join later).
             return max(1, len(self._cluster().workers()))
         return n_jobs
-
-    def configure(self, n_jobs=1, parallel=None, **backend_kwargs):
-        self.parallel = parallel
-        return self.effective_n_jobs(n_jobs)
 
     def submit(self, func, callback=None):
         future = self._cluster().submit(func)
@@ -82,9 +79,9 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):
     def terminate(self):
         """Ends an executor this backend made itself (host=/port=); a given
         or shared one stays for its owner."""
-        if self._executor is not None and self._given is None and self._address != (None, None):
+        if self._owns_executor:
             self._executor.shutdown(wait=False, cancel_futures=True)
-            self._executor = None
+            self._executor, self._owns_executor = None, False
 
     def get_nested_backend(self):
         return SequentialBackend(nesting_level=(self.nesting_level or 0) + 1), None
