@@ -6,28 +6,25 @@ turns them into dispatcher events.  After each batch of received bytes the
 master writes everything the dispatcher queued, one write per peer, so many
 small frames share a system call.
 
-Usage: ``python -m cw.master [--bind ADDR] [--port N]``; when it is ready it
-prints ``cw master listening on HOST:PORT`` on stdout.
+With a TLS context (``--tls``) a connection first gets the plain BANNER of
+cw.wire.tls, then TLS, then the usual handshake inside it.  Connections are
+accepted, and strangers bounded, by cw.master.admission.  The command line
+is cw.master.program's.
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import collections
-import errno
-import ipaddress
 import logging
 import os
-import signal
 import socket
-import sys
+import ssl
 
-from cw import PORT, __version__, add_version_option, cliargs, settings
+from cw import PORT, __version__, settings
 from cw.errors import AuthenticationError, CwError, ProtocolError
-from cw.master import inbox, sharing
+from cw.master import admission, inbox, sharing
 from cw.master.dispatch import Dispatcher
-from cw.wire import buffers, frames, handshake
-from cw.wire.address import remove_address_file, write_address_file
+from cw.wire import buffers, frames, handshake, tls
 from cw.wire.auth import load_secret
 from cw.wire.decoder import FrameDecoder
 from cw.wire.frames import Frame
@@ -43,8 +40,11 @@ _SLICE = 1024 * 1024
 class Master:
     def __init__(self, secret: bytes, dispatcher: Dispatcher | None = None,
                  handshake_timeout: float = HANDSHAKE_TIMEOUT,
-                 heartbeat: float = settings.HEARTBEAT_INTERVAL, peer_timeout: float = settings.PEER_TIMEOUT):
+                 heartbeat: float = settings.HEARTBEAT_INTERVAL, peer_timeout: float = settings.PEER_TIMEOUT,
+                 tls_context: ssl.SSLContext | None = None, admit: admission.Admission | None = None):
         self.secret = secret
+        self.tls_context = tls_context
+        self.admission = admit or admission.Admission()
         self.handshake_timeout = handshake_timeout
         self.heartbeat = heartbeat
         self.peer_timeout = peer_timeout
@@ -126,8 +126,14 @@ class Master:
         status = self.dispatcher.status()
         status["master"] = {"host": socket.gethostname(), "pid": os.getpid(), "uptime_s": status["uptime_s"],
                             "rss_bytes": _rss_bytes(), "version": __version__, "event_loop": _loop_name(),
-                            "by_reference": dict(sharing.COUNTS)}
+                            "by_reference": dict(sharing.COUNTS), "tls": self.tls_context is not None,
+                            "unauthenticated": len(self.admission)}
         return status
+
+    def load(self) -> str:
+        """The connections open now, in words (for the log)."""
+        return (f"{len(self.connections)} connections open ({len(self.admission)} not yet authenticated, cap "
+                f"{self.admission.total}, {self.admission.per_source} per address)")
 
     def close_all(self) -> None:
         for conn in list(self.connections):
@@ -187,21 +193,70 @@ class PeerConnection(asyncio.BufferedProtocol):
         self.direct = None
         self.backlog = collections.deque()   # what waits behind a large payload being written
         self.sharing = sharing.PeerSharing()
+        self.sock = None             # until connection_made: the accepted socket
+        self.opening = None          # the task that makes its transport (and its TLS)
 
     # --- asyncio callbacks ------------------------------------------------
 
+    def accepted(self, sock: socket.socket, address) -> None:
+        """A new socket from cw.master.admission's Listener: counted as a
+        stranger until it authenticates; with TLS, it first gets the plain
+        BANNER and then its TLS handshake (connection_made follows that)."""
+        self.address = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
+        self.name = f"peer {self.address}"
+        self.sock = sock
+        self.master.admission.admit(self, address[0] if isinstance(address, tuple) else str(address))
+        if self.handler is None:       # evicted at once (a flood from its address)
+            return
+        context = self.master.tls_context
+        loop = asyncio.get_running_loop()
+        if context is not None:
+            try:
+                sock.send(tls.BANNER)      # so that a plain peer learns at once why it gets no CHALLENGE
+            except OSError:
+                pass                       # gone already: the TLS handshake will say so
+        self.opening = loop.create_task(self._open(loop, sock, context))
+
+    async def _open(self, loop, sock, context) -> None:
+        try:
+            await loop.connect_accepted_socket(lambda: self, sock, ssl=context,
+                                               ssl_handshake_timeout=self.master.handshake_timeout if context else None)
+        except (ssl.SSLError, OSError, asyncio.TimeoutError) as exc:
+            if self.handler is not None:
+                if isinstance(exc, ssl.SSLError):
+                    why = tls.describe_error(exc).replace("this side's", "the peer's")
+                elif isinstance(exc, asyncio.TimeoutError):
+                    why = f"not done within {self.master.handshake_timeout:g} s"
+                else:
+                    why = ("it closed the connection (a peer that does not speak TLS? it must connect to "
+                           "tls://HOST:PORT)")
+                log.warning("dropping %s: the TLS handshake failed: %s", self.name, why)
+            self.handler = None
+            self.master.admission.done(self)
+        except asyncio.CancelledError:      # evicted, or the master stops
+            self.master.admission.done(self)
+        finally:
+            self.opening = None
+
+    def evict(self, reason: str) -> None:
+        """Closes a connection that has not authenticated, at the admission's word (no log line: it counts them)."""
+        self.handler = None
+        if self.transport is not None:
+            self.transport.abort()
+        elif self.opening is not None:
+            self.opening.cancel()
+        else:
+            self.sock.close()
+
     def connection_made(self, transport) -> None:
         self.transport = transport
-        peer = transport.get_extra_info("peername")
-        self.address = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-        self.name = f"peer {self.address}"
         self.master.connections.add(self)
-        transport.set_write_buffer_limits(settings.WRITE_HIGH_WATER, settings.WRITE_LOW_WATER)
-        self.nonce, challenge = handshake.server_challenge()
-        transport.write(challenge)
         self.loop = loop = asyncio.get_running_loop()   # kept: asking for it on every read costs a getpid()
         self.last_heard = loop.time()
         self.timer = loop.call_later(self.master.handshake_timeout, self._handshake_timeout)
+        transport.set_write_buffer_limits(settings.WRITE_HIGH_WATER, settings.WRITE_LOW_WATER)
+        self.nonce, challenge = handshake.server_challenge()
+        transport.write(challenge)
 
     def get_buffer(self, sizehint: int):
         # The rest of a large frame goes straight into a buffer of its size.
@@ -224,7 +279,11 @@ class PeerConnection(asyncio.BufferedProtocol):
         except AuthenticationError as exc:
             self.drop(f"{handshake.AUTH_FAILED}: {exc}")
         except ProtocolError as exc:
-            self.drop(str(exc))
+            reason = str(exc)
+            if self.role is None and self.master.tls_context is None and tls.looks_like_tls(bytes(self.buffer[:2])):
+                reason = ("it speaks TLS, this master plain TCP: connect to HOST:PORT without tls://, or start the "
+                          "master with --tls")
+            self.drop(reason)
         except Exception:  # a bug must cost one connection, never the master
             log.exception("internal error while handling %s; dropping it", self.name)
             self.drop("internal error in the master (see its log)")
@@ -257,6 +316,7 @@ class PeerConnection(asyncio.BufferedProtocol):
         if self.timer is not None:
             self.timer.cancel()
         self.handler = None
+        self.master.admission.done(self)
         self.backlog.clear()
         self.sharing.lost()
         self.master.connections.discard(self)
@@ -340,6 +400,8 @@ class PeerConnection(asyncio.BufferedProtocol):
     # --- frame handlers, one per connection state ---------------------------
 
     def _on_handshake(self, ftype: int, body: bytes) -> None:
+        if ftype == Frame.ERROR:
+            raise ProtocolError(f"it gave up before authenticating: {frames.decode_error(body[:500])}")
         proof = handshake.verify_response(self.master.secret, self.nonce, ftype, body)
         self.transport.write(proof)
         self.decoder.max_frame = settings.MAX_HELLO
@@ -354,6 +416,7 @@ class PeerConnection(asyncio.BufferedProtocol):
             raise ProtocolError(f"HELLO names role {role!r}; expected 'client' or 'worker'")
         self.timer.cancel()
         self.timer = None
+        self.master.admission.done(self)
         self.role = role
         self.peer_id = self.master.new_peer_id()
         self.master.peers[self.peer_id] = self
@@ -413,13 +476,15 @@ async def serve(bind: str = "127.0.0.1", port: int = PORT, secret: bytes | None 
     slots = options.pop("slots", settings.WORKER_SLOTS)
     unplaceable = options.pop("unplaceable_timeout", settings.UNPLACEABLE_TIMEOUT)
     revoke = options.pop("revoke_timeout", settings.REVOKE_TIMEOUT)
+    limit = admission.raise_descriptor_limit()
     master = Master(secret, Dispatcher(slots=slots, unplaceable_timeout=unplaceable, revoke_timeout=revoke),
                     **options)
-    loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: PeerConnection(master), bind, port, backlog=settings.BACKLOG)
+    log.debug("descriptor limit %d; %s", limit, master.load())
+    listener = admission.Listener(admission.listening_socket(bind, port),
+                                  lambda sock, address: PeerConnection(master).accepted(sock, address), master.load)
     keep_alive = asyncio.create_task(master.keep_alive())
     expire = asyncio.create_task(master.expire_unplaceable())
-    host, real_port = server.sockets[0].getsockname()[:2]
+    host, real_port = listener.sock.getsockname()[:2]
     if ready is not None:
         ready(host, real_port)
     stop = stop or asyncio.Event()
@@ -428,127 +493,11 @@ async def serve(bind: str = "127.0.0.1", port: int = PORT, secret: bytes | None 
     finally:
         keep_alive.cancel()
         expire.cancel()
-        server.close()
+        listener.close()
         master.close_all()
-        await server.wait_closed()
-
-
-def advertised_host(bound: str) -> str:
-    """A name other machines can use to reach a master bound to ``bound``."""
-    if bound in ("0.0.0.0", "::", ""):
-        # The host name, which a cluster's nodes resolve; the fully qualified
-        # name when there is a real one (getfqdn says "localhost" on machines
-        # whose /etc/hosts maps the host name to 127.0.0.1 first).
-        fqdn = socket.getfqdn()
-        if "." in fqdn and not fqdn.startswith("localhost"):
-            return fqdn
-        return socket.gethostname()
-    return bound
-
-
-def _is_loopback(bind: str) -> bool:
-    if bind == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(bind).is_loopback
-    except ValueError:
-        return False
 
 
 def main(argv=None, prog: str = "python -m cw.master") -> int:
-    parser = argparse.ArgumentParser(prog=prog, description="Run a cw master.")
-    add_version_option(parser)
-    parser.add_argument("--bind", default="127.0.0.1", type=cliargs.bind_address,
-                        help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
-    parser.add_argument("--port", type=cliargs.port, default=PORT,
-                        help=f"TCP port (default {PORT}; 0 picks a free one)")
-    parser.add_argument("--handshake-timeout", type=cliargs.seconds, default=HANDSHAKE_TIMEOUT,
-                        help=f"seconds a new connection has to authenticate (default {HANDSHAKE_TIMEOUT:g})")
-    parser.add_argument("--heartbeat", type=cliargs.seconds, default=settings.HEARTBEAT_INTERVAL,
-                        help=f"seconds between pings to every peer (default {settings.HEARTBEAT_INTERVAL:g})")
-    parser.add_argument("--peer-timeout", type=cliargs.seconds, default=settings.PEER_TIMEOUT,
-                        help="seconds of silence after which a worker or client is declared lost "
-                             f"(default {settings.PEER_TIMEOUT:g})")
-    parser.add_argument("--slots", type=cliargs.count, default=settings.WORKER_SLOTS,
-                        help="jobs a worker holds at once: the one it runs and the next ones, sent ahead "
-                             f"(default {settings.WORKER_SLOTS}; 1 sends a job only to an idle worker)")
-    parser.add_argument("--revoke-timeout", type=cliargs.seconds, default=settings.REVOKE_TIMEOUT,
-                        help="seconds a worker has to give back a job sent ahead when asked (a more urgent job "
-                             "wants its place, or an idle worker its job) before the job goes to another worker "
-                             "anyway; a frozen worker's late start of it is dropped "
-                             f"(default {settings.REVOKE_TIMEOUT:g})")
-    parser.add_argument("--unplaceable-timeout", type=cliargs.seconds, default=settings.UNPLACEABLE_TIMEOUT,
-                        help="seconds a job that no connected worker could run (it needs more than any has, or "
-                             "names workers that are gone) waits for one to join before it fails "
-                             f"(default {settings.UNPLACEABLE_TIMEOUT:g})")
-    parser.add_argument("--address-file", default=None,
-                        help="once listening, write the master's reachable address to this file as JSON "
-                             "(the SLURM helpers use it to find the master)")
-    parser.add_argument("--advertise", default=None,
-                        help="host name to publish in --address-file (default: this machine's name when "
-                             "bound to every interface, else the bind address)")
-    parser.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="auto",
-                        help="event loop: uvloop (faster; pip install \"cw[fast]\"), asyncio (the standard "
-                             "library's), or auto: uvloop when installed (default)")
-    parser.add_argument("--log-level", default="INFO", type=cliargs.log_level,
-                        help="DEBUG, INFO, WARNING, ERROR or CRITICAL (default INFO)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        secret = load_secret(create=True)
-        run_loop = event_loop_runner(args.loop)
-    except CwError as exc:
-        print(f"cw.master: {exc}", file=sys.stderr)
-        return 2
-    if not _is_loopback(args.bind):
-        log.warning("listening on %s: any machine that can reach it and holds the secret file can run code "
-                    "on your workers; keep the secret file private", args.bind)
-
-    async def run() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-
-        def ready(host, port):
-            if args.address_file:
-                write_address_file(args.address_file, args.advertise or advertised_host(host), port,
-                                   job=os.environ.get("SLURM_JOB_ID"))
-            log.info("listening on %s:%s with the %s event loop", host, port, _loop_name())
-            print(f"cw master listening on {host}:{port}", flush=True)
-
-        await serve(args.bind, args.port, secret, ready, stop, handshake_timeout=args.handshake_timeout,
-                    heartbeat=args.heartbeat, peer_timeout=args.peer_timeout, slots=args.slots,
-                    unplaceable_timeout=args.unplaceable_timeout, revoke_timeout=args.revoke_timeout)
-
-    try:
-        run_loop(run())
-    except OSError as exc:
-        if args.address_file and str(exc.filename or "").startswith(args.address_file):
-            print(f"cw.master: cannot write the address file {args.address_file}: {exc.strerror}", file=sys.stderr)
-            return 1
-        print(f"cw.master: cannot listen on {args.bind} port {args.port}: {_bind_advice(exc)}", file=sys.stderr)
-        return 1
-    finally:
-        if args.address_file:
-            remove_address_file(args.address_file)
-    log.info("master stopped")
-    return 0
-
-
-def _bind_advice(exc: OSError) -> str:
-    """Why a bind failed, in words that say what to change."""
-    if exc.errno == errno.EADDRINUSE:
-        return "the port is in use (another master?); choose another --port, or 0 for any free one"
-    if exc.errno == errno.EADDRNOTAVAIL:
-        return "no interface of this machine has that address; give one of its addresses, or 0.0.0.0 for all"
-    if exc.errno == errno.EACCES:
-        return "not allowed (ports below 1024 need privileges); choose a --port of 1024 or more"
-    if isinstance(exc, socket.gaierror):
-        return f"the host name does not resolve ({exc.strerror}); give an IP address of this machine"
-    return exc.strerror or str(exc)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    """The ``cw master`` program (cw.master.program)."""
+    from cw.master.program import main as run
+    return run(argv, prog)
