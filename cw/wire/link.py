@@ -414,6 +414,9 @@ def master_timeout(link: Link) -> float:
 def _handshake(link: Link, secret: bytes) -> None:
     item = link.recv()
     if item is None:
+        if link.tls:        # (a TLS 1.3 master refuses a certificate after the client thinks TLS is set up)
+            raise TlsError(f"the master at {link.address} ended the TLS connection before the cw handshake: it "
+                           "refused this side's TLS certificate (another CA's, expired, or none?); its log says why")
         raise HandshakeFailed(f"the master at {link.address} closed the connection before the handshake")
     challenge_type, challenge = item
     if challenge_type == Frame.ERROR and bytes(challenge).decode("utf-8", "replace").startswith(tls.BANNER_START):
