@@ -23,11 +23,10 @@ from cw.client.executor import ClusterExecutor  # noqa: E402
 from cw.errors import TlsError  # noqa: E402
 from cw.launch.local import start_master  # noqa: E402
 from cw.wire import tls  # noqa: E402
-from cw.wire.address import MasterAddress, parse_address, read_address_file, write_address_file  # noqa: E402
+from cw.wire.address import parse_address, read_address_file, write_address_file  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 import jobs  # noqa: E402
-
 from conftest import wait_until  # noqa: E402
 
 
@@ -155,6 +154,7 @@ def test_an_expired_certificate_is_refused(tls_master, tmp_path):
 def test_the_right_secret_without_a_certificate_is_refused(tls_master):
     import socket
     import ssl
+
     from cw.wire.auth import load_secret
     from cw.wire.link import open_link, peer_info
     no_cert = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
