@@ -135,7 +135,9 @@ class Listener:
         self.loop.add_reader(sock.fileno(), self._ready)
 
     def _ready(self) -> None:
-        for _ in range(256):       # then let the loop serve the connections it has
+        # A few at a time, then the loop runs: connections evicted meanwhile
+        # give their descriptors back before more are taken.
+        for _ in range(32):
             try:
                 conn, address = self.sock.accept()
             except (BlockingIOError, InterruptedError):

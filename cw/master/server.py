@@ -218,6 +218,7 @@ class PeerConnection(asyncio.BufferedProtocol):
         self.opening = loop.create_task(self._open(loop, sock, context))
 
     async def _open(self, loop, sock, context) -> None:
+        self.sock = None                   # the transport's from now on
         try:
             await loop.connect_accepted_socket(lambda: self, sock, ssl=context,
                                                ssl_handshake_timeout=self.master.handshake_timeout if context else None)
@@ -243,10 +244,11 @@ class PeerConnection(asyncio.BufferedProtocol):
         self.handler = None
         if self.transport is not None:
             self.transport.abort()
-        elif self.opening is not None:
-            self.opening.cancel()
-        else:
-            self.sock.close()
+            return
+        if self.opening is not None:
+            self.opening.cancel()      # (in its TLS handshake: the transport closes the socket)
+        if self.sock is not None:
+            self.sock.close()          # not handed over yet: its descriptor is free at once
 
     def connection_made(self, transport) -> None:
         self.transport = transport
