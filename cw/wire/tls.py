@@ -102,7 +102,14 @@ def _load(context: ssl.SSLContext, files: TlsFiles, side: str) -> ssl.SSLContext
 
 def server_context(files: TlsFiles | None = None) -> ssl.SSLContext:
     """The master's context: TLS 1.3, its certificate, peers' certificates required and verified."""
-    return _load(_need_min_tls13(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)), resolve_files(files), "master")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    # No session tickets: TLS 1.3 sends them after the handshake, and a peer's
+    # reader thread would then process handshake messages while its writer
+    # thread sends on the same SSL object.  With none, after the handshake
+    # each direction carries only application data.  (No resumption is lost:
+    # peers keep their connections.)
+    context.num_tickets = 0
+    return _load(_need_min_tls13(context), resolve_files(files), "master")
 
 
 def client_context(files: TlsFiles | None = None) -> ssl.SSLContext:
