@@ -1,6 +1,6 @@
 """What TLS costs: B1, B2 and B3 against a plain master and a ``--tls`` one, in one run.
 
-    python -m bench.tls [--workers N] [--calls N] [--round-trips N] [--runs N]
+    python -m bench.tls [--workers N] [--calls N] [--round-trips N] [--runs N] [--rounds N]
 
 Each case runs the way bench.cases runs it for cw (the same jobs from
 bench.jobs), once on a plain master and once on a TLS master, each with
@@ -97,6 +97,8 @@ def main(argv=None) -> int:
     parser.add_argument("--calls", type=int, default=10_000, help="B1 no-op calls (default 10000)")
     parser.add_argument("--round-trips", type=int, default=1_000, help="B2 round trips (default 1000)")
     parser.add_argument("--runs", type=int, default=3, help="B3 runs, median taken (default 3)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="plain and TLS take turns this many times; medians are printed (default 3)")
     args = parser.parse_args(argv)
     # Everything cw keeps (secret, certificates) in a directory of this run only.
     home = tempfile.mkdtemp(prefix="cw-bench-tls-")
@@ -104,12 +106,19 @@ def main(argv=None) -> int:
     os.environ.pop("CW_MASTER", None)
     from cw.wire.auth import load_secret
     load_secret(create=True)
-    plain = measure(False, args)
-    secure = measure(True, args)
+    # Plain and TLS take turns, and each figure is the median of its rounds:
+    # a machine whose speed drifts (other work, a VM) drifts both alike.
+    rounds: dict[bool, list[dict]] = {False: [], True: []}
+    for _ in range(args.rounds):
+        for tls in (False, True):
+            rounds[tls].append(measure(tls, args))
+    plain, secure = ({key: statistics.median(r[key] for r in rounds[tls]) for key in rounds[tls][0]}
+                     for tls in (False, True))
     print(f"{'figure':24} {'plain':>12} {'tls':>12} {'tls/plain':>10}")
     for key in plain:
         print(f"{key:24} {plain[key]:12.1f} {secure[key]:12.1f} {secure[key] / plain[key]:10.2f}")
-    print(f"({args.workers} workers on this machine, {os.cpu_count()} CPUs; B2 is a time: below 1 is faster)")
+    print(f"({args.workers} workers on this machine, {os.cpu_count()} CPUs, median of {args.rounds} alternating "
+          "rounds; B2 is a time: below 1 is faster)")
     return 0
 
 

@@ -149,6 +149,9 @@ class Listener:
                     log.warning("accepting a connection failed: %s", exc)
                 return
             conn.setblocking(False)
+            # Small frames go out at once (the loops set this on their own
+            # transports; said here too, for TLS, which writes records in pieces).
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.on_socket(conn, address)
 
     def _pause(self, exc: OSError) -> None:
