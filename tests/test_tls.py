@@ -8,6 +8,7 @@ never in the real ~/.cw."""
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import stat
 import sys
@@ -86,6 +87,17 @@ def test_the_master_makes_the_cluster_certificates_private_and_runs_jobs(tls_mas
         big = b"x" * (3 << 20)       # a frame big enough for the direct-buffer and by-reference paths
         assert ex.submit(jobs.identity, big).result(timeout=60) == big
         assert ex.status()["master"]["tls"] is True
+    import subprocess
+    proc = subprocess.run([sys.executable, "-m", "cw.status", tls_master.address, "--json", "--timeout", "30"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert len(json.loads(proc.stdout)["workers"]) == 2
+
+
+def test_a_tls_cluster_on_slurm_publishes_its_scheme():
+    from cw.launch.slurm import Options, render_master_script
+    assert "--tls" in render_master_script(Options(name="x", tls=True)).split()
+    assert "--tls" not in render_master_script(Options(name="x")).split()
 
 
 def test_creating_the_certificates_twice_keeps_the_first(tmp_path):
