@@ -109,3 +109,30 @@ def test_past_the_caps_the_busiest_address_loses_its_oldest():
     gate.done(lone)
     gate.done(lone)                                                  # idempotent
     assert len(gate) == 3
+
+
+def test_running_out_of_descriptors_is_logged_once_a_minute_with_the_numbers(caplog):
+    import asyncio
+    import errno
+
+    from cw.master.admission import Listener
+
+    class Starved(socket.socket):
+        def accept(self):
+            raise OSError(errno.EMFILE, "Too many open files")
+
+    async def starve():
+        sock = Starved(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        listener = Listener(sock, lambda *a: None, lambda: "3 connections open")
+        for _ in range(5):
+            listener._ready()
+            listener._resume()
+        listener.close()
+
+    with caplog.at_level("ERROR", logger="cw.master"):
+        asyncio.run(starve())
+    lines = [r.getMessage() for r in caplog.records if "cannot accept" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert "EMFILE" in lines[0] and "3 connections open" in lines[0] and "descriptor limit" in lines[0]
