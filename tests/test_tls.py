@@ -28,6 +28,7 @@ from cw.wire.address import parse_address, read_address_file, write_address_file
 
 sys.path.insert(0, os.path.dirname(__file__))
 import jobs  # noqa: E402
+import sched_jobs  # noqa: E402
 from conftest import wait_until  # noqa: E402
 
 
@@ -87,6 +88,7 @@ def test_the_master_makes_the_cluster_certificates_private_and_runs_jobs(tls_mas
         big = b"x" * (3 << 20)       # a frame big enough for the direct-buffer and by-reference paths
         assert ex.submit(jobs.identity, big).result(timeout=60) == big
         assert ex.status()["master"]["tls"] is True
+        assert ex.submit(sched_jobs.chain, 2).result(timeout=60) == 2    # jobs of jobs reach the master by TLS too
     import subprocess
     proc = subprocess.run([sys.executable, "-m", "cw.status", tls_master.address, "--json", "--timeout", "30"],
                           capture_output=True, text=True, timeout=120)
@@ -189,3 +191,24 @@ def test_missing_files_say_where_they_were_looked_for(tls_master, tmp_path):
     with pytest.raises(Exception, match="missing"):
         ClusterExecutor(tls_master.address, connect_timeout=5, tls_cert=str(tmp_path / "nope.pem"))
     assert time  # (wall-clock time is never asserted in these tests)
+
+
+def test_a_worker_takes_a_sites_files_and_hands_them_to_its_processes(tls_master, tmp_path):
+    import subprocess
+    ca_key, ca_cert = _cluster_ca()
+    cert, key = _write_pair(tmp_path / "worker", *tls.issue(ca_key, ca_cert, "site worker"))
+    proc = subprocess.Popen([sys.executable, "-m", "cw.worker", tls_master.address, "-n", "1", "--tls-cert", cert,
+                             "--tls-key", key, "--connect-timeout", "60", "--log-level", "WARNING"],
+                            stdin=subprocess.DEVNULL)
+    tls_master.workers.append(proc)
+    tls_master.wait_for_workers(1)
+    with tls_master.executor() as ex:
+        assert ex.submit(jobs.square, 7).result(timeout=60) == 49
+    # The flags do reach the worker processes: a CA the master's certificate is not signed by stops them.
+    _, other_ca = tls.make_ca("another cluster")
+    (tmp_path / "other-ca.pem").write_bytes(tls.cert_pem(other_ca))
+    refused = subprocess.run([sys.executable, "-m", "cw.worker", tls_master.address, "-n", "1", "--tls-ca",
+                              str(tmp_path / "other-ca.pem"), "--connect-timeout", "30"],
+                             stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2, refused.stderr
+    assert "not signed by this side's cluster CA" in refused.stderr
