@@ -88,7 +88,7 @@ class PeerConnection(asyncio.BufferedProtocol):
         except (ssl.SSLError, OSError, asyncio.TimeoutError) as exc:
             if self.handler is not None:
                 if isinstance(exc, ssl.SSLError):
-                    why = tls.describe_error(exc).replace("this side's", "the peer's")
+                    why = tls.describe_error(exc, other="peer")
                 elif isinstance(exc, asyncio.TimeoutError):
                     why = f"not done within {self.master.handshake_timeout:g} s"
                 else:

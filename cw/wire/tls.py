@@ -129,24 +129,29 @@ def looks_like_tls(data: bytes) -> bool:
     return len(data) >= 2 and data[0] == 0x16 and data[1] == 0x03
 
 
-def describe_error(exc: ssl.SSLError | OSError) -> str:
-    """An SSL failure in words that say what to check."""
+def describe_error(exc: ssl.SSLError | OSError, other: str = "master") -> str:
+    """An SSL failure in words that say what to check; ``other`` names the other side ("master" or "peer")."""
     reason = getattr(exc, "reason", None) or ""
-    text = getattr(exc, "verify_message", None) or reason or str(exc)
-    advice = {
-        "CERTIFICATE_VERIFY_FAILED": "its certificate is not signed by this side's cluster CA (another cluster's, "
-                                     "or expired): use the same tls/ directory on both sides",
-        "TLSV13_ALERT_CERTIFICATE_REQUIRED": "the master wants a certificate from this side and got none",
-        "SSLV3_ALERT_CERTIFICATE_EXPIRED": "the master says this side's certificate has expired: make new ones",
-        "TLSV1_ALERT_UNKNOWN_CA": "the master does not know the CA of this side's certificate: use the "
-                                  "cluster's tls/ directory",
-        "SSLV3_ALERT_BAD_CERTIFICATE": "the master refused this side's certificate",
-        "WRONG_VERSION_NUMBER": "the other side does not speak TLS",
-        "TLSV1_ALERT_PROTOCOL_VERSION": "the other side does not speak TLS 1.3",
-        "DECRYPTION_FAILED_OR_BAD_RECORD_MAC": "a record was changed on the way (an attacker on the path?)",
-    }.get(reason)
-    if getattr(exc, "verify_message", None) and "expired" in exc.verify_message:
-        advice = "its certificate has expired: make new ones (remove the tls/ directory and restart the master)"
+    verify = getattr(exc, "verify_message", None) or ""
+    same_dir = "give both sides the same tls/ directory (the one beside the master's secret file)"
+    if "expired" in verify:
+        advice = (f"the {other}'s certificate has expired: make new ones (remove the tls/ directory beside the "
+                  "secret file, restart the master, copy the new directory to the other machines)")
+    elif verify:
+        advice = f"the {other}'s certificate is not signed by this side's cluster CA: {same_dir}"
+    else:
+        advice = {
+            "TLSV13_ALERT_CERTIFICATE_REQUIRED": f"the {other} wants a certificate from this side and got none",
+            "SSLV3_ALERT_CERTIFICATE_EXPIRED": f"the {other} says this side's certificate has expired",
+            "TLSV1_ALERT_UNKNOWN_CA": f"the {other} does not trust this side's certificate (another CA): {same_dir}",
+            "SSLV3_ALERT_BAD_CERTIFICATE": f"the {other} refused this side's certificate",
+            "PEER_DID_NOT_RETURN_A_CERTIFICATE": f"the {other} presented no certificate: it needs the cluster's "
+                                                 "tls/ directory, or --tls-cert and --tls-key",
+            "WRONG_VERSION_NUMBER": f"the {other} does not speak TLS",
+            "TLSV1_ALERT_PROTOCOL_VERSION": f"the {other} does not speak TLS 1.3",
+            "DECRYPTION_FAILED_OR_BAD_RECORD_MAC": "a record was changed on the way (an attacker on the path?)",
+        }.get(reason)
+    text = verify or reason or str(exc)
     return f"{text}: {advice}" if advice else text
 
 
