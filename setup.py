@@ -15,8 +15,9 @@ setup(
     install_requires=["cloudpickle>=2.2", "threadpoolctl>=3.1"],
     extras_require={
         "fast": ["uvloop>=0.17; sys_platform != 'win32'"],
+        "tls": ["cryptography>=3.1"],
         "test": ["pytest>=7", "pytest-timeout>=2.1", "hypothesis>=6", "numpy", "tqdm", "joblib>=1.3", "scikit-learn",
-                 "sphinx>=7", "furo", "myst-parser", "mypy",
+                 "sphinx>=7", "furo", "myst-parser", "mypy", "cryptography>=3.1",
                  "uvloop>=0.17; sys_platform != 'win32'",
                  "atheris>=2.3; sys_platform == 'linux' and platform_machine == 'x86_64' and python_version < '3.13'"],
         "demo": ["numpy"],

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import os
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -61,8 +62,15 @@ def _whole_number(text: str, least: int, unit: str, below: str) -> int:
 
 
 def master_address(text: str) -> str:
-    """HOST[:PORT], [V6]:PORT, slurm:NAME or file:PATH, checked for its form
-    (whether the host exists is found out by connecting)."""
+    """HOST[:PORT], [V6]:PORT (either after tls:// for a master started with
+    --tls), slurm:NAME or file:PATH, checked for its form (whether the host
+    exists is found out by connecting)."""
+    if text.startswith("tls://"):
+        if text[len("tls://"):].startswith(("slurm:", "file:")):
+            raise argparse.ArgumentTypeError(f"{text!r}: slurm: and file: addresses need no tls://, the master "
+                                             "publishes its scheme; give slurm:NAME or file:PATH")
+        master_address(text[len("tls://"):])
+        return text
     if text.startswith(("slurm:", "file:")):
         if text.partition(":")[2]:
             return text
@@ -81,6 +89,24 @@ def master_address(text: str) -> str:
     if not host and port_text is None:
         raise argparse.ArgumentTypeError("the address is empty; give HOST[:PORT]")
     return text
+
+
+def tls_file_options(parser: argparse.ArgumentParser) -> None:
+    """--tls-cert, --tls-key, --tls-ca: a site's own TLS files instead of the cluster's (cw.wire.tls)."""
+    parser.add_argument("--tls-cert", default=None, metavar="PEM",
+                        help="this side's TLS certificate (default $CW_TLS_CERT, else tls/cert.pem beside the "
+                             "secret file)")
+    parser.add_argument("--tls-key", default=None, metavar="PEM",
+                        help="its private key (default $CW_TLS_KEY, else tls/key.pem)")
+    parser.add_argument("--tls-ca", default=None, metavar="PEM",
+                        help="the CA that must sign every peer's certificate (default $CW_TLS_CA, else tls/ca.pem)")
+
+
+def export_tls_files(args: argparse.Namespace) -> None:
+    """Puts --tls-* into $CW_TLS_*, which the processes this one starts inherit."""
+    for value, name in ((args.tls_cert, "CW_TLS_CERT"), (args.tls_key, "CW_TLS_KEY"), (args.tls_ca, "CW_TLS_CA")):
+        if value:
+            os.environ[name] = os.path.abspath(value)
 
 
 def bind_address(text: str) -> str:

@@ -21,6 +21,11 @@ class AuthenticationError(CwError):
     """The shared-secret handshake failed: the two sides hold different secrets."""
 
 
+class TlsError(AuthenticationError):
+    """TLS could not be set up: one side speaks TLS and the other not, or a
+    certificate was refused (another CA, expired, none); retrying cannot fix it."""
+
+
 class SecretFileError(CwError):
     """The secret file is missing, unsafe (readable by others) or too short."""
 

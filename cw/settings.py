@@ -66,3 +66,8 @@ WRITE_LOW_WATER = 1 * 1024 * 1024
 
 #: Listen backlog: thousands of workers may connect at once when a cluster starts.
 BACKLOG = 4096
+#: Connections the master holds that have not authenticated yet, in total (at
+#: most a quarter of its descriptor limit) and from one source address; past
+#: either it closes the oldest of the address holding the most (cw.master.admission).
+MAX_UNAUTHENTICATED = 1024
+MAX_UNAUTHENTICATED_PER_SOURCE = 128

@@ -14,7 +14,8 @@ from cw.client.core import Closed
 from cw.client.discovery import resolve_master
 from cw.client.future import WorkerInfo, job_outcome
 from cw.errors import BrokenCluster, CwError, ProtocolError
-from cw.wire import buffers, frames
+from cw.wire import buffers, frames, tls
+from cw.wire.address import format_address
 from cw.wire.auth import load_secret
 from cw.wire.frames import ClientOutput, Frame, Notice, Result, Status, StatusReply
 from cw.wire.link import Link, master_timeout, open_link
@@ -29,6 +30,8 @@ class MasterConnection:
     _link: Link | None
     host: str
     port: int
+    tls: bool
+    _tls_files: tls.TlsFiles
     @staticmethod
     def _post(link, frame, wait: bool = False) -> None:
         """Sends a frame on ``link`` unless it is gone (None, or broken: the
@@ -113,8 +116,11 @@ class MasterConnection:
             if left <= 0:
                 return None
             try:
-                self.host, self.port = resolve_master(*self._address, timeout=left)
-                link = open_link(self.host, self.port, load_secret(), self._hello, min(left, 5.0))
+                address = resolve_master(*self._address, timeout=left)
+                self.host, self.port = address
+                self.tls = address.tls
+                link = open_link(self.host, self.port, load_secret(), self._hello, min(left, 5.0),
+                                 tls.context_for(address, self._tls_files))
             except (CwError, OSError, LookupError) as exc:
                 log.debug("cw: no master yet: %s", exc)
                 time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
@@ -134,7 +140,7 @@ class MasterConnection:
 
     @property
     def _link_address(self) -> str:
-        return f"{self.host}:{self.port}"
+        return format_address(self.host, self.port, self.tls)
 
     def _on_result(self, jobid: int, status: int, label: bytes, payload) -> None:
         """The core let this result through: the job's first and only end."""

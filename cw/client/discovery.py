@@ -1,7 +1,7 @@
 """Finding the master: ``resolve_master`` and the master of a SLURM cluster.
 
 A client asks, in order: the host it was given, ``$CW_MASTER`` (HOST:PORT,
-set by ``cw.allocate``), the master of the SLURM cluster ``$CW_CLUSTER``
+set by ``cw.allocate``; either may start with ``tls://``), the master of the SLURM cluster ``$CW_CLUSTER``
 (default "default") when that cluster has a master job or has published its
 address, else this machine.  Instead of a host, a client or worker can be
 given ``slurm:NAME`` (the master of SLURM cluster NAME) or ``file:PATH`` (the
@@ -41,7 +41,7 @@ from typing import NamedTuple
 
 from cw import PORT
 from cw.errors import SlurmError
-from cw.wire.address import AddressFileError, parse_address, read_address_file
+from cw.wire.address import AddressFileError, MasterAddress, parse_address, read_address_file
 
 ENV_MASTER = "CW_MASTER"
 ENV_CLUSTER = "CW_CLUSTER"
@@ -73,7 +73,7 @@ SLURM_PREFIX = "slurm:"
 FILE_PREFIX = "file:"
 
 
-def resolve_master(host: str | None, port: int = PORT, timeout: float = RESOLVE_TIMEOUT) -> tuple[str, int]:
+def resolve_master(host: str | None, port: int = PORT, timeout: float = RESOLVE_TIMEOUT) -> MasterAddress:
     """Where the master is: the given host (``HOST[:PORT]``, ``slurm:NAME`` or
     ``file:PATH``), else ``$CW_MASTER`` (HOST:PORT, set by ``cw.allocate``),
     else the master of the SLURM cluster ``$CW_CLUSTER`` (default "default")
@@ -97,10 +97,10 @@ def resolve_master(host: str | None, port: int = PORT, timeout: float = RESOLVE_
             return master_address(name, port=port, timeout=timeout)
         except LookupError:
             pass
-    return "localhost", port
+    return MasterAddress("localhost", port)
 
 
-def published_address(path: Path, timeout: float) -> tuple[str, int]:
+def published_address(path: Path, timeout: float) -> MasterAddress:
     """The address in the address file ``path``, waiting up to ``timeout`` for
     a master to write it (once, with one log line).  An unreadable file is
     an error at once: waiting would not mend it."""
@@ -112,7 +112,7 @@ def published_address(path: Path, timeout: float) -> tuple[str, int]:
         except OSError as exc:
             raise LookupError(f"cannot read the master's address file {path}: {exc.strerror}") from None
         if record is not None:
-            return record.host, record.port
+            return MasterAddress(record.host, record.port, record.tls)
         if time.monotonic() >= deadline:
             raise LookupError(f"no cw master has published its address in {path} within {timeout:g} s; start "
                               f"one with `python -m cw.master --address-file {path}`, or check the path")
@@ -219,7 +219,7 @@ def job_placement(jobid: str) -> tuple[str, list[str]] | None:
 
 # --- the master of a cluster ------------------------------------------------------
 
-def read_address(name: str) -> tuple[str, int] | None:
+def read_address(name: str) -> MasterAddress | None:
     """The address cluster ``name``'s master published, if its master job
     (when it had one) still runs, on the node that wrote the file.  None also
     for an unreadable file: a new master replaces it; ``master_address`` says
@@ -236,7 +236,7 @@ def read_address(name: str) -> tuple[str, int] | None:
             return None           # left behind by a master job that ended, or was requeued
         if record.node and placed[1] and record.node not in placed[1]:
             return None           # written before a requeue, on a node the job has left
-    return record.host, record.port
+    return MasterAddress(record.host, record.port, record.tls)
 
 
 def _file_problem(name: str) -> str:
@@ -249,7 +249,7 @@ def _file_problem(name: str) -> str:
 
 
 def master_address(name: str | None = None, port: int = PORT, timeout: float = DISCOVERY_TIMEOUT,
-                   wait: bool = True) -> tuple[str, int]:
+                   wait: bool = True) -> MasterAddress:
     """(host, port) of cluster ``name``'s master (default ``$CW_CLUSTER`` or
     "default").  Waits up to ``timeout`` for it; raises LookupError when there
     is no such cluster, SlurmError when it does not come up in time."""
@@ -269,7 +269,8 @@ def master_address(name: str | None = None, port: int = PORT, timeout: float = D
         running = [j for j in masters if j.state == "RUNNING" and j.nodes]
         if running and port and time.monotonic() > started + min(timeout / 2, FILE_GRACE):
             # No address file (no shared home?): the node from squeue, the fixed port.
-            return running[0].nodes.split(",")[0], port
+            # (The scheme is unknown here; a TLS cluster needs the shared home for its certificates anyway.)
+            return MasterAddress(running[0].nodes.split(",")[0], port)
         if wait and not said:
             # One line, not one per poll: the wait is normal while a job starts.
             log.warning("waiting up to %.0f s for the master of SLURM cluster %r: job %s is %s%s", timeout, name,

@@ -36,7 +36,7 @@ from cw.client.discovery import resolve_master
 from cw.client.everyworker import EveryWorker
 from cw.client.future import ClusterFuture, JobHooks
 from cw.errors import BrokenCluster, CwError
-from cw.wire import frames
+from cw.wire import frames, tls
 from cw.wire import options as job_options
 from cw.wire.auth import load_secret
 from cw.wire.frames import Frame
@@ -81,14 +81,18 @@ class ClusterExecutor(MasterConnection, EveryWorker, AsyncSubmit, concurrent.fut
     ``reconnect_timeout``: seconds to keep trying to reach a master after
     the connection broke, keeping unfinished futures (default 60; 0 fails
     them at once).  ``job_hooks``: see ``JobHooks`` (given by a worker
-    process to the executors of its jobs).
+    process to the executors of its jobs).  ``tls_cert``, ``tls_key``,
+    ``tls_ca``: a site's own TLS files for a ``tls://`` master (default: as
+    cw.wire.tls finds them, the cluster's own beside the secret file).
     """
 
     def __init__(self, host: str | None = None, port: int = PORT, *,
                  connect_timeout: float = DEFAULT_CONNECT_TIMEOUT, max_retries: int | None = None,
                  timeout: float | None = None, weight: float = 1.0, echo: bool = False,
-                 reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT, job_hooks: JobHooks | None = None):
+                 reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT, job_hooks: JobHooks | None = None,
+                 tls_cert: str | None = None, tls_key: str | None = None, tls_ca: str | None = None):
         self._hooks = job_hooks
+        self._tls_files = tls.TlsFiles(tls_cert, tls_key, tls_ca)
         self._retries = _check_retries(max_retries)
         self._timeout = _check_timeout(timeout)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight <= 1e6:
@@ -101,11 +105,14 @@ class ClusterExecutor(MasterConnection, EveryWorker, AsyncSubmit, concurrent.fut
         self._reconnect_timeout = float(reconnect_timeout)
         self._address = (host, port)          # resolved again at every reconnection
         # A SLURM cluster still starting (its master job pending) is waited for, as a master is.
-        self.host, self.port = resolve_master(host, port, timeout=connect_timeout)
+        address = resolve_master(host, port, timeout=connect_timeout)
+        self.host, self.port = address
+        self.tls = address.tls
         self._hello = peer_info("client")
         self._hello["weight"] = weight
         self._core = ClientCore({"cwd": os.getcwd(), "path": sys.path})
-        link = self._link = open_link(self.host, self.port, load_secret(), self._hello, connect_timeout)
+        link = self._link = open_link(self.host, self.port, load_secret(), self._hello, connect_timeout,
+                                      tls.context_for(address, self._tls_files))
         link.send(self._core.context_frame)
         link.start_writer()
         self._connected = threading.Event()   # set while there is a link to post on

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from cw import PORT
 from cw.errors import CwError
+from cw.wire.address import format_address, parse_address
 
 if TYPE_CHECKING:
     from cw.launch.slurm import SlurmCluster
@@ -32,15 +33,17 @@ READY_PREFIX = "cw master listening on "
 
 
 class LocalCluster:
-    def __init__(self, master: subprocess.Popen, host: str, port: int):
+    def __init__(self, master: subprocess.Popen, host: str, port: int, tls: bool = False):
         self.master = master
         self.host = host
         self.port = port
+        self.tls = tls               # a master started with --tls
         self.workers: list[subprocess.Popen] = []
 
     @property
     def address(self) -> str:
-        return f"{self.host}:{self.port}"
+        """``HOST:PORT``, or ``tls://HOST:PORT``: what a worker or client is given."""
+        return format_address(self.host, self.port, self.tls)
 
     def add_workers(self, n: int, connect_timeout: float = 60.0, resources: str = "",
                     env: dict | None = None) -> subprocess.Popen:
@@ -56,7 +59,7 @@ class LocalCluster:
 
     def executor(self, **options):
         from cw.client.executor import ClusterExecutor
-        return ClusterExecutor(self.host, self.port, **options)
+        return ClusterExecutor(self.address, self.port, **options)
 
     def wait_for_workers(self, n: int, timeout: float = 60.0) -> None:
         """Blocks until ``n`` workers are connected to the master."""
@@ -117,8 +120,8 @@ def start_master(port: int = PORT, bind: str = "127.0.0.1", args=(), stderr=None
         _terminate(proc)
         _reap(proc)
         raise CwError(f"the master did not start (it printed {line!r}); see its error above")
-    host, _, real_port = line[len(READY_PREFIX):].strip().rpartition(":")
-    return LocalCluster(proc, host, int(real_port))
+    address = parse_address(line[len(READY_PREFIX):].strip())
+    return LocalCluster(proc, address.host, address.port, address.tls)
 
 
 def read_line(proc: subprocess.Popen, timeout: float) -> str:

@@ -40,6 +40,7 @@ from cw.client.discovery import (
 from cw.client.discovery import run_slurm as _run
 from cw.client.executor import ClusterExecutor
 from cw.errors import CwError
+from cw.wire.address import format_address
 
 # Discovery's names are part of this module's interface too: the worker's
 # slurm:NAME resolver imports master_address from here.
@@ -80,6 +81,7 @@ class Options:
     advertise: str = "name"             # publish the master's host "name", or its first "ip" address
     master_restarts: int = 10           # restarts of a crashed master within its job
     master_args: list[str] = field(default_factory=list)  # extra `python -m cw.master` arguments
+    tls: bool = False                   # the master speaks TLS only; the address file says so to the workers
     worker_connect_timeout: float = WORKER_CONNECT_TIMEOUT
     drain_seconds: int = DRAIN_SECONDS
     python: str = sys.executable
@@ -108,7 +110,7 @@ def render_master_script(opts: Options) -> str:
     lines = _directives(opts, "master") + ["--ntasks=1", "--cpus-per-task=1", "--requeue"]
     addr = str(address_file(opts.name))
     command = [opts.python, "-m", "cw.master", "--bind", "0.0.0.0", "--port", str(opts.port),
-               "--address-file", addr, *opts.master_args]
+               "--address-file", addr, *(["--tls"] if opts.tls else []), *opts.master_args]
     advertise = ' --advertise "$(hostname -I | cut -d" " -f1)"' if opts.advertise == "ip" else ""
     body = f"""\
 # A master that stops on SIGTERM (scancel, the time limit: SLURM signals
@@ -241,9 +243,9 @@ def status(name: str = DEFAULT_NAME) -> dict:
     result = {"name": name, "jobs": [j._asdict() for j in jobs], "master": None, "workers": []}
     address = read_address(name)
     if address is not None:
-        result["master"] = f"{address[0]}:{address[1]}"
+        result["master"] = str(address)
         try:
-            with ClusterExecutor(*address, connect_timeout=5) as ex:
+            with ClusterExecutor(str(address), connect_timeout=5) as ex:
                 result["workers"] = ex.status()["workers"]
         except CwError as exc:
             result["error"] = str(exc)
@@ -253,12 +255,12 @@ def status(name: str = DEFAULT_NAME) -> dict:
 class SlurmCluster:
     """A cluster started on SLURM for a ``cw.allocate`` block."""
 
-    def __init__(self, name: str, host: str, port: int):
-        self.name, self.host, self.port = name, host, port
+    def __init__(self, name: str, host: str, port: int, tls: bool = False):
+        self.name, self.host, self.port, self.tls = name, host, port, tls
 
     @property
     def address(self) -> str:
-        return f"{self.host}:{self.port}"
+        return format_address(self.host, self.port, self.tls)
 
     @classmethod
     def start(cls, nworkers: int, name: str | None = None, timeout: float = DISCOVERY_TIMEOUT,
@@ -266,8 +268,9 @@ class SlurmCluster:
         name = name or f"alloc-{os.getpid()}-{os.urandom(3).hex()}"
         start(nworkers, name=name, **options)
         try:
-            host, port = master_address(name, timeout=timeout)
-            with ClusterExecutor(host, port) as ex:
+            found = master_address(name, timeout=timeout)
+            host, port = found
+            with ClusterExecutor(str(found)) as ex:
                 deadline = time.monotonic() + timeout
                 while len(ex.status()["workers"]) < nworkers:
                     if time.monotonic() > deadline:
@@ -277,10 +280,10 @@ class SlurmCluster:
         except BaseException:
             stop(name)
             raise
-        return cls(name, host, port)
+        return cls(name, host, port, found.tls)
 
     def executor(self, **options):
-        return ClusterExecutor(self.host, self.port, **options)
+        return ClusterExecutor(self.address, self.port, **options)
 
     def stop(self) -> None:
         stop(self.name)
@@ -351,6 +354,9 @@ def main(argv=None, prog: str = "slurm.py") -> int:
     begin.add_argument("--drain", type=cliargs.whole_seconds, default=DRAIN_SECONDS,
                        help="seconds before the time limit at which workers stop taking jobs "
                             f"(default {DRAIN_SECONDS})")
+    begin.add_argument("--tls", action="store_true",
+                       help="the master speaks TLS only (cw master --tls; the certificates are made in the "
+                            "shared home on first use); workers and clients follow the address file")
     begin.add_argument("--wait", action="store_true", help="wait until the master published its address")
     args = parser.parse_args(argv)
     try:
@@ -361,7 +367,7 @@ def main(argv=None, prog: str = "slurm.py") -> int:
                          array=args.array, docker_image=args.docker_image, docker_args=args.docker_args,
                          xmaster=args.Xmaster, xworkers=args.Xworkers, extra_lines=args.extra,
                          port=args.port, drain_seconds=args.drain, advertise=args.advertise,
-                         master_args=args.master_arg)
+                         master_args=args.master_arg, tls=args.tls)
             for role, jobid in jobs.items():
                 print(f"submitted {role} job {jobid} ({job_name(args.name, role)})")
             if args.wait:

@@ -242,9 +242,11 @@ def format_status(status: dict, *, address: str | None = None) -> str:
 # --- the program ---------------------------------------------------------------------
 
 def _where(host: str | None, port: int) -> tuple[str, int, str]:
-    """Where the master should be, and why we look there (for the error message)."""
+    """Where the master should be (``tls://HOST:PORT`` for a TLS master), its
+    port, and why we look there (for the error message)."""
     from cw.client.discovery import ENV_MASTER, resolve_master
-    found_host, found_port = resolve_master(host, port)
+    found = resolve_master(host, port)
+    found_host, found_port = found
     if host:
         why = "as given"
     elif os.environ.get(ENV_MASTER):
@@ -253,7 +255,7 @@ def _where(host: str | None, port: int) -> tuple[str, int, str]:
         why = "the address the SLURM cluster published"
     else:
         why = f"the default: no HOST given and ${ENV_MASTER} unset"
-    return found_host, found_port, why
+    return str(found) if found.tls else found_host, found_port, why
 
 
 def _parse_args(argv, prog: str = "python -m cw.status") -> argparse.Namespace:
@@ -316,7 +318,7 @@ def main(argv=None, prog: str = "python -m cw.status") -> int:
     except ValueError as exc:
         print(f"cw.status: {exc}", file=sys.stderr)
         return 2
-    address = f"{host}:{port}"
+    address = host if host.startswith("tls://") else f"{host}:{port}"
     executor = None
     try:
         try:

@@ -4,7 +4,14 @@ A master started with ``--address-file PATH`` publishes its reachable
 address there; the SLURM helpers, workers and clients read it.  Both sides
 go through this module, so the file's format lives in one place::
 
-    {"host": "node7", "port": 40123, "pid": 4711, "job": "1234", "node": "node7", "restarts": 0}
+    {"host": "node7", "port": 40123, "pid": 4711, "job": "1234", "node": "node7", "restarts": 0,
+     "scheme": "tls"}
+
+``scheme`` is "tls" for a master that speaks only TLS (``cw master --tls``)
+and "tcp" (or absent, from an older master) otherwise: a reader connects the
+way the master listens, so ``file:`` and ``slurm:`` addresses need no
+``tls://`` of their own.  An address given as text says it with a
+``tls://`` prefix (``tls://node7:40123``).
 
 ``job`` is the SLURM job id of the master (null outside SLURM), so that a
 reader can ignore a file left behind by a master job that has ended.
@@ -31,8 +38,11 @@ from typing import NamedTuple
 from cw import PORT
 from cw.errors import AddressFileError
 
-__all__ = ["AddressFileError", "AddressRecord", "parse_address", "read_address_file", "remove_address_file",
-           "write_address_file"]
+__all__ = ["AddressFileError", "AddressRecord", "MasterAddress", "TLS_PREFIX", "format_address", "parse_address",
+           "read_address_file", "remove_address_file", "write_address_file"]
+
+
+TLS_PREFIX = "tls://"
 
 
 class AddressRecord(NamedTuple):
@@ -43,10 +53,51 @@ class AddressRecord(NamedTuple):
     job: str | None      # the master's SLURM job id, if it ran as one
     node: str | None = None      # the SLURM node it ran on
     restarts: int | None = None  # SLURM's requeue count of its job then
+    tls: bool = False            # the master speaks TLS only
 
 
-def parse_address(address: str | None, default_port: int = PORT) -> tuple[str, int]:
-    """'host', 'host:port', '[v6]:port' or None -> (host, port)."""
+class MasterAddress(tuple):
+    """A master's ``(host, port)``, and whether it speaks TLS (``.tls``).
+
+    It unpacks and compares as the pair it always was, so code that only
+    wants the host and port keeps ``host, port = resolve_master(...)``; what
+    connects reads ``.tls`` too, and the scheme is never silently lost."""
+
+    tls: bool
+
+    def __new__(cls, host: str, port: int, tls: bool = False):
+        self = super().__new__(cls, (host, port))
+        self.tls = bool(tls)
+        return self
+
+    @property
+    def host(self) -> str:
+        return self[0]
+
+    @property
+    def port(self) -> int:
+        return self[1]
+
+    def __str__(self) -> str:
+        return format_address(self[0], self[1], self.tls)
+
+
+def format_address(host: str, port: int, tls: bool = False) -> str:
+    """``host:port`` (``[v6]:port``), with ``tls://`` in front for a TLS master."""
+    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return TLS_PREFIX + shown if tls else shown
+
+
+def parse_address(address: str | None, default_port: int = PORT) -> MasterAddress:
+    """'host', 'host:port', '[v6]:port', any of them after 'tls://', or None
+    -> MasterAddress(host, port, tls)."""
+    if address and address.startswith(TLS_PREFIX):
+        host, port = parse_address(address[len(TLS_PREFIX):], default_port)
+        return MasterAddress(host, port, tls=True)
+    return MasterAddress(*_host_port(address, default_port))
+
+
+def _host_port(address: str | None, default_port: int) -> tuple[str, int]:
     if not address:
         return "localhost", default_port
     if address.startswith("["):
@@ -61,11 +112,12 @@ def parse_address(address: str | None, default_port: int = PORT) -> tuple[str, i
     return address, default_port
 
 
-def write_address_file(path: str | os.PathLike, host: str, port: int, job: str | None = None) -> None:
+def write_address_file(path: str | os.PathLike, host: str, port: int, job: str | None = None,
+                       tls: bool = False) -> None:
     """Publishes (host, port) of this process's master at ``path``, creating
     its directory; atomic: readers never see half a file."""
     path = os.fspath(path)
-    record = {"host": host, "port": port, "pid": os.getpid(), "job": job}
+    record = {"host": host, "port": port, "pid": os.getpid(), "job": job, "scheme": "tls" if tls else "tcp"}
     if job is not None and os.environ.get("SLURMD_NODENAME"):
         # Read here rather than passed by the master: they describe the job
         # the master runs in, as its id does.  SLURM sets the count only
@@ -104,6 +156,9 @@ def read_address_file(path: str | os.PathLike) -> AddressRecord | None:
             raise ValueError(f"bad host {host!r}")
         if not 0 < port < 65536:
             raise ValueError(f"bad port {port}")
+        scheme = record.get("scheme", "tcp")
+        if scheme not in ("tcp", "tls"):
+            raise ValueError(f"unknown scheme {scheme!r} (this cw knows tcp and tls; a newer master?)")
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         shown = data[:80].decode("utf-8", "replace")
         raise AddressFileError(
@@ -111,7 +166,7 @@ def read_address_file(path: str | os.PathLike) -> AddressRecord | None:
             f"{shown!r}); a running master rewrites it when it starts: remove it, or restart the master") from None
     return AddressRecord(host, port, pid if isinstance(pid, int) else None, None if job is None else str(job),
                          node if isinstance(node, str) and node else None,
-                         restarts if isinstance(restarts, int) else None)
+                         restarts if isinstance(restarts, int) else None, scheme == "tls")
 
 
 def remove_address_file(path: str | os.PathLike) -> None:

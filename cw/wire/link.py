@@ -12,12 +12,13 @@ import logging
 import os
 import select
 import socket
+import ssl
 import threading
 import time
 
 from cw import settings
-from cw.errors import BrokenCluster, HandshakeFailed, ProtocolError
-from cw.wire import frames, handshake, segments
+from cw.errors import BrokenCluster, HandshakeFailed, ProtocolError, TlsError
+from cw.wire import frames, handshake, segments, tls
 from cw.wire.address import parse_address  # noqa: F401 - the worker imports it from here
 from cw.wire.decoder import FrameDecoder
 from cw.wire.frames import Frame
@@ -36,6 +37,9 @@ class Link:
         self.decoder = decoder
         self.address = address
         self.welcome: dict = {}
+        # An SSLSocket takes sendall and recv_into (one TLS record at most per
+        # read), but not sendmsg: a writer that gathers buffers must join them.
+        self.tls = isinstance(sock, ssl.SSLSocket)
         self._recv_buf = bytearray(_RECV_SIZE)
         self._recv_view = memoryview(self._recv_buf)
         self._send_lock = threading.Lock()
@@ -173,7 +177,7 @@ class Link:
                     if item is None:
                         continue
                 return item
-            if timeout is not None:
+            if timeout is not None and not self._tls_pending():
                 try:
                     ready = select.select([self.sock], [], [], timeout)[0]
                 except ValueError:      # closed by this process meanwhile (its descriptor is -1)
@@ -195,6 +199,11 @@ class Link:
                     raise ProtocolError(f"the master at {self.address} closed the connection mid-frame")
                 return None
             decoder.feed(self._recv_view[:n])
+
+    def _tls_pending(self) -> bool:
+        # TLS decrypts whole records: bytes of one may wait in the SSL object
+        # while the socket has nothing more, and select() would not see them.
+        return self.tls and self.sock.pending() > 0
 
     def close(self, flush_timeout: float = 10.0) -> None:
         """Closes the connection, after sending what was posted (a worker's last
@@ -320,11 +329,14 @@ class _Writer:
             self.cond.notify_all()
 
 
-def open_link(host: str, port: int, secret: bytes, hello: dict, connect_timeout: float = 10.0) -> Link:
+def open_link(host: str, port: int, secret: bytes, hello: dict, connect_timeout: float = 10.0,
+              tls_context: ssl.SSLContext | None = None) -> Link:
     """Connects and authenticates, retrying refused connections with backoff
-    for up to ``connect_timeout`` seconds.  Raises BrokenCluster when the
-    master cannot be reached, HandshakeFailed when it was reached but the
-    handshake broke off, AuthenticationError when the secrets differ."""
+    for up to ``connect_timeout`` seconds; with ``tls_context`` (see
+    cw.wire.tls.client_context) over TLS, to a master started with --tls.
+    Raises BrokenCluster when the master cannot be reached, HandshakeFailed
+    when it was reached but the handshake (TLS's or cw's) broke off,
+    AuthenticationError when the secrets differ."""
     address = f"{host}:{port}"
     deadline = time.monotonic() + connect_timeout
     delay = 0.05
@@ -342,6 +354,16 @@ def open_link(host: str, port: int, secret: bytes, hello: dict, connect_timeout:
             delay = min(delay * 2, 2.0)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    if tls_context is not None:
+        try:
+            sock = tls.start_client(sock, tls_context, address)
+        except TimeoutError:
+            sock.close()
+            raise HandshakeFailed(f"the master at {address} did not start TLS within {HANDSHAKE_TIMEOUT:g} s; is "
+                                  "that port a cw master?") from None
+        except BaseException:
+            sock.close()
+            raise
     link = Link(sock, FrameDecoder(frames.PREAUTH_MAX_FRAME), address)
     try:
         _handshake(link, secret)
@@ -355,6 +377,9 @@ def open_link(host: str, port: int, secret: bytes, hello: dict, connect_timeout:
         link.close()
         raise HandshakeFailed(f"the master at {address} did not finish the handshake within "
                               f"{HANDSHAKE_TIMEOUT:g} s; is that port a cw master?") from None
+    except ssl.SSLError as exc:          # the master refused our certificate (TLS 1.3 says so after the handshake)
+        link.close()
+        raise TlsError(f"the master at {address} ended TLS: {tls.describe_error(exc)}") from None
     except (OSError, ProtocolError) as exc:
         link.close()
         raise HandshakeFailed(f"the handshake with the master at {address} failed: {exc}") from exc
@@ -389,8 +414,14 @@ def master_timeout(link: Link) -> float:
 def _handshake(link: Link, secret: bytes) -> None:
     item = link.recv()
     if item is None:
+        if link.tls:        # (a TLS 1.3 master refuses a certificate after the client thinks TLS is set up)
+            raise TlsError(f"the master at {link.address} ended the TLS connection before the cw handshake: it "
+                           "refused this side's TLS certificate (another CA's, expired, or none?); its log says why")
         raise HandshakeFailed(f"the master at {link.address} closed the connection before the handshake")
     challenge_type, challenge = item
+    if challenge_type == Frame.ERROR and bytes(challenge).decode("utf-8", "replace").startswith(tls.BANNER_START):
+        raise TlsError(f"the master at {link.address} speaks TLS only: connect to tls://{link.address} (and have "
+                       "the cluster's certificates: see the TLS page of the docs)")
     nonce, response = handshake.peer_response(secret, challenge_type, challenge)
     link.send(response)
     item = link.recv()

@@ -22,7 +22,8 @@ def main(argv=None, prog: str = "python -m cw.worker") -> int:
     parser = argparse.ArgumentParser(prog=prog, description="Run cw workers.")
     add_version_option(parser)
     parser.add_argument("master", nargs="?", default=f"localhost:{PORT}", type=cliargs.master_address,
-                        help=f"the master's HOST[:PORT] (default localhost:{PORT}), slurm:NAME for the "
+                        help=f"the master's HOST[:PORT] (default localhost:{PORT}; tls://HOST[:PORT] for a "
+                             "master started with --tls), slurm:NAME for the "
                              "master of the SLURM cluster NAME, or file:PATH for the master that publishes its "
                              "address in PATH (cw.master --address-file PATH); both are read again at every "
                              "reconnection")
@@ -39,12 +40,14 @@ def main(argv=None, prog: str = "python -m cw.worker") -> int:
                         help="BLAS/OpenMP threads of each job: 'cpus' (default) as many as the CPUs it asked for "
                              "(1 unless resources={'cpu': N}), N for every job, 'off' to leave the libraries' "
                              "own counts and OMP_NUM_THREADS and friends alone; a job's threads= overrides it")
+    cliargs.tls_file_options(parser)
     parser.add_argument("--log-level", default="INFO", type=cliargs.log_level,
                         help="DEBUG, INFO, WARNING, ERROR or CRITICAL (default INFO)")
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--offer", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--exit-channel", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    cliargs.export_tls_files(args)    # to the worker processes, and the executors of their jobs
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s")
     try:

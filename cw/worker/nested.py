@@ -58,6 +58,6 @@ class NestedJobHooks(JobHooks):
 
 def enable_nested_jobs(host: str, port: int, session: Session) -> None:
     """Lets jobs of this process submit jobs (``cw.get_executor()``) and lend
-    this worker while they wait for them."""
+    this worker while they wait for them; ``host`` may say ``tls://HOST:PORT``."""
     from cw.client.executor import ClusterExecutor, set_executor_factory
     set_executor_factory(lambda: ClusterExecutor(host, port, job_hooks=NestedJobHooks(session)))

@@ -27,7 +27,7 @@ from collections import deque
 
 from cw import settings
 from cw.errors import AuthenticationError, BrokenCluster, CwError, ProtocolError
-from cw.wire import buffers, frames
+from cw.wire import buffers, frames, tls
 from cw.wire.auth import load_secret
 from cw.wire.link import HandshakeFailed, master_timeout, open_link, parse_address, peer_info
 from cw.wire.payload import run_payload, views_writable_memory  # (an import per job costs ~4 us)
@@ -378,7 +378,8 @@ def run_worker(resolve, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT, offer:
     while not relay.draining:
         host, port = "?", "?"
         try:
-            host, port = resolve()
+            address = resolve()
+            host, port = address
             if not announced:
                 log.info("worker %d looking for the master at %s:%s (for up to %.0f s)", os.getpid(), host, port,
                          max(0.0, deadline - time.monotonic()))
@@ -387,7 +388,7 @@ def run_worker(resolve, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT, offer:
             # names a host gone dark (a SLURM node that failed) hangs a connect
             # rather than refusing it, while a new master is published elsewhere.
             link = open_link(host, port, secret, {**peer_info("worker"), **(offer or {})},
-                             max(1.0, min(5.0, deadline - time.monotonic())))
+                             max(1.0, min(5.0, deadline - time.monotonic())), tls.context_for(address))
         except HandshakeFailed as exc:
             if time.monotonic() > deadline:
                 log.error("giving up: %s", exc)
@@ -419,7 +420,7 @@ def run_worker(resolve, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT, offer:
         log.info("worker %d connected to %s:%s", os.getpid(), host, port)
         channel.exit_channel.say_ready()
         session = Session(link, contexts, functions)
-        enable_nested_jobs(host, port, session)
+        enable_nested_jobs(str(address), port, session)
         relay.session = session
         try:
             if session.run():
