@@ -49,9 +49,10 @@ class Link:
         self.sent_by_reference = 0
         self.received_by_reference = 0
 
-    def start_writer(self) -> None:
-        """From now on ``post`` hands frames to a writer thread (see _Writer)."""
-        self._writer = _Writer(self)
+    def start_writer(self, burst_gap: float = BURST_GAP) -> None:
+        """From now on ``post`` hands frames to a writer thread (see _Writer);
+        posts closer together than ``burst_gap`` seconds go through it."""
+        self._writer = _Writer(self, burst_gap)
 
     def post(self, *chunks, direct: bool = True) -> None:
         """Sends frames, through the writer thread when there is one.  A reader
@@ -92,7 +93,7 @@ class Link:
             else:
                 flat.append(chunk)
         with self._send_lock:
-            if sum(len(c) for c in flat) < 64 * 1024:
+            if sum(map(len, flat)) < 64 * 1024:
                 self.sock.sendall(b"".join(flat))
                 return
             small = []
@@ -114,7 +115,7 @@ class Link:
         for i, chunk in enumerate(chunks):
             if type(chunk) is not tuple:
                 continue
-            size = sum(len(c) for c in chunk)
+            size = sum(map(len, chunk))
             if size < segments.MIN_SIZE or not segments.may_hold(self._held_bytes, size):
                 continue
             kind, fields, payload = segments.split_frame(chunk)
@@ -224,8 +225,9 @@ class _Writer:
 
     MAX_PENDING = 16 * 1024 * 1024
 
-    def __init__(self, link: Link):
+    def __init__(self, link: Link, burst_gap: float = BURST_GAP):
         self.link = link
+        self.burst_gap = burst_gap
         self.cond = threading.Condition()
         self.pending: list = []
         self.pending_bytes = 0
@@ -251,7 +253,7 @@ class _Writer:
             # is sent by the writer, many frames per send): send from this
             # thread, with no hand-over to the writer (a lone round trip stays fast).
             now = time.perf_counter()
-            direct = direct and not self.pending and not self.sending and now - self.last_post > BURST_GAP
+            direct = direct and not self.pending and not self.sending and now - self.last_post > self.burst_gap
             self.last_post = now
             if direct:
                 self.sending = True

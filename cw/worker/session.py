@@ -46,25 +46,44 @@ DEFAULT_CONNECT_TIMEOUT = settings.WORKER_CONNECT_TIMEOUT
 #: Seconds an exiting worker waits for what it sends (finished jobs' outcomes) to go out.
 EXIT_FLUSH_TIMEOUT = 10.0
 _EXIT_STATUS = {ExitChannel.REPLACE: EXIT_REPLACE, ExitChannel.STOPPED: EXIT_NOW}
+#: Seconds between two looks of the standby reader (see Session): a job still
+#: running after one to two of them has the standby read for it.
+STANDBY_TICK = 0.01
+#: Ticks with nothing put off to it after which the standby waits without a timeout.
+PARK_TICKS = 100
 
 
 class _Runner:
     """A runner thread's mailbox: the core names runners by id; a task for
     one is put here and its event set (each thread waits on its own event,
-    so no other thread wakes for it)."""
+    so no other thread wakes for it).  ``id`` is the runner this thread
+    plays now: a thread that finishes a job takes over the reading from the
+    standby that never started it (see Session._take_reading), and the two
+    trade ids.  The standby's thread waits with a timeout (``ticking``) to
+    look now and then whether it must start reading."""
 
-    __slots__ = ("event", "id", "task")
+    __slots__ = ("event", "id", "idle_ticks", "seen", "task", "ticking")
 
     def __init__(self, runner_id: int):
         self.id = runner_id
         self.event = threading.Event()
         self.task = None
+        self.ticking = False   # waits STANDBY_TICK at a time (set and read holding Session.lock)
+        self.idle_ticks = 0    # ticks in a row with no reading put off to it (it parks after PARK_TICKS)
+        self.seen = -1         # the put-off reading it saw at its last tick (Session.deferred_count)
 
-    def wait(self):
-        self.event.wait()
-        self.event.clear()
-        task, self.task = self.task, None
-        return task
+    def wait(self, session: Session):
+        event = self.event
+        while True:
+            if event.wait(STANDBY_TICK if self.ticking else None):
+                event.clear()
+                task, self.task = self.task, None
+                if task is not None:
+                    return task
+                continue              # nudged to tick: a reading was put off to it
+            task = session._tick(self)
+            if task is not None:
+                return task
 
 
 class Session:
@@ -77,9 +96,16 @@ class Session:
     Reading is a role, not a thread: a job that comes while no job runs is
     run by the reader itself, which first hands its role to a free runner
     (the core decides, see WorkerCore.job).  The job then starts without a
-    thread wake-up on its way (the new reader wakes while it runs): about
-    30-50 us less per round trip on a small VM, where a wake-up is most of a
-    no-op job's time here."""
+    thread wake-up on its way.  Nor does the new reader wake for it: the
+    reading is put off (``deferred``) to that runner's thread, the standby,
+    which looks every STANDBY_TICK and starts reading only once a job ran
+    through a whole tick (so PING, ABORT and REVOKE are read during long
+    jobs, a few milliseconds late at most).  A job that ends sooner takes
+    the reading back on its own thread, which trades runner ids with the
+    standby.  A stream of short jobs thus runs on one thread with no wake-up
+    between them, as a process pool's worker does: a wake-up costs a no-op
+    job's time again on a small VM.  A job that waits on its children
+    (help_while) wakes the standby at once: their JOBs must be read."""
 
     def __init__(self, link, contexts: ContextSwitcher, functions: FunctionLRU | None = None):
         self.link = link
@@ -88,6 +114,8 @@ class Session:
         self.lock = threading.Lock()
         self.send_lock = threading.Lock()
         self.runners: dict[int, _Runner] = {}
+        self.deferred: _Runner | None = None   # the standby, whose Read is put off (see the class docstring)
+        self.deferred_count = 0                # readings put off so far (the standby's tick compares)
         self.local = threading.local()     # on a runner: .runner; while it runs a job: .job, .env, .children
         self.ended = threading.Event()
         self.drained = False
@@ -97,7 +125,10 @@ class Session:
         """Runs jobs until the master is lost (returns False: reconnect) or this
         worker drained (returns True: exit).  The main thread only waits
         here, free for signals."""
-        self.link.start_writer()    # outcomes of quick jobs share sends (see link._Writer)
+        # A job's thread sends its outcome itself whenever the writer thread is
+        # idle, even right after the last one: on a worker, jobs come one at a
+        # time, and a wake-up of the writer costs more than the send it saves.
+        self.link.start_writer(burst_gap=0.0)
         with self.lock:
             self._act(self.core.start(), None)
         # An Event of its own: the threads' work never wakes this one.
@@ -124,11 +155,60 @@ class Session:
                 self.drained = action.drained
             elif action.runner == me:
                 mine = action
+            elif kind is Read and me is not None:   # the caller runs a job it read: put the reading off
+                self._defer_reading(self.runners[action.runner])
             else:
                 runner = self.runners[action.runner]
                 runner.task = action
                 runner.event.set()
         return mine
+
+    def _defer_reading(self, standby: _Runner) -> None:
+        """With self.lock held: ``standby`` is to read once the job just
+        started has run for a tick (see _tick), unless it ends first (_run)."""
+        self.deferred = standby
+        self.deferred_count += 1
+        standby.idle_ticks = 0
+        if not standby.ticking:        # parked: one wake-up, and it ticks from now on
+            standby.ticking = True
+            standby.event.set()
+
+    def _wake_deferred(self) -> None:
+        """With self.lock held: the standby reads now."""
+        standby, self.deferred = self.deferred, None
+        if standby is not None:
+            standby.task = Read(standby.id)
+            standby.event.set()
+
+    def _tick(self, me: _Runner):
+        """The standby's look: its task (Read) once the reading put off to it
+        waited a whole tick; else None (and after PARK_TICKS idle ones it parks)."""
+        with self.lock:
+            if self.deferred is me:
+                if me.seen == self.deferred_count:
+                    self.deferred = None
+                    return Read(me.id)
+                me.seen = self.deferred_count
+                return None
+            me.idle_ticks += 1
+            if me.idle_ticks >= PARK_TICKS:
+                me.ticking = False
+            return None
+
+    def _take_reading(self, me: _Runner):
+        """With self.lock held, on a runner the core left free (Idle): when a
+        reading is still put off, this thread takes it (trading runner ids
+        with the standby, which is then the free one); returns its task, or
+        None (wait for one)."""
+        standby = self.deferred
+        if standby is None or me.task is not None:
+            return None
+        self.deferred = None
+        if standby is not me:
+            mine, theirs = me.id, standby.id
+            me.id, standby.id = theirs, mine
+            self.runners[mine], self.runners[theirs] = standby, me
+        return Read(me.id)
 
     def _call(self, event, *args, me: int | None = None):
         """Calls a core event, does what it returns, sends what it queued;
@@ -195,7 +275,7 @@ class Session:
         task = None
         while True:
             if task is None:
-                task = me.wait()
+                task = me.wait(self)
             kind = type(task)
             if kind is Read:
                 task = self._read(me)
@@ -203,8 +283,9 @@ class Session:
                 task = self._run(me, task.job)
             elif kind is Stop:
                 return
-            else:                      # Idle
-                task = None
+            else:                      # Idle: a reading put off may be ours to take
+                with self.lock:
+                    task = self._take_reading(me)
 
     def _read(self, me: _Runner):
         """The reader's role: returns this thread's next task (a job to run
@@ -241,7 +322,7 @@ class Session:
             timer.daemon = True
             timer.start()
         local = self.local
-        local.job, local.children = job, []
+        local.job, local.children = job, None    # (a list once the job submits a job, see track_child)
         local.env = self.contexts.job_environ(job.env)
         self.contexts.enter(job.context, local.env)
         output.begin()
@@ -253,21 +334,26 @@ class Session:
             if timer is not None:
                 timer.cancel()
             # A job's unfinished children die with it: nobody will wait for them.
-            for future in local.children:
-                future.cancel()
+            if local.children:
+                for future in local.children:
+                    future.cancel()
             local.job = local.children = None
         core = self.core
-        with self.lock:
-            core.finished(me.id, gid, status, data, printed)   # (the task it gives is Flush)
         if views_writable_memory(data):   # the next job may change what this one returned: send it first
+            with self.lock:
+                core.finished(me.id, gid, status, data, printed)   # (the task it gives is Flush)
             self._send_all()
             self.link.flush(timeout=None)
+            with self.lock:
+                task = self._act(core.sent(me.id, gid), me.id)
         else:
-            self._send()
-        with self.lock:
-            task = self._act(core.sent(me.id, gid), me.id)
+            # Flush asks nothing more: the outcome is in the outbox, ahead of
+            # whatever the next job sends, so the token may go on at once.
+            with self.lock:
+                core.finished(me.id, gid, status, data, printed)
+                task = self._act(core.sent(me.id, gid), me.id)
         if self.exit is not None or core.over or core.outbox:
-            self._after()
+            self._after()              # (before taking the reading: a reader never blocks on the socket)
         return task
 
     # --- nested jobs (see NestedJobHooks) ----------------------------------------------
@@ -285,6 +371,7 @@ class Session:
         with self.lock:
             if future.done():
                 return
+            self._wake_deferred()      # the children's JOBs must be read while this job waits
             actions = self.core.lend(me.id, job.gid)
             if actions is None:
                 return                 # draining or lost: no new jobs may start here
@@ -293,7 +380,7 @@ class Session:
         concurrent.futures.wait([future], timeout)
         task = self._call(self.core.wait_over, me.id, job.gid, me=me.id)
         while type(task) is not Resume:
-            task = me.wait()           # until the job holding the token ends or lends (and sends RECLAIM)
+            task = me.wait(self)       # until the job holding the token ends or lends (and sends RECLAIM)
         self.contexts.enter(job.context, local.env)
 
     def signal(self, event: str) -> None:
@@ -303,9 +390,12 @@ class Session:
 
     def track_child(self, future) -> None:
         """A future the running job submitted (see NestedJobHooks)."""
-        children = getattr(self.local, "children", None)
-        if children is not None:
-            children.append(future)
+        local = self.local
+        if getattr(local, "job", None) is None:
+            return                     # not a job's thread
+        if local.children is None:
+            local.children = []
+        local.children.append(future)
 
 
 class SignalRelay:
