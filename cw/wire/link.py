@@ -228,7 +228,8 @@ class _Writer:
     def __init__(self, link: Link, burst_gap: float = BURST_GAP):
         self.link = link
         self.burst_gap = burst_gap
-        self.cond = threading.Condition()
+        self.lock = threading.Lock()       # (taken as it is where no wait is needed: a post is hot)
+        self.cond = threading.Condition(self.lock)
         self.pending: list = []
         self.pending_bytes = 0
         self.error: OSError | None = None
@@ -240,7 +241,7 @@ class _Writer:
         self.thread.start()
 
     def post(self, chunks, direct: bool = True) -> None:
-        with self.cond:
+        with self.lock:
             while self.pending_bytes > self.MAX_PENDING and self.error is None and not self.stopped:
                 self.waiters += 1
                 self.cond.wait()
@@ -261,16 +262,16 @@ class _Writer:
             try:
                 self.link.send(*chunks)
             except OSError as exc:
-                with self.cond:
+                with self.lock:
                     self.error = exc
                 raise
             finally:
-                with self.cond:
+                with self.lock:
                     self.sending = False
                     if self.pending or self.waiters:   # (a wake-up per job costs as much as the job)
                         self.cond.notify_all()
             return
-        with self.cond:
+        with self.lock:
             wake = not self.pending
             for chunk in chunks:
                 if type(chunk) is tuple:

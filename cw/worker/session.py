@@ -291,9 +291,10 @@ class Session:
         """The reader's role: returns this thread's next task (a job to run
         here, the role having gone to another runner; or Stop)."""
         link, core, lock = self.link, self.core, self.lock
+        timeout = master_timeout(link)
         try:
             while True:
-                item = link.recv(master_timeout(link))
+                item = link.recv(timeout)
                 if item is None:
                     why = f"the master at {link.address} closed the connection"
                     break
@@ -339,7 +340,8 @@ class Session:
                     future.cancel()
             local.job = local.children = None
         core = self.core
-        if views_writable_memory(data):   # the next job may change what this one returned: send it first
+        if type(data) is tuple and views_writable_memory(data):   # the next job may change what it returned
+            # Its outcome goes out before the next job starts.
             with self.lock:
                 core.finished(me.id, gid, status, data, printed)   # (the task it gives is Flush)
             self._send_all()
@@ -352,8 +354,11 @@ class Session:
             with self.lock:
                 core.finished(me.id, gid, status, data, printed)
                 task = self._act(core.sent(me.id, gid), me.id)
-        if self.exit is not None or core.over or core.outbox:
-            self._after()              # (before taking the reading: a reader never blocks on the socket)
+        # Sent before this thread takes the reading (a reader never blocks on the socket).
+        if self.exit is not None or core.over:
+            self._after()
+        elif core.outbox:
+            self._send()
         return task
 
     # --- nested jobs (see NestedJobHooks) ----------------------------------------------
