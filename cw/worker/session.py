@@ -62,12 +62,15 @@ class _Runner:
     trade ids.  The standby's thread waits with a timeout (``ticking``) to
     look now and then whether it must start reading."""
 
-    __slots__ = ("event", "id", "idle_ticks", "seen", "task", "ticking")
+    __slots__ = ("children", "env", "event", "id", "idle_ticks", "job", "seen", "task", "ticking")
 
     def __init__(self, runner_id: int):
         self.id = runner_id
         self.event = threading.Event()
         self.task = None
+        self.job = None        # while this thread runs a job: the job, its environment, the futures it submitted
+        self.env = None
+        self.children: list | None = None
         self.ticking = False   # waits STANDBY_TICK at a time (set and read holding Session.lock)
         self.idle_ticks = 0    # ticks in a row with no reading put off to it (it parks after PARK_TICKS)
         self.seen = -1         # the put-off reading it saw at its last tick (Session.deferred_count)
@@ -116,7 +119,7 @@ class Session:
         self.runners: dict[int, _Runner] = {}
         self.deferred: _Runner | None = None   # the standby, whose Read is put off (see the class docstring)
         self.deferred_count = 0                # readings put off so far (the standby's tick compares)
-        self.local = threading.local()     # on a runner: .runner; while it runs a job: .job, .env, .children
+        self.local = threading.local()     # on a runner's thread: .runner, its _Runner
         self.ended = threading.Event()
         self.drained = False
         self.exit: Exit | None = None
@@ -322,10 +325,9 @@ class Session:
             timer = threading.Timer(job.timeout, self._call, (self.core.deadline, gid))
             timer.daemon = True
             timer.start()
-        local = self.local
-        local.job, local.children = job, None    # (a list once the job submits a job, see track_child)
-        local.env = self.contexts.job_environ(job.env)
-        self.contexts.enter(job.context, local.env)
+        me.job, me.children = job, None    # (a list once the job submits a job, see track_child)
+        me.env = env = self.contexts.job_environ(job.env)
+        self.contexts.enter(job.context, env)
         output.begin()
         call = []          # the job's arguments, let go of once its outcome is sent
         try:
@@ -335,10 +337,10 @@ class Session:
             if timer is not None:
                 timer.cancel()
             # A job's unfinished children die with it: nobody will wait for them.
-            if local.children:
-                for future in local.children:
+            if me.children:
+                for future in me.children:
                     future.cancel()
-            local.job = local.children = None
+            me.job = me.children = None
         core = self.core
         if type(data) is tuple and views_writable_memory(data):   # the next job may change what it returned
             # Its outcome goes out before the next job starts.
@@ -368,11 +370,10 @@ class Session:
         lends this worker to the master, so that other jobs (its children,
         most likely) run here meanwhile, and takes it back once the future is
         done.  Returns after ``timeout`` seconds at most."""
-        local = self.local
-        job = getattr(local, "job", None)
+        me = getattr(self.local, "runner", None)
+        job = me.job if me is not None else None
         if job is None:
             return                     # not a job's thread
-        me = local.runner
         with self.lock:
             if future.done():
                 return
@@ -386,7 +387,7 @@ class Session:
         task = self._call(self.core.wait_over, me.id, job.gid, me=me.id)
         while type(task) is not Resume:
             task = me.wait(self)       # until the job holding the token ends or lends (and sends RECLAIM)
-        self.contexts.enter(job.context, local.env)
+        self.contexts.enter(job.context, me.env)
 
     def signal(self, event: str) -> None:
         """A signal's event ("sigterm" or "drain") for the core, from a thread
@@ -395,12 +396,12 @@ class Session:
 
     def track_child(self, future) -> None:
         """A future the running job submitted (see NestedJobHooks)."""
-        local = self.local
-        if getattr(local, "job", None) is None:
+        me = getattr(self.local, "runner", None)
+        if me is None or me.job is None:
             return                     # not a job's thread
-        if local.children is None:
-            local.children = []
-        local.children.append(future)
+        if me.children is None:
+            me.children = []
+        me.children.append(future)
 
 
 class SignalRelay:
