@@ -37,6 +37,7 @@ from cw.worker.context import ContextSwitcher
 from cw.worker.core import End, Exit, Pong, Read, Resume, Run, Spawn, Stop, WorkerCore, decode
 from cw.worker.functions import FunctionLRU
 from cw.worker.nested import NestedJobHooks, enable_nested_jobs
+from cw.worker.runners import DeferredReading, Runner
 
 __all__ = ["NestedJobHooks", "Session", "SignalRelay", "master_resolver", "run_worker"]
 
@@ -46,47 +47,6 @@ DEFAULT_CONNECT_TIMEOUT = settings.WORKER_CONNECT_TIMEOUT
 #: Seconds an exiting worker waits for what it sends (finished jobs' outcomes) to go out.
 EXIT_FLUSH_TIMEOUT = 10.0
 _EXIT_STATUS = {ExitChannel.REPLACE: EXIT_REPLACE, ExitChannel.STOPPED: EXIT_NOW}
-#: Seconds between two looks of the standby reader (see Session): a job still
-#: running after one to two of them has the standby read for it.
-STANDBY_TICK = 0.01
-#: Ticks with nothing put off to it after which the standby waits without a timeout.
-PARK_TICKS = 100
-
-
-class _Runner:
-    """A runner thread's mailbox: the core names runners by id; a task for
-    one is put here and its event set (each thread waits on its own event,
-    so no other thread wakes for it).  ``id`` is the runner this thread
-    plays now: a thread that finishes a job takes over the reading from the
-    standby that never started it (see Session._take_reading), and the two
-    trade ids.  The standby's thread waits with a timeout (``ticking``) to
-    look now and then whether it must start reading."""
-
-    __slots__ = ("children", "env", "event", "id", "idle_ticks", "job", "seen", "task", "ticking")
-
-    def __init__(self, runner_id: int):
-        self.id = runner_id
-        self.event = threading.Event()
-        self.task = None
-        self.job = None        # while this thread runs a job: the job, its environment, the futures it submitted
-        self.env = None
-        self.children: list | None = None
-        self.ticking = False   # waits STANDBY_TICK at a time (set and read holding Session.lock)
-        self.idle_ticks = 0    # ticks in a row with no reading put off to it (it parks after PARK_TICKS)
-        self.seen = -1         # the put-off reading it saw at its last tick (Session.deferred_count)
-
-    def wait(self, session: Session):
-        event = self.event
-        while True:
-            if event.wait(STANDBY_TICK if self.ticking else None):
-                event.clear()
-                task, self.task = self.task, None
-                if task is not None:
-                    return task
-                continue              # nudged to tick: a reading was put off to it
-            task = session._tick(self)
-            if task is not None:
-                return task
 
 
 class Session:
@@ -98,17 +58,10 @@ class Session:
 
     Reading is a role, not a thread: a job that comes while no job runs is
     run by the reader itself, which first hands its role to a free runner
-    (the core decides, see WorkerCore.job).  The job then starts without a
-    thread wake-up on its way.  Nor does the new reader wake for it: the
-    reading is put off (``deferred``) to that runner's thread, the standby,
-    which looks every STANDBY_TICK and starts reading only once a job ran
-    through a whole tick (so PING, ABORT and REVOKE are read during long
-    jobs, a few milliseconds late at most).  A job that ends sooner takes
-    the reading back on its own thread, which trades runner ids with the
-    standby.  A stream of short jobs thus runs on one thread with no wake-up
-    between them, as a process pool's worker does: a wake-up costs a no-op
-    job's time again on a small VM.  A job that waits on its children
-    (help_while) wakes the standby at once: their JOBs must be read."""
+    (the core decides, see WorkerCore.job), lazily (see cw.worker.runners):
+    neither the job nor the new reader waits for a thread to wake.  A job
+    that waits on its children (help_while) has the standby read at once:
+    their JOBs must be read."""
 
     def __init__(self, link, contexts: ContextSwitcher, functions: FunctionLRU | None = None):
         self.link = link
@@ -116,10 +69,9 @@ class Session:
         self.core = WorkerCore(os.getpid(), functions)
         self.lock = threading.Lock()
         self.send_lock = threading.Lock()
-        self.runners: dict[int, _Runner] = {}
-        self.deferred: _Runner | None = None   # the standby, whose Read is put off (see the class docstring)
-        self.deferred_count = 0                # readings put off so far (the standby's tick compares)
-        self.local = threading.local()     # on a runner's thread: .runner, its _Runner
+        self.runners: dict[int, Runner] = {}
+        self.reading = DeferredReading(self.lock, self.runners)
+        self.local = threading.local()     # on a runner's thread: .runner, its Runner
         self.ended = threading.Event()
         self.drained = False
         self.exit: Exit | None = None
@@ -147,7 +99,7 @@ class Session:
         for action in actions:
             kind = type(action)
             if kind is Spawn:
-                runner = self.runners[action.runner] = _Runner(action.runner)
+                runner = self.runners[action.runner] = Runner(action.runner)
                 threading.Thread(target=self._runner, args=(runner,), name="cw-worker", daemon=True).start()
             elif kind is Pong:
                 self.link.post_nowait(frames.PONG_FRAME)
@@ -159,59 +111,12 @@ class Session:
             elif action.runner == me:
                 mine = action
             elif kind is Read and me is not None:   # the caller runs a job it read: put the reading off
-                self._defer_reading(self.runners[action.runner])
+                self.reading.defer(self.runners[action.runner])
             else:
                 runner = self.runners[action.runner]
                 runner.task = action
                 runner.event.set()
         return mine
-
-    def _defer_reading(self, standby: _Runner) -> None:
-        """With self.lock held: ``standby`` is to read once the job just
-        started has run for a tick (see _tick), unless it ends first (_run)."""
-        self.deferred = standby
-        self.deferred_count += 1
-        standby.idle_ticks = 0
-        if not standby.ticking:        # parked: one wake-up, and it ticks from now on
-            standby.ticking = True
-            standby.event.set()
-
-    def _wake_deferred(self) -> None:
-        """With self.lock held: the standby reads now."""
-        standby, self.deferred = self.deferred, None
-        if standby is not None:
-            standby.task = Read(standby.id)
-            standby.event.set()
-
-    def _tick(self, me: _Runner):
-        """The standby's look: its task (Read) once the reading put off to it
-        waited a whole tick; else None (and after PARK_TICKS idle ones it parks)."""
-        with self.lock:
-            if self.deferred is me:
-                if me.seen == self.deferred_count:
-                    self.deferred = None
-                    return Read(me.id)
-                me.seen = self.deferred_count
-                return None
-            me.idle_ticks += 1
-            if me.idle_ticks >= PARK_TICKS:
-                me.ticking = False
-            return None
-
-    def _take_reading(self, me: _Runner):
-        """With self.lock held, on a runner the core left free (Idle): when a
-        reading is still put off, this thread takes it (trading runner ids
-        with the standby, which is then the free one); returns its task, or
-        None (wait for one)."""
-        standby = self.deferred
-        if standby is None or me.task is not None:
-            return None
-        self.deferred = None
-        if standby is not me:
-            mine, theirs = me.id, standby.id
-            me.id, standby.id = theirs, mine
-            self.runners[mine], self.runners[theirs] = standby, me
-        return Read(me.id)
 
     def _call(self, event, *args, me: int | None = None):
         """Calls a core event, does what it returns, sends what it queued;
@@ -272,13 +177,13 @@ class Session:
 
     # --- runner threads ----------------------------------------------------------
 
-    def _runner(self, me: _Runner) -> None:
+    def _runner(self, me: Runner) -> None:
         """A runner thread's life: it does the tasks the core gives it."""
         self.local.runner = me
         task = None
         while True:
             if task is None:
-                task = me.wait(self)
+                task = me.wait(self.reading)
             kind = type(task)
             if kind is Read:
                 task = self._read(me)
@@ -288,9 +193,9 @@ class Session:
                 return
             else:                      # Idle: a reading put off may be ours to take
                 with self.lock:
-                    task = self._take_reading(me)
+                    task = self.reading.take(me)
 
-    def _read(self, me: _Runner):
+    def _read(self, me: Runner):
         """The reader's role: returns this thread's next task (a job to run
         here, the role having gone to another runner; or Stop)."""
         link, core, lock = self.link, self.core, self.lock
@@ -317,7 +222,7 @@ class Session:
             log.warning("%s", why)
         return self._call(core.closed, why, me=me.id)
 
-    def _run(self, me: _Runner, job):
+    def _run(self, me: Runner, job):
         """Runs a job on this thread; returns this thread's next task."""
         gid = job.gid
         timer = None
@@ -377,7 +282,7 @@ class Session:
         with self.lock:
             if future.done():
                 return
-            self._wake_deferred()      # the children's JOBs must be read while this job waits
+            self.reading.wake()        # the children's JOBs must be read while this job waits
             actions = self.core.lend(me.id, job.gid)
             if actions is None:
                 return                 # draining or lost: no new jobs may start here
@@ -386,7 +291,7 @@ class Session:
         concurrent.futures.wait([future], timeout)
         task = self._call(self.core.wait_over, me.id, job.gid, me=me.id)
         while type(task) is not Resume:
-            task = me.wait(self)       # until the job holding the token ends or lends (and sends RECLAIM)
+            task = me.wait(self.reading)   # until the job holding the token ends or lends (and sends RECLAIM)
         self.contexts.enter(job.context, me.env)
 
     def signal(self, event: str) -> None:
