@@ -1,5 +1,6 @@
-"""How a worker's threads share the work (cw/worker/session.py, Session): the
-reader's role passes to another thread when the reader runs a job itself."""
+"""How a worker's threads share the work (cw/worker/session.py, Session): a
+job that reaches an idle worker runs on the thread that read it; the reading
+is put off to a standby thread, which takes it only when a job runs long."""
 from __future__ import annotations
 
 import jobs
@@ -15,17 +16,21 @@ def one_worker(master):
         yield ex
 
 
-def test_a_job_reaching_an_idle_worker_runs_on_the_thread_that_read_it(one_worker):
-    # The reader runs such a job itself and an idle runner becomes the reader,
-    # so one-at-a-time jobs run on both threads in turn.  Were every job handed
-    # to a runner thread (a wake-up on each job's way), one thread would run them all.
-    calls = [one_worker.submit(jobs.pid_and_thread).result(timeout=30) for _ in range(20)]
-    assert len({pid for pid, _ in calls}) == 1
-    assert len({thread for _, thread in calls}) >= 2
+def test_quick_jobs_one_at_a_time_stay_on_one_thread(one_worker):
+    # A quick job ends before the standby takes the reading over, so its own
+    # thread reads the next job and runs it too: no thread wakes between them.
+    # Were the reading handed to another thread with each job (as before),
+    # the jobs would alternate between two threads.  (A job held up past the
+    # standby's tick, on a loaded machine, moves the stream to the standby:
+    # a few moves are allowed.)
+    one_worker.submit(jobs.pid_and_thread).result(timeout=30)     # (the first job imports the module)
+    threads = [one_worker.submit(jobs.pid_and_thread).result(timeout=30)[1] for _ in range(20)]
+    moves = sum(a != b for a, b in zip(threads, threads[1:], strict=False))
+    assert moves <= 4, threads
 
 
 def test_a_job_run_by_the_reader_can_still_be_cancelled(one_worker, tmp_path):
-    # While the former reader runs the job, the new reader must take the ABORT.
+    # While the former reader runs the job, the standby must start reading and take the ABORT.
     started, release = tmp_path / "started", tmp_path / "release"
     started.mkdir()
     first_pid = one_worker.submit(jobs.pid).result(timeout=30)

@@ -53,9 +53,10 @@ class Link:
         self.sent_by_reference = 0
         self.received_by_reference = 0
 
-    def start_writer(self) -> None:
-        """From now on ``post`` hands frames to a writer thread (see _Writer)."""
-        self._writer = _Writer(self)
+    def start_writer(self, burst_gap: float = BURST_GAP) -> None:
+        """From now on ``post`` hands frames to a writer thread (see _Writer);
+        posts closer together than ``burst_gap`` seconds go through it."""
+        self._writer = _Writer(self, burst_gap)
 
     def post(self, *chunks, direct: bool = True) -> None:
         """Sends frames, through the writer thread when there is one.  A reader
@@ -96,7 +97,7 @@ class Link:
             else:
                 flat.append(chunk)
         with self._send_lock:
-            if sum(len(c) for c in flat) < 64 * 1024:
+            if sum(map(len, flat)) < 64 * 1024:
                 self.sock.sendall(b"".join(flat))
                 return
             small = []
@@ -118,7 +119,7 @@ class Link:
         for i, chunk in enumerate(chunks):
             if type(chunk) is not tuple:
                 continue
-            size = sum(len(c) for c in chunk)
+            size = sum(map(len, chunk))
             if size < segments.MIN_SIZE or not segments.may_hold(self._held_bytes, size):
                 continue
             kind, fields, payload = segments.split_frame(chunk)
@@ -233,9 +234,11 @@ class _Writer:
 
     MAX_PENDING = 16 * 1024 * 1024
 
-    def __init__(self, link: Link):
+    def __init__(self, link: Link, burst_gap: float = BURST_GAP):
         self.link = link
-        self.cond = threading.Condition()
+        self.burst_gap = burst_gap
+        self.lock = threading.Lock()       # (taken as it is where no wait is needed: a post is hot)
+        self.cond = threading.Condition(self.lock)
         self.pending: list = []
         self.pending_bytes = 0
         self.error: OSError | None = None
@@ -247,7 +250,7 @@ class _Writer:
         self.thread.start()
 
     def post(self, chunks, direct: bool = True) -> None:
-        with self.cond:
+        with self.lock:
             while self.pending_bytes > self.MAX_PENDING and self.error is None and not self.stopped:
                 self.waiters += 1
                 self.cond.wait()
@@ -260,7 +263,7 @@ class _Writer:
             # is sent by the writer, many frames per send): send from this
             # thread, with no hand-over to the writer (a lone round trip stays fast).
             now = time.perf_counter()
-            direct = direct and not self.pending and not self.sending and now - self.last_post > BURST_GAP
+            direct = direct and not self.pending and not self.sending and now - self.last_post > self.burst_gap
             self.last_post = now
             if direct:
                 self.sending = True
@@ -268,16 +271,16 @@ class _Writer:
             try:
                 self.link.send(*chunks)
             except OSError as exc:
-                with self.cond:
+                with self.lock:
                     self.error = exc
                 raise
             finally:
-                with self.cond:
+                with self.lock:
                     self.sending = False
                     if self.pending or self.waiters:   # (a wake-up per job costs as much as the job)
                         self.cond.notify_all()
             return
-        with self.cond:
+        with self.lock:
             wake = not self.pending
             for chunk in chunks:
                 if type(chunk) is tuple:

@@ -54,9 +54,8 @@ Rules kept here:
   the job keeps the token until the shell has handed them to the
   connection (Flush, then ``sent``).  So an outcome that views memory the
   next job may change is on its way before that job starts (the shell
-  waits until it is sent), and a JOB read meanwhile queues: a burst of jobs
-  runs back to back on one runner, not each on the reader with a thread
-  woken to take the reading over.
+  waits until it is sent).  (For any other outcome the shell may call
+  ``sent`` at once: the outbox keeps the frames in order.)
 - A job running past its timeout (the shell tells ``deadline``) gets a
   JobTimeout OUTCOME, and the process exits (Exit REPLACE) after sending it.
 - Drain (first SIGTERM, or the supervisor's SIGUSR1; idempotent): every

@@ -21,7 +21,18 @@ import threading
 
 from cw import settings
 
-_current = threading.local()     # .capture: the Capture of the job this thread runs
+_current = threading.local()     # .capture: the Capture of the job this thread runs (or PENDING)
+#: The capture of a job that has printed nothing yet: most jobs never print,
+#: so a Capture is made at the first write, not for every job.
+PENDING = object()
+
+
+def _capture():
+    """The Capture of the job this thread runs (made now if it is PENDING), or None."""
+    capture = getattr(_current, "capture", None)
+    if capture is PENDING:
+        capture = _current.capture = Capture()
+    return capture
 
 
 class Capture:
@@ -67,7 +78,7 @@ class _Router(io.TextIOBase):
         self.buffer = _BinaryRouter(getattr(real, "buffer", None))
 
     def write(self, text) -> int:
-        capture = getattr(_current, "capture", None)
+        capture = _capture()
         if capture is None:
             return self.real.write(text)
         capture.write(str(text))
@@ -101,7 +112,7 @@ class _BinaryRouter(io.RawIOBase):
         return True
 
     def write(self, data) -> int:
-        capture = getattr(_current, "capture", None)
+        capture = _capture()
         if capture is None:
             if self.real is None:
                 return len(data)
@@ -118,8 +129,10 @@ class _LogHandler(logging.Handler):
     """Sends the log records of a job's thread to its capture (not cw's own)."""
 
     def emit(self, record) -> None:
-        capture = getattr(_current, "capture", None)
-        if capture is not None and not record.name.startswith("cw."):
+        if record.name.startswith("cw."):
+            return
+        capture = _capture()
+        if capture is not None:
             try:
                 capture.write(self.format(record) + "\n")
             except Exception:  # noqa: BLE001 - a bad record must not fail the job
@@ -143,12 +156,13 @@ def _not_a_jobs(record) -> bool:
     return getattr(_current, "capture", None) is None or record.name.startswith("cw.")
 
 
-def begin() -> Capture:
-    capture = _current.capture = Capture()
-    return capture
+def begin() -> None:
+    """A job starts on this thread: what it writes is caught from now on."""
+    _current.capture = PENDING
 
 
 def end() -> str:
+    """The job on this thread ended: what it wrote (and this thread's output goes to the real streams again)."""
     capture = getattr(_current, "capture", None)
     _current.capture = None
-    return capture.text() if capture is not None else ""
+    return capture.text() if type(capture) is Capture else ""

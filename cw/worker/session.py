@@ -37,6 +37,7 @@ from cw.worker.context import ContextSwitcher
 from cw.worker.core import End, Exit, Pong, Read, Resume, Run, Spawn, Stop, WorkerCore, decode
 from cw.worker.functions import FunctionLRU
 from cw.worker.nested import NestedJobHooks, enable_nested_jobs
+from cw.worker.runners import DeferredReading, Runner
 
 __all__ = ["NestedJobHooks", "Session", "SignalRelay", "master_resolver", "run_worker"]
 
@@ -48,25 +49,6 @@ EXIT_FLUSH_TIMEOUT = 10.0
 _EXIT_STATUS = {ExitChannel.REPLACE: EXIT_REPLACE, ExitChannel.STOPPED: EXIT_NOW}
 
 
-class _Runner:
-    """A runner thread's mailbox: the core names runners by id; a task for
-    one is put here and its event set (each thread waits on its own event,
-    so no other thread wakes for it)."""
-
-    __slots__ = ("event", "id", "task")
-
-    def __init__(self, runner_id: int):
-        self.id = runner_id
-        self.event = threading.Event()
-        self.task = None
-
-    def wait(self):
-        self.event.wait()
-        self.event.clear()
-        task, self.task = self.task, None
-        return task
-
-
 class Session:
     """One connection to the master.  Every call into the core is made
     holding ``lock``; the frames it leaves in its outbox are sent after the
@@ -76,10 +58,10 @@ class Session:
 
     Reading is a role, not a thread: a job that comes while no job runs is
     run by the reader itself, which first hands its role to a free runner
-    (the core decides, see WorkerCore.job).  The job then starts without a
-    thread wake-up on its way (the new reader wakes while it runs): about
-    30-50 us less per round trip on a small VM, where a wake-up is most of a
-    no-op job's time here."""
+    (the core decides, see WorkerCore.job), lazily (see cw.worker.runners):
+    neither the job nor the new reader waits for a thread to wake.  A job
+    that waits on its children (help_while) has the standby read at once:
+    their JOBs must be read."""
 
     def __init__(self, link, contexts: ContextSwitcher, functions: FunctionLRU | None = None):
         self.link = link
@@ -87,8 +69,9 @@ class Session:
         self.core = WorkerCore(os.getpid(), functions)
         self.lock = threading.Lock()
         self.send_lock = threading.Lock()
-        self.runners: dict[int, _Runner] = {}
-        self.local = threading.local()     # on a runner: .runner; while it runs a job: .job, .env, .children
+        self.runners: dict[int, Runner] = {}
+        self.reading = DeferredReading(self.lock, self.runners)
+        self.local = threading.local()     # on a runner's thread: .runner, its Runner
         self.ended = threading.Event()
         self.drained = False
         self.exit: Exit | None = None
@@ -97,7 +80,10 @@ class Session:
         """Runs jobs until the master is lost (returns False: reconnect) or this
         worker drained (returns True: exit).  The main thread only waits
         here, free for signals."""
-        self.link.start_writer()    # outcomes of quick jobs share sends (see link._Writer)
+        # A job's thread sends its outcome itself whenever the writer thread is
+        # idle, even right after the last one: on a worker, jobs come one at a
+        # time, and a wake-up of the writer costs more than the send it saves.
+        self.link.start_writer(burst_gap=0.0)
         with self.lock:
             self._act(self.core.start(), None)
         # An Event of its own: the threads' work never wakes this one.
@@ -113,7 +99,7 @@ class Session:
         for action in actions:
             kind = type(action)
             if kind is Spawn:
-                runner = self.runners[action.runner] = _Runner(action.runner)
+                runner = self.runners[action.runner] = Runner(action.runner)
                 threading.Thread(target=self._runner, args=(runner,), name="cw-worker", daemon=True).start()
             elif kind is Pong:
                 self.link.post_nowait(frames.PONG_FRAME)
@@ -124,6 +110,8 @@ class Session:
                 self.drained = action.drained
             elif action.runner == me:
                 mine = action
+            elif kind is Read and me is not None:   # the caller runs a job it read: put the reading off
+                self.reading.defer(self.runners[action.runner])
             else:
                 runner = self.runners[action.runner]
                 runner.task = action
@@ -189,13 +177,13 @@ class Session:
 
     # --- runner threads ----------------------------------------------------------
 
-    def _runner(self, me: _Runner) -> None:
+    def _runner(self, me: Runner) -> None:
         """A runner thread's life: it does the tasks the core gives it."""
         self.local.runner = me
         task = None
         while True:
             if task is None:
-                task = me.wait()
+                task = me.wait(self.reading)
             kind = type(task)
             if kind is Read:
                 task = self._read(me)
@@ -203,16 +191,18 @@ class Session:
                 task = self._run(me, task.job)
             elif kind is Stop:
                 return
-            else:                      # Idle
-                task = None
+            else:                      # Idle: a reading put off may be ours to take
+                with self.lock:
+                    task = self.reading.take(me)
 
-    def _read(self, me: _Runner):
+    def _read(self, me: Runner):
         """The reader's role: returns this thread's next task (a job to run
         here, the role having gone to another runner; or Stop)."""
         link, core, lock = self.link, self.core, self.lock
+        timeout = master_timeout(link)
         try:
             while True:
-                item = link.recv(master_timeout(link))
+                item = link.recv(timeout)
                 if item is None:
                     why = f"the master at {link.address} closed the connection"
                     break
@@ -232,7 +222,7 @@ class Session:
             log.warning("%s", why)
         return self._call(core.closed, why, me=me.id)
 
-    def _run(self, me: _Runner, job):
+    def _run(self, me: Runner, job):
         """Runs a job on this thread; returns this thread's next task."""
         gid = job.gid
         timer = None
@@ -240,10 +230,9 @@ class Session:
             timer = threading.Timer(job.timeout, self._call, (self.core.deadline, gid))
             timer.daemon = True
             timer.start()
-        local = self.local
-        local.job, local.children = job, []
-        local.env = self.contexts.job_environ(job.env)
-        self.contexts.enter(job.context, local.env)
+        me.job, me.children = job, None    # (a list once the job submits a job, see track_child)
+        me.env = env = self.contexts.job_environ(job.env)
+        self.contexts.enter(job.context, env)
         output.begin()
         call = []          # the job's arguments, let go of once its outcome is sent
         try:
@@ -253,21 +242,30 @@ class Session:
             if timer is not None:
                 timer.cancel()
             # A job's unfinished children die with it: nobody will wait for them.
-            for future in local.children:
-                future.cancel()
-            local.job = local.children = None
+            if me.children:
+                for future in me.children:
+                    future.cancel()
+            me.job = me.children = None
         core = self.core
-        with self.lock:
-            core.finished(me.id, gid, status, data, printed)   # (the task it gives is Flush)
-        if views_writable_memory(data):   # the next job may change what this one returned: send it first
+        if type(data) is tuple and views_writable_memory(data):   # the next job may change what it returned
+            # Its outcome goes out before the next job starts.
+            with self.lock:
+                core.finished(me.id, gid, status, data, printed)   # (the task it gives is Flush)
             self._send_all()
             self.link.flush(timeout=None)
+            with self.lock:
+                task = self._act(core.sent(me.id, gid), me.id)
         else:
-            self._send()
-        with self.lock:
-            task = self._act(core.sent(me.id, gid), me.id)
-        if self.exit is not None or core.over or core.outbox:
+            # Flush asks nothing more: the outcome is in the outbox, ahead of
+            # whatever the next job sends, so the token may go on at once.
+            with self.lock:
+                core.finished(me.id, gid, status, data, printed)
+                task = self._act(core.sent(me.id, gid), me.id)
+        # Sent before this thread takes the reading (a reader never blocks on the socket).
+        if self.exit is not None or core.over:
             self._after()
+        elif core.outbox:
+            self._send()
         return task
 
     # --- nested jobs (see NestedJobHooks) ----------------------------------------------
@@ -277,14 +275,14 @@ class Session:
         lends this worker to the master, so that other jobs (its children,
         most likely) run here meanwhile, and takes it back once the future is
         done.  Returns after ``timeout`` seconds at most."""
-        local = self.local
-        job = getattr(local, "job", None)
+        me = getattr(self.local, "runner", None)
+        job = me.job if me is not None else None
         if job is None:
             return                     # not a job's thread
-        me = local.runner
         with self.lock:
             if future.done():
                 return
+            self.reading.wake()        # the children's JOBs must be read while this job waits
             actions = self.core.lend(me.id, job.gid)
             if actions is None:
                 return                 # draining or lost: no new jobs may start here
@@ -293,8 +291,8 @@ class Session:
         concurrent.futures.wait([future], timeout)
         task = self._call(self.core.wait_over, me.id, job.gid, me=me.id)
         while type(task) is not Resume:
-            task = me.wait()           # until the job holding the token ends or lends (and sends RECLAIM)
-        self.contexts.enter(job.context, local.env)
+            task = me.wait(self.reading)   # until the job holding the token ends or lends (and sends RECLAIM)
+        self.contexts.enter(job.context, me.env)
 
     def signal(self, event: str) -> None:
         """A signal's event ("sigterm" or "drain") for the core, from a thread
@@ -303,9 +301,12 @@ class Session:
 
     def track_child(self, future) -> None:
         """A future the running job submitted (see NestedJobHooks)."""
-        children = getattr(self.local, "children", None)
-        if children is not None:
-            children.append(future)
+        me = getattr(self.local, "runner", None)
+        if me is None or me.job is None:
+            return                     # not a job's thread
+        if me.children is None:
+            me.children = []
+        me.children.append(future)
 
 
 class SignalRelay:
