@@ -85,8 +85,8 @@ def _need_min_tls13(context: ssl.SSLContext) -> ssl.SSLContext:
 
 def _load(context: ssl.SSLContext, files: TlsFiles, side: str) -> ssl.SSLContext:
     for what, path in (("certificate", files.cert), ("key", files.key), ("CA certificate", files.ca)):
-        if not os.path.exists(path):
-            raise CwError(
+        if not os.path.exists(path):     # TlsError: a worker stops (exit 2) rather than retry
+            raise TlsError(
                 f"the TLS {what} {path} is missing ({side}): start `cw master --tls` once where this home "
                 f"directory is shared (it creates the cluster's certificates in {tls_dir()}), copy that "
                 f"directory here, or name your own files with --tls-cert/--tls-key/--tls-ca "
@@ -95,7 +95,7 @@ def _load(context: ssl.SSLContext, files: TlsFiles, side: str) -> ssl.SSLContext
         context.load_cert_chain(files.cert, files.key)
         context.load_verify_locations(files.ca)
     except (ssl.SSLError, OSError) as exc:
-        raise CwError(f"cannot load the TLS files {files.cert}, {files.key}, {files.ca} ({side}): {exc}; check "
+        raise TlsError(f"cannot load the TLS files {files.cert}, {files.key}, {files.ca} ({side}): {exc}; check "
                       "that the key belongs to the certificate and that the files are PEM") from None
     return context
 
