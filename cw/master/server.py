@@ -24,7 +24,7 @@ import sys
 
 from cw import PORT, __version__, add_version_option, cliargs, settings
 from cw.errors import AuthenticationError, CwError, ProtocolError
-from cw.master import inbox, sharing
+from cw.master import events, inbox, sharing
 from cw.master.dispatch import Dispatcher
 from cw.wire import buffers, frames, handshake
 from cw.wire.address import remove_address_file, write_address_file
@@ -49,6 +49,7 @@ class Master:
         self.heartbeat = heartbeat
         self.peer_timeout = peer_timeout
         self.dispatcher = dispatcher or Dispatcher()
+        self.watchers = events.Watchers(self.dispatcher)   # clients subscribed to job events
         self.peers: dict[int, PeerConnection] = {}
         self.connections: set[PeerConnection] = set()
         self._next_id = 1
@@ -260,6 +261,7 @@ class PeerConnection(asyncio.BufferedProtocol):
         self.backlog.clear()
         self.sharing.lost()
         self.master.connections.discard(self)
+        self.master.watchers.unsubscribe(self)
         if self.peer_id is not None:
             self.master.peers.pop(self.peer_id, None)
             if self.role == "client":
@@ -380,6 +382,10 @@ class PeerConnection(asyncio.BufferedProtocol):
         if ftype == Frame.STATUS_REQ:
             reqid = frames.decode_status_request(body)
             self.transport.write(frames.encode_status(reqid, self.master.status()))
+        elif ftype == Frame.SUBSCRIBE:
+            self.master.watchers.subscribe(self)
+        elif ftype == Frame.UNSUBSCRIBE:
+            self.master.watchers.unsubscribe(self)
         elif ftype in inbox.CLIENT_FRAMES:
             inbox.client_frame(self.dispatcher, self.peer_id, ftype, body)
         elif ftype != Frame.PONG:

@@ -93,6 +93,10 @@ class Frame(IntEnum):
     BY_SEGMENT = 40  # either way: kind u8, pid u32, fd u32, inode u64, offset u64, length u64, token u64 + fields
     RELEASE = 41    # either way, in answer to BY_SEGMENT: token u64; its sender may close the segment
     SHARING = 42    # peer -> master after WELCOME: empty; the peer can open the master's segments too
+    # 50-54: job events for watchers such as the dashboard (see cw.master.events).
+    SUBSCRIBE = 50  # client -> master: empty; send me EVENTS from now on
+    UNSUBSCRIBE = 51  # client -> master: empty; send no more EVENTS
+    EVENTS = 52     # master -> client: JSON {"t", "fields", "events", "dropped", "counts"}, a few times a second
 
 
 class Status(IntEnum):
