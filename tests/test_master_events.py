@@ -216,7 +216,7 @@ def test_a_subscriber_of_a_real_master_sees_each_job_start_and_end(cluster):
     from cw.wire.link import open_link, peer_info
     link = open_link(cluster.host, cluster.port, load_secret(), peer_info("client"))
     try:
-        link.send(frames.frame(Frame.SUBSCRIBE))
+        link.send(frames.SUBSCRIBE_FRAME)
         seen: dict = {}
         counts: dict = {}
         with cluster.executor() as ex:

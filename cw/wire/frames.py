@@ -251,6 +251,8 @@ PING_FRAME = frame(Frame.PING)
 PONG_FRAME = frame(Frame.PONG)
 LEND_FRAME = frame(Frame.LEND)
 RECLAIM_FRAME = frame(Frame.RECLAIM)
+SUBSCRIBE_FRAME = frame(Frame.SUBSCRIBE)
+UNSUBSCRIBE_FRAME = frame(Frame.UNSUBSCRIBE)
 
 
 def encode_json(kind: int, obj) -> bytes:
@@ -512,6 +514,17 @@ def decode_digest(body, name: str = "NEED") -> bytes:
 def decode_context_for_worker(body) -> WorkerContext:
     (ctx,) = _fields(_U32, body, "CONTEXT")
     return WorkerContext(ctx, decode_json(body[_U32.size:], "CONTEXT"))
+
+
+def decode_events(body) -> dict:
+    """EVENTS' JSON object (see cw.master.events); its events as dicts in ``"jobs"``."""
+    msg = decode_json(body, "EVENTS")
+    fields, rows = msg.get("fields"), msg.get("events")
+    if not isinstance(fields, list) or not isinstance(rows, list) or \
+            not all(isinstance(row, list) and len(row) == len(fields) for row in rows):
+        raise ProtocolError("EVENTS frame needs a list of fields and events of that many values each")
+    msg["jobs"] = [dict(zip(fields, row, strict=True)) for row in rows]
+    return msg
 
 
 def decode_status_request(body) -> int:
