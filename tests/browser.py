@@ -80,6 +80,8 @@ class Page:
         async with self.session.put(f"{base}/json/new?{url}") as answer:
             target = await answer.json(content_type=None)
         self.ws = await self.session.ws_connect(target["webSocketDebuggerUrl"], max_msg_size=0)
+        await self.call("Emulation.setDeviceMetricsOverride", width=1280, height=900, deviceScaleFactor=1,
+                        mobile=False)
 
     async def call(self, method: str, **params):
         self.ids += 1
@@ -108,8 +110,6 @@ class Page:
 
     async def screenshot(self, path: str) -> None:
         import base64
-        await self.call("Emulation.setDeviceMetricsOverride", width=1280, height=900, deviceScaleFactor=1,
-                        mobile=False)
         data = await self.call("Page.captureScreenshot", format="png")
         with open(path, "wb") as f:
             f.write(base64.b64decode(data["data"]))

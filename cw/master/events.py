@@ -38,16 +38,19 @@ from cw.wire import frames
 from cw.wire.frames import Frame, Status
 
 FIELDS = ("job", "client", "worker", "function", "start", "end", "outcome", "traceback", "output")
-#: Seconds between two EVENTS frames: the dashboard redraws once a second.
-INTERVAL = 0.25
+#: Seconds between two EVENTS frames (the dashboard redraws once a second).
+INTERVAL = 0.5
 #: Events kept for the next frame at most (the rest are dropped, with a count).
-MAX_PENDING = 2000
+MAX_PENDING = 1000
 #: Start times of running jobs kept at most (a job given back never ends here).
 MAX_RUNNING = 100_000
 #: Function names remembered by digest.
 MAX_LABELS = 4096
 #: Bytes of a payload's head searched for the name of its function.
 _HEAD = 512
+#: Bytes of a payload's head that name its function (a by-reference pickle's
+#: frame header, module and name), the key of the labels remembered.
+_KEY = 128
 #: Characters of a traceback or of a job's output an event carries at most.
 MAX_TEXT = 4000
 _TRACEBACK = b"Traceback (most recent call last)"
@@ -116,6 +119,7 @@ class EventFeed:
         self.max_pending = max_pending
         self.pending: dict[int, list] = {}  # gid -> event
         self.starts: dict[int, float] = {}  # gid -> start, of jobs running now
+        self.fresh: dict[int, tuple] = {}   # gid -> (job, worker, start) of jobs started since the last take()
         self.dropped = 0                    # events not kept since the last take()
         self.counts: dict[str, int] = {}
         self._labels: dict[bytes, str] = {}
@@ -131,7 +135,8 @@ class EventFeed:
         self.starts[gid] = now
         if len(self.starts) > MAX_RUNNING:          # jobs given back never end here: forget the oldest
             del self.starts[next(iter(self.starts))]
-        self._add(gid, job, worker, now)
+        if len(self.fresh) < self.max_pending:      # its event is made at take() if it has not ended by then
+            self.fresh[gid] = (job, worker, now)
 
     def ended(self, job, worker, status: int, payload=b"") -> None:
         """``job`` ended on ``worker`` with ``status`` (a frames.Status) and
@@ -139,6 +144,7 @@ class EventFeed:
         gid = job.gid
         now = self.clock()
         start = self.starts.pop(gid, now)
+        self.fresh.pop(gid, None)
         outcome = "cancelled" if job.client is None and status != Status.LOST else OUTCOMES.get(status, "?")
         self.counts[outcome] = self.counts.get(outcome, 0) + 1
         event = self.pending.get(gid)
@@ -152,6 +158,7 @@ class EventFeed:
 
     def output(self, job, worker, text: bytes) -> None:
         """What ``job`` printed (it comes just before its outcome)."""
+        self.fresh.pop(job.gid, None)
         event = self.pending.get(job.gid) or self._add(job.gid, job, worker, self.starts.get(job.gid))
         if event is not None:
             event[8] = bytes(text[:4 * MAX_TEXT]).decode("utf-8", "replace")[-MAX_TEXT:]
@@ -179,12 +186,24 @@ class EventFeed:
                     self._labels.clear()
                 self._labels[digest] = label
             return label
-        return function_name(payload) or "?"
+        head = bytes(payload[:_KEY])
+        cut = head.find(b"\x93")                   # STACK_GLOBAL: the function's name ends before it
+        head = head[:cut] if cut != -1 else head   # the key of one kind of call, whatever its arguments
+        label = self._labels.get(head)
+        if label is None:
+            label = function_name(payload) or "?"
+            if len(self._labels) >= MAX_LABELS:
+                self._labels.clear()
+            self._labels[head] = label
+        return label
 
     # --- the frames ---------------------------------------------------------
 
     def take(self) -> tuple[list, int]:
         """(events since the last take, how many were dropped meanwhile)."""
+        for gid, (job, worker, start) in self.fresh.items():
+            self._add(gid, job, worker, start)      # started, still running
+        self.fresh = {}
         events, dropped = list(self.pending.values()), self.dropped
         self.pending = {}
         self.dropped = 0

@@ -4,7 +4,7 @@
 
 const TOKEN = new URLSearchParams(location.search).get("token") || "";
 const QUERY = TOKEN ? "?token=" + encodeURIComponent(TOKEN) : "";
-const WINDOW = 120;          // seconds of the task stream shown
+const MAX_WINDOW = 300;      // seconds of the task stream shown at most (the server keeps as many)
 const LANE = 18;             // pixels per worker lane
 const SVG = "http://www.w3.org/2000/svg";
 const $ = (id) => document.getElementById(id);
@@ -73,7 +73,10 @@ function stream(v) {
   for (const w of (v.status || {}).workers || []) names[w.id] = `${w.host}:${w.pid}`;
   area.setAttribute("height", Math.max(40, lanes.length * LANE + 20));
   area.replaceChildren();
-  const now = v.t, x = (t) => left + (width - left) * (1 - (now - t) / WINDOW);
+  const now = v.t;
+  const oldest = Math.min(now, ...v.bars.map((b) => b[4] ?? b[5] ?? now));
+  const WINDOW = Math.min(MAX_WINDOW, Math.max(10, Math.ceil((now - oldest) * 1.1)));   // zoomed to what ran
+  const x = (t) => left + (width - left) * (1 - (now - t) / WINDOW);
   lanes.forEach((id, i) => {
     svg("text", {x: 2, y: i * LANE + 13, class: "lane-label"}, area).textContent = names[id] || `worker ${id}`;
   });
@@ -85,12 +88,15 @@ function stream(v) {
     const bar = svg("rect", {x: x0, y: lane * LANE + 2, width: Math.max(2, x(t1) - x0), height: LANE - 4,
                              fill: colour(fn), class: "bar" + (failed ? " failed" : ""),
                              "data-job": `${client}/${job}`, "data-outcome": outcome || "running"}, area);
+    if (failed) svg("circle", {cx: x(t1), cy: lane * LANE + LANE / 2, r: 5, class: "fail-mark"}, area);
     svg("title", {}, bar).textContent = `job ${job} of client ${client}: ${v.functions[fn]} (${outcome || "running"})`;
     bar.addEventListener("click", () => detail(client, job));
   }
   const axis = lanes.length * LANE + 14;
-  for (let s = 0; s <= WINDOW; s += 30) {
-    svg("text", {x: x(now - s) - 20, y: axis, class: "lane-label"}, area).textContent = s ? `-${s}s` : "now";
+  const step = WINDOW > 60 ? 30 : WINDOW > 20 ? 10 : 2;
+  for (let s = 0; s <= WINDOW - step / 2; s += step) {
+    svg("text", {x: Math.min(x(now - s), width - 14), y: axis, class: "lane-label", "text-anchor": "middle"}, area)
+      .textContent = s ? `-${s}s` : "now";
   }
   $("window").textContent = WINDOW;
   $("legend").replaceChildren(...v.functions.map((name, i) => {

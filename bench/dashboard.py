@@ -1,0 +1,108 @@
+"""``python -m bench.dashboard``: what watching a cluster costs it.
+
+B1's headline (submit N no-op calls of a script function, wait for all) on
+one cw cluster, in rounds that alternate between no dashboard and a
+``cw dashboard`` process connected to the master (subscribed to job events,
+asking for the status every second, and a client of /events reading the
+page's pushes, as an open browser tab would).  Alternating rounds see the
+same machine load; the medians' ratio is printed, the issue-16 target being
+>= 0.95.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+
+from . import systems
+
+
+def noop(*args):
+    return None
+
+
+def batch(system, n: int) -> float:
+    """Calls per second of n submits and waiting for all."""
+    t0 = time.perf_counter()
+    futures = [system.submit(noop) for _ in range(n)]
+    system.results(futures)
+    return n / (time.perf_counter() - t0)
+
+
+class Watcher:
+    """A dashboard process on the cluster, and a thread reading its /events
+    as a browser tab would."""
+
+    def __init__(self, address: str, folder: str):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "cw.dashboard", address, "--http", "127.0.0.1:0",
+             "--db", os.path.join(folder, "jobs.sqlite")], stdout=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()
+        if not line.startswith("cw dashboard listening on "):
+            self.stop()
+            raise RuntimeError(f"the dashboard did not start: {line!r}")
+        url = line.split(" on ", 1)[1].strip()
+        self.events_url = url.split("/?")[0] + "/events"
+        self.stopping = False
+        self.pushes = 0
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        with urllib.request.urlopen(self.events_url, timeout=60) as stream:
+            for line in stream:
+                if self.stopping:
+                    return
+                if line.startswith(b"data:"):
+                    self.pushes += 1
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc.stdout.close()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.dashboard", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--calls", type=int, default=20_000, help="calls per batch (B1: 20,000)")
+    parser.add_argument("--rounds", type=int, default=5, help="batches with and without, alternating (5)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="worker processes (cores)")
+    args = parser.parse_args(argv)
+    system = systems.start("cw", args.workers)
+    folder = tempfile.mkdtemp(prefix="cw-bench-dashboard-")
+    without, with_dashboard = [], []
+    pushes = 0
+    try:
+        batch(system, min(2000, args.calls))        # warm up
+        for _ in range(args.rounds):
+            without.append(batch(system, args.calls))
+            watcher = Watcher(system.cluster.address, folder)
+            try:
+                time.sleep(1.5)       # connected, subscribed, and past its first status and push
+                with_dashboard.append(batch(system, args.calls))
+            finally:
+                pushes += watcher.pushes
+                watcher.stop()
+    finally:
+        system.close()
+    a, b = statistics.median(without), statistics.median(with_dashboard)
+    print(f"B1 submit x{args.calls:,}, wait all, {args.workers} workers, {args.rounds} rounds each, alternating")
+    print(f"  without a dashboard: {a:,.0f} calls/s (median of {', '.join(f'{x:,.0f}' for x in without)})")
+    print(f"  with a dashboard:    {b:,.0f} calls/s (median of {', '.join(f'{x:,.0f}' for x in with_dashboard)})")
+    print(f"  ratio with/without: {b / a:.3f} (target >= 0.95); the page got {pushes} pushes meanwhile")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
