@@ -99,6 +99,23 @@ def test_a_job_sent_ahead_starts_when_the_one_before_it_ends():
     assert evs[1][6] == "ok" and evs[2][4] >= evs[1][5] and evs[2][5] is None
 
 
+def test_a_started_job_given_back_and_run_elsewhere_is_reported_once_where_it_ran():
+    d, feed = watched(slots=2)
+    d.add_worker(W1, {"host": "h", "pid": 5})
+    d.submit(C1, 1, 0, 0.0, b"p1")
+    d.submit(C1, 2, 0, 0.0, b"p2")
+    first, second = sent_gids(d, W1)
+    feed.take()
+    d.outcome(W1, first, Status.OK, b"")       # job 2 starts on W1, as far as the master knows...
+    d.revoked(W1, second, True)                # ...but W1 gives it back: it had not started it
+    d.add_worker(W2, {"host": "h", "pid": 6})
+    (gid,) = [j.gid for j in d.workers[W2].jobs] or [j.gid for j in d.workers[W1].jobs]
+    wid = W2 if d.workers[W2].jobs else W1
+    d.outcome(wid, gid, Status.OK, b"")        # its client has its result: the job's payload is gone
+    evs, _ = feed.take()
+    assert sorted((e[0], e[2], e[6]) for e in evs) == [(1, W1, "ok"), (2, wid, "ok")]
+
+
 def test_events_beyond_the_bound_are_dropped_with_a_count_and_counts_stay_exact():
     d, feed = watched(max_pending=3)
     for wid in range(1, 6):

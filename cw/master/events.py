@@ -31,11 +31,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 
 from cw import settings
 from cw.wire import frames
 from cw.wire.frames import Frame, Status
+
+log = logging.getLogger("cw.master")
 
 FIELDS = ("job", "client", "worker", "function", "start", "end", "outcome", "traceback", "output")
 #: Seconds between two EVENTS frames (the dashboard redraws once a second).
@@ -175,6 +178,8 @@ class EventFeed:
     def label(self, payload) -> str:
         """What the dashboard calls a job's function: its name when the
         payload's pickle says it, else a short digest."""
+        if payload is None:
+            return "?"
         if payload[:1] == b"\xfe":                  # names its function by digest (frames.FUNCTION_MARK)
             digest = frames.function_digest(payload)
             label = self._labels.get(digest)
@@ -202,7 +207,8 @@ class EventFeed:
     def take(self) -> tuple[list, int]:
         """(events since the last take, how many were dropped meanwhile)."""
         for gid, (job, worker, start) in self.fresh.items():
-            self._add(gid, job, worker, start)      # started, still running
+            if job.gid == gid and job.worker is worker and job.payload is not None:
+                self._add(gid, job, worker, start)  # started, still running (not given back and sent again)
         self.fresh = {}
         events, dropped = list(self.pending.values()), self.dropped
         self.pending = {}
@@ -244,7 +250,10 @@ class Watchers:
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
-            self.send()
+            try:
+                self.send()
+            except Exception:  # a bug here must cost the watchers a frame, never their feed for good
+                log.exception("internal error while sending job events to %d subscribers", len(self.subscribers))
 
     def send(self) -> None:
         """One EVENTS frame to each subscriber that keeps up; the others are
