@@ -44,34 +44,28 @@ def default_db() -> str:
     return os.path.join(folder, "dashboard-jobs.sqlite")
 
 
-class BadInput(ValueError):
-    def __init__(self, field: str, text: str):
-        super().__init__(text)
-        self.field = field
-
-
 def check_request(body) -> dict:
-    """The POST body, checked; raises BadInput naming the field."""
+    """The POST body, checked; raises ValueError(field, what is wrong)."""
     if not isinstance(body, dict):
-        raise BadInput("body", "the body must be a JSON object like {\"command\": [\"echo\", \"hi\"]}")
+        raise ValueError("body", "the body must be a JSON object like {\"command\": [\"echo\", \"hi\"]}")
     for key in body:
         if key not in _FIELDS:
-            raise BadInput(key, f"unknown field {key!r}; the fields are {', '.join(_FIELDS)}")
+            raise ValueError(key, f"unknown field {key!r}; the fields are {', '.join(_FIELDS)}")
     command = body.get("command")
     if not isinstance(command, list) or not command or not all(isinstance(a, str) for a in command) \
             or not command[0]:
-        raise BadInput("command", "command must be a non-empty list of strings, the program first: [\"ls\", \"-l\"]")
+        raise ValueError("command", "command must be a non-empty list of strings, the program first: [\"ls\", \"-l\"]")
     image = body.get("image")
     if image is not None and (not isinstance(image, str) or not image.strip()):
-        raise BadInput("image", "image must be a container image name (a string) or null")
+        raise ValueError("image", "image must be a container image name (a string) or null")
     timeout = body.get("timeout")
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
                                 or not math.isfinite(timeout) or timeout <= 0):
-        raise BadInput("timeout", "timeout must be a positive number of seconds or null")
+        raise ValueError("timeout", "timeout must be a positive number of seconds or null")
     env = body.get("env")
     if env is not None and (not isinstance(env, dict) or
                             not all(isinstance(k, str) and k and isinstance(v, str) for k, v in env.items())):
-        raise BadInput("env", "env must be an object of string names to string values")
+        raise ValueError("env", "env must be an object of string names to string values")
     resources = body.get("resources")
     if resources is not None:
         from cw.client.executor import scheduling_options
@@ -80,7 +74,7 @@ def check_request(body) -> dict:
                 raise TypeError("resources must be an object like {\"cpu\": 2, \"mem\": \"4G\"}")
             scheduling_options(resources=resources)
         except (TypeError, ValueError) as exc:
-            raise BadInput("resources", str(exc)) from None
+            raise ValueError("resources", str(exc)) from None
     return {"command": command, "image": image, "timeout": timeout, "env": env, "resources": resources}
 
 
@@ -170,8 +164,8 @@ class CommandJobs:
             return _bad("body", "the body is not valid JSON")
         try:
             job = check_request(body)
-        except BadInput as exc:
-            return _bad(exc.field, str(exc))
+        except ValueError as exc:
+            return _bad(*exc.args)
         with self.lock:
             jobid = self.db.execute(
                 "INSERT INTO jobs (state, command, image, resources, timeout, env, submitted) "
