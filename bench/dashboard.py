@@ -20,19 +20,21 @@ import threading
 import time
 import urllib.request
 
-from . import systems
+from . import procinfo, systems
 
 
 def noop(*args):
     return None
 
 
-def batch(system, n: int) -> float:
-    """Calls per second of n submits and waiting for all."""
+def batch(system, n: int) -> tuple[float, float]:
+    """(calls per second, the master's CPU microseconds per call) of n submits and waiting for all."""
+    cpu0 = procinfo.cpu_seconds(system.master_pid)
     t0 = time.perf_counter()
     futures = [system.submit(noop) for _ in range(n)]
     system.results(futures)
-    return n / (time.perf_counter() - t0)
+    elapsed = time.perf_counter() - t0
+    return n / elapsed, (procinfo.cpu_seconds(system.master_pid) - cpu0) / n * 1e6
 
 
 class Watcher:
@@ -81,16 +83,20 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     system = systems.start("cw", args.workers)
     folder = tempfile.mkdtemp(prefix="cw-bench-dashboard-")
-    without, with_dashboard = [], []
+    without, with_dashboard, cpu_without, cpu_with = [], [], [], []
     pushes = 0
     try:
         batch(system, min(2000, args.calls))        # warm up
         for _ in range(args.rounds):
-            without.append(batch(system, args.calls))
+            rate, cpu = batch(system, args.calls)
+            without.append(rate)
+            cpu_without.append(cpu)
             watcher = Watcher(system.cluster.address, folder)
             try:
                 time.sleep(1.5)       # connected, subscribed, and past its first status and push
-                with_dashboard.append(batch(system, args.calls))
+                rate, cpu = batch(system, args.calls)
+                with_dashboard.append(rate)
+                cpu_with.append(cpu)
             finally:
                 pushes += watcher.pushes
                 watcher.stop()
@@ -101,6 +107,8 @@ def main(argv=None) -> int:
     print(f"  without a dashboard: {a:,.0f} calls/s (median of {', '.join(f'{x:,.0f}' for x in without)})")
     print(f"  with a dashboard:    {b:,.0f} calls/s (median of {', '.join(f'{x:,.0f}' for x in with_dashboard)})")
     print(f"  ratio with/without: {b / a:.3f} (target >= 0.95); the page got {pushes} pushes meanwhile")
+    c, d = statistics.median(cpu_without), statistics.median(cpu_with)
+    print(f"  master CPU per call: {c:.1f} us without, {d:.1f} us with a dashboard ({d / c:.3f}x)")
     return 0
 
 

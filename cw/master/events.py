@@ -44,7 +44,7 @@ FIELDS = ("job", "client", "worker", "function", "start", "end", "outcome", "tra
 #: Seconds between two EVENTS frames (the dashboard redraws once a second).
 INTERVAL = 0.5
 #: Events kept for the next frame at most (the rest are dropped, with a count).
-MAX_PENDING = 1000
+MAX_PENDING = 500
 #: Start times of running jobs kept at most (a job given back never ends here).
 MAX_RUNNING = 100_000
 #: Function names remembered by digest.
@@ -121,8 +121,8 @@ class EventFeed:
         self.clock = clock
         self.max_pending = max_pending
         self.pending: dict[int, list] = {}  # gid -> event
-        self.starts: dict[int, float] = {}  # gid -> start, of jobs running now
         self.fresh: dict[int, tuple] = {}   # gid -> (job, worker, start) of jobs started since the last take()
+        self.starts: dict[int, float] = {}  # gid -> start, of jobs running since before the last take()
         self.dropped = 0                    # events not kept since the last take()
         self.counts: dict[str, int] = {}
         self._labels: dict[bytes, str] = {}
@@ -132,22 +132,18 @@ class EventFeed:
     def started(self, job, worker) -> None:
         """``job`` runs on ``worker`` from now (called again later: no effect)."""
         gid = job.gid
-        if gid in self.starts:
+        if gid in self.fresh or gid in self.starts:
             return
-        now = self.clock()
-        self.starts[gid] = now
-        if len(self.starts) > MAX_RUNNING:          # jobs given back never end here: forget the oldest
-            del self.starts[next(iter(self.starts))]
-        if len(self.fresh) < self.max_pending:      # its event is made at take() if it has not ended by then
-            self.fresh[gid] = (job, worker, now)
+        if len(self.fresh) < MAX_RUNNING:           # its event is made at its end, or at take() if it still runs
+            self.fresh[gid] = (job, worker, self.clock())
 
     def ended(self, job, worker, status: int, payload=b"") -> None:
         """``job`` ended on ``worker`` with ``status`` (a frames.Status) and
         its outcome's ``payload``."""
         gid = job.gid
         now = self.clock()
-        start = self.starts.pop(gid, now)
-        self.fresh.pop(gid, None)
+        fresh = self.fresh.pop(gid, None)
+        start = fresh[2] if fresh is not None else self.starts.pop(gid, now)
         outcome = "cancelled" if job.client is None and status != Status.LOST else OUTCOMES.get(status, "?")
         self.counts[outcome] = self.counts.get(outcome, 0) + 1
         event = self.pending.get(gid)
@@ -161,8 +157,9 @@ class EventFeed:
 
     def output(self, job, worker, text: bytes) -> None:
         """What ``job`` printed (it comes just before its outcome)."""
-        self.fresh.pop(job.gid, None)
-        event = self.pending.get(job.gid) or self._add(job.gid, job, worker, self.starts.get(job.gid))
+        fresh = self.fresh.get(job.gid)
+        start = fresh[2] if fresh is not None else self.starts.get(job.gid)
+        event = self.pending.get(job.gid) or self._add(job.gid, job, worker, start)
         if event is not None:
             event[8] = bytes(text[:4 * MAX_TEXT]).decode("utf-8", "replace")[-MAX_TEXT:]
 
@@ -206,10 +203,15 @@ class EventFeed:
 
     def take(self) -> tuple[list, int]:
         """(events since the last take, how many were dropped meanwhile)."""
+        starts = self.starts
         for gid, (job, worker, start) in self.fresh.items():
             if job.gid == gid and job.worker is worker and job.payload is not None:
-                self._add(gid, job, worker, start)  # started, still running (not given back and sent again)
+                if gid not in self.pending:         # (its output made its event already)
+                    self._add(gid, job, worker, start)   # started, still running (not given back and sent again)
+                starts[gid] = start
         self.fresh = {}
+        while len(starts) > MAX_RUNNING:            # jobs given back never end here: forget the oldest
+            del starts[next(iter(starts))]
         events, dropped = list(self.pending.values()), self.dropped
         self.pending = {}
         self.dropped = 0
