@@ -16,9 +16,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-import urllib.request
 
 from . import procinfo, systems
 
@@ -37,9 +35,21 @@ def batch(system, n: int) -> tuple[float, float]:
     return n / elapsed, (procinfo.cpu_seconds(system.master_pid) - cpu0) / n * 1e6
 
 
+#: A browser tab's share: a process reading the page's pushes; it prints how many it got at their end.
+_READER = ("import sys, urllib.request\n"
+           "pushes = 0\n"
+           "try:\n"
+           "    for line in urllib.request.urlopen(sys.argv[1], timeout=60):\n"
+           "        pushes += line.startswith(b'data:')\n"
+           "except Exception:\n"  # the stream ends when the dashboard stops (IncompleteRead, reset)
+           "    pass\n"
+           "print(pushes)\n")
+
+
 class Watcher:
-    """A dashboard process on the cluster, and a thread reading its /events
-    as a browser tab would."""
+    """A dashboard process on the cluster, and another process reading its
+    /events as a browser tab would (not a thread of the benchmark's client,
+    whose GIL it would share)."""
 
     def __init__(self, address: str, folder: str):
         self.proc = subprocess.Popen(
@@ -50,28 +60,20 @@ class Watcher:
             self.stop()
             raise RuntimeError(f"the dashboard did not start: {line!r}")
         url = line.split(" on ", 1)[1].strip()
-        self.events_url = url.split("/?")[0] + "/events"
-        self.stopping = False
+        self.reader = subprocess.Popen([sys.executable, "-c", _READER, url.split("/?")[0] + "/events"],
+                                       stdout=subprocess.PIPE, text=True)
         self.pushes = 0
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self) -> None:
-        with urllib.request.urlopen(self.events_url, timeout=60) as stream:
-            for line in stream:
-                if self.stopping:
-                    return
-                if line.startswith(b"data:"):
-                    self.pushes += 1
 
     def stop(self) -> None:
-        self.stopping = True
-        self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        self.proc.terminate()             # its reader sees the stream end, prints its count and exits
+        for proc in (self.proc, self.reader):
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.pushes = int(self.reader.stdout.read().strip() or 0)
+        self.reader.stdout.close()
         self.proc.stdout.close()
 
 
@@ -98,8 +100,8 @@ def main(argv=None) -> int:
                 with_dashboard.append(rate)
                 cpu_with.append(cpu)
             finally:
-                pushes += watcher.pushes
                 watcher.stop()
+                pushes += watcher.pushes
     finally:
         system.close()
     a, b = statistics.median(without), statistics.median(with_dashboard)
