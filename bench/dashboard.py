@@ -109,6 +109,8 @@ def main(argv=None) -> int:
     print(f"  without a dashboard: {a:,.0f} calls/s (median of {', '.join(f'{x:,.0f}' for x in without)})")
     print(f"  with a dashboard:    {b:,.0f} calls/s (median of {', '.join(f'{x:,.0f}' for x in with_dashboard)})")
     print(f"  ratio with/without: {b / a:.3f} (target >= 0.95); the page got {pushes} pushes meanwhile")
+    paired = statistics.median(w / o for w, o in zip(with_dashboard, without, strict=True))
+    print(f"  median of the rounds' own ratios (each with-round over the without-round just before): {paired:.3f}")
     c, d = statistics.median(cpu_without), statistics.median(cpu_with)
     print(f"  master CPU per call: {c:.1f} us without, {d:.1f} us with a dashboard ({d / c:.3f}x)")
     return 0
