@@ -30,6 +30,8 @@ import logging
 import os
 import secrets
 import signal
+import socket
+import sqlite3
 import sys
 
 from aiohttp import web
@@ -213,8 +215,9 @@ async def serve(args, token: str) -> None:
     await runner.setup()
     site = web.TCPSite(runner, http_host, http_port)
     await site.start()
-    real_port = site._server.sockets[0].getsockname()[1]
-    shown = f"[{http_host}]" if ":" in http_host else http_host
+    real_port = runner.addresses[0][1]
+    shown = socket.gethostname() if http_host in ("0.0.0.0", "::", "") else http_host   # a name others can use
+    shown = f"[{shown}]" if ":" in shown else shown
     dashboard.watch.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -238,6 +241,13 @@ def main(argv=None, prog: str = "python -m cw.dashboard") -> int:
     token = os.environ.get("CW_DASHBOARD_TOKEN") or secrets.token_urlsafe(18)
     try:
         asyncio.run(serve(args, token))
+    except ValueError as exc:           # the master's address, from $CW_MASTER or an address file
+        print(f"cw.dashboard: {exc}", file=sys.stderr)
+        return 2
+    except sqlite3.Error as exc:
+        print(f"cw.dashboard: cannot use the job records' database {args.db or command_jobs.default_db()}: "
+              f"{exc}; give another file with --db PATH", file=sys.stderr)
+        return 1
     except OSError as exc:
         print(f"cw.dashboard: cannot serve on {args.http[0]}:{args.http[1]}: {exc.strerror or exc}; choose another "
               "--http HOST:PORT (port 0 picks a free one)", file=sys.stderr)
