@@ -8,7 +8,8 @@ a second (none when nothing happened)::
      "fields": ["job", "client", "worker", "function", "start", "end", "outcome", "traceback", "output"],
      "events": [[17, 3, 5, "__main__.square", 1700000000.01, 1700000000.02, "ok", null, "hi\n"], ...],
      "dropped": 0,                       # events this subscriber missed since the last frame
-     "counts": {"ok": 120, "raised": 2}} # jobs ended since the master's first subscriber, by outcome
+     "counts": {"ok": 120, "raised": 2}} # jobs ended, by outcome, since a subscriber came to a master
+                                         # that had none (the counts start again after the last leaves)
 
 An event with ``end`` null says the job started; a job that started and
 ended between two frames is one event with both times (coalesced).
