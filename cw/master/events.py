@@ -190,8 +190,9 @@ class EventFeed:
                 self._labels[digest] = label
             return label
         head = bytes(payload[:_KEY])
+        skip = 11 if head[:3] == b"\x80\x05\x95" else 0   # protocol 5 and its FRAME length, which the arguments change
         cut = head.find(b"\x93")                   # STACK_GLOBAL: the function's name ends before it
-        head = head[:cut] if cut != -1 else head   # the key of one kind of call, whatever its arguments
+        head = head[skip:cut] if cut != -1 else head   # the key of one kind of call, whatever its arguments
         label = self._labels.get(head)
         if label is None:
             label = function_name(payload) or "?"
