@@ -57,6 +57,17 @@ def test_old_jobs_fall_off_the_stream_and_a_gone_workers_job_ends():
     assert state.job(3, 2)["outcome"] == "lost" and state.samples[-1][1:] == [1, 0]
 
 
+def test_a_job_whose_end_was_dropped_ends_once_the_status_no_longer_shows_it():
+    from cw.dashboard.state import DashboardState
+    clock = Clock()
+    state = DashboardState(clock)
+    state.on_events(events([[1, 3, 5, "f", 990.0, None, None, None, None],
+                            [2, 3, 5, "f", 990.0, None, None, None, None]], {}, dropped=2))
+    state.on_status({"workers": [{"id": 5, "current_jobs": {"3": [2]}}]})
+    assert state.job(3, 1)["end"] == 1000.0 and state.job(3, 1)["outcome"] == "?"
+    assert state.job(3, 2)["end"] is None
+
+
 STATUS = {
     "workers": [{"id": 1, "host": "a", "pid": 1, "state": "busy", "jobs_done": 4, "failures": 1},
                 {"id": 2, "host": "a", "pid": 2, "state": "idle", "jobs_done": 0, "failures": 0}],

@@ -19,6 +19,9 @@ MAX_BARS = 1500
 MAX_SAMPLES = 600
 #: Failures kept with their tracebacks.
 MAX_FAILURES = 20
+#: Seconds after which a job the status no longer shows running, and whose
+#: end never came (the master drops events beyond its bound), is shown ended.
+STALE = 5.0
 #: The bounds of cw_job_seconds' buckets.
 JOB_SECONDS_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 60, 300, 1800, 3600)
 
@@ -48,10 +51,17 @@ class DashboardState:
             self.status_at = self.clock()
             self.samples.append([round(self.status_at, 1), self._ended_this_second, status.get("queued", 0)])
             self._ended_this_second = 0
-            live = {w.get("id") for w in status.get("workers", ()) if isinstance(w, dict)}
-            for job in self.jobs.values():        # a job of a worker that left ends with it
-                if job["end"] is None and job["worker"] not in live:
-                    job["end"], job["outcome"] = self.status_at, job["outcome"] or "lost"
+            workers = [w for w in status.get("workers", ()) if isinstance(w, dict)]
+            live = {w.get("id") for w in workers}
+            running = {(int(cid), jobid) for w in workers for cid, jobids in (w.get("current_jobs") or {}).items()
+                       for jobid in jobids}
+            for key, job in self.jobs.items():
+                if job["end"] is not None:
+                    continue
+                if job["worker"] not in live:       # a job of a worker that left ends with it
+                    job["end"], job["outcome"] = self.status_at, "lost"
+                elif key not in running and job["start"] is not None and job["start"] < self.status_at - STALE:
+                    job["end"], job["outcome"] = self.status_at, "?"   # its end was among the events dropped
 
     def on_events(self, msg: dict) -> None:
         with self.lock:
