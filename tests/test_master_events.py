@@ -213,13 +213,13 @@ def test_a_slow_subscriber_gets_nothing_until_it_catches_up_then_the_count_of_wh
     slow.reading_paused = True                 # the master stopped writing to it (flow control)
     d.submit(C1, 1, 0, 0.0, b"p")
     w.send()
-    assert len(fast.frames) == 1 and fast.frames[0]["dropped"] == 0 and slow.frames == []
+    assert len(fast.frames) == 1 and fast.frames[0]["missed"] == 0 and slow.frames == []
     slow.reading_paused = False
     d.submit(C1, 2, 0, 0.0, b"p")              # queued behind job 1: nothing new to say yet
     (gid,) = [j.gid for j in d.workers[W1].jobs]
     d.outcome(W1, gid, Status.OK, b"")
     w.send()
-    assert slow.frames[0]["dropped"] == 1 and fast.frames[1]["dropped"] == 0
+    assert slow.frames[0]["missed"] == 1 and fast.frames[1]["missed"] == 0
     assert slow.frames[0]["counts"] == {"ok": 1}
     w.unsubscribe(fast)
     w.unsubscribe(slow)
@@ -260,6 +260,44 @@ def test_a_subscriber_of_a_real_master_sees_each_job_start_and_end(cluster):
     finally:
         link.close()
     wait_until(lambda: "running" in (s := cluster_status(cluster)) and s["running"] == 0, what="idle cluster")
+
+
+def prints(i):
+    print("x" * 4000)
+    return i
+
+
+def test_a_subscriber_that_does_not_read_is_skipped_then_told_what_it_missed(cluster):
+    """The master stops writing to a subscriber that does not read (flow
+    control), keeps running jobs, and tells it how many events it missed
+    once it reads again: events are dropped with a count, never queued."""
+    import socket
+
+    from cw.wire.auth import load_secret
+    from cw.wire.link import open_link, peer_info
+    link = open_link(cluster.host, cluster.port, load_secret(), peer_info("client"))
+    try:
+        link.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        link.send(frames.SUBSCRIBE_FRAME)
+        n = 20_000
+        with cluster.executor() as ex:     # ~4 KB of output an event: 2 MB a frame, beyond the master's 8 MB soon
+            assert sorted(ex.map(prints, range(n), chunksize=1)) == list(range(n))
+        # Reading again, it gets what was written before the master held back,
+        # then a frame that says how many events it was not sent.
+        missed, counts = 0, {}
+        deadline = time.monotonic() + 120
+        while not (missed and sum(counts.values()) == n):
+            assert time.monotonic() < deadline, f"no word of missed events; counts {counts}"
+            ftype, body = link.recv(timeout=60)
+            if ftype == Frame.PING:
+                link.send(frames.PONG_FRAME)
+            elif ftype == Frame.EVENTS:
+                msg = frames.decode_events(body)
+                counts = msg["counts"]
+                missed += msg["missed"]
+        assert counts == {"ok": n} and missed > 0
+    finally:
+        link.close()
 
 
 def cluster_status(cluster):

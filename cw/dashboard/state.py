@@ -65,7 +65,7 @@ class DashboardState:
 
     def on_events(self, msg: dict) -> None:
         with self.lock:
-            self.dropped_total += msg.get("dropped", 0)
+            self.dropped_total += msg.get("dropped", 0) + msg.get("missed", 0)
             counts = msg.get("counts") or {}
             for outcome, n in counts.items():
                 before = self._last_counts.get(outcome, 0)

@@ -7,7 +7,8 @@ a second (none when nothing happened)::
     {"t": 1700000000.25,                 # the master's wall clock when sent
      "fields": ["job", "client", "worker", "function", "start", "end", "outcome", "traceback", "output"],
      "events": [[17, 3, 5, "__main__.square", 1700000000.01, 1700000000.02, "ok", null, "hi\n"], ...],
-     "dropped": 0,                       # events this subscriber missed since the last frame
+     "dropped": 0,                       # events not kept since the last frame (the bound below)
+     "missed": 0,                        # events this subscriber was not sent while it was slow
      "counts": {"ok": 120, "raised": 2}} # jobs ended, by outcome, since a subscriber came to a master
                                          # that had none (the counts start again after the last leaves)
 
@@ -26,7 +27,7 @@ The master must never pay much for being watched:
   as dropped, never queued.  ``counts`` stays exact regardless.
 - A subscriber that reads slower than we write (its connection is paused,
   or holds more than the write buffer's high-water mark) gets no frames
-  until it catches up; what it missed is counted in its own ``dropped``.
+  until it catches up; what it missed is counted in its own ``missed``.
 """
 from __future__ import annotations
 
@@ -265,12 +266,12 @@ class Watchers:
         if self.feed is None:
             return
         events, dropped = self.feed.take()
-        if not events and not dropped:
-            return
+        if not events and not dropped and not any(self.subscribers.values()):
+            return                          # nothing to say, and nobody to tell what it missed
         now = self.clock()
         bodies: dict[int, bytes] = {}       # by missed count: usually one body for all
         for peer in list(self.subscribers):
-            missed = self.subscribers[peer] + dropped
+            missed = self.subscribers[peer]
             transport = peer.transport
             if transport.is_closing():
                 continue
@@ -281,7 +282,8 @@ class Watchers:
             body = bodies.get(missed)
             if body is None:
                 body = bodies[missed] = json.dumps(
-                    {"t": now, "fields": FIELDS, "events": events, "dropped": missed, "counts": self.feed.counts},
+                    {"t": now, "fields": FIELDS, "events": events, "dropped": dropped, "missed": missed,
+                     "counts": self.feed.counts},
                     separators=(",", ":")).encode()
             self.subscribers[peer] = 0
             peer.write([frames.frame(Frame.EVENTS, body)])
