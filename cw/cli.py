@@ -17,6 +17,7 @@ COMMANDS = {
     "status": ("cw.ops.status", "show what a master sees: workers, clients, queues"),
     "slurm": ("cw.launch.slurm", "start, stop or inspect a cluster on SLURM"),
     "demo": ("cw.demo", "run a small numpy demo on a local cluster"),
+    "dashboard": ("cw.dashboard.__main__", "serve a live web page, Prometheus metrics and a REST API for jobs"),
 }
 
 

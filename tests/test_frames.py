@@ -39,7 +39,8 @@ def test_frame_kinds_and_status_codes_keep_their_wire_values():
         "WELCOME": 21, "PING": 22, "PONG": 23, "ABORT": 24, "DRAIN": 25, "REVOKE": 26, "REVOKED": 27,
         "SUBMIT_WITH": 28, "JOB_ENV": 29, "LIMIT": 30, "NOTICE": 31, "LEND": 32, "RECLAIM": 33, "OUTPUT": 34,
         "SETUP": 35, "FUNC": 36, "NEED": 37, "FORGET": 38,
-        "BY_SEGMENT": 40, "RELEASE": 41, "SHARING": 42}
+        "BY_SEGMENT": 40, "RELEASE": 41, "SHARING": 42,
+        "SUBSCRIBE": 50, "UNSUBSCRIBE": 51, "EVENTS": 52}
     assert {s.name: s.value for s in Status} == {"OK": 0, "RAISED": 1, "LOST": 2, "UNPLACEABLE": 3}
     assert f.VERSION == 3
 
@@ -113,6 +114,16 @@ BARE_FRAMES = {Frame.PING: f.PING_FRAME, Frame.PONG: f.PONG_FRAME, Frame.DRAIN: 
 # decode: its round trip is tests/test_segments.py's.
 ROUND_TRIPS.append((segments.encode_release(9), Frame.RELEASE, segments.decode_release, 9))
 BARE_FRAMES[Frame.SHARING] = f.frame(Frame.SHARING)
+BARE_FRAMES[Frame.SUBSCRIBE] = f.SUBSCRIBE_FRAME
+BARE_FRAMES[Frame.UNSUBSCRIBE] = f.UNSUBSCRIBE_FRAME
+ROUND_TRIPS.append((f.encode_json(Frame.EVENTS, {"fields": ["job", "end"], "events": [[1, None]]}), Frame.EVENTS,
+                    f.decode_events, {"fields": ["job", "end"], "events": [[1, None]],
+                                      "jobs": [{"job": 1, "end": None}]}))
+
+
+def test_events_with_rows_unlike_their_fields_are_refused():
+    with pytest.raises(ProtocolError, match="EVENTS"):
+        f.decode_events(b'{"fields": ["job"], "events": [[1, 2]]}')
 #: Made and checked by cw.wire.handshake (tests/test_handshake.py).
 HANDSHAKE_FRAMES = {Frame.CHALLENGE, Frame.RESPONSE, Frame.PROOF}
 

@@ -30,6 +30,7 @@ ALLOWED = {
     "cw.worker": BASE | {"cw.wire", "cw.client"},
     "cw.launch": BASE | {"cw.wire", "cw.client"},
     "cw.ops": BASE | {"cw.wire", "cw.client", "cw.launch"},
+    "cw.dashboard": BASE | {"cw.wire", "cw.client", "cw.ops"},   # a client of the master, with a web server
     "cw.demo": BASE | {"cw.launch", "cw.client"},
     "cw.joblib": BASE | {"cw.client"},
     # The `cw` command: each subcommand's module is imported by name when it is asked for.

@@ -79,6 +79,7 @@ _NAMED = bytes([frames.FUNCTION_MARK])   # the first byte of a payload that name
 
 class Dispatcher:
     MAX_SETUPS = 64
+    events = None    # a cw.master.events.EventFeed while some client watches jobs start and end
 
     def __init__(self, max_attempts: int = DEFAULT_MAX_ATTEMPTS, clock=time.monotonic,
                  slots: int = settings.WORKER_SLOTS, unplaceable_timeout: float = settings.UNPLACEABLE_TIMEOUT,
@@ -256,6 +257,8 @@ class Dispatcher:
         job = worker.running_job(gid)
         if job is None:
             raise ProtocolError(f"the worker sent an outcome for job {gid}, which it was not running")
+        if self.events is not None:
+            self.events.ended(job, worker, status, payload)
         self._leave(worker, job)
         worker.done += 1
         if status != Status.OK:
@@ -274,6 +277,8 @@ class Dispatcher:
         job = worker.running_job(gid)
         if job is None:
             raise ProtocolError(f"the worker sent output of job {gid}, which it was not running")
+        if self.events is not None:
+            self.events.output(job, worker, text)
         if job.client is not None:
             text = text[:4 * settings.MAX_JOB_OUTPUT + 256]   # the worker bounds it; a bad one cannot make us keep more
             self.outbox.append((job.client.cid, frames.encode_output_for_client(job.jobid, worker.label, text)))
@@ -308,6 +313,8 @@ class Dispatcher:
         worker.lent += 1
         if len(worker.jobs) > worker.lent:
             worker.jobs[worker.lent].state = RUNNING     # the worker starts the job sent ahead
+            if self.events is not None:
+                self.events.started(worker.jobs[worker.lent], worker)
         self.slots.file(worker)
         self._pump()
 
@@ -362,6 +369,8 @@ class Dispatcher:
             outbox.append((worker.wid, frames.encode_context_for_worker(cid, client.context)))
         job.attempts += 1
         worker.take(job, self._new_gid())   # not before: queued jobs carry no id of their own (B5 counts bytes)
+        if self.events is not None and job.state == RUNNING:
+            self.events.started(job, worker)
         self.slots.file(worker)
         if client.held is not None:
             self.outrank.sent_ahead(job)
@@ -380,10 +389,14 @@ class Dispatcher:
         self.placement.release(worker, job)
         if worker.jobs:
             worker.jobs[0].state = RUNNING
+            if self.events is not None:
+                self.events.started(worker.jobs[0], worker)
 
     def _job_lost(self, job: Job, worker: WorkerRecord) -> None:
         job.lost_on = (job.lost_on or ()) + (worker.label.decode("utf-8", "replace"),)
         worker.failures += 1
+        if self.events is not None:
+            self.events.ended(job, worker, Status.LOST)
         if job.client is not None and job.attempts >= job.max_attempts:
             body = json.dumps({"attempts": job.attempts, "workers": list(job.lost_on)}).encode()
             self._finish(job, Status.LOST, worker.label, body)

@@ -185,6 +185,7 @@ class PeerConnection(asyncio.BufferedProtocol):
         self.backlog.clear()
         self.sharing.lost()
         self.master.connections.discard(self)
+        self.master.watchers.unsubscribe(self)
         if self.peer_id is not None:
             self.master.peers.pop(self.peer_id, None)
             if self.role == "client":
@@ -308,6 +309,10 @@ class PeerConnection(asyncio.BufferedProtocol):
         if ftype == Frame.STATUS_REQ:
             reqid = frames.decode_status_request(body)
             self.transport.write(frames.encode_status(reqid, self.master.status()))
+        elif ftype == Frame.SUBSCRIBE:
+            self.master.watchers.subscribe(self)
+        elif ftype == Frame.UNSUBSCRIBE:
+            self.master.watchers.unsubscribe(self)
         elif ftype in inbox.CLIENT_FRAMES:
             inbox.client_frame(self.dispatcher, self.peer_id, ftype, body)
         elif ftype != Frame.PONG:

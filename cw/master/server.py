@@ -21,7 +21,7 @@ import ssl
 
 from cw import PORT, __version__, settings
 from cw.errors import CwError
-from cw.master import admission, sharing
+from cw.master import admission, events, sharing
 from cw.master.dispatch import Dispatcher
 from cw.master.peer import PeerConnection
 from cw.wire import buffers, frames
@@ -44,6 +44,7 @@ class Master:
         self.heartbeat = heartbeat
         self.peer_timeout = peer_timeout
         self.dispatcher = dispatcher or Dispatcher()
+        self.watchers = events.Watchers(self.dispatcher)   # clients subscribed to job events
         self.peers: dict[int, PeerConnection] = {}
         self.connections: set[PeerConnection] = set()
         self._next_id = 1

@@ -1,11 +1,12 @@
 """``python -m cw.status``: what a running master sees, for people and for scripts.
 
-    python -m cw.status [HOST[:PORT]] [--port N] [--json] [--watch [SECONDS]]
+    python -m cw.status [HOST[:PORT]] [--port N] [--json | --prometheus] [--watch [SECONDS]]
 
 The program connects like any client, asks the master for its status (the dict
 ``ClusterExecutor.status()`` returns) and prints it: as aligned tables, or with
 ``--json`` as one JSON object per report.  ``--watch`` asks again every SECONDS
-until Ctrl-C.
+until Ctrl-C.  ``--prometheus`` prints it in Prometheus' text format
+(cw.ops.metrics), for a node exporter's textfile collector.
 
 ``format_status`` does the formatting and nothing else, so it can be tested on
 hand-written dicts.  Masters of different versions send different keys; every
@@ -265,7 +266,10 @@ def _parse_args(argv, prog: str = "python -m cw.status") -> argparse.Namespace:
                         help="the master (default: $CW_MASTER, the SLURM cluster's master, else localhost)")
     parser.add_argument("--port", type=cliargs.port, default=PORT,
                         help=f"the master's port when HOST has none ({PORT})")
-    parser.add_argument("--json", action="store_true", help="print the status as one JSON object")
+    shape = parser.add_mutually_exclusive_group()
+    shape.add_argument("--json", action="store_true", help="print the status as one JSON object")
+    shape.add_argument("--prometheus", action="store_true",
+                       help="print Prometheus metrics (text format), e.g. for node_exporter's textfile collector")
     parser.add_argument("--watch", nargs="?", const=str(DEFAULT_WATCH), default=None, metavar="SECONDS",
                         help=f"print a new report every SECONDS (default {DEFAULT_WATCH:g}) until Ctrl-C")
     parser.add_argument("--timeout", type=cliargs.seconds, default=DEFAULT_TIMEOUT, metavar="SECONDS",
@@ -286,8 +290,11 @@ def _parse_args(argv, prog: str = "python -m cw.status") -> argparse.Namespace:
     return args
 
 
-def _render(status: dict, as_json: bool, address: str) -> str:
-    return json.dumps(status) if as_json else format_status(status, address=address)
+def _render(status: dict, args, address: str) -> str:
+    if getattr(args, "prometheus", False):
+        from cw.ops.metrics import status_metrics, text_format
+        return text_format(status_metrics(status)).rstrip("\n")
+    return json.dumps(status) if args.json else format_status(status, address=address)
 
 
 def _watch(executor, args, address: str, out) -> None:
@@ -295,8 +302,8 @@ def _watch(executor, args, address: str, out) -> None:
     tty = out.isatty()
     first = True
     while True:
-        text = _render(executor.status(timeout=args.timeout), args.json, address)
-        if tty and not args.json:
+        text = _render(executor.status(timeout=args.timeout), args, address)
+        if tty and not (args.json or args.prometheus):
             stamp = time.strftime("%H:%M:%S")
             out.write(f"{CLEAR_SCREEN}{text}\n\nevery {args.watch:g} s, {stamp}; Ctrl-C to stop\n")
         elif args.json:
@@ -329,7 +336,7 @@ def main(argv=None, prog: str = "python -m cw.status") -> int:
         if args.watch is not None:
             _watch(executor, args, address, sys.stdout)
         else:
-            print(_render(executor.status(timeout=args.timeout), args.json, address), flush=True)
+            print(_render(executor.status(timeout=args.timeout), args, address), flush=True)
         return 0
     except KeyboardInterrupt:
         return 0 if args.watch is not None else 130

@@ -93,6 +93,10 @@ class Frame(IntEnum):
     BY_SEGMENT = 40  # either way: kind u8, pid u32, fd u32, inode u64, offset u64, length u64, token u64 + fields
     RELEASE = 41    # either way, in answer to BY_SEGMENT: token u64; its sender may close the segment
     SHARING = 42    # peer -> master after WELCOME: empty; the peer can open the master's segments too
+    # 50-54: job events for watchers such as the dashboard (see cw.master.events).
+    SUBSCRIBE = 50  # client -> master: empty; send me EVENTS from now on
+    UNSUBSCRIBE = 51  # client -> master: empty; send no more EVENTS
+    EVENTS = 52     # master -> client: JSON {"t", "fields", "events", "dropped", "counts"}, a few times a second
 
 
 class Status(IntEnum):
@@ -247,6 +251,8 @@ PING_FRAME = frame(Frame.PING)
 PONG_FRAME = frame(Frame.PONG)
 LEND_FRAME = frame(Frame.LEND)
 RECLAIM_FRAME = frame(Frame.RECLAIM)
+SUBSCRIBE_FRAME = frame(Frame.SUBSCRIBE)
+UNSUBSCRIBE_FRAME = frame(Frame.UNSUBSCRIBE)
 
 
 def encode_json(kind: int, obj) -> bytes:
@@ -508,6 +514,17 @@ def decode_digest(body, name: str = "NEED") -> bytes:
 def decode_context_for_worker(body) -> WorkerContext:
     (ctx,) = _fields(_U32, body, "CONTEXT")
     return WorkerContext(ctx, decode_json(body[_U32.size:], "CONTEXT"))
+
+
+def decode_events(body) -> dict:
+    """EVENTS' JSON object (see cw.master.events); its events as dicts in ``"jobs"``."""
+    msg = decode_json(body, "EVENTS")
+    fields, rows = msg.get("fields"), msg.get("events")
+    if not isinstance(fields, list) or not isinstance(rows, list) or \
+            not all(isinstance(row, list) and len(row) == len(fields) for row in rows):
+        raise ProtocolError("EVENTS frame needs a list of fields and events of that many values each")
+    msg["jobs"] = [dict(zip(fields, row, strict=True)) for row in rows]
+    return msg
 
 
 def decode_status_request(body) -> int:

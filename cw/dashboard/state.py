@@ -1,0 +1,139 @@
+"""What the dashboard remembers: the last status, the jobs of the last
+minutes (the task stream), throughput and queue depth over time, the last
+failures, and the counters behind ``/metrics``.  Fed by cw.dashboard.watch
+from its threads; read by the web handlers; one lock guards it all.
+Everything is bounded: old jobs, samples and failures fall off."""
+from __future__ import annotations
+
+import collections
+import threading
+import time
+
+#: Seconds of jobs the task stream keeps.
+STREAM_SECONDS = 300
+#: Jobs kept at most (the task stream's bars), whatever their age.
+MAX_JOBS = 5000
+#: Bars sent to the page at most, the newest.
+MAX_BARS = 1500
+#: One sample a second of throughput and queue depth, this many kept.
+MAX_SAMPLES = 600
+#: Failures kept with their tracebacks.
+MAX_FAILURES = 20
+#: Seconds after which a job the status no longer shows running, and whose
+#: end never came (the master drops events beyond its bound), is shown ended.
+STALE = 5.0
+#: The bounds of cw_job_seconds' buckets.
+JOB_SECONDS_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 60, 300, 1800, 3600)
+
+
+class DashboardState:
+    def __init__(self, clock=time.time):
+        self.clock = clock
+        self.lock = threading.Lock()
+        self.status: dict = {}
+        self.status_at = 0.0
+        self.jobs: collections.OrderedDict = collections.OrderedDict()   # (client, job) -> job dict
+        self.samples: collections.deque = collections.deque(maxlen=MAX_SAMPLES)   # [t, jobs ended, queued]
+        self.failures: collections.deque = collections.deque(maxlen=MAX_FAILURES)
+        self.jobs_total: dict[str, int] = {}       # by outcome, since the dashboard started
+        self.dropped_total = 0
+        self.job_seconds = [0] * (len(JOB_SECONDS_BUCKETS) + 1)   # per bucket, the last one +Inf
+        self.job_seconds_sum = 0.0
+        self.functions: dict[str, int] = {}        # function -> colour index, in order of appearance
+        self._last_counts: dict[str, int] = {}
+        self._ended_this_second = 0
+
+    # --- fed by the watch -----------------------------------------------------
+
+    def on_status(self, status: dict) -> None:
+        with self.lock:
+            self.status = status
+            self.status_at = self.clock()
+            self.samples.append([round(self.status_at, 1), self._ended_this_second, status.get("queued", 0)])
+            self._ended_this_second = 0
+            workers = [w for w in status.get("workers", ()) if isinstance(w, dict)]
+            live = {w.get("id") for w in workers}
+            running = {(int(cid), jobid) for w in workers for cid, jobids in (w.get("current_jobs") or {}).items()
+                       for jobid in jobids}
+            for key, job in self.jobs.items():
+                if job["end"] is not None:
+                    continue
+                if job["worker"] not in live:       # a job of a worker that left ends with it
+                    job["end"], job["outcome"] = self.status_at, "lost"
+                elif key not in running and job["start"] is not None and job["start"] < self.status_at - STALE:
+                    job["end"], job["outcome"] = self.status_at, "?"   # its end was among the events dropped
+
+    def on_events(self, msg: dict) -> None:
+        with self.lock:
+            self.dropped_total += msg.get("dropped", 0) + msg.get("missed", 0)
+            counts = msg.get("counts") or {}
+            for outcome, n in counts.items():
+                before = self._last_counts.get(outcome, 0)
+                delta = n - before if n >= before else n      # the master's feed started again
+                self.jobs_total[outcome] = self.jobs_total.get(outcome, 0) + delta
+                self._ended_this_second += delta
+            self._last_counts = dict(counts)
+            for event in msg.get("jobs", ()):
+                self._job_event(event)
+            self._trim()
+
+    def on_lost(self) -> None:
+        with self.lock:
+            self._last_counts = {}
+
+    def _job_event(self, event: dict) -> None:
+        key = (event.get("client"), event.get("job"))
+        job = self.jobs.get(key)
+        if job is None or (job["end"] is not None and event.get("end") is None):
+            job = self.jobs[key] = {"client": key[0], "job": key[1], "worker": None, "function": "?",
+                                    "start": None, "end": None, "outcome": None, "traceback": None, "output": None}
+            self.jobs.move_to_end(key)
+        for name, value in event.items():
+            if value is not None:
+                job[name] = value
+        self.functions.setdefault(job["function"], len(self.functions))
+        if event.get("end") is not None:
+            start = job["start"] if job["start"] is not None else job["end"]
+            seconds = max(0.0, job["end"] - start)
+            self.job_seconds[_bucket(seconds)] += 1
+            self.job_seconds_sum += seconds
+            if job["outcome"] in ("raised", "lost"):
+                self.failures.appendleft({k: job[k] for k in ("client", "job", "worker", "function", "end",
+                                                              "outcome", "traceback")})
+
+    def _trim(self) -> None:
+        horizon = self.clock() - STREAM_SECONDS
+        jobs = self.jobs
+        while jobs:
+            first = next(iter(jobs.values()))
+            if len(jobs) <= MAX_JOBS and (first["end"] is None or first["end"] >= horizon):
+                break
+            jobs.popitem(last=False)
+
+    # --- read by the web handlers ----------------------------------------------
+
+    def view(self, error: str | None = None) -> dict:
+        """What the page draws, as JSON."""
+        with self.lock:
+            bars = list(self.jobs.values())[-MAX_BARS:]
+            return {
+                "t": self.clock(), "error": error, "status": self.status, "status_at": self.status_at,
+                "bars": [[b["client"], b["job"], b["worker"], self.functions.get(b["function"], 0), b["start"],
+                          b["end"], b["outcome"]] for b in bars],
+                "functions": list(self.functions),
+                "samples": list(self.samples),
+                "failures": list(self.failures),
+                "jobs_total": dict(self.jobs_total),
+            }
+
+    def job(self, client, jobid) -> dict | None:
+        with self.lock:
+            job = self.jobs.get((client, jobid))
+            return dict(job) if job is not None else None
+
+
+def _bucket(seconds: float) -> int:
+    for i, bound in enumerate(JOB_SECONDS_BUCKETS):
+        if seconds <= bound:
+            return i
+    return len(JOB_SECONDS_BUCKETS)
