@@ -66,3 +66,7 @@ WRITE_LOW_WATER = 1 * 1024 * 1024
 
 #: Listen backlog: thousands of workers may connect at once when a cluster starts.
 BACKLOG = 4096
+
+#: Bytes of kept values (put, futures passed as arguments) a master holds at
+#: most (its --kept-bytes); beyond, a put fails (see cw.master.kept).
+KEPT_BYTES = 4 * 1024 ** 3

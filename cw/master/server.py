@@ -24,7 +24,7 @@ import sys
 
 from cw import PORT, __version__, add_version_option, cliargs, settings
 from cw.errors import AuthenticationError, CwError, ProtocolError
-from cw.master import inbox, sharing
+from cw.master import inbox, kept, sharing
 from cw.master.dispatch import Dispatcher
 from cw.wire import buffers, frames, handshake
 from cw.wire.address import remove_address_file, write_address_file
@@ -413,8 +413,9 @@ async def serve(bind: str = "127.0.0.1", port: int = PORT, secret: bytes | None 
     slots = options.pop("slots", settings.WORKER_SLOTS)
     unplaceable = options.pop("unplaceable_timeout", settings.UNPLACEABLE_TIMEOUT)
     revoke = options.pop("revoke_timeout", settings.REVOKE_TIMEOUT)
-    master = Master(secret, Dispatcher(slots=slots, unplaceable_timeout=unplaceable, revoke_timeout=revoke),
-                    **options)
+    kept_bytes = options.pop("kept_bytes", settings.KEPT_BYTES)
+    master = Master(secret, Dispatcher(slots=slots, unplaceable_timeout=unplaceable, revoke_timeout=revoke,
+                                       kept_bytes=kept_bytes), **options)
     loop = asyncio.get_running_loop()
     server = await loop.create_server(lambda: PeerConnection(master), bind, port, backlog=settings.BACKLOG)
     keep_alive = asyncio.create_task(master.keep_alive())
@@ -481,6 +482,9 @@ def main(argv=None, prog: str = "python -m cw.master") -> int:
                         help="seconds a job that no connected worker could run (it needs more than any has, or "
                              "names workers that are gone) waits for one to join before it fails "
                              f"(default {settings.UNPLACEABLE_TIMEOUT:g})")
+    parser.add_argument("--kept-bytes", type=kept.parse_size, default=settings.KEPT_BYTES,
+                        help="memory for kept values (executor.put, futures passed to jobs): beyond it a put "
+                             f"fails, saying so (default {settings.KEPT_BYTES >> 30}G; suffixes K, M, G)")
     parser.add_argument("--address-file", default=None,
                         help="once listening, write the master's reachable address to this file as JSON "
                              "(the SLURM helpers use it to find the master)")
@@ -520,7 +524,8 @@ def main(argv=None, prog: str = "python -m cw.master") -> int:
 
         await serve(args.bind, args.port, secret, ready, stop, handshake_timeout=args.handshake_timeout,
                     heartbeat=args.heartbeat, peer_timeout=args.peer_timeout, slots=args.slots,
-                    unplaceable_timeout=args.unplaceable_timeout, revoke_timeout=args.revoke_timeout)
+                    unplaceable_timeout=args.unplaceable_timeout, revoke_timeout=args.revoke_timeout,
+                    kept_bytes=args.kept_bytes)
 
     try:
         run_loop(run())

@@ -93,6 +93,16 @@ class Frame(IntEnum):
     BY_SEGMENT = 40  # either way: kind u8, pid u32, fd u32, inode u64, offset u64, length u64, token u64 + fields
     RELEASE = 41    # either way, in answer to BY_SEGMENT: token u64; its sender may close the segment
     SHARING = 42    # peer -> master after WELCOME: empty; the peer can open the master's segments too
+    # 60-68: kept values, futures as arguments (see cw.wire.kept, cw.master.kept).
+    DEPS = 60       # client -> master, just before a SUBMIT: jobid u64 + (key u64, job id u64 or 0) each
+    PUT = 61        # client -> master: key u64, status u8, flags u8 + payload: a value kept under key
+    PUT_ACK = 62    # master -> client, in answer to a user's PUT: key u64 + UTF-8 text ("" when kept)
+    RELEASE_KEY = 63  # client -> master: key u64; nothing of this client names it any more
+    MISSING = 64    # master -> client: key u64; a job waits on it: PUT the future's outcome
+    FETCH = 65      # worker -> master: key u64 of a kept value a job needs
+    KEPT = 66       # master -> worker: key u64 + the value's payload
+    KEPT_GONE = 67  # master -> worker, in answer to FETCH: key u64 + UTF-8 text: not held
+    DROP = 68       # master -> worker: key u64; the value may leave this host's cache
 
 
 class Status(IntEnum):
@@ -102,6 +112,9 @@ class Status(IntEnum):
     RAISED = 1       # payload: a pickled exception with its remote traceback
     LOST = 2         # made by the master; payload: JSON {"attempts", "workers"}
     UNPLACEABLE = 3  # made by the master; payload: JSON {"reason", "waited"}: no worker could ever run it
+    DEPENDENCY = 4   # made by the master; payload: job id u64 of a failed dependency, its status u8 + payload
+    DEPENDENCY_CANCELLED = 5   # made by the master; payload: job id u64 of the cancelled dependency
+    KEPT_ERROR = 6   # made by the master; payload: UTF-8 text: a kept value the job uses is not there
 
 
 def kind_name(kind: int) -> str:
