@@ -82,6 +82,7 @@ class KeptValues:
         self.held: dict[tuple, Held] = {}      # (cid, jobid) -> a job waiting for kept values
         self.waiters: dict[int, set] = {}      # key -> (cid, jobid) of held jobs waiting for it
         self.wanted: dict[tuple, int] = {}     # (cid, jobid) of a job -> key its outcome is kept under
+        self.coming: set[int] = set()          # the keys of self.wanted
         self.uses: dict[tuple, list] = {}      # (cid, jobid) -> keys it pins (held or submitted)
         self.pins: dict[int, int] = {}         # key -> jobs pinning it
         self.released: set[int] = set()        # keys their client let go (they leave once unpinned)
@@ -117,6 +118,7 @@ class KeptValues:
             self.waiters.setdefault(key, set()).add(me)
             if (cid, dep) in self.held or dep in client.jobs:
                 self.wanted[(cid, dep)] = key
+                self.coming.add(key)
             elif key not in self.asked:
                 self.asked.add(key)
                 self.d.outbox.append((cid, wire.encode_key(Frame.MISSING, key)))
@@ -164,6 +166,7 @@ class KeptValues:
                     self._maybe_drop(key)
         key = self.wanted.pop(me, None)
         if key is not None:
+            self.coming.discard(key)
             self._store(cid, key, status, payload, jobid)
 
     def cancel(self, cid: int, jobid: int) -> bool:
@@ -232,7 +235,7 @@ class KeptValues:
     def _maybe_drop(self, key: int) -> None:
         if key not in self.released or key in self.pins or key in self.waiters:
             return
-        if key in self.wanted.values():
+        if key in self.coming:
             return            # (rare: a job still running whose outcome nothing will use; kept when it ends)
         self.released.discard(key)
         entry = self.entries.pop(key, None)
@@ -291,9 +294,10 @@ class KeptValues:
         """The client left: its held jobs, its keys and its values go."""
         for me in [me for me in self.held if me[0] == cid]:
             del self.held[me]
-        for table in (self.deps, self.wanted):
-            for me in [me for me in table if me[0] == cid]:
-                del table[me]
+        for me in [me for me in self.deps if me[0] == cid]:
+            del self.deps[me]
+        for me in [me for me in self.wanted if me[0] == cid]:
+            self.coming.discard(self.wanted.pop(me))
         for me in [me for me in self.uses if me[0] == cid]:
             self.finished(*me, Status.DEPENDENCY_CANCELLED, b"")
         for key in [key for key, entry in self.entries.items() if entry.owner == cid]:

@@ -33,6 +33,21 @@ BROADCAST = 1
 MAX_DEPS = 65536
 
 
+class Deps(NamedTuple):
+    jobid: int
+    deps: list          # [(key, job id or 0)]
+
+
+class Keyed(NamedTuple):
+    key: int
+    text: str           # PUT_ACK's and KEPT_GONE's; "" for the others
+
+
+class Kept(NamedTuple):
+    key: int
+    payload: memoryview
+
+
 class Put(NamedTuple):
     key: int
     status: int         # a frames.Status: OK for a value, else how the future it stands for ended
@@ -45,14 +60,14 @@ def encode_deps(jobid: int, deps) -> bytes:
     return frame(Frame.DEPS, _KEY.pack(jobid) + b"".join(_PAIR.pack(k, j) for k, j in deps))
 
 
-def decode_deps(body) -> tuple[int, list[tuple[int, int]]]:
+def decode_deps(body) -> Deps:
     if len(body) < _KEY.size or (len(body) - _KEY.size) % _PAIR.size:
         raise ProtocolError(f"DEPS frame of {len(body)} bytes is not a job id and (key, job id) pairs")
     (jobid,) = _KEY.unpack_from(body)
     deps = list(_PAIR.iter_unpack(memoryview(body)[_KEY.size:]))
     if len(deps) > MAX_DEPS:
         raise ProtocolError(f"DEPS frame names {len(deps)} kept values; at most {MAX_DEPS} per job")
-    return jobid, deps
+    return Deps(jobid, deps)
 
 
 def encode_put(key: int, status: int, broadcast: bool, payload) -> tuple:
@@ -71,11 +86,11 @@ def encode_key(kind: int, key: int, text: str = "") -> bytes:
     return frame(kind, _KEY.pack(key) + text.encode("utf-8", "replace")[:4000])
 
 
-def decode_key(body, name: str) -> tuple[int, str]:
+def decode_key(body, name: str) -> Keyed:
     """A key frame's key and text."""
     if len(body) < _KEY.size:
         raise ProtocolError(f"{name} frame of {len(body)} bytes holds no 8-byte key")
-    return _KEY.unpack_from(body)[0], bytes(body[_KEY.size:]).decode("utf-8", "replace")
+    return Keyed(_KEY.unpack_from(body)[0], bytes(body[_KEY.size:]).decode("utf-8", "replace"))
 
 
 def encode_kept(key: int, payload) -> tuple:
@@ -86,11 +101,11 @@ def kept_frame_size(payload) -> int:
     return HEADER.size + _KEY.size + len(payload)
 
 
-def decode_kept(body) -> tuple[int, memoryview]:
+def decode_kept(body) -> Kept:
     """KEPT's key and payload (a view of the frame)."""
     if len(body) < _KEY.size:
         raise ProtocolError(f"KEPT frame of {len(body)} bytes holds no 8-byte key")
-    return _KEY.unpack_from(body)[0], memoryview(body)[_KEY.size:]
+    return Kept(_KEY.unpack_from(body)[0], memoryview(body)[_KEY.size:])
 
 
 def dependency_payload(jobid: int, status: int, payload) -> bytes:
