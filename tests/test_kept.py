@@ -29,6 +29,15 @@ def kept_dir(tmp_path, monkeypatch):
     return path
 
 
+@pytest.fixture
+def opened(executor, tmp_path):
+    """A path gated jobs wait for; made at the latest when the test ends, before
+    the executor waits for its jobs (so a failing test does not hang)."""
+    path = tmp_path / "open"
+    yield path
+    path.touch()
+
+
 def gate(path, value=None):
     """A job that waits until ``path`` exists, then returns ``value``."""
     while not os.path.exists(path):
@@ -60,8 +69,7 @@ def kept(ex) -> dict:
     return ex.status()["kept"]
 
 
-def test_a_job_gets_the_results_of_the_futures_it_takes_and_waits_for_them(executor, tmp_path):
-    opened = tmp_path / "open"
+def test_a_job_gets_the_results_of_the_futures_it_takes_and_waits_for_them(executor, opened):
     first = executor.submit(gate, str(opened), 40)
     second = executor.submit(pow, 2, 1)
     total = executor.submit(add, first, second)
@@ -69,8 +77,9 @@ def test_a_job_gets_the_results_of_the_futures_it_takes_and_waits_for_them(execu
     # Held by the master, which says what it waits for; so does the future.
     assert wait_until(lambda: total.state == "waiting", what="the dependent to be held")
     assert total.waits_for == (first, second)
-    held = {h["job"]: h["waits_for"] for h in kept(executor)["waiting"]}
-    assert held[total.jobid] == [first.jobid]
+    assert second.result(30) == 2
+    wait_until(lambda: {h["job"]: h["waits_for"] for h in kept(executor)["waiting"]}.get(total.jobid)
+               == [first.jobid], what="the status to say the job waits for the first future only")
     opened.touch()
     assert total.result(30) == 42
     assert nested.result(30) == 43
@@ -81,8 +90,7 @@ def test_a_job_gets_the_results_of_the_futures_it_takes_and_waits_for_them(execu
     assert executor.submit(add, first, 2).result(30) == 42
 
 
-def test_a_failed_dependency_fails_the_job_naming_it_and_carrying_its_exception(executor, tmp_path):
-    opened = tmp_path / "open"
+def test_a_failed_dependency_fails_the_job_naming_it_and_carrying_its_exception(executor, opened):
     waiting = executor.submit(gate, str(opened))
     broken = executor.submit(fail, "broken on purpose")
     child = executor.submit(add, broken, waiting)
@@ -101,8 +109,7 @@ def test_a_failed_dependency_fails_the_job_naming_it_and_carrying_its_exception(
         executor.submit(add, broken, 1).result(30)
 
 
-def test_a_cancelled_dependency_cancels_the_job_that_takes_it(executor, tmp_path):
-    opened = tmp_path / "open"
+def test_a_cancelled_dependency_cancels_the_job_that_takes_it(executor, opened):
     blocker = executor.submit(gate, str(opened))
     queued = executor.submit(gate, str(opened), 1)
     dependent = executor.submit(add, queued, 1)
@@ -146,8 +153,8 @@ def test_a_broadcast_value_is_on_every_machine_before_any_job_asks(executor, kep
     assert kept(executor)["fetched"] == 0
 
 
-def test_a_worker_killed_while_it_holds_a_shared_input_does_not_lose_the_job(executor, tmp_path):
-    marks, release = tmp_path / "marks", tmp_path / "release"
+def test_a_worker_killed_while_it_holds_a_shared_input_does_not_lose_the_job(executor, opened, tmp_path):
+    marks, release = tmp_path / "marks", opened
     marks.mkdir()
     array = np.arange(1_000_000, dtype=np.float64)
     ref = executor.put(array)
@@ -278,7 +285,8 @@ def test_dependencies_survive_a_master_restart(tmp_path):
         cluster.add_workers(2)
         cluster.wait_for_workers(2)
         opened = tmp_path / "open"
-        with cluster.executor(reconnect_timeout=60) as ex:
+        ex = cluster.executor(reconnect_timeout=60)
+        try:
             ref = ex.put(np.arange(10.0))
             done = ex.submit(pow, 2, 5)
             assert done.result(30) == 32
@@ -292,6 +300,9 @@ def test_dependencies_survive_a_master_restart(tmp_path):
             opened.touch()
             # The new master learns the Ref, the unfinished jobs and (asking) the finished one's result.
             assert total.result(60) == 32 + 10 + 45.0
+        finally:
+            opened.touch()                        # (a failure above must not leave the gated job behind)
+            ex.shutdown(wait=False, cancel_futures=True)
     finally:
         cluster.stop()
         for proc in masters:
