@@ -234,7 +234,10 @@ class Sim:
                     assert job.function.data == function_bytes(func), f"job {jobid} got another function"
                 w.started[job.gid] = {"job": job, "runner": action.runner, "phase": "run",
                                       "key": (cid_name, jobid), "kind": kind, "value": value}
-                for dep in self.clients[cid_name].specs[jobid].deps:
+                client = self.clients[cid_name]
+                # (A client that left took its values along: its jobs still at workers are being
+                # aborted, and one that starts meanwhile fails to fetch what it takes.)
+                for dep in client.specs[jobid].deps if not getattr(client, "gone", False) else ():
                     entry = self.dispatcher.kept.entries.get(dep_key(cid_name, dep))
                     assert entry is not None and entry.status == Status.OK, (
                         f"{cid_name} job {jobid} started before the outcome of job {dep} it takes was kept")
