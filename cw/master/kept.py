@@ -209,7 +209,7 @@ class KeptValues:
     def _store(self, cid: int, key: int, status: int, payload, jobid: int) -> None:
         if key in self.entries or cid not in self.d.clients:
             return
-        data = bytes(payload)
+        data = payload if len(payload) >= frames.LARGE_FRAME else bytes(payload)   # (see wire.kept._kept_bytes)
         if self.bytes + len(data) > self.limit:
             status, data = Status.KEPT_ERROR, (
                 f"the outcome of job {jobid} was not kept for the jobs that take its future: "

@@ -21,7 +21,7 @@ import struct
 from typing import NamedTuple
 
 from cw.errors import KeptValueError, ProtocolError
-from cw.wire.frames import HEADER, Frame, _with_payload, frame
+from cw.wire.frames import HEADER, LARGE_FRAME, Frame, _with_payload, frame
 
 _KEY = struct.Struct("!Q")
 _PAIR = struct.Struct("!QQ")
@@ -52,7 +52,7 @@ class Put(NamedTuple):
     key: int
     status: int         # a frames.Status: OK for a value, else how the future it stands for ended
     broadcast: bool
-    payload: bytes
+    payload: bytes      # (a view of the frame when it is big)
 
 
 def encode_deps(jobid: int, deps) -> bytes:
@@ -78,7 +78,14 @@ def decode_put(body) -> Put:
     if len(body) < _PUT.size:
         raise ProtocolError(f"PUT frame of {len(body)} bytes is shorter than its {_PUT.size}-byte header")
     key, status, flags = _PUT.unpack_from(body)
-    return Put(key, status, bool(flags & BROADCAST), bytes(memoryview(body)[_PUT.size:]))   # a copy: it is kept
+    return Put(key, status, bool(flags & BROADCAST), _kept_bytes(memoryview(body)[_PUT.size:]))
+
+
+def _kept_bytes(view):
+    """A payload to keep: a big one as the view it is (a big frame is received into a
+    buffer of its own, or mapped from a segment, which then goes on to a worker of
+    the same machine by reference), a small one copied out of the shared read buffer."""
+    return view if len(view) >= LARGE_FRAME else bytes(view)
 
 
 def encode_key(kind: int, key: int, text: str = "") -> bytes:
