@@ -309,3 +309,14 @@ def test_dependencies_survive_a_master_restart(tmp_path):
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def test_a_ref_or_a_future_pickled_outside_a_job_is_refused(executor):
+    import pickle
+    ref = executor.put(1)
+    future = executor.submit(pow, 2, 2)
+    with pytest.raises(TypeError, match="only be pickled as an argument of a job"):
+        pickle.dumps(ref)
+    with pytest.raises(TypeError, match="only be pickled as an argument of a job"):
+        pickle.dumps([future])
+    assert future.result(30) == 4

@@ -96,8 +96,11 @@ class Ref:
         self._finalizer()
 
     def __reduce__(self):
+        book = _book_of_thread()
+        if book is None:
+            raise TypeError(_ONLY_AS_ARGUMENT.format(what="a cw.Ref"))
         uses = _uses()
-        if self._book is not _book_of_thread():
+        if self._book is not book:
             uses.foreign.append(self)
         elif self.released:
             uses.released.append(self)
@@ -113,11 +116,17 @@ def _book_of_thread():
     return getattr(_local, "book", None)
 
 
+_ONLY_AS_ARGUMENT = ("{what} can only be pickled as an argument of a job (submit, submit_with, map) of a "
+                     "ClusterExecutor; elsewhere, pass its value")
+
+
 def reduce_future(future):
     """How a ClusterFuture pickles: as its job's outcome (see the module's docstring)."""
-    uses = _uses()
     book = _book_of_thread()
-    if book is None or future._executor is not book.executor:
+    if book is None:
+        raise TypeError(_ONLY_AS_ARGUMENT.format(what="a ClusterFuture"))
+    uses = _uses()
+    if future._executor is not book.executor:
         uses.foreign.append(future)
         return wire.value, (None,)
     if future.done():
