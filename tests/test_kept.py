@@ -320,3 +320,15 @@ def test_a_ref_or_a_future_pickled_outside_a_job_is_refused(executor):
     with pytest.raises(TypeError, match="only be pickled as an argument of a job"):
         pickle.dumps([future])
     assert future.result(30) == 4
+
+
+def test_a_kept_outcome_lives_while_its_future_does(executor, opened):
+    first = executor.submit(gate, str(opened), 5)
+    second = executor.submit(add, first, 1)
+    opened.touch()
+    assert second.result(30) == 6
+    assert kept(executor)["values"] == 1             # first's outcome: its future may be passed again
+    assert executor.submit(add, first, 2).result(30) == 7
+    del first, second
+    gc.collect()
+    wait_until(lambda: kept(executor)["values"] == 0, what="the master to drop the collected future's outcome")
