@@ -35,7 +35,7 @@ from cw.client.core import ClientCore
 from cw.client.discovery import resolve_master
 from cw.client.everyworker import EveryWorker
 from cw.client.future import ClusterFuture, JobHooks
-from cw.client.refs import KeptBook, Ref, take_uses
+from cw.client.refs import KeptBook, Ref, refuse, take_uses
 from cw.errors import BrokenCluster, CwError
 from cw.wire import frames
 from cw.wire import options as job_options
@@ -217,7 +217,7 @@ class ClusterExecutor(MasterConnection, EveryWorker, AsyncSubmit, concurrent.fut
                   options: dict | None = None, digest: bytes | None = None) -> ClusterFuture:
         uses = take_uses()        # Refs and futures its call holds (cw.client.refs), if any
         if uses is not None:
-            _refuse(uses, self)
+            refuse(uses, self)
         future = self._new_future()
         deps = None
         if uses is not None:
@@ -436,19 +436,6 @@ def _pickle_batch(fn, chunk):
     if function is None:
         return payload.dumps_batch(fn, chunk), None
     return payload.dumps_batch_named(fn, function[0], chunk), function
-
-
-def _refuse(uses, executor) -> None:
-    """Refuses a call holding another executor's Refs or futures, or a released Ref."""
-    if uses.foreign:
-        what = uses.foreign[0]
-        raise ValueError(f"{what!r} belongs to another executor (or to none): a Ref or a future can only be "
-                         f"passed to jobs of the executor that made it (this one talks to the master at "
-                         f"{executor.host}:{executor.port}); pass the value itself instead")
-    if uses.released:
-        from cw.errors import KeptValueError
-        raise KeptValueError(f"{uses.released[0]!r} was released (ref.release()); jobs can no longer use it: "
-                             "put() the value again")
 
 
 def _views_writable_memory(payload) -> bool:

@@ -286,6 +286,17 @@ class KeptBook:
         ex._post(link, wire.encode_put(key, status, False, data), wait=payload.views_writable_memory(data))
 
 
+def refuse(uses: _Uses, executor) -> None:
+    """Refuses a call holding another executor's Refs or futures, or a released Ref."""
+    if uses.foreign:
+        raise ValueError(f"{uses.foreign[0]!r} belongs to another executor: a Ref or a future can only be "
+                         f"passed to jobs of the executor that made it (this one talks to the master at "
+                         f"{executor.host}:{executor.port}); pass the value itself instead")
+    if uses.released:
+        raise KeptValueError(f"{uses.released[0]!r} was released (ref.release()); jobs can no longer use it: "
+                             "put() the value again")
+
+
 def _let_go(future) -> None:
     future._waits_for = ()
 
