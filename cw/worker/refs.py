@@ -36,8 +36,9 @@ from cw.wire.payload import loads
 
 log = logging.getLogger("cw.worker")
 
-#: Seconds a job waits for a value it fetched before it fails.
+#: Seconds a job waits for a value it fetched before it fails, and between its looks at the connection.
 FETCH_TIMEOUT = 600.0
+POLL = 1.0
 #: Small values kept in memory (they come with jobs): bytes, and how many.
 SMALL_BYTES = 64 * 1024 * 1024
 SMALL_ENTRIES = 4096
@@ -69,6 +70,7 @@ class _Wait:
 class WorkerRefs:
     def __init__(self):
         self.link = None
+        self.core = None            # the session's WorkerCore: a job stops waiting once it lost the master
         self.lock = threading.Lock()
         self.waits: dict[int, _Wait] = {}
         self.small: OrderedDict[int, bytes] = OrderedDict()
@@ -84,10 +86,11 @@ class WorkerRefs:
             self._dir = cache_dir()
         return self._dir
 
-    def attach(self, link) -> None:
+    def attach(self, link, core=None) -> None:
         """A new connection to a master: jobs waiting on the old one fail."""
         with self.lock:
             self.link = link
+            self.core = core
             waits, self.waits = self.waits, {}
         for wait in waits.values():
             wait.error = "the connection to the master was lost while this job fetched it"
@@ -135,10 +138,15 @@ class WorkerRefs:
             raise KeptValueError(f"kept value {key:#x} is needed but this worker has no master")
         self.fetches += 1
         link.post(wire.encode_key(Frame.FETCH, key))
-        if not wait.event.wait(FETCH_TIMEOUT):
-            with self.lock:
-                self.waits.pop(key, None)
-            raise KeptValueError(f"the master did not send kept value {key:#x} within {FETCH_TIMEOUT:g} s")
+        core, waited = self.core, 0.0
+        while not wait.event.wait(POLL):
+            waited += POLL
+            lost = core is not None and (core.lost or core.over)
+            if lost or waited >= FETCH_TIMEOUT:
+                with self.lock:
+                    self.waits.pop(key, None)
+                raise KeptValueError(f"kept value {key:#x} did not come: " + (
+                    "the connection to the master was lost" if lost else f"not within {FETCH_TIMEOUT:g} s"))
         if wait.error is not None:
             raise KeptValueError(f"kept value {key:#x} cannot be had: {wait.error}")
 

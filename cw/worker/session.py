@@ -419,7 +419,7 @@ def run_worker(resolve, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT, offer:
         log.info("worker %d connected to %s:%s", os.getpid(), host, port)
         channel.exit_channel.say_ready()
         session = Session(link, contexts, functions)
-        refs.REFS.attach(link)          # jobs fetch kept values through it (cw.worker.refs)
+        refs.REFS.attach(link, session.core)    # jobs fetch kept values through it (cw.worker.refs)
         enable_nested_jobs(host, port, session)
         relay.session = session
         try:
