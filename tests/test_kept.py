@@ -332,3 +332,13 @@ def test_a_kept_outcome_lives_while_its_future_does(executor, opened):
     del first, second
     gc.collect()
     wait_until(lambda: kept(executor)["values"] == 0, what="the master to drop the collected future's outcome")
+
+
+def test_a_broadcast_value_reaches_workers_that_join_later(master, kept_dir):
+    with master.executor() as ex:
+        ref = ex.put(np.ones(300_000), broadcast=True)
+        master.add_workers(1)
+        master.wait_for_workers(1)
+        wait_until(lambda: os.path.exists(kept_dir / f"{ref.key:016x}"), what="the broadcast to reach the new machine")
+        assert ex.submit(np.sum, ref).result(30) == 300_000
+        assert kept(ex)["fetched"] == 0
