@@ -81,6 +81,8 @@ class MasterConnection:
                 if ftype == Frame.PING:
                     link.post_nowait(frames.PONG_FRAME)   # so that the master can tell a silent client
                     buffers.POOL.release_idle()           # (pings come every few seconds)
+                    if self._kept.to_release:
+                        self._kept.flush_releases()       # Refs and futures collected (cw.client.refs)
                     continue
                 if Frame.DEPS <= ftype <= Frame.DROP:      # kept values (cw.client.refs)
                     self._kept.on_frame(ftype, body)

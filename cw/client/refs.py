@@ -24,6 +24,7 @@ copy them) and sent again to a new master with the unfinished jobs.
 """
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import os
 import threading
@@ -94,6 +95,7 @@ class Ref:
     def release(self) -> None:
         """Jobs submitted from now on may not use it; the master drops it once those before are done."""
         self._finalizer()
+        self._book.flush_releases()
 
     def __reduce__(self):
         book = _book_of_thread()
@@ -151,6 +153,11 @@ class KeptBook:
         self.executor = executor
         self.futures: weakref.WeakValueDictionary = weakref.WeakValueDictionary()   # key -> future
         self.acks: dict[int, concurrent.futures.Future] = {}
+        # Keys of Refs and futures collected: a finalizer may run inside the garbage
+        # collector, on any thread, holding any lock (the executor's too), so it only
+        # notes the key; RELEASE_KEY goes out later (flush_releases: at the next put,
+        # job that uses kept values, explicit release, or the master's next ping).
+        self.to_release: collections.deque = collections.deque()
 
     def __enter__(self):
         """Pickling a call of this executor: Refs and futures met are this thread's."""
@@ -188,6 +195,7 @@ class KeptBook:
         key = self.new_key()
         frame = wire.encode_put(key, Status.OK, broadcast, data)
         ack: concurrent.futures.Future = concurrent.futures.Future()
+        self.flush_releases()
         ex = self.executor
         with ex._lock:
             if ex._broken is not None or ex._shutdown:
@@ -213,11 +221,18 @@ class KeptBook:
             self.executor._core.kept.pop(key, None)
 
     def release_key(self, key: int) -> None:
+        """A Ref's or a future's finalizer (see ``to_release``)."""
+        self.to_release.append(key)
+
+    def flush_releases(self) -> None:
+        """Tells the master the keys let go of since the last time."""
         ex = self.executor
-        with ex._lock:
-            ex._core.kept.pop(key, None)
-            link = None if ex._broken is not None or ex._closing else ex._link
-        ex._post(link, wire.encode_key(Frame.RELEASE_KEY, key))
+        while self.to_release:
+            key = self.to_release.popleft()
+            with ex._lock:
+                ex._core.kept.pop(key, None)
+                link = None if ex._broken is not None or ex._closing else ex._link
+            ex._post(link, wire.encode_key(Frame.RELEASE_KEY, key))
 
     # --- a job that uses kept values ------------------------------------------------
 
@@ -235,6 +250,7 @@ class KeptBook:
         if uses.cancelled:
             self._end(future, None)
             return None
+        self.flush_releases()
         future._waits_for = tuple(uses.futures.values())
         if future._waits_for:
             future.add_done_callback(_let_go)
