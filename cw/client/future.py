@@ -121,7 +121,7 @@ class ClusterFuture(concurrent.futures.Future):
         if self.done():
             return "failed" if self.exception() is not None else "done"
         from cw.client.refs import job_state
-        return job_state(self._executor, self.jobid)
+        return job_state(self)
 
     def result(self, timeout=None):
         return super().result(self._help(timeout))

@@ -337,14 +337,15 @@ def dependency_outcome(jobid: int, status: int, data):
     return False, err
 
 
-def job_state(executor, jobid: int) -> str:
+def job_state(future) -> str:
     """"running", "waiting" (held by the master for futures or Refs it takes) or "queued"."""
+    executor, jobid = future._executor, future.jobid
     link = executor._link
     me = link.welcome.get("id") if link is not None else None
     status = executor.status()
     if any(jobid in w.get("current_jobs", {}).get(str(me), []) for w in status["workers"]):
         return "running"
-    held = status.get("kept", {}).get("waiting", [])
-    if any(h["client"] == me and h["job"] == jobid for h in held):
+    held = status.get("kept", {}).get("waiting", [])   # (the first 100 held jobs)
+    if any(h["client"] == me and h["job"] == jobid for h in held) or any(not f.done() for f in future.waits_for):
         return "waiting"
     return "queued"
