@@ -342,3 +342,17 @@ def test_a_broadcast_value_reaches_workers_that_join_later(master, kept_dir):
         wait_until(lambda: os.path.exists(kept_dir / f"{ref.key:016x}"), what="the broadcast to reach the new machine")
         assert ex.submit(np.sum, ref).result(30) == 300_000
         assert kept(ex)["fetched"] == 0
+
+
+def test_a_cluster_stopped_right_after_its_client_left_leaves_no_cached_values(kept_dir):
+    cluster = start_master(port=0)
+    try:
+        cluster.add_workers(2)
+        cluster.wait_for_workers(2)
+        with cluster.executor() as ex:
+            ref = ex.put(np.ones(300_000))
+            assert ex.submit(np.sum, ref).result(30) == 300_000
+            assert os.path.exists(kept_dir / f"{ref.key:016x}")
+    finally:
+        cluster.stop()                  # (the master may have had no time to tell the workers to drop it)
+    assert [name for name in os.listdir(kept_dir) if name != ".users"] == []

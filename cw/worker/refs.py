@@ -15,12 +15,16 @@ Where a value comes from, first found first:
 The reader thread takes KEPT, KEPT_GONE and DROP frames (``on_frame``): it
 writes a value's file itself (it never takes the lock: the runner that
 holds it may be waiting for exactly that frame) and wakes the runner.  DROP
-(the value was released) removes the file and forgets the memo.  A master
-killed before its values were released leaves their files behind: remove
-the directory when no worker runs.
+(the value was released) removes the file and forgets the memo.  Each
+worker process that uses the cache holds a shared lock on its ``.users``
+file; the last one to exit normally (it gets the lock alone) empties the
+cache, so values a master had no time to drop (the cluster stopped right
+after its client left) do not outlive the workers.  A worker killed
+(SIGKILL) cannot: remove the directory when no worker runs.
 """
 from __future__ import annotations
 
+import atexit
 import fcntl
 import logging
 import mmap
@@ -83,7 +87,11 @@ class WorkerRefs:
     @property
     def dir(self) -> str:
         if self._dir is None:
-            self._dir = cache_dir()
+            path = cache_dir()
+            users = os.open(os.path.join(path, ".users"), os.O_CREAT | os.O_RDWR, 0o600)
+            fcntl.flock(users, fcntl.LOCK_SH)      # this process uses the cache (see the module's docstring)
+            atexit.register(_empty_if_last, path, users)
+            self._dir = path
         return self._dir
 
     def attach(self, link, core=None) -> None:
@@ -221,6 +229,20 @@ class WorkerRefs:
 
 
 _NONE = object()
+
+
+def _empty_if_last(path: str, users: int) -> None:
+    """At exit: the last process of this machine using the cache empties it."""
+    try:
+        fcntl.flock(users, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return                      # another worker process still uses it
+    for name in os.listdir(path):
+        if name != ".users":
+            try:
+                os.unlink(os.path.join(path, name))
+            except OSError:
+                pass
 
 #: The process's kept values.
 REFS = WorkerRefs()
