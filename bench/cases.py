@@ -1,4 +1,4 @@
-"""The benchmark cases B1..B7 (B10 is in ``b10.py``).
+"""The benchmark cases B1..B7 (B8 and B9 are in ``b8_b9.py``, B10 in ``b10.py``).
 
 Each case is a function ``case(ctx) -> Case``: it runs every selected system
 one right after the other (so they see the same machine load) and fills a
@@ -827,7 +827,10 @@ def b7(ctx: Context) -> Case:
 
 CASES = {"B1": b1, "B2": b2, "B3": b3, "B4": b4, "B5": b5, "B6": b6, "B7": b7}
 
-# B10 lives in a module of its own, which builds on the helpers above.
+# B8, B9 and B10 live in modules of their own, which build on the helpers above.
+from .b8_b9 import b8, b9  # noqa: E402
 from .b10 import b10  # noqa: E402
 
+CASES["B8"] = b8
+CASES["B9"] = b9
 CASES["B10"] = b10

@@ -79,3 +79,18 @@ def blas_threads():
     except ImportError:
         return None
     return max((pool["num_threads"] for pool in threadpoolctl.threadpool_info()), default=0)
+
+
+def slice_sum(array, i, n):
+    """The sum of the ``i``-th of ``n`` slices of an array (B8: a shared input)."""
+    size = len(array) // n
+    return float(array[i * size:(i + 1) * size].sum())
+
+
+def add(a, b):
+    """B9's reduction tree."""
+    return a + b
+
+
+def one():
+    return 1

@@ -11,8 +11,8 @@ from dataclasses import asdict
 
 from .cases import HIGHER, LOWER, ROOT, Case
 
-PACKAGES = ("cluster-workers", "cloudpickle", "loky", "distributed", "dask", "ray", "tornado", "msgpack", "matplotlib", "numpy",
-            "threadpoolctl", "uvloop")
+PACKAGES = ("cluster-workers", "cloudpickle", "loky", "distributed", "dask", "ray", "tornado", "msgpack",
+            "matplotlib", "numpy", "threadpoolctl", "uvloop")
 
 
 def machine() -> dict:
@@ -167,6 +167,27 @@ def _abs_target(cases, cid, key, op, limit, what, system="cw"):
     return (cid, what, check)
 
 
+def _b8_bound(cases) -> float:
+    case = cases.get("B8")
+    return (case.params["workers"] + 1) * case.params["megabytes"] if case is not None else 0
+
+
+def _best_target(cases, cid, key, others, what):
+    """cw's ``key`` (lower is better) at most the best of ``others``'."""
+    def check():
+        case = cases.get(cid)
+        if case is None:
+            return None, "case not run"
+        cw = case.value(key, "cw")
+        theirs = {o: case.value(key, o) for o in others if case.value(key, o) is not None}
+        if cw is None or not theirs:
+            return None, f"needs cw and one of {', '.join(others)}"
+        best = min(theirs, key=theirs.get)
+        return cw <= theirs[best], f"cw/{best} = {cw / theirs[best]:.2f}x ({fmt(cw)} vs {fmt(theirs[best])} " \
+                                   f"{case.get(key).unit})"
+    return (cid, what, check)
+
+
 def _first_and_later_target(cases, cid, key, other, factor, what):
     """cw / ``other`` >= ``factor`` for both the first run (``key``_first) and the later ones."""
     def check():
@@ -201,6 +222,13 @@ def targets(cases: dict[str, Case]) -> list[dict]:
         _abs_target(cases, "B5", "queued_bytes", "<=", 300, "cw master <= 300 bytes per queued job beyond payload"),
         _abs_target(cases, "B6", "ratio", ">=", 0.8, "cw throughput with extra workers >= 0.8x without"),
         _abs_target(cases, "B7", "deviation", "<=", 20, "every cw client within 20% of an equal share"),
+        _abs_target(cases, "B8", "written_shared", "<=", _b8_bound(cases),
+                    "cw master writes <= (workers+1) x the array"),
+        _best_target(cases, "B8", "time_shared", ("dask", "ray"), "cw time with put <= the best of Dask and Ray"),
+        _ratio_target(cases, "B9", "chain", "dask", ">=", 3.0, "cw dependency chain >= 3x Dask's jobs/s"),
+        _ratio_target(cases, "B9", "chain", "ray", ">=", 1.0, "cw dependency chain >= Ray's jobs/s"),
+        _ratio_target(cases, "B9", "tree", "dask", ">=", 3.0, "cw reduction tree >= 3x Dask's jobs/s"),
+        _ratio_target(cases, "B9", "tree", "ray", ">=", 1.0, "cw reduction tree >= Ray's jobs/s"),
         _ratio_target(cases, "B10", "time", "ppe-1t", "<=", 1.1, "cw numpy time <= 1.1x one thread set by hand"),
     ]
     out = []

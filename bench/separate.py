@@ -18,7 +18,7 @@ import tempfile
 
 #: Cases whose systems run inside the benchmark's process (B5 starts a child per
 #: system anyway; B6 measures cw only).
-IN_PROCESS = ("B1", "B2", "B3", "B4", "B7", "B10")
+IN_PROCESS = ("B1", "B2", "B3", "B4", "B7", "B8", "B9", "B10")
 
 
 def measure(name: str, cid: str, ctx, root: str, timeout: float = 1800) -> tuple[dict | None, str | None]:

@@ -15,7 +15,9 @@ from cw.errors import (  # noqa: E402
     CallPicklingError,
     CallUnpicklingError,
     CwError,
+    DependencyFailed,
     JobTimeout,
+    KeptValueError,
     ProtocolError,
     RemoteError,
     RemoteTraceback,
@@ -34,7 +36,7 @@ def randid() -> int:
 
 
 _LAZY = {"allocate": "launch.local", "start": "launch.local", "stop": "launch.local", "LocalCluster": "launch.local",
-         "ClusterExecutor": "client", "ClientThread": "client", "get_executor": "client",
+         "ClusterExecutor": "client", "Ref": "client.refs", "ClientThread": "client", "get_executor": "client",
          "command": "ops.commands", "CommandResult": "ops.commands",
          "progress": "client.progress", "track": "client.progress", "Progress": "client.progress"}
 
@@ -81,4 +83,5 @@ __all__ = ["PORT", "randid", "allocate", "start", "stop", "LocalCluster", "Clust
            "get_executor", "command", "CommandResult", "progress", "track", "Progress",
            "CwError", "BrokenCluster", "WorkerLost", "Unplaceable", "JobTimeout", "AuthenticationError",
            "SecretFileError", "ProtocolError", "SerializationError", "CallPicklingError", "CallUnpicklingError",
-           "ResultPicklingError", "ResultUnpicklingError", "RemoteError", "RemoteTraceback"]
+           "ResultPicklingError", "ResultUnpicklingError", "RemoteError", "RemoteTraceback", "Ref",
+           "DependencyFailed", "KeptValueError"]

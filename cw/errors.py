@@ -115,3 +115,21 @@ class AddressFileError(CwError, ValueError):
 
 class SlurmError(CwError):
     """A SLURM command failed, or the cluster could not be found."""
+
+
+class KeptValueError(CwError):
+    """A job uses a kept value (a ``put`` Ref, a future passed as an
+    argument) that cannot be had: released, too big for the master's
+    ``--kept-bytes``, or refused at submit (another executor's)."""
+
+
+class DependencyFailed(CwError):
+    """A job did not run: a future passed to it as an argument failed.
+    ``jobid`` names the failed job; ``__cause__`` is its exception."""
+
+    def __init__(self, message: str, jobid: int = 0):
+        super().__init__(message)
+        self.jobid = jobid
+
+    def __reduce__(self):
+        return type(self), (self.args[0], self.jobid)

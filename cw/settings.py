@@ -71,3 +71,7 @@ BACKLOG = 4096
 #: either it closes the oldest of the address holding the most (cw.master.admission).
 MAX_UNAUTHENTICATED = 1024
 MAX_UNAUTHENTICATED_PER_SOURCE = 128
+
+#: Bytes of kept values (put, futures passed as arguments) a master holds at
+#: most (its --kept-bytes); beyond, a put fails (see cw.master.kept).
+KEPT_BYTES = 4 * 1024 ** 3

@@ -20,6 +20,13 @@ A job may name one of a few functions by digest, as jobs of functions sent
 once do (FUNC, NEED, FORGET): its worker must hold that function's bytes
 when it starts it (worker processes keep only ``FUNCTION_LRU`` of them, so
 NEED happens), and clients announce at most ``MAX_FUNCTIONS``.
+
+A job may take earlier jobs of its client as arguments (``Spec.deps``, as a
+future passed to ``submit``): DEPS precedes its SUBMIT, the master holds it
+until their outcomes are kept, and a client answers MISSING with the outcome
+it got (cw.client.refs does so from the future).  Invariants: such a job
+starts only once the master keeps every one of those outcomes as OK; it ends
+failed (DEPENDENCY) or cancelled only when one of them did; and it ends.
 """
 from __future__ import annotations
 
@@ -33,6 +40,7 @@ from cw.errors import ProtocolError
 from cw.master import inbox
 from cw.master.dispatch import DEFAULT_RETRIES, Dispatcher
 from cw.wire import frames
+from cw.wire import kept as kept_wire
 from cw.wire.decoder import FrameDecoder
 from cw.wire.frames import Frame, Result, Status, kind_name
 from cw.wire.payload import digest_of
@@ -65,10 +73,16 @@ class Spec:
     tag: str | None = None
     max_retries: int | None = None
     func: int | None = None         # the function it names by digest, if any
+    deps: tuple = ()                # job ids of its client whose outcomes it takes (futures as arguments)
 
     def payload(self, cid: int, jobid: int, named: bool = False) -> bytes:
         body = json.dumps([cid, jobid, self.kind, self.value, self.func]).encode()
         return b"\xfe" + digest_of(function_bytes(self.func)) + body if named else body
+
+
+def dep_key(client: str, jobid: int) -> int:
+    """The key a client gives its job's future when another job takes it."""
+    return (int(client[1:]) << 32) | jobid
 
 
 def decode(frame) -> tuple[int, bytes]:
@@ -220,6 +234,13 @@ class Sim:
                     assert job.function.data == function_bytes(func), f"job {jobid} got another function"
                 w.started[job.gid] = {"job": job, "runner": action.runner, "phase": "run",
                                       "key": (cid_name, jobid), "kind": kind, "value": value}
+                client = self.clients[cid_name]
+                # (A client that left took its values along: its jobs still at workers are being
+                # aborted, and one that starts meanwhile fails to fetch what it takes.)
+                for dep in client.specs[jobid].deps if not getattr(client, "gone", False) else ():
+                    entry = self.dispatcher.kept.entries.get(dep_key(cid_name, dep))
+                    assert entry is not None and entry.status == Status.OK, (
+                        f"{cid_name} job {jobid} started before the outcome of job {dep} it takes was kept")
                 self.runs[(cid_name, jobid)] += 1
             elif isinstance(action, Resume):
                 w.started[action.gid]["phase"] = "resumed"
@@ -277,6 +298,12 @@ class Sim:
                 digest = digest_of(data)
         payload = spec.payload(c.name, jobid, named=digest is not None)
         frame = c.core.submit(jobid, retries, 0.0, payload, 0, options or None, digest)
+        # A future already answered (or cancelled) would travel as its value: only the others wait.
+        spec.deps = tuple(d for d in spec.deps if d in c.specs and d != jobid and d not in c.cancelled
+                          and not c.results.get(d))
+        if spec.deps:
+            c.core.deps[jobid] = kept_wire.encode_deps(jobid, [(dep_key(c.name, d), d) for d in spec.deps])
+            before.append(c.core.deps[jobid])
         if c.connected:
             self._send(c.cid, MASTER, [*before, frame])
         return jobid
@@ -340,9 +367,22 @@ class Sim:
             c = next((c for c in self.clients.values() if c.cid == dst and c.connected), None)
             if c is None:
                 return            # a client gone, or a connection of it that is over
+            if ftype == Frame.MISSING:
+                self._answer_missing(c, kept_wire.decode_key(body, "MISSING").key)
+                return
             event = c.core.receive(ftype, body)
             if isinstance(event, Result):
                 c.results[event.jobid].append(event)
+
+    def _answer_missing(self, c: SimClient, key: int) -> None:
+        """The master lacks the outcome of a job another takes: the client PUTs what it got."""
+        dep = key & 0xFFFFFFFF
+        if c.results.get(dep):
+            status, payload = c.results[dep][0].status, c.results[dep][0].payload
+        else:
+            assert dep in c.cancelled, f"{c.name}: MISSING for job {dep}, which it has not seen end"
+            status, payload = Status.DEPENDENCY_CANCELLED, kept_wire.cancelled_payload(dep)
+        self._send(c.cid, MASTER, [kept_wire.encode_put(key, status, False, payload)])
 
     def _to_master_from_worker(self, wid: int, ftype: int, body: bytes) -> None:
         if wid not in self.dispatcher.workers:
@@ -554,6 +594,24 @@ class Sim:
 
     def _check_answer(self, c: SimClient, jobid: int, result: Result) -> None:
         spec = c.specs[jobid]
+        assert result.status != Status.KEPT_ERROR, f"{c.name} job {jobid}: {bytes(result.payload)!r}"
+        if result.status in (Status.DEPENDENCY, Status.DEPENDENCY_CANCELLED):
+            if result.status == Status.DEPENDENCY:
+                dep, status, _ = kept_wire.decode_dependency(result.payload)
+                ended = c.results.get(dep)
+                assert dep in c.cancelled or (ended and ended[0].status == status != Status.OK), (
+                    f"{c.name} job {jobid} failed for job {dep}, which did not fail so")
+            else:
+                dep = kept_wire.decode_cancelled_payload(result.payload)
+                ended = c.results.get(dep)
+                assert dep in c.cancelled or (ended and ended[0].status == Status.DEPENDENCY_CANCELLED), (
+                    f"{c.name} job {jobid} was cancelled for job {dep}, which was not")
+            assert dep in spec.deps, f"{c.name} job {jobid} ended for job {dep}, which it does not take"
+            return
+        for dep in spec.deps:        # it ran: every job it takes ended well (or was cancelled too late)
+            ended = c.results.get(dep)
+            assert dep in c.cancelled or (ended and ended[0].status == Status.OK), (
+                f"{c.name} job {jobid} ran though job {dep}, which it takes, did not end well")
         if result.status == Status.UNPLACEABLE:
             need = spec.need or {"cpu": 1}
             fits = [m.name for m in self.machines.values() if m.alive

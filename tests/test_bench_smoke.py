@@ -37,3 +37,19 @@ def test_bench_times_script_module_and_lambda_functions(tmp_path):
     assert not any("NOT __main__" in note for note in b1["notes"])
     statuses = {t["target"]: t["status"] for t in results["targets"]}
     assert statuses["cw worker CPU per no-op call <= 1.5x ppe's"] in ("PASS", "MISS")
+
+
+def test_bench_runs_the_data_cases_alone(tmp_path):
+    """B8 (a shared input) and B9 (futures as arguments) run on their own (``--only B8,B9``)."""
+    out = tmp_path / "results.json"
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--only", "B8,B9", "--systems", "cw,ppe",
+                           "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cases = json.loads(out.read_text())["cases"]
+    values = {(cid, fig["key"]): fig["values"] for cid in ("B8", "B9") for fig in cases[cid]["figures"]}
+    for key in (("B8", "time_shared"), ("B8", "time_plain"), ("B8", "written_shared"), ("B9", "chain"),
+                ("B9", "tree")):
+        assert values[key]["cw"] is not None, key
+    assert values[("B8", "time_plain")]["ppe"] is not None
+    assert values[("B9", "chain")]["ppe"] is None          # a pool cannot take futures as arguments

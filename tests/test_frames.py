@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from cw.errors import ProtocolError
 from cw.wire import frames as f
-from cw.wire import segments
+from cw.wire import kept, segments
 from cw.wire.decoder import FrameDecoder
 from cw.wire.frames import Frame, Status
 
@@ -40,8 +40,11 @@ def test_frame_kinds_and_status_codes_keep_their_wire_values():
         "SUBMIT_WITH": 28, "JOB_ENV": 29, "LIMIT": 30, "NOTICE": 31, "LEND": 32, "RECLAIM": 33, "OUTPUT": 34,
         "SETUP": 35, "FUNC": 36, "NEED": 37, "FORGET": 38,
         "BY_SEGMENT": 40, "RELEASE": 41, "SHARING": 42,
-        "SUBSCRIBE": 50, "UNSUBSCRIBE": 51, "EVENTS": 52}
-    assert {s.name: s.value for s in Status} == {"OK": 0, "RAISED": 1, "LOST": 2, "UNPLACEABLE": 3}
+        "SUBSCRIBE": 50, "UNSUBSCRIBE": 51, "EVENTS": 52,
+        "DEPS": 60, "PUT": 61, "PUT_ACK": 62, "RELEASE_KEY": 63, "MISSING": 64, "FETCH": 65, "KEPT": 66,
+        "KEPT_GONE": 67, "DROP": 68}
+    assert {s.name: s.value for s in Status} == {"OK": 0, "RAISED": 1, "LOST": 2, "UNPLACEABLE": 3, "DEPENDENCY": 4,
+                                                 "DEPENDENCY_CANCELLED": 5, "KEPT_ERROR": 6}
     assert f.VERSION == 3
 
 
@@ -124,6 +127,21 @@ ROUND_TRIPS.append((f.encode_json(Frame.EVENTS, {"fields": ["job", "end"], "even
 def test_events_with_rows_unlike_their_fields_are_refused():
     with pytest.raises(ProtocolError, match="EVENTS"):
         f.decode_events(b'{"fields": ["job"], "events": [[1, 2]]}')
+
+
+# Kept values and futures as arguments (cw.wire.kept).
+ROUND_TRIPS += [
+    (kept.encode_deps(5, [(2**64 - 1, 3), (9, 0)]), Frame.DEPS, kept.decode_deps,
+     kept.Deps(5, [(2**64 - 1, 3), (9, 0)])),
+    (kept.encode_put(7, Status.RAISED, True, b"value"), Frame.PUT, kept.decode_put,
+     kept.Put(7, Status.RAISED, True, b"value")),
+    (kept.encode_kept(8, b"value"), Frame.KEPT,      # (its payload is a view: compared as text here)
+     lambda body: kept.Keyed(kept.decode_kept(body).key, bytes(kept.decode_kept(body).payload).decode()),
+     kept.Keyed(8, "value")),
+] + [(kept.encode_key(kind, 2**63 + 1, text), kind, lambda body, kind=kind: kept.decode_key(body, kind.name),
+      kept.Keyed(2**63 + 1, text))
+     for kind, text in ((Frame.PUT_ACK, "refused: full é"), (Frame.RELEASE_KEY, ""), (Frame.MISSING, ""),
+                        (Frame.FETCH, ""), (Frame.KEPT_GONE, "released"), (Frame.DROP, ""))]
 #: Made and checked by cw.wire.handshake (tests/test_handshake.py).
 HANDSHAKE_FRAMES = {Frame.CHALLENGE, Frame.RESPONSE, Frame.PROOF}
 

@@ -45,11 +45,14 @@ class Cluster(RuleBasedStateMachine):
     @rule(data=st.data(), kind=st.sampled_from(KINDS), value=st.integers(0, 1000),
           need=st.sampled_from([None, None, None, {"cpu": 2}, {"gpu": 1}, {"cpu": 1, "gpu": 2}]),
           tag=st.sampled_from([None, None, None, "db"]), retries=st.sampled_from([None, None, 0, 1]),
-          func=st.sampled_from([None, None, 0, 1, 2, 3, 4]))
-    def submit(self, data, kind, value, need, tag, retries, func):
+          func=st.sampled_from([None, None, 0, 1, 2, 3, 4]),
+          deps=st.sampled_from([(), (), (), (1,), (-1,), (-1, -2), (1, -3)]))
+    def submit(self, data, kind, value, need, tag, retries, func, deps):
         client = self._client(data)
         if client is not None:
-            self.sim.submit(client, Spec(kind, value, need, tag, retries, func))
+            count = len(self.sim.clients[client].specs)     # deps: earlier jobs, from the start or the end
+            deps = tuple(d if d > 0 else count + 1 + d for d in deps)
+            self.sim.submit(client, Spec(kind, value, need, tag, retries, func, deps))
 
     @rule(data=st.data())
     def deliver(self, data):

@@ -84,6 +84,11 @@ class MasterConnection:
                 if ftype == Frame.PING:
                     link.post_nowait(frames.PONG_FRAME)   # so that the master can tell a silent client
                     buffers.POOL.release_idle()           # (pings come every few seconds)
+                    if self._kept.to_release:
+                        self._kept.flush_releases()       # Refs and futures collected (cw.client.refs)
+                    continue
+                if Frame.DEPS <= ftype <= Frame.DROP:      # kept values (cw.client.refs)
+                    self._kept.on_frame(ftype, body)
                     continue
                 with self._lock:
                     event = self._core.receive(ftype, body)
@@ -156,6 +161,8 @@ class MasterConnection:
         try:
             if ok:
                 future.set_result(value)
+            elif status == Status.DEPENDENCY_CANCELLED:
+                future.cancel()          # a future it takes as an argument was cancelled
             else:
                 future.set_exception(value)
         except concurrent.futures.InvalidStateError:

@@ -61,6 +61,8 @@ class ClientCore:
         self.function_bytes = 0
         self.function_users: dict[bytes, int] = {}   # digest -> unfinished jobs naming it
         self.job_functions: dict[int, bytes] = {}    # jobid -> the digest it names
+        self.deps: dict[int, bytes] = {}             # jobid -> its DEPS frame (cw.client.refs), sent before it
+        self.kept: dict[int, object] = {}            # key -> PUT frame of a live Ref, for a new master
         self._ids = itertools.count(1)
 
     # --- what the client does -------------------------------------------------
@@ -118,6 +120,7 @@ class ClientCore:
     def forget(self, jobid: int) -> None:
         """A job that will not be sent (its submission failed on the way out)."""
         self.unfinished.pop(jobid, None)
+        self.deps.pop(jobid, None)
         if self.job_functions:
             self._ended(jobid)
 
@@ -125,6 +128,8 @@ class ClientCore:
         """The CANCEL frame to send, or None when the job has ended already."""
         if self.unfinished.pop(jobid, None) is None:
             return None
+        if self.deps:
+            self.deps.pop(jobid, None)
         if self.job_functions:
             self._ended(jobid)
         return frames.encode_cancel(jobid)
@@ -152,6 +157,8 @@ class ClientCore:
             result = frames.decode_result(body)
             if self.unfinished.pop(result.jobid, None) is None:
                 return None     # cancelled meanwhile, or answered already
+            if self.deps:
+                self.deps.pop(result.jobid, None)
             if self.job_functions:
                 self._ended(result.jobid)
             return result
@@ -188,13 +195,19 @@ class ClientCore:
         out += [frames.encode_json(Frame.LIMIT, {"tag": tag, "limit": limit}) for tag, limit in self.limits.items()]
         out += self.setups
         out += self.functions.values()
-        out += list(self.unfinished.values())
+        out += self.kept.values()
+        deps = self.deps
+        for jobid, frame in self.unfinished.items():
+            if jobid in deps:
+                out.append(deps[jobid])
+            out.append(frame)
         return out
 
     def give_up(self) -> list[int]:
         """The jobs that end with the connection (no ride-through): all of them."""
         jobids = list(self.unfinished)
         self.unfinished.clear()
+        self.deps.clear()
         self.job_functions.clear()
         self.function_users.clear()
         return jobids

@@ -35,6 +35,7 @@ from cw.client.core import ClientCore
 from cw.client.discovery import resolve_master
 from cw.client.everyworker import EveryWorker
 from cw.client.future import ClusterFuture, JobHooks
+from cw.client.refs import KeptBook, Ref, refuse, take_uses
 from cw.errors import BrokenCluster, CwError
 from cw.wire import frames, tls
 from cw.wire import options as job_options
@@ -93,6 +94,7 @@ class ClusterExecutor(MasterConnection, EveryWorker, AsyncSubmit, concurrent.fut
                  tls_cert: str | None = None, tls_key: str | None = None, tls_ca: str | None = None):
         self._hooks = job_hooks
         self._tls_files = tls.TlsFiles(tls_cert, tls_key, tls_ca)
+        self._kept = KeptBook(self)        # put() values and futures passed to jobs (cw.client.refs)
         self._retries = _check_retries(max_retries)
         self._timeout = _check_timeout(timeout)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight <= 1e6:
@@ -144,7 +146,8 @@ class ClusterExecutor(MasterConnection, EveryWorker, AsyncSubmit, concurrent.fut
             return self.submit_with(fn, args, kwargs, priority=priority, resources=resources, tag=tag,
                                     workers=workers)
         try:
-            payload, function = _pickle_call(fn, args, kwargs)
+            with self._kept:
+                payload, function = _pickle_call(fn, args, kwargs)
         except CwError as exc:
             return self._failed_future(exc)
         if function is not None:
@@ -167,7 +170,8 @@ class ClusterExecutor(MasterConnection, EveryWorker, AsyncSubmit, concurrent.fut
             # (The wrapper carries fn as an argument: a job's children send it with each call.)
             fn, args, kwargs, priority = self._hooks.prepare(fn, tuple(args), kwargs or {}, priority)
         try:
-            payload, function = _pickle_call(fn, args, kwargs or {})
+            with self._kept:
+                payload, function = _pickle_call(fn, args, kwargs or {})
         except CwError as exc:
             return self._failed_future(exc)
         if function is not None:
@@ -208,7 +212,9 @@ class ClusterExecutor(MasterConnection, EveryWorker, AsyncSubmit, concurrent.fut
             if before is None:
                 from cw.wire.payload import dumps_batch, dumps_call
                 args, kwargs = call
-                payload = dumps_batch(fn, kwargs) if args is None else dumps_call(fn, args, kwargs)
+                take_uses()
+                with self._kept:
+                    payload = dumps_batch(fn, kwargs) if args is None else dumps_call(fn, args, kwargs)
                 return self._send_job(payload, retries, timeout, priority, options)
             for frame in before:
                 self._post(link, frame)
@@ -216,7 +222,15 @@ class ClusterExecutor(MasterConnection, EveryWorker, AsyncSubmit, concurrent.fut
 
     def _send_job(self, payload, retries: int, timeout: float, priority: int = 0,
                   options: dict | None = None, digest: bytes | None = None) -> ClusterFuture:
+        uses = take_uses()        # Refs and futures its call holds (cw.client.refs), if any
+        if uses is not None:
+            refuse(uses, self)
         future = self._new_future()
+        deps = None
+        if uses is not None:
+            deps = self._kept.admit(future, uses)
+            if deps is None:
+                return future      # a dependency failed or was cancelled: so did this job
         if self._hooks is not None:
             context = self._hooks.context_change()
             if context is not None:
@@ -227,6 +241,10 @@ class ClusterExecutor(MasterConnection, EveryWorker, AsyncSubmit, concurrent.fut
         with self._lock:
             frame = self._core.submit(future.jobid, retries, timeout, payload, priority, options, digest)
             link = self._link     # None while reconnecting: the job goes with the resubmission
+            if deps is not None:
+                self._core.deps[future.jobid] = deps
+        if deps is not None:
+            self._post(link, deps)     # (just before its SUBMIT: the master holds the job back)
         if type(payload) is tuple and _views_writable_memory(payload):
             self._post(link, frame, wait=True)   # the array as it is now, not as it will be
         else:
@@ -267,7 +285,8 @@ class ClusterExecutor(MasterConnection, EveryWorker, AsyncSubmit, concurrent.fut
             if not chunk:
                 return False
             try:
-                payload, function = _pickle_batch(fn, chunk)
+                with self._kept:
+                    payload, function = _pickle_batch(fn, chunk)
                 if function is not None:
                     inflight.append(self._send_named(fn, (None, chunk), payload, function, self._retries,
                                                      self._timeout, priority, options))
@@ -300,6 +319,17 @@ class ClusterExecutor(MasterConnection, EveryWorker, AsyncSubmit, concurrent.fut
             from cw.client.progress import track
             return track(results(), total=total)
         return results()
+
+    def put(self, obj, *, broadcast: bool = False, timeout: float = 600.0) -> Ref:
+        """Sends ``obj`` to the master once and returns a ``Ref`` to pass to
+        jobs in its place: each worker machine gets the bytes at most once,
+        and its worker processes share them.  ``broadcast=True`` sends them
+        to every worker machine now, and to those that join later.  Raises
+        KeptValueError when the master refuses it (see its ``--kept-bytes``).
+        Keep the Ref while jobs use it; ``ref.release()`` (or dropping it)
+        lets the master forget the value.  Jobs should not change the value
+        they get: a worker's jobs share one copy (arrays come read-only)."""
+        return self._kept.put(obj, broadcast, timeout)
 
     def _withdraw(self, jobid: int) -> None:
         with self._lock:

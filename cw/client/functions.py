@@ -38,6 +38,7 @@ import types
 from collections import OrderedDict
 from itertools import repeat
 
+from cw.client import refs
 from cw.wire import payload
 
 __all__ = ["FunctionCache", "FUNCTIONS"]
@@ -211,7 +212,10 @@ class FunctionCache:
                 watch = _Watch(func)
                 if watch.ok and _same_objects(watch.state(), twin.state):
                     return twin.ref
+        before = refs.seen()
         data = payload.pickle_by_value(func)      # may raise: the caller reports it
+        if refs.seen() != before:
+            return None     # it holds Refs or futures: it travels with each call, which so names them
         if data is None:
             if type(func) is types.FunctionType:    # bound methods are made anew at each access
                 self._store(key, _Entry(func, _BY_NAME, None), 0)

@@ -87,6 +87,17 @@ class ClusterFuture(concurrent.futures.Future):
         self.finished_at: float | None = None
         self._output = ""
         self._executor = executor
+        self._waits_for: tuple = ()
+
+    @property
+    def waits_for(self) -> tuple:
+        """The futures, passed to this job as arguments, that it waits for (until it is done)."""
+        return self._waits_for if not self.done() else ()
+
+    def __reduce__(self):
+        """Passed to a job of its executor, a future travels as its job's outcome (cw.client.refs)."""
+        from cw.client.refs import reduce_future
+        return reduce_future(self)
 
     def __await__(self):
         """``await future``: the job's result on the running event loop (see cw.client.aio)."""
@@ -103,13 +114,14 @@ class ClusterFuture(concurrent.futures.Future):
 
     @property
     def state(self) -> str:
-        """"queued", "running", "done", "failed" or "cancelled".  For a job not
-        done yet this asks the master (a round trip)."""
+        """"queued", "waiting" (for futures it takes, see waits_for), "running", "done", "failed" or
+        "cancelled".  For a job not done yet this asks the master (a round trip)."""
         if self.cancelled():
             return "cancelled"
         if self.done():
             return "failed" if self.exception() is not None else "done"
-        return "running" if self.jobid in self._executor._running_jobids() else "queued"
+        from cw.client.refs import job_state
+        return job_state(self)
 
     def result(self, timeout=None):
         return super().result(self._help(timeout))
@@ -158,5 +170,8 @@ def job_outcome(jobid: int, status: int, worker: WorkerInfo, payload) -> tuple[b
             f"{worker.host} pid {worker.pid}; all: {', '.join(info['workers'])}); "
             "it may crash its worker (out of memory, segfault, os._exit): run it locally to see",
             jobid, info["attempts"], info["workers"])
+    if status >= Status.DEPENDENCY:
+        from cw.client.refs import dependency_outcome  # it did not run: a future or Ref it takes failed
+        return dependency_outcome(jobid, status, payload)
     from cw.wire.payload import load_outcome  # (loads cloudpickle: only once a result is here)
     return load_outcome(status, payload)

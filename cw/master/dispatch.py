@@ -62,12 +62,14 @@ from cw.errors import ProtocolError
 from cw.master import report
 from cw.master.fairshare import FairShare
 from cw.master.functions import FunctionStore
+from cw.master.kept import KeptValues
 from cw.master.outrank import Outrank
 from cw.master.placement import Placement
 from cw.master.records import DONE, QUEUED, RUNNING, ClientRecord, Job, JobQueue, WorkerRecord
 from cw.master.slots import Slots
 from cw.master.unplaceable import Unplaceable
 from cw.wire import frames
+from cw.wire import kept as kept_wire
 from cw.wire.frames import Status
 from cw.wire.options import DEFAULT_RETRIES
 
@@ -83,7 +85,7 @@ class Dispatcher:
 
     def __init__(self, max_attempts: int = DEFAULT_MAX_ATTEMPTS, clock=time.monotonic,
                  slots: int = settings.WORKER_SLOTS, unplaceable_timeout: float = settings.UNPLACEABLE_TIMEOUT,
-                 revoke_timeout: float = settings.REVOKE_TIMEOUT):
+                 revoke_timeout: float = settings.REVOKE_TIMEOUT, kept_bytes: int = settings.KEPT_BYTES):
         self.max_attempts = max_attempts
         self.clock = clock
         self.started = clock()
@@ -100,6 +102,7 @@ class Dispatcher:
         self.throughput = report.Throughput()
         self.setups: list = []              # payloads every worker that connects runs first
         self.functions = FunctionStore()
+        self.kept = KeptValues(self, kept_bytes)     # puts, and outcomes jobs take as arguments
         self._next_gid = 1
 
     # --- peers come and go ------------------------------------------------
@@ -125,6 +128,7 @@ class Dispatcher:
         client.jobs.clear()
         client.queues.clear()
         self.functions.drop_client(cid)
+        self.kept.drop_client(cid)
         forget = frames.encode_context_for_worker(cid, b"{}")
         for worker in self.workers.values():
             if cid in worker.contexts:
@@ -152,6 +156,10 @@ class Dispatcher:
         """The client's jobs will not name ``digest`` again (FORGET)."""
         self.functions.forget(cid, digest)
 
+    def put(self, cid: int, put) -> None:
+        """A value the client keeps here (PUT, see cw.master.kept)."""
+        self.kept.put(cid, put)
+
     def need(self, wid: int, digest: bytes) -> None:
         """The worker lacks a function a job it was sent names (NEED)."""
         frame = self.functions.needed_by(self.workers[wid].functions, digest)
@@ -164,6 +172,7 @@ class Dispatcher:
         self.unplaceable.epoch += 1
         for payload in self.setups:
             self._send_setup(worker, payload)
+        self.kept.worker_joined(worker)
         self.slots.file(worker)
         self.turns.add_all()
         self._pump()
@@ -194,6 +203,7 @@ class Dispatcher:
         if worker is None:
             return
         self.unplaceable.epoch += 1
+        self.kept.worker_left(wid)
         self.slots.left(worker)
         # Back to the heads of their queues in the order they were sent; only
         # those it had started count as an attempt.
@@ -240,6 +250,9 @@ class Dispatcher:
         self._pump()
 
     def cancel(self, cid: int, jobid: int) -> None:
+        kept = self.kept
+        if kept.held and kept.cancel(cid, jobid):
+            return                         # it waited for kept values (cw.master.kept)
         client = self.clients[cid]
         job = client.jobs.pop(jobid, None)
         if job is None:
@@ -251,6 +264,8 @@ class Dispatcher:
         else:
             self._abort(job)
         self.outbox.append((cid, frames.encode_cancelled(jobid, True)))
+        if kept.uses or kept.wanted:
+            kept.finished(cid, jobid, Status.DEPENDENCY_CANCELLED, kept_wire.cancelled_payload(jobid))
 
     def outcome(self, wid: int, gid: int, status: int, payload) -> None:
         worker = self.workers[wid]
@@ -376,6 +391,8 @@ class Dispatcher:
             self.outrank.sent_ahead(job)
         if env is not None:
             outbox.append((worker.wid, frames.encode_job_env(job.gid, env)))
+        if self.kept.uses:
+            self.kept.before_job(worker, cid, job.jobid)
         payload = job.payload
         if payload[:1] == _NAMED:
             frame = self.functions.for_worker(worker.functions, frames.function_digest(payload))
@@ -428,6 +445,9 @@ class Dispatcher:
         client = job.client
         client.finish(job, status == Status.OK)
         self.outbox.append((client.cid, frames.encode_result(job.jobid, status, label, payload)))
+        kept = self.kept
+        if kept.uses or kept.wanted:
+            kept.finished(client.cid, job.jobid, status, payload)
 
     # --- which job goes where -------------------------------------------------
 

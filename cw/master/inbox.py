@@ -7,23 +7,27 @@ from __future__ import annotations
 from cw.errors import ProtocolError
 from cw.master.dispatch import Dispatcher
 from cw.wire import frames
+from cw.wire import kept as kept_wire
 from cw.wire.frames import Frame, kind_name
 
 CLIENT_FRAMES = frozenset({Frame.SUBMIT, Frame.SUBMIT_WITH, Frame.CANCEL, Frame.SETUP, Frame.LIMIT,
-                           Frame.CONTEXT, Frame.FUNC, Frame.FORGET})
+                           Frame.CONTEXT, Frame.FUNC, Frame.FORGET, Frame.DEPS, Frame.PUT, Frame.RELEASE_KEY})
 WORKER_FRAMES = frozenset({Frame.OUTCOME, Frame.REVOKED, Frame.OUTPUT, Frame.LEND, Frame.RECLAIM,
-                           Frame.DRAIN, Frame.NEED})
+                           Frame.DRAIN, Frame.NEED, Frame.FETCH})
 
 
 def client_frame(d: Dispatcher, cid: int, ftype: int, body) -> None:
     """A frame of CLIENT_FRAMES from client ``cid`` (the shell answers
     status requests and pings).  Raises ProtocolError for a bad body."""
     if ftype == Frame.SUBMIT:
-        jobid, retries, timeout, payload = frames.decode_submit(body)
-        d.submit(cid, jobid, retries, timeout, payload)
+        submit = frames.decode_submit(body)
+        if not (d.kept.deps and d.kept.hold(cid, submit)):    # (held: it waits for kept values)
+            d.submit(cid, *submit)
     elif ftype == Frame.SUBMIT_WITH:
         jobid, retries, timeout, priority, options, payload = frames.decode_submit_with(body)
-        d.submit(cid, jobid, retries, timeout, payload, priority, options)
+        submit = (jobid, retries, timeout, payload, priority, options)
+        if not (d.kept.deps and d.kept.hold(cid, submit)):
+            d.submit(cid, *submit)
     elif ftype == Frame.CANCEL:
         d.cancel(cid, frames.decode_cancel(body))
     elif ftype == Frame.SETUP:
@@ -37,6 +41,13 @@ def client_frame(d: Dispatcher, cid: int, ftype: int, body) -> None:
         d.add_function(cid, *frames.decode_function(body))
     elif ftype == Frame.FORGET:
         d.forget_function(cid, frames.decode_digest(body, "FORGET"))
+    elif ftype == Frame.DEPS:
+        jobid, deps = kept_wire.decode_deps(body)
+        d.kept.deps[(cid, jobid)] = deps
+    elif ftype == Frame.PUT:
+        d.put(cid, kept_wire.decode_put(body))
+    elif ftype == Frame.RELEASE_KEY:
+        d.kept.release(cid, kept_wire.decode_key(body, "RELEASE_KEY")[0])
     else:
         raise ProtocolError(f"a client may not send frame type {kind_name(ftype)}")
 
@@ -61,6 +72,8 @@ def worker_frame(d: Dispatcher, wid: int, ftype: int, body) -> None:
         d.drain_worker(wid, frames.decode_drain(body))
     elif ftype == Frame.NEED:
         d.need(wid, frames.decode_digest(body, "NEED"))
+    elif ftype == Frame.FETCH:
+        d.kept.fetch(wid, kept_wire.decode_key(body, "FETCH")[0])
     else:
         raise ProtocolError(f"a worker may not send frame type {kind_name(ftype)}")
 

@@ -18,6 +18,7 @@ import sys
 
 from cw import PORT, add_version_option, cliargs, settings
 from cw.errors import CwError
+from cw.master import kept
 from cw.master.server import HANDSHAKE_TIMEOUT, _loop_name, event_loop_runner, serve
 from cw.wire import tls
 from cw.wire.address import format_address, remove_address_file, write_address_file
@@ -74,6 +75,9 @@ def main(argv=None, prog: str = "python -m cw.master") -> int:
                         help="seconds a job that no connected worker could run (it needs more than any has, or "
                              "names workers that are gone) waits for one to join before it fails "
                              f"(default {settings.UNPLACEABLE_TIMEOUT:g})")
+    parser.add_argument("--kept-bytes", type=kept.parse_size, default=settings.KEPT_BYTES,
+                        help="memory for kept values (executor.put, futures passed to jobs): beyond it a put "
+                             f"fails, saying so (default {settings.KEPT_BYTES >> 30}G; suffixes K, M, G)")
     parser.add_argument("--address-file", default=None,
                         help="once listening, write the master's reachable address to this file as JSON "
                              "(the SLURM helpers use it to find the master)")
@@ -121,7 +125,7 @@ def main(argv=None, prog: str = "python -m cw.master") -> int:
         await serve(args.bind, args.port, secret, ready, stop, handshake_timeout=args.handshake_timeout,
                     heartbeat=args.heartbeat, peer_timeout=args.peer_timeout, slots=args.slots,
                     unplaceable_timeout=args.unplaceable_timeout, revoke_timeout=args.revoke_timeout,
-                    tls_context=tls_context)
+                    kept_bytes=args.kept_bytes, tls_context=tls_context)
 
     try:
         run_loop(run())

@@ -94,4 +94,5 @@ def status(d: Dispatcher) -> dict:
             "limits": d.placement.tags.report(),
             "queued": d.queued + ahead, "running": running,
             "throughput": d.throughput.report(now, d.started), "functions": d.functions.report(),
+            "kept": d.kept.report(),
             "uptime_s": round(now - d.started, 3)}

@@ -175,9 +175,10 @@ async def serve(bind: str = "127.0.0.1", port: int = PORT, secret: bytes | None 
     slots = options.pop("slots", settings.WORKER_SLOTS)
     unplaceable = options.pop("unplaceable_timeout", settings.UNPLACEABLE_TIMEOUT)
     revoke = options.pop("revoke_timeout", settings.REVOKE_TIMEOUT)
+    kept_bytes = options.pop("kept_bytes", settings.KEPT_BYTES)
     limit = admission.raise_descriptor_limit()
-    master = Master(secret, Dispatcher(slots=slots, unplaceable_timeout=unplaceable, revoke_timeout=revoke),
-                    **options)
+    master = Master(secret, Dispatcher(slots=slots, unplaceable_timeout=unplaceable, revoke_timeout=revoke,
+                                       kept_bytes=kept_bytes), **options)
     log.debug("descriptor limit %d; %s", limit, master.load())
     listener = admission.Listener(admission.listening_socket(bind, port),
                                   lambda sock, address: PeerConnection(master).accepted(sock, address), master.load)

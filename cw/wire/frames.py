@@ -97,6 +97,16 @@ class Frame(IntEnum):
     SUBSCRIBE = 50  # client -> master: empty; send me EVENTS from now on
     UNSUBSCRIBE = 51  # client -> master: empty; send no more EVENTS
     EVENTS = 52     # master -> client: JSON {"t", "fields", "events", "dropped", "counts"}, a few times a second
+    # 60-68: kept values, futures as arguments (see cw.wire.kept, cw.master.kept).
+    DEPS = 60       # client -> master, just before a SUBMIT: jobid u64 + (key u64, job id u64 or 0) each
+    PUT = 61        # client -> master: key u64, status u8, flags u8 + payload: a value kept under key
+    PUT_ACK = 62    # master -> client, in answer to a user's PUT: key u64 + UTF-8 text ("" when kept)
+    RELEASE_KEY = 63  # client -> master: key u64; nothing of this client names it any more
+    MISSING = 64    # master -> client: key u64; a job waits on it: PUT the future's outcome
+    FETCH = 65      # worker -> master: key u64 of a kept value a job needs
+    KEPT = 66       # master -> worker: key u64 + the value's payload
+    KEPT_GONE = 67  # master -> worker, in answer to FETCH: key u64 + UTF-8 text: not held
+    DROP = 68       # master -> worker: key u64; the value may leave this host's cache
 
 
 class Status(IntEnum):
@@ -106,6 +116,9 @@ class Status(IntEnum):
     RAISED = 1       # payload: a pickled exception with its remote traceback
     LOST = 2         # made by the master; payload: JSON {"attempts", "workers"}
     UNPLACEABLE = 3  # made by the master; payload: JSON {"reason", "waited"}: no worker could ever run it
+    DEPENDENCY = 4   # made by the master; payload: job id u64 of a failed dependency, its status u8 + payload
+    DEPENDENCY_CANCELLED = 5   # made by the master; payload: job id u64 of the cancelled dependency
+    KEPT_ERROR = 6   # made by the master; payload: UTF-8 text: a kept value the job uses is not there
 
 
 def kind_name(kind: int) -> str:

@@ -35,6 +35,7 @@ import cloudpickle
 from cw.errors import (
     CallPicklingError,
     CallUnpicklingError,
+    KeptValueError,
     RemoteError,
     RemoteTraceback,
     ResultPicklingError,
@@ -318,6 +319,8 @@ def run_payload(data, hold: list | None = None, function=None):
         else:
             call = loads(data)
     except (Exception, SystemExit) as exc:
+        if isinstance(exc, KeptValueError):
+            return error_outcome(exc)     # a Ref or a future it takes cannot be had (cw.worker.refs)
         return error_outcome(CallUnpicklingError(
             f"the worker cannot unpickle the job ({_describe(exc)}); the function's module may be "
             "missing on the worker: install it there, or define the function in the client's script"), exc)

@@ -99,6 +99,7 @@ from cw.errors import JobTimeout, ProtocolError
 from cw.wire import frames
 from cw.wire.frames import Frame
 from cw.wire.payload import error_outcome
+from cw.worker import refs
 from cw.worker.actions import End, Exit, Flush, Idle, Pong, Read, Resume, Run, Spawn, Stop
 from cw.worker.channel import ExitChannel
 from cw.worker.functions import FunctionLRU
@@ -159,6 +160,8 @@ def decode(ftype: int, body) -> tuple:
         return WorkerCore.abort, (frames.decode_abort(body),)
     if ftype == Frame.ERROR:
         return WorkerCore.closed, ("the master closed our connection: " + frames.decode_error(body),)
+    if ftype in refs.FRAMES:              # kept values: no business of the core (cw.worker.refs)
+        return refs.on_frame, (ftype, body)
     raise ProtocolError(f"the master sent an unexpected {frames.kind_name(ftype)} frame")
 
 

@@ -31,7 +31,7 @@ from cw.wire import buffers, frames, tls
 from cw.wire.auth import load_secret
 from cw.wire.link import HandshakeFailed, master_timeout, open_link, parse_address, peer_info
 from cw.wire.payload import run_payload, views_writable_memory  # (an import per job costs ~4 us)
-from cw.worker import channel, output
+from cw.worker import channel, output, refs
 from cw.worker.channel import EXIT_CONFIG, EXIT_NO_MASTER, EXIT_NOW, EXIT_REPLACE, ExitChannel
 from cw.worker.context import ContextSwitcher
 from cw.worker.core import End, Exit, Pong, Read, Resume, Run, Spawn, Stop, WorkerCore, decode
@@ -421,6 +421,7 @@ def run_worker(resolve, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT, offer:
         log.info("worker %d connected to %s:%s", os.getpid(), host, port)
         channel.exit_channel.say_ready()
         session = Session(link, contexts, functions)
+        refs.REFS.attach(link, session.core)    # jobs fetch kept values through it (cw.worker.refs)
         enable_nested_jobs(str(address), port, session)
         relay.session = session
         try:
