@@ -45,7 +45,7 @@ def test_frame_kinds_and_status_codes_keep_their_wire_values():
         "KEPT_GONE": 67, "DROP": 68}
     assert {s.name: s.value for s in Status} == {"OK": 0, "RAISED": 1, "LOST": 2, "UNPLACEABLE": 3, "DEPENDENCY": 4,
                                                  "DEPENDENCY_CANCELLED": 5, "KEPT_ERROR": 6}
-    assert f.VERSION == 3
+    assert f.VERSION == 4
 
 
 def test_kind_name_names_known_kinds_and_numbers_unknown_ones():

@@ -35,7 +35,7 @@ from cw.errors import ProtocolError
 from cw.wire import options as job_options
 
 #: Sent in the CHALLENGE; both ends must speak the same.
-VERSION = 3   # 3: function cache (FUNC, NEED, FORGET) and frames by reference (BY_SEGMENT, RELEASE, SHARING)
+VERSION = 4   # 4: job events (SUBSCRIBE...) and kept values (DEPS, PUT, FETCH...); 3: function cache, frames by reference
 HEADER = struct.Struct("!IB")
 HEADER_SIZE = HEADER.size
 
