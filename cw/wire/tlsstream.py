@@ -34,13 +34,13 @@ _WRITE_PIECE = 256 * 1024
 
 
 class TlsStream:
-    """The client side of a TLS connection on ``sock``; ``handshake()`` before use."""
+    """A TLS connection on ``sock`` (a client's; a server's in tests); ``handshake()`` before use."""
 
-    def __init__(self, sock: socket.socket, context: ssl.SSLContext):
+    def __init__(self, sock: socket.socket, context: ssl.SSLContext, server_side: bool = False):
         self.raw = sock
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
-        self._tls = context.wrap_bio(self._incoming, self._outgoing, server_side=False)
+        self._tls = context.wrap_bio(self._incoming, self._outgoing, server_side=server_side)
         self._tls_lock = threading.Lock()     # every call into the SSL object; never across socket I/O
         self._send_lock = threading.Lock()    # one writer at a time, taken before _tls_lock
         self._raw_buf = bytearray(_RAW_READ)
@@ -140,24 +140,29 @@ class TlsStream:
     def settimeout(self, timeout: float | None) -> None:
         self.raw.settimeout(timeout)
 
+    def close_notify(self) -> None:
+        """Tells the peer that this side is done (TLS close_notify) when no
+        write is under way, without waiting for the socket: a peer that
+        stopped reading must not hold up a close."""
+        if not self._send_lock.acquire(blocking=False):
+            return
+        try:
+            with self._tls_lock:
+                try:
+                    self._tls.unwrap()
+                except ssl.SSLError:         # SSLWantReadError: the peer's close_notify is not awaited
+                    pass
+                alert = self._outgoing.read()
+            if alert:
+                self.raw.send(alert, socket.MSG_DONTWAIT)
+        except OSError:
+            pass
+        finally:
+            self._send_lock.release()
+
     def shutdown(self, how: int) -> None:
-        """Says close_notify when no write is under way (without waiting for
-        the socket: a peer that stopped reading must not hold up a close), then
-        shuts the socket down."""
-        if how != socket.SHUT_RD and self._send_lock.acquire(blocking=False):
-            try:
-                with self._tls_lock:
-                    try:
-                        self._tls.unwrap()
-                    except ssl.SSLError:     # SSLWantReadError: the peer's close_notify is not awaited
-                        pass
-                    alert = self._outgoing.read()
-                if alert:
-                    self.raw.send(alert, socket.MSG_DONTWAIT)
-            except OSError:
-                pass
-            finally:
-                self._send_lock.release()
+        if how != socket.SHUT_RD:
+            self.close_notify()
         self.raw.shutdown(how)
 
     def close(self) -> None:
