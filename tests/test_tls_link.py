@@ -32,24 +32,34 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 NO_SEGMENTS = "from cw.wire import segments\nsegments.probe = lambda: None\n"
 
 
-def test_one_tls_link_pair_carries_frames_both_ways_from_many_threads():
+@pytest.mark.parametrize("options", [[], ["--socket-timeout", "30"]], ids=["blocking", "socket-timeouts"])
+def test_one_tls_link_pair_carries_frames_both_ways_from_many_threads(options):
     # In a process of its own: a crash inside OpenSSL must fail this test, not end pytest.
+    # With socket timeouts (SSL calls then return "want read/write"), an SSLSocket
+    # shared by a reader and writers failed here nearly every time (BAD_LENGTH,
+    # SSLEOFError on a write, writes stalled); blocking, as a Link's socket is, it
+    # never failed in 75 rounds: then this is a guard.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run([sys.executable, os.path.join(HERE, "tls_hammer.py"), "--rounds", "2"],
-                          capture_output=True, text=True, timeout=600, env=env)
+    done = subprocess.run([sys.executable, os.path.join(HERE, "tls_hammer.py"), "--rounds", "3", *options],
+                          capture_output=True, text=True, timeout=900, env=env)
     assert done.returncode == 0, f"exit status {done.returncode}: {done.stdout}{done.stderr}"
-    assert done.stdout.count("ok:") == 2, done.stdout
+    assert done.stdout.count("ok:") == 3, done.stdout
 
 
 @pytest.mark.parametrize("end", ["close_notify", "tcp"])
 def test_a_tls_stream_reads_what_another_thread_writes_and_sees_the_end(end):
     client, server = _stream_pair()
     received = bytearray()
+    ended = []
 
     def read_all():
         buf = bytearray(100_000)
-        while n := server.recv_into(buf):
-            received.extend(buf[:n])
+        try:
+            while n := server.recv_into(buf):
+                received.extend(buf[:n])
+            ended.append("at the end")
+        except OSError as exc:
+            ended.append(exc)
 
     reader = threading.Thread(target=read_all)
     reader.start()
@@ -61,7 +71,7 @@ def test_a_tls_stream_reads_what_another_thread_writes_and_sees_the_end(end):
     else:
         client.raw.shutdown(socket.SHUT_WR)  # TCP ends without close_notify: an end all the same
     reader.join(60)
-    assert not reader.is_alive() and bytes(received) == sent
+    assert ended == ["at the end"] and bytes(received) == sent
     client.close()
     server.close()
 

@@ -6,7 +6,8 @@ reader per side checks every frame (digest, each sender's order) while it
 answers PINGs as a worker does.  Run by tests/test_tls_link.py in a process
 of its own, so that a crash inside OpenSSL shows as an exit status there.
 
-    python tests/tls_hammer.py [--writers N] [--frames N] [--rounds N]
+    python tests/tls_hammer.py [--writers N] [--frames N] [--big-every N] [--rounds N]
+                               [--socket-timeout S] [--tickets N]
 
 Prints one line per round; exits 0 when every frame arrived intact.
 """
@@ -33,10 +34,13 @@ FIELDS = struct.Struct("!HIQ16s")   # sender, its sequence number, payload size,
 POOL = os.urandom(5 * 1024 * 1024)
 
 
-def tls_link_pair() -> tuple[Link, Link]:
-    """A client Link (through tls.start_client, as a worker connects) and a server Link on loopback."""
+def tls_link_pair(socket_timeout: float | None = None, tickets: int = 0) -> tuple[Link, Link]:
+    """A client Link (through tls.start_client, as a worker connects) and a server Link on loopback.
+    ``socket_timeout``: both sockets get one (a Link's has none); ``tickets``: session
+    tickets the server sends after the handshake (a cw master sends none)."""
     files = tls.ensure_cluster_files()
     server_context, client_context = tls.server_context(files), tls.client_context(files)
+    server_context.num_tickets = tickets
     with socket.create_server(("127.0.0.1", 0)) as listener:
         client_sock = socket.create_connection(listener.getsockname())
         server_sock, _ = listener.accept()
@@ -54,6 +58,8 @@ def tls_link_pair() -> tuple[Link, Link]:
     thread.start()
     client = tls.start_client(client_sock, client_context, "hammer")
     thread.join()
+    client.settimeout(socket_timeout)
+    served["stream"].settimeout(socket_timeout)
     return Link(client, FrameDecoder(), "server"), Link(served["stream"], FrameDecoder(), "client")
 
 
@@ -137,8 +143,8 @@ class Side:
         self.done.set()
 
 
-def one_round(writers: int, frames: int, big_every: int) -> str:
-    a_link, b_link = tls_link_pair()
+def one_round(writers: int, frames: int, big_every: int, socket_timeout: float | None, tickets: int) -> str:
+    a_link, b_link = tls_link_pair(socket_timeout, tickets)
     a = Side("client", a_link, writers, frames, big_every)
     b = Side("server", b_link, writers, frames, big_every)
     threads = a.start(writers * frames) + b.start(writers * frames)
@@ -165,9 +171,12 @@ def main(argv=None) -> int:
     parser.add_argument("--frames", type=int, default=400, help="frames per sender")
     parser.add_argument("--big-every", type=int, default=25, help="one big frame (1-4 MB) in this many")
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--socket-timeout", type=float, default=None,
+                        help="seconds: sockets with a timeout, whose SSL calls may return 'want read/write'")
+    parser.add_argument("--tickets", type=int, default=0, help="session tickets the server sends (default 0)")
     args = parser.parse_args(argv)
     for _ in range(args.rounds):
-        print(one_round(args.writers, args.frames, args.big_every), flush=True)
+        print(one_round(args.writers, args.frames, args.big_every, args.socket_timeout, args.tickets), flush=True)
     return 0
 
 
