@@ -22,6 +22,7 @@ from cw.wire import frames, handshake, segments, tls
 from cw.wire.address import parse_address  # noqa: F401 - the worker imports it from here
 from cw.wire.decoder import FrameDecoder
 from cw.wire.frames import Frame
+from cw.wire.tlsstream import TlsStream
 
 log = logging.getLogger("cw.link")
 
@@ -37,9 +38,10 @@ class Link:
         self.decoder = decoder
         self.address = address
         self.welcome: dict = {}
-        # An SSLSocket takes sendall and recv_into (one TLS record at most per
-        # read), but not sendmsg: a writer that gathers buffers must join them.
-        self.tls = isinstance(sock, ssl.SSLSocket)
+        # Over TLS ``sock`` is a TlsStream (cw.wire.tlsstream: not an SSLSocket,
+        # whose SSL object the reader and the writers must not share): it takes
+        # sendall and recv_into, not sendmsg, so a writer that gathers buffers must join them.
+        self.tls = isinstance(sock, TlsStream)
         self._recv_buf = bytearray(_RECV_SIZE)
         self._recv_view = memoryview(self._recv_buf)
         self._send_lock = threading.Lock()
@@ -202,8 +204,8 @@ class Link:
             decoder.feed(self._recv_view[:n])
 
     def _tls_pending(self) -> bool:
-        # TLS decrypts whole records: bytes of one may wait in the SSL object
-        # while the socket has nothing more, and select() would not see them.
+        # TLS decrypts whole records: bytes already taken from the socket may
+        # wait in the TlsStream while the socket has nothing more, and select() would not see them.
         return self.tls and self.sock.pending() > 0
 
     def close(self, flush_timeout: float = 10.0) -> None:

@@ -45,6 +45,7 @@ from cw.errors import CwError, HandshakeFailed, TlsError
 from cw.wire import frames
 from cw.wire.auth import secret_path
 from cw.wire.frames import HEADER, Frame
+from cw.wire.tlsstream import TlsStream
 
 #: The TLS master's first words, in a plain ERROR frame; a TLS peer looks for this start.
 BANNER_START = "this cw master speaks TLS only"
@@ -103,11 +104,9 @@ def _load(context: ssl.SSLContext, files: TlsFiles, side: str) -> ssl.SSLContext
 def server_context(files: TlsFiles | None = None) -> ssl.SSLContext:
     """The master's context: TLS 1.3, its certificate, peers' certificates required and verified."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    # No session tickets: TLS 1.3 sends them after the handshake, and a peer's
-    # reader thread would then process handshake messages while its writer
-    # thread sends on the same SSL object.  With none, after the handshake
-    # each direction carries only application data.  (No resumption is lost:
-    # peers keep their connections.)
+    # No session tickets: TLS 1.3 sends them after the handshake, for a
+    # resumption cw never uses (peers keep their connections), so each
+    # direction carries only application data once the handshake is over.
     context.num_tickets = 0
     return _load(_need_min_tls13(context), resolve_files(files), "master")
 
@@ -155,8 +154,9 @@ def describe_error(exc: ssl.SSLError | OSError, other: str = "master") -> str:
     return f"{text}: {advice}" if advice else text
 
 
-def start_client(sock: socket.socket, context: ssl.SSLContext, address: str) -> ssl.SSLSocket:
-    """Reads a TLS master's plain BANNER from ``sock`` and starts TLS on it.
+def start_client(sock: socket.socket, context: ssl.SSLContext, address: str) -> TlsStream:
+    """Reads a TLS master's plain BANNER from ``sock`` and starts TLS on it
+    (a TlsStream: see there why not an ssl.SSLSocket).
     Raises HandshakeFailed, with what to do, when the master is plain or TLS fails."""
     header = _read_exactly(sock, HEADER.size, address)
     length, kind = HEADER.unpack(header)
@@ -169,8 +169,10 @@ def start_client(sock: socket.socket, context: ssl.SSLContext, address: str) -> 
     if kind != Frame.ERROR or not body.decode("utf-8", "replace").startswith(BANNER_START):
         raise HandshakeFailed(f"the server at {address} did not open like a cw master (frame type {kind}); "
                               "is that port a cw master?")
+    stream = TlsStream(sock, context)
     try:
-        return context.wrap_socket(sock, server_side=False)
+        stream.handshake()
+        return stream
     except ssl.SSLError as exc:
         raise TlsError(f"TLS with the master at {address} failed: {describe_error(exc)}") from None
     except OSError as exc:       # reset or cut: worth another try

@@ -1,0 +1,146 @@
+"""The blocking Link over TLS, read and written by several threads at once.
+
+OpenSSL forbids SSL_read and SSL_write on one SSL object from two threads
+at the same time; a Link's reader and its writers therefore never share
+one (cw.wire.tlsstream: an SSLObject between memory BIOs, one short lock
+around every call into it, the socket I/O outside).  These tests push many
+frames both ways at once through one TLS connection: a Link pair on
+loopback, and a real ``--tls`` master with workers and a client whose big
+arguments and results go through the sockets (not by reference)."""
+from __future__ import annotations
+
+import os
+import random
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+pytest.importorskip("cryptography")
+
+from cw.errors import HandshakeFailed, TlsError  # noqa: E402
+from cw.launch.local import start_master  # noqa: E402
+from cw.wire import segments, tls  # noqa: E402
+from cw.wire.tlsstream import TlsStream  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+NO_SEGMENTS = "from cw.wire import segments\nsegments.probe = lambda: None\n"
+
+
+@pytest.mark.parametrize("options", [[], ["--socket-timeout", "30"]], ids=["blocking", "socket-timeouts"])
+def test_one_tls_link_pair_carries_frames_both_ways_from_many_threads(options):
+    # In a process of its own: a crash inside OpenSSL must fail this test, not end pytest.
+    # With socket timeouts (SSL calls then return "want read/write"), an SSLSocket
+    # shared by a reader and writers failed here nearly every time (BAD_LENGTH,
+    # SSLEOFError on a write, writes stalled); blocking, as a Link's socket is, it
+    # never failed in 75 rounds: then this is a guard.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, os.path.join(HERE, "tls_hammer.py"), "--rounds", "3", *options],
+                          capture_output=True, text=True, timeout=900, env=env)
+    assert done.returncode == 0, f"exit status {done.returncode}: {done.stdout}{done.stderr}"
+    assert done.stdout.count("ok:") == 3, done.stdout
+
+
+@pytest.mark.parametrize("end", ["close_notify", "tcp"])
+def test_a_tls_stream_reads_what_another_thread_writes_and_sees_the_end(end):
+    client, server = _stream_pair()
+    received = bytearray()
+    ended = []
+
+    def read_all():
+        buf = bytearray(100_000)
+        try:
+            while n := server.recv_into(buf):
+                received.extend(buf[:n])
+            ended.append("at the end")
+        except OSError as exc:
+            ended.append(exc)
+
+    reader = threading.Thread(target=read_all)
+    reader.start()
+    sent = os.urandom(3_000_000)
+    client.sendall(memoryview(sent)[:1_000_000])
+    client.sendall(sent[1_000_000:])
+    if end == "close_notify":
+        client.close_notify()                # TLS says the end; the TCP connection stays open
+    else:
+        client.raw.shutdown(socket.SHUT_WR)  # TCP ends without close_notify: an end all the same
+    reader.join(60)
+    assert ended == ["at the end"] and bytes(received) == sent
+    client.close()
+    server.close()
+
+
+def test_a_changed_record_ends_the_stream_with_an_ssl_error():
+    client, server = _stream_pair()
+    path, path_far_end = socket.socketpair()  # the wire from the server to the client, through this test
+    server.raw, server_raw = path, server.raw
+    server.sendall(b"x" * 1000)
+    record = bytearray(path_far_end.recv(65536))
+    record[len(record) // 2] ^= 0x01         # as an attacker on the path would
+    server_raw.sendall(record)
+    with pytest.raises(ssl.SSLError) as failure:
+        client.recv_into(bytearray(4096))
+    assert "changed on the way" in tls.describe_error(failure.value)
+    for s in (path_far_end, server_raw, client, server):
+        s.close()
+
+
+def test_a_master_that_hangs_up_during_the_tls_handshake_is_a_handshake_failure():
+    a, b = socket.socketpair()
+    b.sendall(tls.BANNER)
+    b.close()                                # no TLS after the banner
+    files = tls.ensure_cluster_files()
+    with pytest.raises((HandshakeFailed, TlsError), match="master at here"):
+        tls.start_client(a, tls.client_context(files), "here")
+    a.close()
+
+
+def test_many_big_jobs_at_once_through_a_tls_master_and_its_workers(tmp_path, monkeypatch):
+    # Every process of this cluster sends its big frames through its TLS socket,
+    # as between machines (on one machine they would go by reference).
+    (tmp_path / "sitecustomize.py").write_text(NO_SEGMENTS)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.getcwd(),
+                                                                     os.environ.get("PYTHONPATH")]))}
+    monkeypatch.setattr(segments, "probe", lambda: None)
+    cluster = start_master(port=0, args=["--tls", "--heartbeat", "0.02", "--slots", "3"])
+    try:
+        cluster.add_workers(2, env=env)
+        cluster.add_workers(1, env=env)
+        cluster.wait_for_workers(3)
+        with cluster.executor() as ex:
+            def reversed_bytes(data):
+                from cw.wire import segments
+                assert segments.probe() is None, "this worker would send big frames by reference"
+                return data[::-1]
+
+            rng = random.Random(17)
+            arguments = [os.urandom(rng.randint(1 << 20, 4 << 20)) for _ in range(24)]
+
+            def submit_all(offset):    # several submitting threads: the client's writers at once
+                return [(data, ex.submit(reversed_bytes, data)) for data in arguments[offset::4]]
+
+            with ThreadPoolExecutor(4) as pool:
+                submitted = [pair for batch in pool.map(submit_all, range(4)) for pair in batch]
+            for data, future in submitted:
+                assert future.result(timeout=300) == data[::-1]
+            assert ex._link.sent_by_reference == 0 and ex._link.received_by_reference == 0
+    finally:
+        cluster.stop()
+
+
+def _stream_pair() -> tuple[TlsStream, TlsStream]:
+    files = tls.ensure_cluster_files()
+    a, b = socket.socketpair()
+    server = TlsStream(b, tls.server_context(files), server_side=True)
+    handshake = threading.Thread(target=server.handshake)
+    handshake.start()
+    client = TlsStream(a, tls.client_context(files))
+    client.handshake()
+    handshake.join()
+    return client, server
