@@ -25,14 +25,20 @@ def noop(*args):
     return None
 
 
-def batch(system, n: int) -> tuple[float, float]:
-    """(calls per second, the master's CPU microseconds per call) of n submits and waiting for all."""
-    cpu0 = procinfo.cpu_seconds(system.master_pid)
+def batch(system, n: int, watching: tuple = ()) -> tuple[float, float, float]:
+    """(calls per second, the master's CPU microseconds per call, the
+    watching processes' CPU microseconds per call) of n submits and waiting
+    for all.  On a machine whose cores the cluster keeps busy, what the
+    watchers use is taken from the cluster: the second figure says how much."""
+    def cpu(pids):
+        return sum(procinfo.cpu_seconds(pid) for pid in pids)
+    master0, watching0 = cpu([system.master_pid]), cpu(watching)
     t0 = time.perf_counter()
     futures = [system.submit(noop) for _ in range(n)]
     system.results(futures)
     elapsed = time.perf_counter() - t0
-    return n / elapsed, (procinfo.cpu_seconds(system.master_pid) - cpu0) / n * 1e6
+    return (n / elapsed, (cpu([system.master_pid]) - master0) / n * 1e6,
+            (cpu(watching) - watching0) / n * 1e6)
 
 
 #: A browser tab's share: a process reading the page's pushes; it prints how many it got at their end.
@@ -126,20 +132,21 @@ def main(argv=None) -> int:
         return 0
     system = systems.start("cw", args.workers)
     folder = tempfile.mkdtemp(prefix="cw-bench-dashboard-")
-    without, with_dashboard, cpu_without, cpu_with = [], [], [], []
+    without, with_dashboard, cpu_without, cpu_with, cpu_watching = [], [], [], [], []
     pushes = 0
     try:
         batch(system, min(2000, args.calls))        # warm up
         for _ in range(args.rounds):
-            rate, cpu = batch(system, args.calls)
+            rate, cpu, _ = batch(system, args.calls)
             without.append(rate)
             cpu_without.append(cpu)
             watcher = Watcher(system.cluster.address, folder)
             try:
                 time.sleep(1.5)       # connected, subscribed, and past its first status and push
-                rate, cpu = batch(system, args.calls)
+                rate, cpu, theirs = batch(system, args.calls, (watcher.proc.pid, watcher.reader.pid))
                 with_dashboard.append(rate)
                 cpu_with.append(cpu)
+                cpu_watching.append(theirs)
             finally:
                 watcher.stop()
                 pushes += watcher.pushes
@@ -154,6 +161,7 @@ def main(argv=None) -> int:
     print(f"  median of the rounds' own ratios (each with-round over the without-round just before): {paired:.3f}")
     c, d = statistics.median(cpu_without), statistics.median(cpu_with)
     print(f"  master CPU per call: {c:.1f} us without, {d:.1f} us with a dashboard ({d / c:.3f}x)")
+    print(f"  the dashboard's and its page reader's CPU per call: {statistics.median(cpu_watching):.1f} us")
     return 0
 
 

@@ -109,6 +109,16 @@ def export_tls_files(args: argparse.Namespace) -> None:
             os.environ[name] = os.path.abspath(value)
 
 
+def is_loopback(host: str) -> bool:
+    """Whether a bind address reaches this machine only (nobody else can connect)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def bind_address(text: str) -> str:
     """An IP address or host name to listen on."""
     try:

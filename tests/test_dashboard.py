@@ -12,7 +12,8 @@ import pytest
 pytest.importorskip("aiohttp")
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from tests.dashboard_process import DashboardProcess, wait_for  # noqa: E402
+from tests.conftest import wait_until as wait_for  # noqa: E402
+from tests.dashboard_process import DashboardProcess  # noqa: E402
 
 
 def square(x):

@@ -15,7 +15,8 @@ import pytest
 
 pytest.importorskip("aiohttp")
 from tests.conftest import skip_unless_required  # noqa: E402
-from tests.dashboard_process import DashboardProcess, wait_for  # noqa: E402
+from tests.conftest import wait_until as wait_for  # noqa: E402
+from tests.dashboard_process import DashboardProcess  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 

@@ -128,9 +128,8 @@ def test_the_path_reads_and_rewrites_a_plain_connection_but_not_a_tls_one(proxie
         assert not proxy.rewrote.is_set()                                 # nothing it could find to change
 
 
+@pytest.mark.parametrize("proxied", ["tls"], indirect=True)    # (plain TCP carries it silently: see above)
 def test_a_rewritten_tls_byte_ends_the_connection_and_the_job_runs_again(proxied):
-    if not proxied.tls:
-        pytest.skip("plain TCP carries a rewritten byte silently: the test above shows it")
     _start_worker_through_proxy(proxied)
     proxy = proxied.proxy
 

@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import hmac
 import importlib.resources
-import ipaddress
 import json
 import logging
 import os
@@ -51,14 +50,6 @@ READY_PREFIX = "cw dashboard listening on "
 PUSH_EVERY = 1.0
 _STATIC = {"index.html": "text/html", "dashboard.js": "text/javascript", "dashboard.css": "text/css"}
 
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def request_token(request: web.Request) -> str:
@@ -207,7 +198,7 @@ async def serve(args, token: str) -> None:
     from cw.client.discovery import resolve_master
     master_host, master_port = resolve_master(args.address, args.port)
     http_host, http_port = args.http
-    loopback = is_loopback(http_host)
+    loopback = cliargs.is_loopback(http_host)
     dashboard = Dashboard(master_host, master_port)
     jobs = command_jobs.CommandJobs(args.db or command_jobs.default_db(), master_host, master_port)
     app = make_app(dashboard, token, loopback, jobs)

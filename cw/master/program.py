@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import errno
-import ipaddress
 import logging
 import os
 import signal
@@ -39,14 +38,6 @@ def advertised_host(bound: str) -> str:
         return socket.gethostname()
     return bound
 
-
-def _is_loopback(bind: str) -> bool:
-    if bind == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(bind).is_loopback
-    except ValueError:
-        return False
 
 
 def main(argv=None, prog: str = "python -m cw.master") -> int:
@@ -104,7 +95,7 @@ def main(argv=None, prog: str = "python -m cw.master") -> int:
     except CwError as exc:
         print(f"cw.master: {exc}", file=sys.stderr)
         return 2
-    if not _is_loopback(args.bind):
+    if not cliargs.is_loopback(args.bind):
         log.warning("listening on %s: any machine that can reach it and holds the secret file can run code "
                     "on your workers; keep the secret file private", args.bind)
 

@@ -35,7 +35,7 @@ from cw.errors import ProtocolError
 from cw.wire import options as job_options
 
 #: Sent in the CHALLENGE; both ends must speak the same.
-VERSION = 4   # 4: job events (SUBSCRIBE...) and kept values (DEPS, PUT, FETCH...); 3: function cache, frames by reference
+VERSION = 4   # 4: job events (SUBSCRIBE...), kept values (DEPS, PUT...); 3: function cache, frames by reference
 HEADER = struct.Struct("!IB")
 HEADER_SIZE = HEADER.size
 
