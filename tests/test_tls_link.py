@@ -26,6 +26,7 @@ from cw.errors import HandshakeFailed, TlsError  # noqa: E402
 from cw.launch.local import start_master  # noqa: E402
 from cw.wire import segments, tls  # noqa: E402
 from cw.wire.tlsstream import TlsStream  # noqa: E402
+from tests.conftest import wait_until  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -67,6 +68,9 @@ def test_a_tls_stream_reads_what_another_thread_writes_and_sees_the_end(end):
     client.sendall(memoryview(sent)[:1_000_000])
     client.sendall(sent[1_000_000:])
     if end == "close_notify":
+        # close_notify never waits for the socket (a peer that stopped reading
+        # must not hold up a close): it is sent once the reader has caught up.
+        wait_until(lambda: len(received) == len(sent), timeout=60, what="the reader to take every byte")
         client.close_notify()                # TLS says the end; the TCP connection stays open
     else:
         client.raw.shutdown(socket.SHUT_WR)  # TCP ends without close_notify: an end all the same
