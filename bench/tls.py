@@ -21,7 +21,7 @@ import statistics
 import tempfile
 import time
 
-from bench import jobs
+from bench import jobs, procinfo
 
 
 def _cluster(tls: bool, workers: int):
@@ -32,15 +32,30 @@ def _cluster(tls: bool, workers: int):
     return cluster
 
 
-def b1(ex, calls: int) -> float:
-    """No-op calls per second: submit ``calls``, wait for all."""
+def _processes(cluster) -> dict[str, list[int]]:
+    """The pids whose CPU time B1 reports: this client, the master, the worker processes."""
+    supervisors = [p.pid for p in cluster.workers]
+    return {"client": [os.getpid()], "master": [cluster.master.pid],
+            "workers": [pid for pid, _ in procinfo.children(supervisors)]}
+
+
+def _cpu(pids) -> float:
+    return sum(procinfo.cpu_seconds(pid) for pid in pids)
+
+
+def b1(ex, calls: int, processes: dict[str, list[int]] | None = None) -> tuple[float, dict[str, float]]:
+    """No-op calls per second: submit ``calls``, wait for all; and the CPU
+    microseconds per call of each kind of process in ``processes``."""
     for f in [ex.submit(jobs.noop) for _ in range(200)]:
         f.result()
+    processes = processes or {}
+    cpu0 = {name: _cpu(pids) for name, pids in processes.items()}
     t0 = time.perf_counter()
     futures = [ex.submit(jobs.noop) for _ in range(calls)]
     for f in futures:
         f.result()
-    return calls / (time.perf_counter() - t0)
+    rate = calls / (time.perf_counter() - t0)
+    return rate, {name: (_cpu(pids) - cpu0[name]) / calls * 1e6 for name, pids in processes.items()}
 
 
 def b2(ex, round_trips: int) -> float:
@@ -76,7 +91,11 @@ def measure(tls: bool, args) -> dict:
     out = {}
     try:
         with cluster.executor() as ex:
-            out["B1 calls/s"] = b1(ex, args.calls)
+            out["B1 calls/s"], cpu = b1(ex, args.calls, _processes(cluster))
+            for name, us in cpu.items():
+                out[f"B1 {name} CPU us/call"] = us
+            if args.b1_only:
+                return out
             out["B2 median us"] = b2(ex, args.round_trips)
             out["B3 arg MB/s"], out["B3 result MB/s"] = b3(ex, args.runs)
         real_probe = segments.probe
@@ -99,6 +118,7 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", type=int, default=3, help="B3 runs, median taken (default 3)")
     parser.add_argument("--rounds", type=int, default=3,
                         help="plain and TLS take turns this many times; medians are printed (default 3)")
+    parser.add_argument("--b1-only", action="store_true", help="only B1 and its CPU per call")
     args = parser.parse_args(argv)
     # Everything cw keeps (secret, certificates) in a directory of this run only.
     home = tempfile.mkdtemp(prefix="cw-bench-tls-")
