@@ -92,24 +92,28 @@ class TlsStream:
                 if n:
                     self._incoming.write(self._raw_view[:n])
                 else:
-                    self._incoming.write_eof()
-                got = self._decrypt_into(view, want, at_least_once=True)
+                    self._incoming.write_eof()   # (the SSL object then says SSLEOFError)
+                got = self._decrypt_into(view, want)
         return got
 
-    def _decrypt_into(self, view: memoryview, want: int, at_least_once: bool = False) -> int:
-        # Under _tls_lock: as many records as the ciphertext received so far holds, up to ``want`` bytes.
-        # The SSL object is asked only while it holds something (ciphertext, or plaintext of a record
-        # read in part): its "nothing yet" is an SSLWantReadError, which costs more than the decryption.
+    def _decrypt_into(self, view: memoryview, want: int) -> int:
+        # Under _tls_lock, when the SSL object holds something (ciphertext, or the
+        # plaintext of a record read in part): as many records as the ciphertext
+        # received so far holds, up to ``want`` bytes.  Its "nothing yet" is an
+        # SSLWantReadError, which costs more than decrypting a small record, and
+        # every call into it lets go of the GIL: so it is asked again only while
+        # ciphertext waits (``pending`` of a memory BIO is neither).
         tls, incoming = self._tls, self._incoming
         got = 0
         try:
-            while got < want and (at_least_once or incoming.pending or tls.pending()):
-                at_least_once = False      # (the TCP end: the SSL object says so as SSLEOFError)
+            while True:
                 n = tls.read(want - got, view[got:])
                 if not n:              # the peer's close_notify
                     self._eof = True
                     break
                 got += n
+                if got == want or not incoming.pending:
+                    break
         except ssl.SSLWantReadError:
             pass                       # the rest of a record is still on its way
         except (ssl.SSLEOFError, ssl.SSLZeroReturnError):
@@ -117,7 +121,9 @@ class TlsStream:
                                        # close_notify after this side said its own
         # (Bytes the SSL object wants to send in answer, a TLS 1.3 KeyUpdate's,
         # wait in the outgoing BIO and leave with the next write: the reader never sends.)
-        self._leftover = incoming.pending + tls.pending()
+        # A read that returned less than it was asked for emptied its record: plaintext
+        # can be left only when ``want`` was reached.
+        self._leftover = incoming.pending + (tls.pending() if got == want else 0)
         return got
 
     def recv(self, size: int) -> bytes:
