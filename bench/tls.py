@@ -1,11 +1,14 @@
 """What TLS costs: B1, B2 and B3 against a plain master and a ``--tls`` one, in one run.
 
-    python -m bench.tls [--workers N] [--calls N] [--round-trips N] [--runs N] [--rounds N]
+    python -m bench.tls [--workers N] [--calls N] [--round-trips N] [--runs N] [--rounds N] [--b1-only]
 
 Each case runs the way bench.cases runs it for cw (the same jobs from
 bench.jobs), once on a plain master and once on a TLS master, each with
 its own workers on this machine; it prints both and the ratio TLS/plain
-(above 1 is better for rates, below 1 for times).  B3 runs twice: as is
+(above 1 is better for rates, below 1 for times).  B1 also gives the
+CPU time per call of this client, of the master and of the worker
+processes (user + system, from /proc): on a shared machine a steadier
+figure than the rate, and it says which hop TLS costs most.  B3 runs twice: as is
 (on one machine a 100 MB frame goes by reference through a memfd, plain or
 TLS) and with this client's by-reference path off, so that the bytes go
 through the client's socket (TLS: encrypted), as between machines.
