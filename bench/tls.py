@@ -1,11 +1,14 @@
 """What TLS costs: B1, B2 and B3 against a plain master and a ``--tls`` one, in one run.
 
-    python -m bench.tls [--workers N] [--calls N] [--round-trips N] [--runs N] [--rounds N]
+    python -m bench.tls [--workers N] [--calls N] [--round-trips N] [--runs N] [--rounds N] [--b1-only]
 
 Each case runs the way bench.cases runs it for cw (the same jobs from
 bench.jobs), once on a plain master and once on a TLS master, each with
 its own workers on this machine; it prints both and the ratio TLS/plain
-(above 1 is better for rates, below 1 for times).  B3 runs twice: as is
+(above 1 is better for rates, below 1 for times).  B1 also gives the
+CPU time per call of this client, of the master and of the worker
+processes (user + system, from /proc): on a shared machine a steadier
+figure than the rate, and it says which hop TLS costs most.  B3 runs twice: as is
 (on one machine a 100 MB frame goes by reference through a memfd, plain or
 TLS) and with this client's by-reference path off, so that the bytes go
 through the client's socket (TLS: encrypted), as between machines.
@@ -21,7 +24,7 @@ import statistics
 import tempfile
 import time
 
-from bench import jobs
+from bench import jobs, procinfo
 
 
 def _cluster(tls: bool, workers: int):
@@ -32,15 +35,30 @@ def _cluster(tls: bool, workers: int):
     return cluster
 
 
-def b1(ex, calls: int) -> float:
-    """No-op calls per second: submit ``calls``, wait for all."""
+def _processes(cluster) -> dict[str, list[int]]:
+    """The pids whose CPU time B1 reports: this client, the master, the worker processes."""
+    supervisors = [p.pid for p in cluster.workers]
+    return {"client": [os.getpid()], "master": [cluster.master.pid],
+            "workers": [pid for pid, _ in procinfo.children(supervisors)]}
+
+
+def _cpu(pids) -> float:
+    return sum(procinfo.cpu_seconds(pid) for pid in pids)
+
+
+def b1(ex, calls: int, processes: dict[str, list[int]] | None = None) -> tuple[float, dict[str, float]]:
+    """No-op calls per second: submit ``calls``, wait for all; and the CPU
+    microseconds per call of each kind of process in ``processes``."""
     for f in [ex.submit(jobs.noop) for _ in range(200)]:
         f.result()
+    processes = processes or {}
+    cpu0 = {name: _cpu(pids) for name, pids in processes.items()}
     t0 = time.perf_counter()
     futures = [ex.submit(jobs.noop) for _ in range(calls)]
     for f in futures:
         f.result()
-    return calls / (time.perf_counter() - t0)
+    rate = calls / (time.perf_counter() - t0)
+    return rate, {name: (_cpu(pids) - cpu0[name]) / calls * 1e6 for name, pids in processes.items()}
 
 
 def b2(ex, round_trips: int) -> float:
@@ -76,7 +94,11 @@ def measure(tls: bool, args) -> dict:
     out = {}
     try:
         with cluster.executor() as ex:
-            out["B1 calls/s"] = b1(ex, args.calls)
+            out["B1 calls/s"], cpu = b1(ex, args.calls, _processes(cluster))
+            for name, us in cpu.items():
+                out[f"B1 {name} CPU us/call"] = us
+            if args.b1_only:
+                return out
             out["B2 median us"] = b2(ex, args.round_trips)
             out["B3 arg MB/s"], out["B3 result MB/s"] = b3(ex, args.runs)
         real_probe = segments.probe
@@ -99,6 +121,7 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", type=int, default=3, help="B3 runs, median taken (default 3)")
     parser.add_argument("--rounds", type=int, default=3,
                         help="plain and TLS take turns this many times; medians are printed (default 3)")
+    parser.add_argument("--b1-only", action="store_true", help="only B1 and its CPU per call")
     args = parser.parse_args(argv)
     # Everything cw keeps (secret, certificates) in a directory of this run only.
     home = tempfile.mkdtemp(prefix="cw-bench-tls-")

@@ -95,6 +95,56 @@ def test_a_changed_record_ends_the_stream_with_an_ssl_error():
         s.close()
 
 
+class _CountingSslObject:
+    """Stands in for a TlsStream's SSL object and counts the reads that found no whole record."""
+
+    def __init__(self, real):
+        self.real = real
+        self.found_nothing = 0
+
+    def read(self, *args):
+        try:
+            return self.real.read(*args)
+        except ssl.SSLWantReadError:
+            self.found_nothing += 1
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+def test_a_tls_stream_asks_its_ssl_object_for_plaintext_only_when_it_holds_some():
+    # An SSL object with nothing to decrypt says so with SSLWantReadError, which
+    # costs more than decrypting a small record: a reader that asked before every
+    # socket read and once more after every record paid two per frame.
+    client, server = _stream_pair()
+    counting = server._tls = _CountingSslObject(server._tls)
+    buf = bytearray(65536)
+    for i in range(50):                      # one frame at a time, each a record of its own
+        frame = b"%d" % i * 100
+        client.sendall(frame)
+        got = server.recv_into(buf)
+        assert bytes(buf[:got]) == frame
+    assert counting.found_nothing == 0
+    client.close()
+    server.close()
+
+
+def test_a_tls_stream_hands_out_a_record_in_pieces_without_waiting_for_the_socket():
+    client, server = _stream_pair()
+    client.sendall(b"0123456789" * 100)      # one record of 1,000 bytes
+    server.settimeout(5)                     # (a read that waited for the socket would fail the test in 5 s)
+    pieces = []
+    buf = bytearray(100)
+    while sum(map(len, pieces)) < 1000:
+        n = server.recv_into(buf, 64)
+        pieces.append(bytes(buf[:n]))
+        assert server.pending() == 1000 - sum(map(len, pieces))   # what select() cannot see
+    assert b"".join(pieces) == b"0123456789" * 100
+    client.close()
+    server.close()
+
+
 def test_a_master_that_hangs_up_during_the_tls_handshake_is_a_handshake_failure():
     a, b = socket.socketpair()
     b.sendall(tls.BANNER)

@@ -46,6 +46,7 @@ class TlsStream:
         self._raw_buf = bytearray(_RAW_READ)
         self._raw_view = memoryview(self._raw_buf)
         self._eof = False                     # the peer's close_notify, or the TCP end, was read
+        self._leftover = 0                    # ciphertext and plaintext the SSL object holds, after the last read
 
     def handshake(self) -> None:
         """Runs the TLS handshake, blocking (within the socket's timeout).
@@ -62,6 +63,7 @@ class TlsStream:
                 else:
                     self._incoming.write_eof()    # the next do_handshake raises SSLEOFError
         self._send_outgoing()     # the client's last flight (its certificate and Finished)
+        self._leftover = self._incoming.pending    # (records that came with the handshake's last flight)
 
     def _send_outgoing(self) -> None:
         # Only while no other thread uses the stream (the handshake).
@@ -78,28 +80,40 @@ class TlsStream:
         with suppress_ragged_eofs).  Raises ssl.SSLError for a corrupt record."""
         view = memoryview(buffer).cast("B")
         want = nbytes or len(view)
-        while True:
+        if not want or self._eof:
+            return 0
+        got = 0
+        if self._leftover:            # (else the SSL object has nothing: asking it would only raise WantRead)
             with self._tls_lock:
                 got = self._decrypt_into(view, want)
-            if got or self._eof or not want:
-                return got
+        while not got and not self._eof:
             n = self.raw.recv_into(self._raw_buf)
-            with self._tls_lock:
+            with self._tls_lock:     # one turn of the lock per read: feed the ciphertext, decrypt it
                 if n:
                     self._incoming.write(self._raw_view[:n])
                 else:
-                    self._incoming.write_eof()
+                    self._incoming.write_eof()   # (the SSL object then says SSLEOFError)
+                got = self._decrypt_into(view, want)
+        return got
 
     def _decrypt_into(self, view: memoryview, want: int) -> int:
-        # Under _tls_lock: as many records as the ciphertext received so far holds, up to ``want`` bytes.
+        # Under _tls_lock, when the SSL object holds something (ciphertext, or the
+        # plaintext of a record read in part): as many records as the ciphertext
+        # received so far holds, up to ``want`` bytes.  Its "nothing yet" is an
+        # SSLWantReadError, which costs more than decrypting a small record, and
+        # every call into it lets go of the GIL: so it is asked again only while
+        # ciphertext waits (``pending`` of a memory BIO is neither).
+        tls, incoming = self._tls, self._incoming
         got = 0
         try:
-            while got < want:
-                n = self._tls.read(want - got, view[got:])
+            while True:
+                n = tls.read(want - got, view[got:])
                 if not n:              # the peer's close_notify
                     self._eof = True
                     break
                 got += n
+                if got == want or not incoming.pending:
+                    break
         except ssl.SSLWantReadError:
             pass                       # the rest of a record is still on its way
         except (ssl.SSLEOFError, ssl.SSLZeroReturnError):
@@ -107,6 +121,9 @@ class TlsStream:
                                        # close_notify after this side said its own
         # (Bytes the SSL object wants to send in answer, a TLS 1.3 KeyUpdate's,
         # wait in the outgoing BIO and leave with the next write: the reader never sends.)
+        # A read that returned less than it was asked for emptied its record: plaintext
+        # can be left only when ``want`` was reached.
+        self._leftover = incoming.pending + (tls.pending() if got == want else 0)
         return got
 
     def recv(self, size: int) -> bytes:
@@ -117,14 +134,21 @@ class TlsStream:
 
     def pending(self) -> int:
         """Bytes already taken from the socket but not read: select() cannot see
-        them, so a reader with a timeout reads before it waits."""
-        with self._tls_lock:
-            return self._tls.pending() + self._incoming.pending
+        them, so a reader with a timeout reads before it waits.  (Only the
+        reader changes that number, so the reader may ask without the lock.)"""
+        return self._leftover
 
     # --- writing (any thread) ------------------------------------------------------
 
     def sendall(self, data) -> None:
         """Encrypts and sends all of ``data``, in order with other threads' sendall."""
+        if type(data) is bytes and len(data) <= _WRITE_PIECE:     # the usual: a few frames joined
+            with self._send_lock:
+                with self._tls_lock:
+                    self._tls.write(data)
+                    cipher = self._outgoing.read()
+                self.raw.sendall(cipher)
+            return
         with memoryview(data) as view, view.cast("B") as plain, self._send_lock:
             for start in range(0, len(plain), _WRITE_PIECE):
                 with self._tls_lock:
