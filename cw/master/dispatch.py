@@ -108,7 +108,8 @@ class Dispatcher:
     # --- peers come and go ------------------------------------------------
 
     def add_client(self, cid: int, info: dict) -> None:
-        self.clients[cid] = ClientRecord(cid, info)
+        client = self.clients[cid] = ClientRecord(cid, info)
+        client.functions = self.functions.held_by(cid)
 
     def set_context(self, cid: int, context_json: bytes) -> None:
         frames.decode_json(context_json, "CONTEXT")  # refuse garbage before workers see it
@@ -227,7 +228,7 @@ class Dispatcher:
         client = self.clients[cid]
         if jobid in client.jobs:
             raise ProtocolError(f"the client submitted job id {jobid} twice")
-        if payload[:1] == _NAMED and not self.functions.holds(cid, frames.function_digest(payload)):
+        if payload[:1] == _NAMED and frames.function_digest(payload) not in client.functions:
             raise ProtocolError(f"the client's job {jobid} names a function it did not send (FUNC) or forgot "
                                 "(FORGET); the client's cw differs from the master's: install the same version")
         max_attempts = self.max_attempts if retries == DEFAULT_RETRIES else retries + 1
@@ -237,7 +238,8 @@ class Dispatcher:
         self.queued += 1
         if queue.key is not None:
             self._tell(client.cid, self.unplaceable.check(client, queue, job))   # even while all are busy
-        self.turns.add(client)
+        if not client.in_ready:
+            self.turns.add(client)
         if self.slots.idle or self.slots.spare:
             self._pump()
         if priority != client.floor:       # rare: most clients submit at one priority
@@ -373,7 +375,8 @@ class Dispatcher:
         client = job.client
         queue = job.queue
         queue.pop_head()
-        self.unplaceable.placed(client, queue)
+        if queue.key is not None:          # (plain jobs are never found unplaceable)
+            self.unplaceable.placed(client, queue)
         self.queued -= 1
         client.queued -= 1
         env = self.placement.book(worker, job, growth)
@@ -383,7 +386,9 @@ class Dispatcher:
             worker.contexts.add(cid)
             outbox.append((worker.wid, frames.encode_context_for_worker(cid, client.context)))
         job.attempts += 1
-        worker.take(job, self._new_gid())   # not before: queued jobs carry no id of their own (B5 counts bytes)
+        gid = self._next_gid               # (_new_gid, written out: once per job)
+        self._next_gid = gid + 1
+        worker.take(job, gid)              # not before: queued jobs carry no id of their own (B5 counts bytes)
         if self.events is not None and job.state == RUNNING:
             self.events.started(job, worker)
         self.slots.file(worker)
@@ -455,9 +460,9 @@ class Dispatcher:
         """Hands queued jobs to workers, idle ones first, the clients taking
         turns; then lets idle workers take over jobs sent ahead to busy ones."""
         slots, turns = self.slots, self.turns
-        idle, spare = slots.idle, slots.spare
+        idle, spare, ready = slots.idle, slots.spare, turns.ready
         blocked = []
-        while turns and (idle or spare):
+        while ready and (idle or spare):
             client = turns.pop()
             if client is None:
                 continue                   # it left, or is paused
@@ -468,7 +473,7 @@ class Dispatcher:
                 continue
             self._assign(*picked)
             turns.served(client)
-        if not turns:
+        if not ready and slots.donors:
             for donor in slots.steal(self.clock):
                 self.outbox.append((donor.wid, frames.encode_revoke(donor.revoking)))
         for client in blocked:

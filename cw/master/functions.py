@@ -93,6 +93,11 @@ class FunctionStore:
             known.add(digest)
         return frame
 
+    def held_by(self, cid: int) -> dict:
+        """The digests client ``cid`` holds (a dict kept up to date, to keep at
+        hand: a job naming a function is checked against it)."""
+        return self.by_client.setdefault(cid, {})
+
     def holds(self, cid: int, digest: bytes) -> bool:
         held = self.by_client.get(cid)
         return held is not None and digest in held

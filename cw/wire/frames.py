@@ -229,7 +229,17 @@ _JOB = struct.Struct("!QId")
 _OUTCOME = struct.Struct("!QB")
 _RESULT = struct.Struct("!QBB")
 _ID_FLAG = struct.Struct("!QB")     # CANCELLED, REVOKED; and OUTPUT's jobid + label length
-_WORKER_STATUSES = (Status.OK, Status.RAISED)   # LOST and UNPLACEABLE are the master's to say
+# Every job's JOB and RESULT: the header and the fields packed in one call.
+_JOB_FRAME = struct.Struct("!IBQId")
+_RESULT_FRAME = struct.Struct("!IBQBB")
+_JOB_SIZE, _RESULT_SIZE = _JOB.size, _RESULT.size
+_KIND_JOB, _KIND_RESULT = int(Frame.JOB), int(Frame.RESULT)   # (a Frame member costs a class attribute lookup)
+#: A payload smaller than this is joined to its frame's head by the encoders
+#: of JOB and RESULT: the writer gets one chunk, not two, and it would have
+#: joined them anyway.
+_JOIN_BELOW = 4096
+_LAST_WORKER_STATUS = int(Status.RAISED)   # OK or RAISED: LOST and the others are the master's to say
+_SUBMIT_SIZE, _OUTCOME_SIZE = _SUBMIT.size, _OUTCOME.size
 #: A job payload that names its function by digest: FUNCTION_MARK, the
 #: digest, then the pickled ``(args, kwargs)`` (cw.wire.payload).  A pickle
 #: starts with 0x80 and an out-of-band envelope with 0xFF, so the first byte
@@ -301,7 +311,11 @@ def encode_cancel(jobid: int) -> bytes:
     return frame(Frame.CANCEL, _U64.pack(jobid))
 
 
-def encode_job(gid: int, ctx: int, timeout: float, payload) -> tuple:
+def encode_job(gid: int, ctx: int, timeout: float, payload) -> bytes | tuple:
+    """One frame of bytes for a small payload (the usual job: header, fields and
+    payload packed at once), else (head, payload...)."""
+    if type(payload) is bytes and len(payload) < _JOIN_BELOW:
+        return _JOB_FRAME.pack(_JOB_SIZE + len(payload), _KIND_JOB, gid, ctx, timeout) + payload
     return _with_payload(Frame.JOB, _JOB.pack(gid, ctx, timeout), payload)
 
 
@@ -313,7 +327,11 @@ def encode_outcome(gid: int, status: int, payload) -> tuple:
     return _with_payload(Frame.OUTCOME, _OUTCOME.pack(gid, status), payload)
 
 
-def encode_result(jobid: int, status: int, label: bytes, payload) -> tuple:
+def encode_result(jobid: int, status: int, label: bytes, payload) -> bytes | tuple:
+    """As encode_job: one frame of bytes for a small payload, else (head, payload...)."""
+    if type(payload) is bytes and len(payload) < _JOIN_BELOW:
+        size = _RESULT_SIZE + len(label) + len(payload)
+        return _RESULT_FRAME.pack(size, _KIND_RESULT, jobid, status, len(label)) + label + payload
     return _with_payload(Frame.RESULT, _RESULT.pack(jobid, status, len(label)) + label, payload)
 
 
@@ -419,10 +437,15 @@ def decode_error(body) -> str:
 
 
 def decode_submit(body) -> Submit:
-    jobid, retries, timeout = _fields(_SUBMIT, body, "SUBMIT")
+    # One call per job, so written out: no _fields, no _tail.
+    try:
+        jobid, retries, timeout = _SUBMIT.unpack_from(body)
+    except struct.error:
+        raise ProtocolError(f"SUBMIT frame of {len(body)} bytes is shorter than its {_SUBMIT.size}-byte header") from None
     if not timeout >= 0.0:  # also refuses NaN
         raise ProtocolError(f"SUBMIT frame has an invalid timeout {timeout!r}")
-    return _new(Submit, (jobid, retries, timeout, _tail(body, _SUBMIT.size)))
+    payload = body[_SUBMIT_SIZE:] if len(body) < LARGE_FRAME else memoryview(body)[_SUBMIT_SIZE:]
+    return _new(Submit, (jobid, retries, timeout, payload))
 
 
 def decode_submit_with(body) -> SubmitWith:
@@ -454,10 +477,16 @@ def decode_job_env(body) -> JobEnv:
 
 
 def decode_outcome(body) -> Outcome:
-    gid, status = _fields(_OUTCOME, body, "OUTCOME")
-    if status not in _WORKER_STATUSES:
+    # One call per job, so written out, as decode_submit.
+    try:
+        gid, status = _OUTCOME.unpack_from(body)
+    except struct.error:
+        raise ProtocolError(f"OUTCOME frame of {len(body)} bytes is shorter than its {_OUTCOME.size}-byte header") \
+            from None
+    if status > _LAST_WORKER_STATUS:
         raise ProtocolError(f"OUTCOME frame has unknown status {status}")
-    return _new(Outcome, (gid, status, _tail(body, _OUTCOME.size)))
+    payload = body[_OUTCOME_SIZE:] if len(body) < LARGE_FRAME else memoryview(body)[_OUTCOME_SIZE:]
+    return _new(Outcome, (gid, status, payload))
 
 
 def decode_result(body) -> Result:
