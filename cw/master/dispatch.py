@@ -77,6 +77,7 @@ __all__ = ["DEFAULT_MAX_ATTEMPTS", "DEFAULT_RETRIES", "Dispatcher"]
 
 DEFAULT_MAX_ATTEMPTS = settings.MAX_ATTEMPTS
 _NAMED = bytes([frames.FUNCTION_MARK])   # the first byte of a payload that names its function by digest
+_OK = int(Status.OK)     # (a Status member costs a class attribute lookup: once per job is enough to matter)
 
 
 class Dispatcher:
@@ -278,7 +279,7 @@ class Dispatcher:
             self.events.ended(job, worker, status, payload)
         self._leave(worker, job)
         worker.done += 1
-        if status != Status.OK:
+        if status != _OK:
             worker.failures += 1
         self.throughput.count(self.clock())
         self.slots.file(worker)
@@ -400,9 +401,9 @@ class Dispatcher:
             self.kept.before_job(worker, cid, job.jobid)
         payload = job.payload
         if payload[:1] == _NAMED:
-            frame = self.functions.for_worker(worker.functions, frames.function_digest(payload))
-            if frame is not None:
-                outbox.append((worker.wid, frame))
+            digest = frames.function_digest(payload)
+            if digest not in worker.functions:      # (the usual case is that it was sent already)
+                outbox.append((worker.wid, self.functions.for_worker(worker.functions, digest)))
         outbox.append((worker.wid, frames.encode_job(job.gid, cid, job.timeout, payload)))
 
     def _leave(self, worker: WorkerRecord, job: Job) -> None:
@@ -448,7 +449,7 @@ class Dispatcher:
 
     def _finish(self, job: Job, status: int, label: bytes, payload) -> None:
         client = job.client
-        client.finish(job, status == Status.OK)
+        client.finish(job, status == _OK)
         self.outbox.append((client.cid, frames.encode_result(job.jobid, status, label, payload)))
         kept = self.kept
         if kept.uses or kept.wanted:

@@ -390,7 +390,7 @@ def encode_forget(digest: bytes) -> bytes:
 def function_digest(payload) -> bytes | None:
     """The digest of the function a job payload names, or None when the
     payload carries its function (by reference or by value) itself."""
-    if payload[:1] == b"\xfe" and len(payload) > _FUNCTION_HEAD:
+    if len(payload) > _FUNCTION_HEAD and payload[0] == FUNCTION_MARK:    # (twice per job at the master)
         return bytes(payload[1:_FUNCTION_HEAD])
     return None
 
