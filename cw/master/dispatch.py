@@ -54,6 +54,7 @@ Rules kept here:
 """
 from __future__ import annotations
 
+import itertools
 import json
 import time
 
@@ -104,7 +105,9 @@ class Dispatcher:
         self.setups: list = []              # payloads every worker that connects runs first
         self.functions = FunctionStore()
         self.kept = KeptValues(self, kept_bytes)     # puts, and outcomes jobs take as arguments
-        self._next_gid = 1
+        # Ids of jobs sent to workers: a job sent again gets a new one, so a
+        # late word about an earlier sending can never match it.
+        self._gids = itertools.count(1)
 
     # --- peers come and go ------------------------------------------------
 
@@ -358,18 +361,11 @@ class Dispatcher:
 
     # --- a job's way to a worker and back -----------------------------------
 
-    def _new_gid(self) -> int:
-        """A fresh id for a job being sent to a worker: a job sent again gets
-        a new one, so a late word about an earlier sending can never match it."""
-        gid = self._next_gid
-        self._next_gid += 1
-        return gid
-
     def _send_setup(self, worker: WorkerRecord, payload: bytes) -> None:
         job = Job(None, 0, payload, 1, 0.0, 0, self._setup_queue)
         job.pinned = True                # never handed to another worker
         job.attempts = 1
-        worker.take(job, self._new_gid())
+        worker.take(job, next(self._gids))
         self.outbox.append((worker.wid, frames.encode_job(job.gid, 0, 0.0, payload)))
 
     def _assign(self, job: Job, worker: WorkerRecord, growth: dict) -> None:
@@ -387,9 +383,7 @@ class Dispatcher:
             worker.contexts.add(cid)
             outbox.append((worker.wid, frames.encode_context_for_worker(cid, client.context)))
         job.attempts += 1
-        gid = self._next_gid               # (_new_gid, written out: once per job)
-        self._next_gid = gid + 1
-        worker.take(job, gid)              # not before: queued jobs carry no id of their own (B5 counts bytes)
+        worker.take(job, next(self._gids))   # not before: queued jobs carry no id of their own (B5 counts bytes)
         if self.events is not None and job.state == RUNNING:
             self.events.started(job, worker)
         self.slots.file(worker)
@@ -400,10 +394,8 @@ class Dispatcher:
         if self.kept.uses:
             self.kept.before_job(worker, cid, job.jobid)
         payload = job.payload
-        if payload[:1] == _NAMED:
-            digest = frames.function_digest(payload)
-            if digest not in worker.functions:      # (the usual case is that it was sent already)
-                outbox.append((worker.wid, self.functions.for_worker(worker.functions, digest)))
+        if payload[:1] == _NAMED and (digest := frames.function_digest(payload)) not in worker.functions:
+            outbox.append((worker.wid, self.functions.for_worker(worker.functions, digest)))   # its first such job
         outbox.append((worker.wid, frames.encode_job(job.gid, cid, job.timeout, payload)))
 
     def _leave(self, worker: WorkerRecord, job: Job) -> None:

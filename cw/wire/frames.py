@@ -437,11 +437,10 @@ def decode_error(body) -> str:
 
 
 def decode_submit(body) -> Submit:
-    # One call per job, so written out: no _fields, no _tail.
-    try:
-        jobid, retries, timeout = _SUBMIT.unpack_from(body)
-    except struct.error:
-        raise ProtocolError(f"SUBMIT frame of {len(body)} bytes is shorter than its {_SUBMIT.size}-byte header") from None
+    # Once per job at the master, so _fields and _tail written out.
+    if len(body) < _SUBMIT_SIZE:
+        _fields(_SUBMIT, body, "SUBMIT")     # raises ProtocolError
+    jobid, retries, timeout = _SUBMIT.unpack_from(body)
     if not timeout >= 0.0:  # also refuses NaN
         raise ProtocolError(f"SUBMIT frame has an invalid timeout {timeout!r}")
     payload = body[_SUBMIT_SIZE:] if len(body) < LARGE_FRAME else memoryview(body)[_SUBMIT_SIZE:]
@@ -477,12 +476,10 @@ def decode_job_env(body) -> JobEnv:
 
 
 def decode_outcome(body) -> Outcome:
-    # One call per job, so written out, as decode_submit.
-    try:
-        gid, status = _OUTCOME.unpack_from(body)
-    except struct.error:
-        raise ProtocolError(f"OUTCOME frame of {len(body)} bytes is shorter than its {_OUTCOME.size}-byte header") \
-            from None
+    # Once per job at the master, as decode_submit.
+    if len(body) < _OUTCOME_SIZE:
+        _fields(_OUTCOME, body, "OUTCOME")   # raises ProtocolError
+    gid, status = _OUTCOME.unpack_from(body)
     if status > _LAST_WORKER_STATUS:
         raise ProtocolError(f"OUTCOME frame has unknown status {status}")
     payload = body[_OUTCOME_SIZE:] if len(body) < LARGE_FRAME else memoryview(body)[_OUTCOME_SIZE:]
