@@ -229,14 +229,16 @@ _JOB = struct.Struct("!QId")
 _OUTCOME = struct.Struct("!QB")
 _RESULT = struct.Struct("!QBB")
 _ID_FLAG = struct.Struct("!QB")     # CANCELLED, REVOKED; and OUTPUT's jobid + label length
-# Every job's JOB and RESULT: the header and the fields packed in one call.
+# Every job's SUBMIT, JOB and RESULT: the header and the fields packed in one call.
+_SUBMIT_FRAME = struct.Struct("!IBQBd")
 _JOB_FRAME = struct.Struct("!IBQId")
 _RESULT_FRAME = struct.Struct("!IBQBB")
 _JOB_SIZE, _RESULT_SIZE = _JOB.size, _RESULT.size
-_KIND_JOB, _KIND_RESULT = int(Frame.JOB), int(Frame.RESULT)   # (a Frame member costs a class attribute lookup)
+# (a Frame member costs a class attribute lookup: more than the packing)
+_KIND_SUBMIT, _KIND_JOB, _KIND_RESULT = int(Frame.SUBMIT), int(Frame.JOB), int(Frame.RESULT)
 #: A payload smaller than this is joined to its frame's head by the encoders
-#: of JOB and RESULT: the writer gets one chunk, not two, and it would have
-#: joined them anyway.
+#: of SUBMIT, JOB and RESULT: the writer gets one chunk, not two, and it
+#: would have joined them anyway.
 _JOIN_BELOW = 4096
 _LAST_WORKER_STATUS = int(Status.RAISED)   # OK or RAISED: LOST and the others are the master's to say
 _SUBMIT_SIZE, _OUTCOME_SIZE = _SUBMIT.size, _OUTCOME.size
@@ -283,7 +285,10 @@ def encode_json(kind: int, obj) -> bytes:
     return frame(kind, _json(obj))
 
 
-def encode_submit(jobid: int, retries: int, timeout: float, payload) -> tuple:
+def encode_submit(jobid: int, retries: int, timeout: float, payload) -> bytes | tuple:
+    """As encode_job: one frame of bytes for a small payload, else (head, payload...)."""
+    if type(payload) is bytes and len(payload) < _JOIN_BELOW:
+        return _SUBMIT_FRAME.pack(_SUBMIT_SIZE + len(payload), _KIND_SUBMIT, jobid, retries, timeout) + payload
     return _with_payload(Frame.SUBMIT, _SUBMIT.pack(jobid, retries, timeout), payload)
 
 
