@@ -98,10 +98,6 @@ class FunctionStore:
         hand: a job naming a function is checked against it)."""
         return self.by_client.setdefault(cid, {})
 
-    def holds(self, cid: int, digest: bytes) -> bool:
-        held = self.by_client.get(cid)
-        return held is not None and digest in held
-
     def report(self) -> dict:
         return {"held": len(self.frames), "bytes": sum(len(f) for f in self.frames.values()),
                 "sent_to_workers": self.sent, "needs_answered": self.needed}
