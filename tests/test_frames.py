@@ -213,6 +213,19 @@ def test_large_payloads_are_views_of_the_received_frame():
     assert isinstance(job.payload, memoryview) and job.payload == payload
 
 
+def test_every_jobs_frames_are_one_bytes_for_small_payloads_and_uncopied_for_big_ones():
+    """SUBMIT, JOB and RESULT, a frame per job each at the master, come as one
+    bytes object when their payload is small (no join in the writer), the same
+    bytes as the generic (head, payload) form; a big payload stays its own chunk."""
+    small, big = b"p" * 100, b"b" * f.LARGE_FRAME
+    for encode, args in ((f.encode_submit, (7, 255, 1.5)), (f.encode_job, (7, 3, 1.5)),
+                         (f.encode_result, (7, Status.RAISED, b"host:1"))):
+        one = encode(*args, small)
+        assert type(one) is bytes and one == raw(encode(*args, (small,))), encode.__name__
+        head, payload = encode(*args, big)
+        assert payload is big and raw((head, payload)) == raw(encode(*args, (big,))), encode.__name__
+
+
 def test_error_and_notice_text_is_cut_to_fit_before_auth():
     """ERROR frames carry UTF-8 text, cut so that even a long one passes the pre-auth limit; NOTICE too."""
     kind, body = only_frame(f.encode_error("x" * 100_000), max_frame=f.PREAUTH_MAX_FRAME)

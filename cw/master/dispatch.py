@@ -54,6 +54,7 @@ Rules kept here:
 """
 from __future__ import annotations
 
+import itertools
 import json
 import time
 
@@ -77,6 +78,7 @@ __all__ = ["DEFAULT_MAX_ATTEMPTS", "DEFAULT_RETRIES", "Dispatcher"]
 
 DEFAULT_MAX_ATTEMPTS = settings.MAX_ATTEMPTS
 _NAMED = bytes([frames.FUNCTION_MARK])   # the first byte of a payload that names its function by digest
+_OK = int(Status.OK)     # (a Status member costs a class attribute lookup: once per job is enough to matter)
 
 
 class Dispatcher:
@@ -103,12 +105,15 @@ class Dispatcher:
         self.setups: list = []              # payloads every worker that connects runs first
         self.functions = FunctionStore()
         self.kept = KeptValues(self, kept_bytes)     # puts, and outcomes jobs take as arguments
-        self._next_gid = 1
+        # Ids of jobs sent to workers: a job sent again gets a new one, so a
+        # late word about an earlier sending can never match it.
+        self._gids = itertools.count(1)
 
     # --- peers come and go ------------------------------------------------
 
     def add_client(self, cid: int, info: dict) -> None:
-        self.clients[cid] = ClientRecord(cid, info)
+        client = self.clients[cid] = ClientRecord(cid, info)
+        client.functions = self.functions.held_by(cid)
 
     def set_context(self, cid: int, context_json: bytes) -> None:
         frames.decode_json(context_json, "CONTEXT")  # refuse garbage before workers see it
@@ -227,7 +232,7 @@ class Dispatcher:
         client = self.clients[cid]
         if jobid in client.jobs:
             raise ProtocolError(f"the client submitted job id {jobid} twice")
-        if payload[:1] == _NAMED and not self.functions.holds(cid, frames.function_digest(payload)):
+        if payload[:1] == _NAMED and frames.function_digest(payload) not in client.functions:
             raise ProtocolError(f"the client's job {jobid} names a function it did not send (FUNC) or forgot "
                                 "(FORGET); the client's cw differs from the master's: install the same version")
         max_attempts = self.max_attempts if retries == DEFAULT_RETRIES else retries + 1
@@ -237,7 +242,8 @@ class Dispatcher:
         self.queued += 1
         if queue.key is not None:
             self._tell(client.cid, self.unplaceable.check(client, queue, job))   # even while all are busy
-        self.turns.add(client)
+        if not client.in_ready:
+            self.turns.add(client)
         if self.slots.idle or self.slots.spare:
             self._pump()
         if priority != client.floor:       # rare: most clients submit at one priority
@@ -276,7 +282,7 @@ class Dispatcher:
             self.events.ended(job, worker, status, payload)
         self._leave(worker, job)
         worker.done += 1
-        if status != Status.OK:
+        if status != _OK:
             worker.failures += 1
         self.throughput.count(self.clock())
         self.slots.file(worker)
@@ -355,25 +361,19 @@ class Dispatcher:
 
     # --- a job's way to a worker and back -----------------------------------
 
-    def _new_gid(self) -> int:
-        """A fresh id for a job being sent to a worker: a job sent again gets
-        a new one, so a late word about an earlier sending can never match it."""
-        gid = self._next_gid
-        self._next_gid += 1
-        return gid
-
     def _send_setup(self, worker: WorkerRecord, payload: bytes) -> None:
         job = Job(None, 0, payload, 1, 0.0, 0, self._setup_queue)
         job.pinned = True                # never handed to another worker
         job.attempts = 1
-        worker.take(job, self._new_gid())
+        worker.take(job, next(self._gids))
         self.outbox.append((worker.wid, frames.encode_job(job.gid, 0, 0.0, payload)))
 
     def _assign(self, job: Job, worker: WorkerRecord, growth: dict) -> None:
         client = job.client
         queue = job.queue
         queue.pop_head()
-        self.unplaceable.placed(client, queue)
+        if queue.key is not None:          # (plain jobs are never found unplaceable)
+            self.unplaceable.placed(client, queue)
         self.queued -= 1
         client.queued -= 1
         env = self.placement.book(worker, job, growth)
@@ -383,7 +383,7 @@ class Dispatcher:
             worker.contexts.add(cid)
             outbox.append((worker.wid, frames.encode_context_for_worker(cid, client.context)))
         job.attempts += 1
-        worker.take(job, self._new_gid())   # not before: queued jobs carry no id of their own (B5 counts bytes)
+        worker.take(job, next(self._gids))   # not before: queued jobs carry no id of their own (B5 counts bytes)
         if self.events is not None and job.state == RUNNING:
             self.events.started(job, worker)
         self.slots.file(worker)
@@ -394,10 +394,8 @@ class Dispatcher:
         if self.kept.uses:
             self.kept.before_job(worker, cid, job.jobid)
         payload = job.payload
-        if payload[:1] == _NAMED:
-            frame = self.functions.for_worker(worker.functions, frames.function_digest(payload))
-            if frame is not None:
-                outbox.append((worker.wid, frame))
+        if payload[:1] == _NAMED and (digest := frames.function_digest(payload)) not in worker.functions:
+            outbox.append((worker.wid, self.functions.for_worker(worker.functions, digest)))   # its first such job
         outbox.append((worker.wid, frames.encode_job(job.gid, cid, job.timeout, payload)))
 
     def _leave(self, worker: WorkerRecord, job: Job) -> None:
@@ -443,7 +441,7 @@ class Dispatcher:
 
     def _finish(self, job: Job, status: int, label: bytes, payload) -> None:
         client = job.client
-        client.finish(job, status == Status.OK)
+        client.finish(job, status == _OK)
         self.outbox.append((client.cid, frames.encode_result(job.jobid, status, label, payload)))
         kept = self.kept
         if kept.uses or kept.wanted:
@@ -455,9 +453,9 @@ class Dispatcher:
         """Hands queued jobs to workers, idle ones first, the clients taking
         turns; then lets idle workers take over jobs sent ahead to busy ones."""
         slots, turns = self.slots, self.turns
-        idle, spare = slots.idle, slots.spare
+        idle, spare, ready = slots.idle, slots.spare, turns.ready
         blocked = []
-        while turns and (idle or spare):
+        while ready and (idle or spare):
             client = turns.pop()
             if client is None:
                 continue                   # it left, or is paused
@@ -468,7 +466,7 @@ class Dispatcher:
                 continue
             self._assign(*picked)
             turns.served(client)
-        if not turns:
+        if not ready and slots.donors:
             for donor in slots.steal(self.clock):
                 self.outbox.append((donor.wid, frames.encode_revoke(donor.revoking)))
         for client in blocked:

@@ -93,9 +93,10 @@ class FunctionStore:
             known.add(digest)
         return frame
 
-    def holds(self, cid: int, digest: bytes) -> bool:
-        held = self.by_client.get(cid)
-        return held is not None and digest in held
+    def held_by(self, cid: int) -> dict:
+        """The digests client ``cid`` holds (a dict kept up to date, to keep at
+        hand: a job naming a function is checked against it)."""
+        return self.by_client.setdefault(cid, {})
 
     def report(self) -> dict:
         return {"held": len(self.frames), "bytes": sum(len(f) for f in self.frames.values()),

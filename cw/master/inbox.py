@@ -10,16 +10,20 @@ from cw.wire import frames
 from cw.wire import kept as kept_wire
 from cw.wire.frames import Frame, kind_name
 
-CLIENT_FRAMES = frozenset({Frame.SUBMIT, Frame.SUBMIT_WITH, Frame.CANCEL, Frame.SETUP, Frame.LIMIT,
-                           Frame.CONTEXT, Frame.FUNC, Frame.FORGET, Frame.DEPS, Frame.PUT, Frame.RELEASE_KEY})
-WORKER_FRAMES = frozenset({Frame.OUTCOME, Frame.REVOKED, Frame.OUTPUT, Frame.LEND, Frame.RECLAIM,
-                           Frame.DRAIN, Frame.NEED, Frame.FETCH})
+# Plain ints: a frame's kind arrives as an int, and comparing it with a Frame
+# member costs a class attribute lookup, several times the comparison.
+CLIENT_FRAMES = frozenset(map(int, (Frame.SUBMIT, Frame.SUBMIT_WITH, Frame.CANCEL, Frame.SETUP, Frame.LIMIT,
+                                    Frame.CONTEXT, Frame.FUNC, Frame.FORGET, Frame.DEPS, Frame.PUT,
+                                    Frame.RELEASE_KEY)))
+WORKER_FRAMES = frozenset(map(int, (Frame.OUTCOME, Frame.REVOKED, Frame.OUTPUT, Frame.LEND, Frame.RECLAIM,
+                                    Frame.DRAIN, Frame.NEED, Frame.FETCH)))
+SUBMIT, OUTCOME = int(Frame.SUBMIT), int(Frame.OUTCOME)    # one of each per job
 
 
 def client_frame(d: Dispatcher, cid: int, ftype: int, body) -> None:
     """A frame of CLIENT_FRAMES from client ``cid`` (the shell answers
     status requests and pings).  Raises ProtocolError for a bad body."""
-    if ftype == Frame.SUBMIT:
+    if ftype == SUBMIT:
         submit = frames.decode_submit(body)
         if not (d.kept.deps and d.kept.hold(cid, submit)):    # (held: it waits for kept values)
             d.submit(cid, *submit)
@@ -55,9 +59,8 @@ def worker_frame(d: Dispatcher, wid: int, ftype: int, body) -> None:
     """A frame of WORKER_FRAMES from worker ``wid``.  Raises ProtocolError
     for a bad body or a frame that breaks the rules (an outcome of a job
     it does not run...): the shell then drops the worker."""
-    if ftype == Frame.OUTCOME:
-        gid, status, payload = frames.decode_outcome(body)
-        d.outcome(wid, gid, status, payload)
+    if ftype == OUTCOME:
+        d.outcome(wid, *frames.decode_outcome(body))
     elif ftype == Frame.REVOKED:
         revoked = frames.decode_revoked(body)
         d.revoked(wid, revoked.gid, revoked.given_back)

@@ -29,6 +29,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("cw.master")
 
 _READ_SIZE = 256 * 1024
+# Frame kinds met on every frame, as plain ints: comparing an int with a Frame
+# member costs a class attribute lookup, several times the comparison itself.
+_BY_REFERENCE_FIRST, _BY_REFERENCE_LAST, _DRAIN = int(Frame.BY_SEGMENT), int(Frame.SHARING), int(Frame.DRAIN)
 #: A large payload goes to the transport this much at a time (see PeerConnection.write).
 _SLICE = 1024 * 1024
 
@@ -301,31 +304,31 @@ class PeerConnection(asyncio.BufferedProtocol):
             self.handler = self._on_worker_frame
 
     def _on_client_frame(self, ftype: int, body: bytes) -> None:
-        if Frame.BY_SEGMENT <= ftype <= Frame.SHARING:    # big frames by reference (master/sharing.py)
+        if _BY_REFERENCE_FIRST <= ftype <= _BY_REFERENCE_LAST:    # big frames by reference (master/sharing.py)
             named = self.sharing.frame(ftype, body, self.write)
             if named is None:
                 return
             ftype, body = named
-        if ftype == Frame.STATUS_REQ:
+        if ftype in inbox.CLIENT_FRAMES:     # first: a SUBMIT per job
+            inbox.client_frame(self.dispatcher, self.peer_id, ftype, body)
+        elif ftype == Frame.STATUS_REQ:
             reqid = frames.decode_status_request(body)
             self.transport.write(frames.encode_status(reqid, self.master.status()))
         elif ftype == Frame.SUBSCRIBE:
             self.master.watchers.subscribe(self)
         elif ftype == Frame.UNSUBSCRIBE:
             self.master.watchers.unsubscribe(self)
-        elif ftype in inbox.CLIENT_FRAMES:
-            inbox.client_frame(self.dispatcher, self.peer_id, ftype, body)
         elif ftype != Frame.PONG:
             self._unexpected(ftype, body)
 
     def _on_worker_frame(self, ftype: int, body: bytes) -> None:
-        if Frame.BY_SEGMENT <= ftype <= Frame.SHARING:    # big frames by reference (master/sharing.py)
+        if _BY_REFERENCE_FIRST <= ftype <= _BY_REFERENCE_LAST:    # big frames by reference (master/sharing.py)
             named = self.sharing.frame(ftype, body, self.write)
             if named is None:
                 return
             ftype, body = named
         if ftype in inbox.WORKER_FRAMES:
-            if ftype == Frame.DRAIN:
+            if ftype == _DRAIN:
                 log.info("%s is draining: it finishes its job and takes no other", self.name)
             inbox.worker_frame(self.dispatcher, self.peer_id, ftype, body)
         elif ftype != Frame.PONG:

@@ -158,7 +158,7 @@ def fits(worker: WorkerRecord, job: Job) -> dict | None:
     """What giving ``job`` to ``worker`` books on its machine ({} for
     nothing more), or None if it does not fit there now."""
     node = worker.node
-    growth = node.growth(worker.booked, job.need)
+    growth = node.growth(worker.booked, job.queue.need)
     reserved_for = node.reserved_for
     if reserved_for is not None and reserved_for is not job and growth is not None:
         if not reserved_for.waiting:
@@ -276,8 +276,10 @@ class Placement:
             node.book(worker, growth)
         if node.reserved_for is job:
             node.reserved_for = None
-        self.tags.started(job.queue.tag)
-        need, threads = job.need, job.queue.threads
+        queue = job.queue
+        if queue.tag is not None:
+            self.tags.started(queue.tag)
+        need, threads = queue.need, queue.threads
         if need is PLAIN and not node.capacity.get("gpu") and threads is None:
             return None
         env = {}
@@ -294,8 +296,10 @@ class Placement:
     def release(self, worker: WorkerRecord, job: Job) -> None:
         """``job`` left ``worker`` (already out of ``worker.jobs``): the
         worker keeps booked the most its other jobs need."""
-        self.tags.stopped(job.queue.tag)
-        if job.need is PLAIN and worker.jobs:
+        queue = job.queue
+        if queue.tag is not None:
+            self.tags.stopped(queue.tag)
+        if queue.need is PLAIN and worker.jobs:
             return        # what it needed, the jobs left need too
         kept: dict = {}
         for other in worker.jobs:

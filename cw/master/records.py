@@ -104,8 +104,8 @@ class JobQueue:
 
 
 class ClientRecord:
-    __slots__ = ("cid", "context", "done", "failed", "floor", "held", "in_ready", "info", "jobs", "notified",
-                 "paused", "plain", "queued", "queues", "submitted", "vtime", "weight")
+    __slots__ = ("cid", "context", "done", "failed", "floor", "functions", "held", "in_ready", "info", "jobs",
+                 "notified", "paused", "plain", "queued", "queues", "submitted", "vtime", "weight")
 
     def __init__(self, cid: int, info: dict):
         self.cid = cid
@@ -116,13 +116,14 @@ class ClientRecord:
         self.queues = {None: self.plain}   # shape key -> JobQueue
         self.queued = 0
         self.paused = False           # behind on reading its results: its jobs wait
-        self.in_ready = False         # has an entry in Dispatcher.ready
+        self.in_ready = False         # has an entry in FairShare.ready
         self.vtime = 0.0              # fair-share clock: advances 1/weight per job given out
         weight = info.get("weight", 1)
         self.weight = float(weight) if isinstance(weight, (int, float)) and 0 < weight <= 1e6 else 1.0
         self.notified = set()         # shape keys it was told cannot run now
         self.floor = None             # the lowest priority it submitted (cw.master.outrank)
         self.held = None              # its jobs sent ahead, by priority, once it used two priorities
+        self.functions: dict = {}     # digests of the functions it sent (FUNC): FunctionStore.held_by's
         self.submitted = 0
         self.done = 0
         self.failed = 0

@@ -49,6 +49,7 @@ class Master:
         self.connections: set[PeerConnection] = set()
         self._next_id = 1
         self._flush_scheduled = False
+        self._loop = None
 
     def new_peer_id(self) -> int:
         pid = self._next_id
@@ -62,7 +63,9 @@ class Master:
         kernel delivers the data inside the call, so fewer sends is faster."""
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush)
+            if self._loop is None:
+                self._loop = asyncio.get_running_loop()   # once: asking on every read costs a getpid()
+            self._loop.call_soon(self.flush)
 
     def flush(self) -> None:
         """Writes what the dispatcher queued, gathered into one write per peer."""

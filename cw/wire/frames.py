@@ -229,7 +229,19 @@ _JOB = struct.Struct("!QId")
 _OUTCOME = struct.Struct("!QB")
 _RESULT = struct.Struct("!QBB")
 _ID_FLAG = struct.Struct("!QB")     # CANCELLED, REVOKED; and OUTPUT's jobid + label length
-_WORKER_STATUSES = (Status.OK, Status.RAISED)   # LOST and UNPLACEABLE are the master's to say
+# Every job's SUBMIT, JOB and RESULT: the header and the fields packed in one call.
+_SUBMIT_FRAME = struct.Struct("!IBQBd")
+_JOB_FRAME = struct.Struct("!IBQId")
+_RESULT_FRAME = struct.Struct("!IBQBB")
+_JOB_SIZE, _RESULT_SIZE = _JOB.size, _RESULT.size
+# (a Frame member costs a class attribute lookup: more than the packing)
+_KIND_SUBMIT, _KIND_JOB, _KIND_RESULT = int(Frame.SUBMIT), int(Frame.JOB), int(Frame.RESULT)
+#: A payload smaller than this is joined to its frame's head by the encoders
+#: of SUBMIT, JOB and RESULT: the writer gets one chunk, not two, and it
+#: would have joined them anyway.
+_JOIN_BELOW = 4096
+_LAST_WORKER_STATUS = int(Status.RAISED)   # OK or RAISED: LOST and the others are the master's to say
+_SUBMIT_SIZE, _OUTCOME_SIZE = _SUBMIT.size, _OUTCOME.size
 #: A job payload that names its function by digest: FUNCTION_MARK, the
 #: digest, then the pickled ``(args, kwargs)`` (cw.wire.payload).  A pickle
 #: starts with 0x80 and an out-of-band envelope with 0xFF, so the first byte
@@ -273,7 +285,10 @@ def encode_json(kind: int, obj) -> bytes:
     return frame(kind, _json(obj))
 
 
-def encode_submit(jobid: int, retries: int, timeout: float, payload) -> tuple:
+def encode_submit(jobid: int, retries: int, timeout: float, payload) -> bytes | tuple:
+    """As encode_job: one frame of bytes for a small payload, else (head, payload...)."""
+    if type(payload) is bytes and len(payload) < _JOIN_BELOW:
+        return _SUBMIT_FRAME.pack(_SUBMIT_SIZE + len(payload), _KIND_SUBMIT, jobid, retries, timeout) + payload
     return _with_payload(Frame.SUBMIT, _SUBMIT.pack(jobid, retries, timeout), payload)
 
 
@@ -301,7 +316,11 @@ def encode_cancel(jobid: int) -> bytes:
     return frame(Frame.CANCEL, _U64.pack(jobid))
 
 
-def encode_job(gid: int, ctx: int, timeout: float, payload) -> tuple:
+def encode_job(gid: int, ctx: int, timeout: float, payload) -> bytes | tuple:
+    """One frame of bytes for a small payload (the usual job: header, fields and
+    payload packed at once), else (head, payload...)."""
+    if type(payload) is bytes and len(payload) < _JOIN_BELOW:
+        return _JOB_FRAME.pack(_JOB_SIZE + len(payload), _KIND_JOB, gid, ctx, timeout) + payload
     return _with_payload(Frame.JOB, _JOB.pack(gid, ctx, timeout), payload)
 
 
@@ -313,7 +332,11 @@ def encode_outcome(gid: int, status: int, payload) -> tuple:
     return _with_payload(Frame.OUTCOME, _OUTCOME.pack(gid, status), payload)
 
 
-def encode_result(jobid: int, status: int, label: bytes, payload) -> tuple:
+def encode_result(jobid: int, status: int, label: bytes, payload) -> bytes | tuple:
+    """As encode_job: one frame of bytes for a small payload, else (head, payload...)."""
+    if type(payload) is bytes and len(payload) < _JOIN_BELOW:
+        size = _RESULT_SIZE + len(label) + len(payload)
+        return _RESULT_FRAME.pack(size, _KIND_RESULT, jobid, status, len(label)) + label + payload
     return _with_payload(Frame.RESULT, _RESULT.pack(jobid, status, len(label)) + label, payload)
 
 
@@ -372,7 +395,7 @@ def encode_forget(digest: bytes) -> bytes:
 def function_digest(payload) -> bytes | None:
     """The digest of the function a job payload names, or None when the
     payload carries its function (by reference or by value) itself."""
-    if payload[:1] == b"\xfe" and len(payload) > _FUNCTION_HEAD:
+    if len(payload) > _FUNCTION_HEAD and payload[0] == FUNCTION_MARK:    # (twice per job at the master)
         return bytes(payload[1:_FUNCTION_HEAD])
     return None
 
@@ -419,10 +442,14 @@ def decode_error(body) -> str:
 
 
 def decode_submit(body) -> Submit:
-    jobid, retries, timeout = _fields(_SUBMIT, body, "SUBMIT")
+    # Once per job at the master, so _fields and _tail written out.
+    if len(body) < _SUBMIT_SIZE:
+        _fields(_SUBMIT, body, "SUBMIT")     # raises ProtocolError
+    jobid, retries, timeout = _SUBMIT.unpack_from(body)
     if not timeout >= 0.0:  # also refuses NaN
         raise ProtocolError(f"SUBMIT frame has an invalid timeout {timeout!r}")
-    return _new(Submit, (jobid, retries, timeout, _tail(body, _SUBMIT.size)))
+    payload = body[_SUBMIT_SIZE:] if len(body) < LARGE_FRAME else memoryview(body)[_SUBMIT_SIZE:]
+    return _new(Submit, (jobid, retries, timeout, payload))
 
 
 def decode_submit_with(body) -> SubmitWith:
@@ -454,10 +481,14 @@ def decode_job_env(body) -> JobEnv:
 
 
 def decode_outcome(body) -> Outcome:
-    gid, status = _fields(_OUTCOME, body, "OUTCOME")
-    if status not in _WORKER_STATUSES:
+    # Once per job at the master, as decode_submit.
+    if len(body) < _OUTCOME_SIZE:
+        _fields(_OUTCOME, body, "OUTCOME")   # raises ProtocolError
+    gid, status = _OUTCOME.unpack_from(body)
+    if status > _LAST_WORKER_STATUS:
         raise ProtocolError(f"OUTCOME frame has unknown status {status}")
-    return _new(Outcome, (gid, status, _tail(body, _OUTCOME.size)))
+    payload = body[_OUTCOME_SIZE:] if len(body) < LARGE_FRAME else memoryview(body)[_OUTCOME_SIZE:]
+    return _new(Outcome, (gid, status, payload))
 
 
 def decode_result(body) -> Result:
