@@ -84,7 +84,7 @@ body)`` decodes a frame (``decode``) and calls one of ``job``, ``job_env``,
 ``context``, ``ping``, ``revoke``, ``abort``, or ``closed`` (for ERROR);
 ``closed(why)`` when the connection ends.  Local events: ``start()`` (the
 session begins), ``finished(runner, gid, status, data, printed)``,
-``sent(runner, gid)``, ``lend(runner, gid)``, ``wait_over(runner, gid)``,
+``sent(runner, gid)`` (or both at once: ``done``), ``lend(runner, gid)``, ``wait_over(runner, gid)``,
 ``drain()``, ``sigterm()``, ``deadline(gid)``.  Each returns a list of
 actions (cw.worker.actions); the caller's own next task, if any, is among
 them.  Frames to send accumulate in ``outbox``, a deque the shell may pop
@@ -139,26 +139,31 @@ class Job:
         return f"Job({self.gid}, {self.state or 'queued'})"
 
 
+#: The kinds as plain ints: looking up an IntEnum member costs more than comparing it.
+_JOB, _JOB_ENV, _CONTEXT, _FUNC, _PING, _REVOKE, _ABORT, _ERROR = map(int, (
+    Frame.JOB, Frame.JOB_ENV, Frame.CONTEXT, Frame.FUNC, Frame.PING, Frame.REVOKE, Frame.ABORT, Frame.ERROR))
+
+
 def decode(ftype: int, body) -> tuple:
     """A frame from the master as ``(event, args)``: ``event(core, *args)``
     feeds it to a core.  (Pure, so a shell can decode before it takes the
     lock it holds around its core.)  Raises ProtocolError for a frame a
     worker cannot get or cannot decode (the shell then calls ``closed``)."""
-    if ftype == Frame.JOB:
+    if ftype == _JOB:
         return WorkerCore.job, frames.decode_job(body)
-    if ftype == Frame.JOB_ENV:
+    if ftype == _JOB_ENV:
         return WorkerCore.job_env, frames.decode_job_env(body)
-    if ftype == Frame.CONTEXT:
+    if ftype == _CONTEXT:
         return WorkerCore.context, frames.decode_context_for_worker(body)
-    if ftype == Frame.FUNC:
+    if ftype == _FUNC:
         return WorkerCore.function, frames.decode_function(body)
-    if ftype == Frame.PING:
+    if ftype == _PING:
         return WorkerCore.ping, ()
-    if ftype == Frame.REVOKE:
+    if ftype == _REVOKE:
         return WorkerCore.revoke, (frames.decode_revoke(body),)
-    if ftype == Frame.ABORT:
+    if ftype == _ABORT:
         return WorkerCore.abort, (frames.decode_abort(body),)
-    if ftype == Frame.ERROR:
+    if ftype == _ERROR:
         return WorkerCore.closed, ("the master closed our connection: " + frames.decode_error(body),)
     if ftype in refs.FRAMES:              # kept values: no business of the core (cw.worker.refs)
         return refs.on_frame, (ftype, body)
@@ -354,6 +359,18 @@ class WorkerCore:
         """The outcome of ``gid`` (see ``finished``) went to the connection."""
         if self.over:
             return []
+        return self._release(runner, gid)
+
+    def done(self, runner: int, gid: int, status: int, data, printed: str = "") -> list:
+        """``finished`` and ``sent`` at once, for an outcome that views no
+        memory the next job could change: in the outbox, ahead of whatever
+        the next job sends, it counts as sent (the common case, one event per job)."""
+        if self.over:
+            return []
+        if not self.lost:
+            if printed:
+                self.outbox.append(frames.encode_output(gid, printed))
+            self.outbox.append(frames.encode_outcome(gid, status, data))
         return self._release(runner, gid)
 
     def lend(self, runner: int, gid: int) -> list | None:

@@ -34,7 +34,7 @@ from cw.wire.payload import run_payload, views_writable_memory  # (an import per
 from cw.worker import channel, output, refs
 from cw.worker.channel import EXIT_CONFIG, EXIT_NO_MASTER, EXIT_NOW, EXIT_REPLACE, ExitChannel
 from cw.worker.context import ContextSwitcher
-from cw.worker.core import End, Exit, Pong, Read, Resume, Run, Spawn, Stop, WorkerCore, decode
+from cw.worker.core import End, Exit, Idle, Pong, Read, Resume, Run, Spawn, Stop, WorkerCore, decode
 from cw.worker.functions import FunctionLRU
 from cw.worker.nested import NestedJobHooks, enable_nested_jobs
 from cw.worker.runners import DeferredReading, Runner
@@ -75,6 +75,7 @@ class Session:
         self.ended = threading.Event()
         self.drained = False
         self.exit: Exit | None = None
+        self.timeout = 0.0                 # seconds of silence after which the master counts as lost (run)
 
     def run(self) -> bool:
         """Runs jobs until the master is lost (returns False: reconnect) or this
@@ -84,6 +85,7 @@ class Session:
         # idle, even right after the last one: on a worker, jobs come one at a
         # time, and a wake-up of the writer costs more than the send it saves.
         self.link.start_writer(burst_gap=0.0)
+        self.timeout = master_timeout(self.link)
         with self.lock:
             self._act(self.core.start(), None)
         # An Event of its own: the threads' work never wakes this one.
@@ -198,8 +200,7 @@ class Session:
     def _read(self, me: Runner):
         """The reader's role: returns this thread's next task (a job to run
         here, the role having gone to another runner; or Stop)."""
-        link, core, lock = self.link, self.core, self.lock
-        timeout = master_timeout(link)
+        link, core, lock, timeout = self.link, self.core, self.lock, self.timeout
         try:
             while True:
                 item = link.recv(timeout)
@@ -256,16 +257,18 @@ class Session:
             with self.lock:
                 task = self._act(core.sent(me.id, gid), me.id)
         else:
-            # Flush asks nothing more: the outcome is in the outbox, ahead of
-            # whatever the next job sends, so the token may go on at once.
+            # The outcome is in the outbox, ahead of whatever the next job
+            # sends: it counts as sent at once, and the token goes on (one event).
             with self.lock:
-                core.finished(me.id, gid, status, data, printed)
-                task = self._act(core.sent(me.id, gid), me.id)
+                task = self._act(core.done(me.id, gid, status, data, printed), me.id)
         # Sent before this thread takes the reading (a reader never blocks on the socket).
         if self.exit is not None or core.over:
             self._after()
         elif core.outbox:
             self._send()
+        if type(task) is Idle:         # the reading put off is ours to take, mostly (no trip through _runner)
+            with self.lock:
+                task = self.reading.take(me)
         return task
 
     # --- nested jobs (see NestedJobHooks) ----------------------------------------------
