@@ -63,7 +63,7 @@ class FrameDecoder:
         """A memoryview to receive the rest of a large frame into, or None."""
         if self.large is None:
             buf, pos = self._buf, self._pos
-            if len(buf) - pos < HEADER_SIZE or self.large_pending_check(buf, pos) is None:
+            if len(buf) - pos < HEADER_SIZE or self._large_pending_check(buf, pos) is None:
                 return None
         kind, body, filled = self.large
         return body[filled:] if filled < len(body) else None
@@ -102,7 +102,7 @@ class FrameDecoder:
         end = pos + HEADER_SIZE + length
         if len(buf) < end:
             if length >= LARGE_FRAME:
-                self.large_pending_check(buf, pos)
+                self._large_pending_check(buf, pos)
             else:
                 self._compact()
             return None

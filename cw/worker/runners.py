@@ -18,6 +18,8 @@ import threading
 
 from cw.worker.actions import Read
 
+_new = tuple.__new__
+
 #: Seconds between two looks of the standby: a job still running after one
 #: to two of them has the standby read for it.
 STANDBY_TICK = 0.01
@@ -116,4 +118,4 @@ class DeferredReading:
             mine, theirs = me.id, standby.id
             me.id, standby.id = theirs, mine
             self.runners[mine], self.runners[theirs] = standby, me
-        return Read(me.id)
+        return _new(Read, (me.id,))   # (tuple.__new__: half the cost of calling Read, once per job)

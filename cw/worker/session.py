@@ -232,8 +232,9 @@ class Session:
             timer.daemon = True
             timer.start()
         me.job, me.children = job, None    # (a list once the job submits a job, see track_child)
-        me.env = env = self.contexts.job_environ(job.env)
-        self.contexts.enter(job.context, env)
+        contexts = self.contexts
+        me.env = env = contexts.job_environ(job.env) if job.env else contexts.base_env
+        contexts.enter(job.context, env)
         output.begin()
         call = []          # the job's arguments, let go of once its outcome is sent
         try:
