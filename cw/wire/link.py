@@ -70,9 +70,12 @@ class Link:
         """Sends frames, through the writer thread when there is one.  A reader
         thread passes ``direct=False``: it must never block on the socket."""
         if self.sharing:
-            chunks = self._by_reference(chunks)
+            for chunk in chunks:        # (most frames are small: no call for them)
+                if type(chunk) is tuple and sum(map(len, chunk)) >= segments.MIN_SIZE:
+                    chunks = self._by_reference(chunks)
+                    break
         if self._writer is None:
-            self.send(*chunks)
+            self._send_now(chunks)
         else:
             self._writer.post(chunks, direct)
 

@@ -198,30 +198,39 @@ class Session:
                     task = self.reading.take(me)
 
     def _read(self, me: Runner):
-        """The reader's role: returns this thread's next task (a job to run
-        here, the role having gone to another runner; or Stop)."""
+        """The reader's role: returns this thread's next task (Stop, or what
+        follows a job that left the reading elsewhere).  A job the core
+        starts on this thread runs here at once, and when the reading comes
+        back with its end (see _run), this thread reads on: a stream of
+        short jobs stays in this loop."""
         link, core, lock, timeout = self.link, self.core, self.lock, self.timeout
-        try:
-            while True:
-                item = link.recv(timeout)
-                if item is None:
-                    why = f"the master at {link.address} closed the connection"
-                    break
-                event, args = decode(*item)
-                with lock:
-                    actions = event(core, *args)
-                    mine = self._act(actions, me.id) if actions else None
-                if self.exit is not None or core.over or core.outbox:
-                    self._after(direct=False)
-                if mine is not None:
-                    if type(mine) is Stop:       # ERROR: the master closed our connection
-                        log.warning("%s", core.why_lost)
-                    return mine
-        except (OSError, ProtocolError) as exc:   # TimeoutError included: the master stopped answering
-            why = f"lost the master at {link.address}: {exc}"
-        if not core.over:      # (over: the session ended, drained, and this process closed the link itself)
-            log.warning("%s", why)
-        return self._call(core.closed, why, me=me.id)
+        while True:
+            mine = None
+            try:
+                while mine is None:
+                    item = link.recv(timeout)
+                    if item is None:
+                        why = f"the master at {link.address} closed the connection"
+                        break
+                    event, args = decode(*item)
+                    with lock:
+                        actions = event(core, *args)
+                        mine = self._act(actions, me.id) if actions else None
+                    if self.exit is not None or core.over or core.outbox:
+                        self._after(direct=False)
+            except (OSError, ProtocolError) as exc:   # TimeoutError included: the master stopped answering
+                why = f"lost the master at {link.address}: {exc}"
+            if mine is None:
+                if not core.over:  # (over: the session ended, drained, and this process closed the link itself)
+                    log.warning("%s", why)
+                return self._call(core.closed, why, me=me.id)
+            if type(mine) is not Run:
+                if type(mine) is Stop:       # ERROR: the master closed our connection
+                    log.warning("%s", core.why_lost)
+                return mine
+            task = self._run(me, mine.job)   # (outside the try: nothing a job does is a lost master)
+            if type(task) is not Read:
+                return task
 
     def _run(self, me: Runner, job):
         """Runs a job on this thread; returns this thread's next task."""
