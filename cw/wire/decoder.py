@@ -34,6 +34,10 @@ class FrameDecoder:
         self.allocate = allocate or buffers.POOL.get
         self._buf = bytearray()
         self._pos = 0
+        #: The bytes buffered (read-only outside; emptied in place once every frame
+        #: in it was returned): a reader that finds it empty, and no large frame
+        #: under way, need not call next_frame before it reads more.
+        self.data = self._buf
         # (kind, writable view of the body, bytes filled so far) of a large frame
         # under way; a reader that finds None needs no direct_buffer().
         self.large = None
@@ -108,7 +112,11 @@ class FrameDecoder:
             return None
         with memoryview(buf) as view:   # one copy (a bytearray slice would make two)
             body = bytes(view[pos + HEADER_SIZE:end])
-        self._pos = end
+        if end == len(buf):             # all taken: start over (see data)
+            buf.clear()
+            self._pos = 0
+        else:
+            self._pos = end
         return kind, body
 
     def _compact(self) -> None:

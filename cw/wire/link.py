@@ -186,13 +186,14 @@ class Link:
         Raises TimeoutError when nothing arrives for ``timeout`` seconds."""
         decoder = self.decoder
         while True:
-            item = decoder.next_frame()
-            if item is not None:
-                if _BY_SEGMENT <= item[0] <= _RELEASE:
-                    item = self._segment_frame(*item)
-                    if item is None:
-                        continue
-                return item
+            if decoder.data or decoder.large is not None:
+                item = decoder.next_frame()
+                if item is not None:
+                    if _BY_SEGMENT <= item[0] <= _RELEASE:
+                        item = self._segment_frame(*item)
+                        if item is None:
+                            continue
+                    return item
             if timeout != self._recv_timeout:
                 self._wait_for(timeout)
             if decoder.large is not None:
