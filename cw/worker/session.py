@@ -117,7 +117,7 @@ class Session:
             else:
                 runner = self.runners[action.runner]
                 runner.task = action
-                runner.event.set()
+                runner.nudge()
         return mine
 
     def _call(self, event, *args, me: int | None = None):
