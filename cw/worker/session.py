@@ -270,7 +270,9 @@ class Session:
             # The outcome is in the outbox, ahead of whatever the next job
             # sends: it counts as sent at once, and the token goes on (one event).
             with self.lock:
-                task = self._act(core.done(me.id, gid, status, data, printed), me.id)
+                actions = core.done(me.id, gid, status, data, printed)
+                # Mostly a lone Idle for this runner: its task, with no call of _act.
+                task = actions[0] if len(actions) == 1 and type(actions[0]) is Idle else self._act(actions, me.id)
         # Sent before this thread takes the reading (a reader never blocks on the socket).
         if self.exit is not None or core.over:
             self._after()
