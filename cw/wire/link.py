@@ -216,8 +216,8 @@ class Link:
         """Arms ``timeout`` for the next read.  On a plain socket the kernel
         keeps it (SO_RCVTIMEO: a read is one system call, no select() before
         it); over TLS, or for a timeout of 0, select() waits before each read."""
-        if timeout is not None and (self.tls or timeout <= 0):
-            if not self._tls_pending():
+        if self.tls or (timeout is not None and timeout <= 0):
+            if timeout is not None and not self._tls_pending():
                 try:
                     ready = select.select([self.sock], [], [], timeout)[0]
                 except ValueError:      # closed by this process meanwhile (its descriptor is -1)
