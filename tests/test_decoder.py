@@ -138,3 +138,16 @@ def test_random_bytes_to_preauth_decoder_raise_only_protocol_error(chunks):
     assert got == expected
 
 
+
+
+def test_data_is_empty_once_every_whole_frame_was_taken():
+    # A reader looks at ``data`` before it calls next_frame (cw.wire.link): it
+    # must be empty exactly when nothing is left to decode.
+    dec = FrameDecoder()
+    first, second = f.frame(Frame.PING), raw(f.encode_outcome(7, Status.OK, b"x" * 40))
+    dec.feed(first + second[:10])
+    assert dec.next_frame() == (Frame.PING, b"")
+    assert dec.next_frame() is None and dec.data          # part of the outcome: keep it
+    dec.feed(second[10:])
+    assert dec.next_frame() is not None
+    assert not dec.data and dec.next_frame() is None

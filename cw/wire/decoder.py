@@ -34,14 +34,20 @@ class FrameDecoder:
         self.allocate = allocate or buffers.POOL.get
         self._buf = bytearray()
         self._pos = 0
-        self._large = None        # (kind, writable view of the body, bytes filled so far)
+        #: The bytes buffered (read-only outside; emptied in place once every frame
+        #: in it was returned): a reader that finds it empty, and no large frame
+        #: under way, need not call next_frame before it reads more.
+        self.data = self._buf
+        # (kind, writable view of the body, bytes filled so far) of a large frame
+        # under way; a reader that finds None needs no direct_buffer().
+        self.large = None
 
     def feed(self, data) -> None:
-        if self._large is not None:
-            kind, body, filled = self._large
+        if self.large is not None:
+            kind, body, filled = self.large
             take = min(len(data), len(body) - filled)
             body[filled:filled + take] = data[:take]
-            self._large = (kind, body, filled + take)
+            self.large = (kind, body, filled + take)
             data = data[take:]
             if not data:
                 return
@@ -54,21 +60,21 @@ class FrameDecoder:
     @property
     def buffered(self) -> int:
         """Bytes received but not yet returned as frames."""
-        extra = self._large[2] + HEADER_SIZE if self._large is not None else 0
+        extra = self.large[2] + HEADER_SIZE if self.large is not None else 0
         return len(self._buf) - self._pos + extra
 
     def direct_buffer(self) -> memoryview | None:
         """A memoryview to receive the rest of a large frame into, or None."""
-        if self._large is None:
+        if self.large is None:
             buf, pos = self._buf, self._pos
             if len(buf) - pos < HEADER_SIZE or self._large_pending_check(buf, pos) is None:
                 return None
-        kind, body, filled = self._large
+        kind, body, filled = self.large
         return body[filled:] if filled < len(body) else None
 
     def direct_filled(self, n: int) -> None:
-        kind, body, filled = self._large
-        self._large = (kind, body, filled + n)
+        kind, body, filled = self.large
+        self.large = (kind, body, filled + n)
 
     def _large_pending_check(self, buf, pos):
         length, kind = HEADER.unpack_from(buf, pos)
@@ -79,15 +85,15 @@ class FrameDecoder:
         body[:have] = buf[pos + HEADER_SIZE:]
         del buf[:]
         self._pos = 0
-        self._large = (kind, body, have)
-        return self._large
+        self.large = (kind, body, have)
+        return self.large
 
     def next_frame(self) -> tuple[int, bytes | memoryview] | None:
-        if self._large is not None:
-            kind, body, filled = self._large
+        if self.large is not None:
+            kind, body, filled = self.large
             if filled < len(body):
                 return None
-            self._large = None
+            self.large = None
             return kind, body
         buf, pos = self._buf, self._pos
         if len(buf) - pos < HEADER_SIZE:
@@ -106,7 +112,11 @@ class FrameDecoder:
             return None
         with memoryview(buf) as view:   # one copy (a bytearray slice would make two)
             body = bytes(view[pos + HEADER_SIZE:end])
-        self._pos = end
+        if end == len(buf):             # all taken: start over (see data)
+            buf.clear()
+            self._pos = 0
+        else:
+            self._pos = end
         return kind, body
 
     def _compact(self) -> None:

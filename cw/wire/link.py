@@ -13,6 +13,7 @@ import os
 import select
 import socket
 import ssl
+import struct
 import threading
 import time
 
@@ -30,6 +31,10 @@ HANDSHAKE_TIMEOUT = settings.HANDSHAKE_TIMEOUT
 _RECV_SIZE = 256 * 1024
 #: Posts closer together than this (seconds) are a burst, sent by the writer thread.
 BURST_GAP = 50e-6
+#: struct timeval, for SO_RCVTIMEO.
+_TIMEVAL = struct.Struct("@ll")
+#: Plain ints: looking up an IntEnum member costs more than comparing it (recv runs per frame).
+_BY_SEGMENT, _RELEASE = int(Frame.BY_SEGMENT), int(Frame.RELEASE)
 
 
 class Link:
@@ -44,6 +49,7 @@ class Link:
         self.tls = isinstance(sock, TlsStream)
         self._recv_buf = bytearray(_RECV_SIZE)
         self._recv_view = memoryview(self._recv_buf)
+        self._recv_timeout: float | None = None   # the timeout the socket's reads have now (see _wait_for)
         self._send_lock = threading.Lock()
         self._writer: _Writer | None = None
         # Big frames go by reference (cw.wire.segments) once both ends proved at HELLO that
@@ -64,9 +70,12 @@ class Link:
         """Sends frames, through the writer thread when there is one.  A reader
         thread passes ``direct=False``: it must never block on the socket."""
         if self.sharing:
-            chunks = self._by_reference(chunks)
+            for chunk in chunks:        # (most frames are small: no call for them)
+                if type(chunk) is tuple and sum(map(len, chunk)) >= segments.MIN_SIZE:
+                    chunks = self._by_reference(chunks)
+                    break
         if self._writer is None:
-            self.send(*chunks)
+            self._send_now(chunks)
         else:
             self._writer.post(chunks, direct)
 
@@ -92,6 +101,10 @@ class Link:
         """Sends whole frames; ``chunks`` may mix bytes and (head, payload) pairs."""
         if self.sharing:
             chunks = self._by_reference(chunks)
+        self._send_now(chunks)
+
+    def _send_now(self, chunks) -> None:
+        """Sends frames as they are (big ones already by reference, see post)."""
         flat = []
         for chunk in chunks:
             if type(chunk) is tuple:
@@ -173,35 +186,68 @@ class Link:
         Raises TimeoutError when nothing arrives for ``timeout`` seconds."""
         decoder = self.decoder
         while True:
-            item = decoder.next_frame()
-            if item is not None:
-                if frames.Frame.BY_SEGMENT <= item[0] <= frames.Frame.RELEASE:
-                    item = self._segment_frame(*item)
-                    if item is None:
-                        continue
-                return item
-            if timeout is not None and not self._tls_pending():
-                try:
-                    ready = select.select([self.sock], [], [], timeout)[0]
-                except ValueError:      # closed by this process meanwhile (its descriptor is -1)
-                    raise OSError(errno.EBADF, f"the connection to the master at {self.address} was closed "
-                                               "here") from None
-                if not ready:
-                    raise TimeoutError(f"nothing heard from the master at {self.address} for {timeout:g} s")
-            direct = decoder.direct_buffer()
-            if direct is not None:      # the rest of a large frame, straight into its own buffer
-                n = self.sock.recv_into(direct)
-                if not n:
-                    raise ProtocolError(f"the master at {self.address} closed the connection mid-frame")
-                decoder.direct_filled(n)
-                continue
-            n = self.sock.recv_into(self._recv_buf)   # one buffer for every read: no allocation per read
+            if decoder.data or decoder.large is not None:
+                item = decoder.next_frame()
+                if item is not None:
+                    if _BY_SEGMENT <= item[0] <= _RELEASE:
+                        item = self._segment_frame(*item)
+                        if item is None:
+                            continue
+                    return item
+            if timeout != self._recv_timeout:
+                self._wait_for(timeout)
+            if decoder.large is not None:
+                direct = decoder.direct_buffer()
+                if direct is not None:      # the rest of a large frame, straight into its own buffer
+                    n = self._recv_into(direct)
+                    if not n:
+                        raise ProtocolError(f"the master at {self.address} closed the connection mid-frame")
+                    decoder.direct_filled(n)
+                    continue
+            n = self._recv_into(self._recv_buf)   # one buffer for every read: no allocation per read
             if not n:
                 self._release_all()
                 if decoder.buffered:
                     raise ProtocolError(f"the master at {self.address} closed the connection mid-frame")
                 return None
             decoder.feed(self._recv_view[:n])
+
+    def _wait_for(self, timeout: float | None) -> None:
+        """Arms ``timeout`` for the next read.  On a plain socket the kernel
+        keeps it (SO_RCVTIMEO: a read is one system call, no select() before
+        it); over TLS, or for a timeout of 0, select() waits before each read."""
+        if self.tls or (timeout is not None and timeout <= 0):
+            if timeout is not None and not self._tls_pending():
+                try:
+                    ready = select.select([self.sock], [], [], timeout)[0]
+                except ValueError:      # closed by this process meanwhile (its descriptor is -1)
+                    raise self._closed_here() from None
+                if not ready:
+                    raise TimeoutError(f"nothing heard from the master at {self.address} for {timeout:g} s")
+            return
+        seconds = 0.0 if timeout is None else timeout          # (0: no limit)
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                                 _TIMEVAL.pack(int(seconds), int(seconds % 1 * 1e6)))
+        except OSError as exc:
+            if exc.errno == errno.EBADF:
+                raise self._closed_here() from None
+            raise
+        self._recv_timeout = timeout
+
+    def _recv_into(self, buffer) -> int:
+        try:
+            return self.sock.recv_into(buffer)
+        except BlockingIOError:     # SO_RCVTIMEO ran out (see _wait_for)
+            raise TimeoutError(f"nothing heard from the master at {self.address} for "
+                               f"{self._recv_timeout:g} s") from None
+        except OSError as exc:
+            if exc.errno == errno.EBADF:
+                raise self._closed_here() from None
+            raise
+
+    def _closed_here(self) -> OSError:
+        return OSError(errno.EBADF, f"the connection to the master at {self.address} was closed here")
 
     def _tls_pending(self) -> bool:
         # TLS decrypts whole records: bytes already taken from the socket may
@@ -264,14 +310,16 @@ class _Writer:
             # Nothing queued or going out, and no post just before (a burst
             # is sent by the writer, many frames per send): send from this
             # thread, with no hand-over to the writer (a lone round trip stays fast).
-            now = time.perf_counter()
-            direct = direct and not self.pending and not self.sending and now - self.last_post > self.burst_gap
-            self.last_post = now
+            direct = direct and not self.pending and not self.sending
+            if self.burst_gap:          # (a worker's writer has none: no clock read per post)
+                now = time.perf_counter()
+                direct = direct and now - self.last_post > self.burst_gap
+                self.last_post = now
             if direct:
                 self.sending = True
         if direct:
             try:
-                self.link.send(*chunks)
+                self.link._send_now(chunks)
             except OSError as exc:
                 with self.lock:
                     self.error = exc
@@ -307,7 +355,7 @@ class _Writer:
                 if self.waiters:
                     self.cond.notify_all()
             try:
-                self.link.send(*batch)
+                self.link._send_now(batch)
             except OSError as exc:
                 with self.cond:
                     self.error = exc

@@ -335,7 +335,9 @@ def run_payload(data, hold: list | None = None, function=None):
     except (Exception, SystemExit) as exc:
         return error_outcome(exc)
     try:
-        return Status.OK, dumps(_big_bytes(value))
+        if type(value) is bytes and len(value) >= OUT_OF_BAND_MIN:
+            value = _BigBytes(value)
+        return Status.OK, dumps(value)
     except (Exception, SystemExit) as exc:
         return error_outcome(ResultPicklingError(
             f"the worker cannot pickle the result of {_name(func)} ({_describe(exc)}); "
@@ -345,8 +347,12 @@ def run_payload(data, hold: list | None = None, function=None):
 def _load_named(data, function):
     if function is None:
         raise ValueError("the payload names a function this worker was not given")
-    func = load_function(function)
-    rest = loads(memoryview(data)[_FUNCTION_HEAD:])
+    func = function.func
+    if func is None:
+        func = load_function(function)
+    rest = memoryview(data)[_FUNCTION_HEAD:]
+    # (loads' own first test, inline: a call fewer per job)
+    rest = pickle.loads(rest) if rest[0] != _ENVELOPE_MARK else loads(rest)
     if len(rest) == 2 and rest[0] == BATCH:
         return BATCH, func, rest[1]
     return func, *rest

@@ -84,7 +84,7 @@ body)`` decodes a frame (``decode``) and calls one of ``job``, ``job_env``,
 ``context``, ``ping``, ``revoke``, ``abort``, or ``closed`` (for ERROR);
 ``closed(why)`` when the connection ends.  Local events: ``start()`` (the
 session begins), ``finished(runner, gid, status, data, printed)``,
-``sent(runner, gid)``, ``lend(runner, gid)``, ``wait_over(runner, gid)``,
+``sent(runner, gid)`` (or both at once: ``done``), ``lend(runner, gid)``, ``wait_over(runner, gid)``,
 ``drain()``, ``sigterm()``, ``deadline(gid)``.  Each returns a list of
 actions (cw.worker.actions); the caller's own next task, if any, is among
 them.  Frames to send accumulate in ``outbox``, a deque the shell may pop
@@ -114,6 +114,9 @@ READY = "ready"        # its wait is over; waits for the token
 _PARENT_ORPHANED = ("the master was lost while a job waited on jobs it submitted: this process makes way for "
                     "a fresh one (the job runs again once a master is back; its children need a worker)")
 SENDING = "sending"    # finished; holds the token until its outcome is sent
+#: Builds an action from a tuple of its fields: half the cost of calling its
+#: NamedTuple class, for the actions every job makes (Run, Read, Idle).
+_new = tuple.__new__
 
 
 class Job:
@@ -139,26 +142,31 @@ class Job:
         return f"Job({self.gid}, {self.state or 'queued'})"
 
 
+#: The kinds as plain ints: looking up an IntEnum member costs more than comparing it.
+_JOB, _JOB_ENV, _CONTEXT, _FUNC, _PING, _REVOKE, _ABORT, _ERROR = map(int, (
+    Frame.JOB, Frame.JOB_ENV, Frame.CONTEXT, Frame.FUNC, Frame.PING, Frame.REVOKE, Frame.ABORT, Frame.ERROR))
+
+
 def decode(ftype: int, body) -> tuple:
     """A frame from the master as ``(event, args)``: ``event(core, *args)``
     feeds it to a core.  (Pure, so a shell can decode before it takes the
     lock it holds around its core.)  Raises ProtocolError for a frame a
     worker cannot get or cannot decode (the shell then calls ``closed``)."""
-    if ftype == Frame.JOB:
+    if ftype == _JOB:
         return WorkerCore.job, frames.decode_job(body)
-    if ftype == Frame.JOB_ENV:
+    if ftype == _JOB_ENV:
         return WorkerCore.job_env, frames.decode_job_env(body)
-    if ftype == Frame.CONTEXT:
+    if ftype == _CONTEXT:
         return WorkerCore.context, frames.decode_context_for_worker(body)
-    if ftype == Frame.FUNC:
+    if ftype == _FUNC:
         return WorkerCore.function, frames.decode_function(body)
-    if ftype == Frame.PING:
+    if ftype == _PING:
         return WorkerCore.ping, ()
-    if ftype == Frame.REVOKE:
+    if ftype == _REVOKE:
         return WorkerCore.revoke, (frames.decode_revoke(body),)
-    if ftype == Frame.ABORT:
+    if ftype == _ABORT:
         return WorkerCore.abort, (frames.decode_abort(body),)
-    if ftype == Frame.ERROR:
+    if ftype == _ERROR:
         return WorkerCore.closed, ("the master closed our connection: " + frames.decode_error(body),)
     if ftype in refs.FRAMES:              # kept values: no business of the core (cw.worker.refs)
         return refs.on_frame, (ftype, body)
@@ -274,7 +282,7 @@ class WorkerCore:
         else:
             self.reader = self._spawn()
             actions.append(Spawn(self.reader))
-        actions.append(Read(self.reader))
+        actions.append(_new(Read, (self.reader,)))
         return actions
 
     def job_env(self, gid: int, env: dict) -> list:
@@ -356,6 +364,18 @@ class WorkerCore:
             return []
         return self._release(runner, gid)
 
+    def done(self, runner: int, gid: int, status: int, data, printed: str = "") -> list:
+        """``finished`` and ``sent`` at once, for an outcome that views no
+        memory the next job could change: in the outbox, ahead of whatever
+        the next job sends, it counts as sent (the common case, one event per job)."""
+        if self.over:
+            return []
+        if not self.lost:
+            if printed:
+                self.outbox.append(frames.encode_output(gid, printed))
+            self.outbox.append(frames.encode_outcome(gid, status, data))
+        return self._release(runner, gid)
+
     def lend(self, runner: int, gid: int) -> list | None:
         """The running job ``gid`` waits on a job it submitted.  Returns None
         when it may not lend the worker (it then waits holding the token),
@@ -428,7 +448,7 @@ class WorkerCore:
         job.runner = runner
         self.holder = job.gid
         self.jobs[job.gid] = job
-        return Run(runner, job)
+        return _new(Run, (runner, job))
 
     def _resume(self, job: Job) -> Resume:
         job.state = RUNNING
@@ -464,7 +484,7 @@ class WorkerCore:
             actions.append(Stop(runner))
             return actions + self._check_end()
         self.free.append(runner)
-        actions.append(Idle(runner))
+        actions.append(_new(Idle, (runner,)))
         return actions
 
     def _check_end(self) -> list:

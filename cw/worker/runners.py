@@ -18,6 +18,8 @@ import threading
 
 from cw.worker.actions import Read
 
+_new = tuple.__new__
+
 #: Seconds between two looks of the standby: a job still running after one
 #: to two of them has the standby read for it.
 STANDBY_TICK = 0.01
@@ -27,16 +29,23 @@ PARK_TICKS = 100
 
 class Runner:
     """A runner thread's mailbox: the core names runners by id; a task for
-    one is put here and its event set (each thread waits on its own event,
-    so no other thread wakes for it).  ``id`` is the runner this thread
+    one is put here and the runner nudged (each thread waits on its own
+    signal, so no other thread wakes for it).  ``id`` is the runner this thread
     plays now (see DeferredReading.take).  While the thread runs a job,
-    ``job``, ``env`` and ``children`` (the futures it submitted) are its."""
+    ``job``, ``env`` and ``children`` (the futures it submitted) are its.
 
-    __slots__ = ("children", "env", "event", "id", "idle_ticks", "job", "seen", "task", "ticking")
+    The signal is a lock held while no nudge is pending: nudging releases
+    it, waiting acquires it (and so clears the nudge).  A standby waits on
+    it STANDBY_TICK at a time for as long as jobs stream, so a wait must be
+    cheap: one call into C, where an Event's takes a Condition and a new
+    lock per wait."""
+
+    __slots__ = ("children", "env", "id", "idle_ticks", "job", "seen", "signal", "task", "ticking")
 
     def __init__(self, runner_id: int):
         self.id = runner_id
-        self.event = threading.Event()
+        self.signal = threading.Lock()
+        self.signal.acquire()
         self.task = None
         self.job = None
         self.env = None
@@ -45,12 +54,19 @@ class Runner:
         self.idle_ticks = 0    # ticks in a row with no reading put off to it (it parks after PARK_TICKS)
         self.seen = -1         # the put-off reading it saw at its last tick (DeferredReading.count)
 
+    def nudge(self) -> None:
+        """Wakes this runner's thread (to take its task, or to tick); nudges
+        before it wakes count as one."""
+        try:
+            self.signal.release()
+        except RuntimeError:           # nudged already
+            pass
+
     def wait(self, reading: DeferredReading):
         """This thread's next task (a standby's may be the reading put off to it)."""
-        event = self.event
+        signal = self.signal
         while True:
-            if event.wait(STANDBY_TICK if self.ticking else None):
-                event.clear()
+            if signal.acquire(timeout=STANDBY_TICK if self.ticking else -1):
                 task, self.task = self.task, None
                 if task is not None:
                     return task
@@ -79,14 +95,14 @@ class DeferredReading:
         standby.idle_ticks = 0
         if not standby.ticking:        # parked: one wake-up, and it ticks from now on
             standby.ticking = True
-            standby.event.set()
+            standby.nudge()
 
     def wake(self) -> None:
         """The standby reads now (a job waits on its children: their JOBs must be read)."""
         standby, self.standby = self.standby, None
         if standby is not None:
             standby.task = Read(standby.id)
-            standby.event.set()
+            standby.nudge()
 
     def tick(self, me: Runner):
         """A standby's look: its task (Read) once the reading put off to it
@@ -116,4 +132,4 @@ class DeferredReading:
             mine, theirs = me.id, standby.id
             me.id, standby.id = theirs, mine
             self.runners[mine], self.runners[theirs] = standby, me
-        return Read(me.id)
+        return _new(Read, (me.id,))   # (tuple.__new__: half the cost of calling Read, once per job)

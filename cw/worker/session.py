@@ -34,7 +34,7 @@ from cw.wire.payload import run_payload, views_writable_memory  # (an import per
 from cw.worker import channel, output, refs
 from cw.worker.channel import EXIT_CONFIG, EXIT_NO_MASTER, EXIT_NOW, EXIT_REPLACE, ExitChannel
 from cw.worker.context import ContextSwitcher
-from cw.worker.core import End, Exit, Pong, Read, Resume, Run, Spawn, Stop, WorkerCore, decode
+from cw.worker.core import End, Exit, Idle, Pong, Read, Resume, Run, Spawn, Stop, WorkerCore, decode
 from cw.worker.functions import FunctionLRU
 from cw.worker.nested import NestedJobHooks, enable_nested_jobs
 from cw.worker.runners import DeferredReading, Runner
@@ -75,6 +75,7 @@ class Session:
         self.ended = threading.Event()
         self.drained = False
         self.exit: Exit | None = None
+        self.timeout = 0.0                 # seconds of silence after which the master counts as lost (run)
 
     def run(self) -> bool:
         """Runs jobs until the master is lost (returns False: reconnect) or this
@@ -84,6 +85,7 @@ class Session:
         # idle, even right after the last one: on a worker, jobs come one at a
         # time, and a wake-up of the writer costs more than the send it saves.
         self.link.start_writer(burst_gap=0.0)
+        self.timeout = master_timeout(self.link)
         with self.lock:
             self._act(self.core.start(), None)
         # An Event of its own: the threads' work never wakes this one.
@@ -115,7 +117,7 @@ class Session:
             else:
                 runner = self.runners[action.runner]
                 runner.task = action
-                runner.event.set()
+                runner.nudge()
         return mine
 
     def _call(self, event, *args, me: int | None = None):
@@ -196,31 +198,39 @@ class Session:
                     task = self.reading.take(me)
 
     def _read(self, me: Runner):
-        """The reader's role: returns this thread's next task (a job to run
-        here, the role having gone to another runner; or Stop)."""
-        link, core, lock = self.link, self.core, self.lock
-        timeout = master_timeout(link)
-        try:
-            while True:
-                item = link.recv(timeout)
-                if item is None:
-                    why = f"the master at {link.address} closed the connection"
-                    break
-                event, args = decode(*item)
-                with lock:
-                    actions = event(core, *args)
-                    mine = self._act(actions, me.id) if actions else None
-                if self.exit is not None or core.over or core.outbox:
-                    self._after(direct=False)
-                if mine is not None:
-                    if type(mine) is Stop:       # ERROR: the master closed our connection
-                        log.warning("%s", core.why_lost)
-                    return mine
-        except (OSError, ProtocolError) as exc:   # TimeoutError included: the master stopped answering
-            why = f"lost the master at {link.address}: {exc}"
-        if not core.over:      # (over: the session ended, drained, and this process closed the link itself)
-            log.warning("%s", why)
-        return self._call(core.closed, why, me=me.id)
+        """The reader's role: returns this thread's next task (Stop, or what
+        follows a job that left the reading elsewhere).  A job the core
+        starts on this thread runs here at once, and when the reading comes
+        back with its end (see _run), this thread reads on: a stream of
+        short jobs stays in this loop."""
+        link, core, lock, timeout = self.link, self.core, self.lock, self.timeout
+        while True:
+            mine = None
+            try:
+                while mine is None:
+                    item = link.recv(timeout)
+                    if item is None:
+                        why = f"the master at {link.address} closed the connection"
+                        break
+                    event, args = decode(*item)
+                    with lock:
+                        actions = event(core, *args)
+                        mine = self._act(actions, me.id) if actions else None
+                    if self.exit is not None or core.over or core.outbox:
+                        self._after(direct=False)
+            except (OSError, ProtocolError) as exc:   # TimeoutError included: the master stopped answering
+                why = f"lost the master at {link.address}: {exc}"
+            if mine is None:
+                if not core.over:  # (over: the session ended, drained, and this process closed the link itself)
+                    log.warning("%s", why)
+                return self._call(core.closed, why, me=me.id)
+            if type(mine) is not Run:
+                if type(mine) is Stop:       # ERROR: the master closed our connection
+                    log.warning("%s", core.why_lost)
+                return mine
+            task = self._run(me, mine.job)   # (outside the try: nothing a job does is a lost master)
+            if type(task) is not Read:
+                return task
 
     def _run(self, me: Runner, job):
         """Runs a job on this thread; returns this thread's next task."""
@@ -231,8 +241,9 @@ class Session:
             timer.daemon = True
             timer.start()
         me.job, me.children = job, None    # (a list once the job submits a job, see track_child)
-        me.env = env = self.contexts.job_environ(job.env)
-        self.contexts.enter(job.context, env)
+        contexts = self.contexts
+        me.env = env = contexts.job_environ(job.env) if job.env else contexts.base_env
+        contexts.enter(job.context, env)
         output.begin()
         call = []          # the job's arguments, let go of once its outcome is sent
         try:
@@ -256,16 +267,20 @@ class Session:
             with self.lock:
                 task = self._act(core.sent(me.id, gid), me.id)
         else:
-            # Flush asks nothing more: the outcome is in the outbox, ahead of
-            # whatever the next job sends, so the token may go on at once.
+            # The outcome is in the outbox, ahead of whatever the next job
+            # sends: it counts as sent at once, and the token goes on (one event).
             with self.lock:
-                core.finished(me.id, gid, status, data, printed)
-                task = self._act(core.sent(me.id, gid), me.id)
+                actions = core.done(me.id, gid, status, data, printed)
+                # Mostly a lone Idle for this runner: its task, with no call of _act.
+                task = actions[0] if len(actions) == 1 and type(actions[0]) is Idle else self._act(actions, me.id)
         # Sent before this thread takes the reading (a reader never blocks on the socket).
         if self.exit is not None or core.over:
             self._after()
         elif core.outbox:
             self._send()
+        if type(task) is Idle:         # the reading put off is ours to take, mostly (no trip through _runner)
+            with self.lock:
+                task = self.reading.take(me)
         return task
 
     # --- nested jobs (see NestedJobHooks) ----------------------------------------------
