@@ -1,8 +1,8 @@
 """Job events for watchers such as the dashboard: which job ran on which
 worker, for which client, from when to when, and how it ended.
 
-A client sends SUBSCRIBE and from then on gets an EVENTS frame a few times
-a second (none when nothing happened)::
+A client sends SUBSCRIBE and from then on gets an EVENTS frame once a
+second (none when nothing happened)::
 
     {"t": 1700000000.25,                 # the master's wall clock when sent
      "fields": ["job", "client", "worker", "function", "start", "end", "outcome", "traceback", "output"],
@@ -43,8 +43,9 @@ from cw.wire.frames import Frame, Status
 log = logging.getLogger("cw.master")
 
 FIELDS = ("job", "client", "worker", "function", "start", "end", "outcome", "traceback", "output")
-#: Seconds between two EVENTS frames (the dashboard redraws once a second).
-INTERVAL = 0.5
+#: Seconds between two EVENTS frames (the dashboard redraws once a second; each frame costs
+#: the master and the dashboard JSON work for up to MAX_PENDING events, so no more often).
+INTERVAL = 1.0
 #: Events kept for the next frame at most (the rest are dropped, with a count).
 MAX_PENDING = 500
 #: Start times of running jobs kept at most (a job given back never ends here).
@@ -61,6 +62,7 @@ MAX_TEXT = 4000
 _TRACEBACK = b"Traceback (most recent call last)"
 
 OUTCOMES = {Status.OK: "ok", Status.RAISED: "raised", Status.LOST: "lost"}
+_LOST, _RAISED = int(Status.LOST), int(Status.RAISED)   # plain ints: an enum member's lookup costs more per job
 
 
 def _string_at(data: bytes, i: int) -> tuple[str, int] | None:
@@ -134,10 +136,11 @@ class EventFeed:
     def started(self, job, worker) -> None:
         """``job`` runs on ``worker`` from now (called again later: no effect)."""
         gid = job.gid
-        if gid in self.fresh or gid in self.starts:
+        fresh = self.fresh
+        if gid in fresh or gid in self.starts:
             return
-        if len(self.fresh) < MAX_RUNNING:           # its event is made at its end, or at take() if it still runs
-            self.fresh[gid] = (job, worker, self.clock())
+        if len(fresh) < MAX_RUNNING:                # its event is made at its end, or at take() if it still runs
+            fresh[gid] = (job, worker, self.clock())
 
     def ended(self, job, worker, status: int, payload=b"") -> None:
         """``job`` ended on ``worker`` with ``status`` (a frames.Status) and
@@ -146,15 +149,17 @@ class EventFeed:
         now = self.clock()
         fresh = self.fresh.pop(gid, None)
         start = fresh[2] if fresh is not None else self.starts.pop(gid, now)
-        outcome = "cancelled" if job.client is None and status != Status.LOST else OUTCOMES.get(status, "?")
-        self.counts[outcome] = self.counts.get(outcome, 0) + 1
+        outcome = "cancelled" if job.client is None and status != _LOST else OUTCOMES.get(status, "?")
+        counts = self.counts
+        counts[outcome] = counts.get(outcome, 0) + 1
         event = self.pending.get(gid)
         if event is None:
-            event = self._add(gid, job, worker, start)
-            if event is None:
+            if len(self.pending) >= self.max_pending:   # (the common case under load: said here, not in _add)
+                self.dropped += 1
                 return
+            event = self._add(gid, job, worker, start)
         event[5], event[6] = now, outcome           # it started since the last frame: one event says both
-        if status == Status.RAISED:
+        if status == _RAISED:
             event[7] = traceback_text(payload)
 
     def output(self, job, worker, text: bytes) -> None:
