@@ -5,6 +5,7 @@ from its threads; read by the web handlers; one lock guards it all.
 Everything is bounded: old jobs, samples and failures fall off."""
 from __future__ import annotations
 
+import bisect
 import collections
 import threading
 import time
@@ -22,6 +23,9 @@ MAX_FAILURES = 20
 #: Seconds after which a job the status no longer shows running, and whose
 #: end never came (the master drops events beyond its bound), is shown ended.
 STALE = 5.0
+#: The fields of an EVENTS frame's rows, in the order this module reads them
+#: (cw.master.events.FIELDS; the frame names its own, see _in_our_order).
+FIELDS = ("job", "client", "worker", "function", "start", "end", "outcome", "traceback", "output")
 #: The bounds of cw_job_seconds' buckets.
 JOB_SECONDS_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 60, 300, 1800, 3600)
 
@@ -64,6 +68,9 @@ class DashboardState:
                     job["end"], job["outcome"] = self.status_at, "?"   # its end was among the events dropped
 
     def on_events(self, msg: dict) -> None:
+        """An EVENTS message: its ``events`` rows in the order of its ``fields``
+        (read as rows, not as a dict per event: up to 500 of them a second)."""
+        rows = _in_our_order(msg.get("fields") or FIELDS, msg.get("events") or ())
         with self.lock:
             self.dropped_total += msg.get("dropped", 0) + msg.get("missed", 0)
             counts = msg.get("counts") or {}
@@ -73,26 +80,29 @@ class DashboardState:
                 self.jobs_total[outcome] = self.jobs_total.get(outcome, 0) + delta
                 self._ended_this_second += delta
             self._last_counts = dict(counts)
-            for event in msg.get("jobs", ()):
-                self._job_event(event)
+            for row in rows:
+                self._job_event(*row)
             self._trim()
 
     def on_lost(self) -> None:
         with self.lock:
             self._last_counts = {}
 
-    def _job_event(self, event: dict) -> None:
-        key = (event.get("client"), event.get("job"))
+    def _job_event(self, jobid, client, worker, function, start, end, outcome, traceback, output) -> None:
+        key = (client, jobid)
         job = self.jobs.get(key)
-        if job is None or (job["end"] is not None and event.get("end") is None):
-            job = self.jobs[key] = {"client": key[0], "job": key[1], "worker": None, "function": "?",
-                                    "start": None, "end": None, "outcome": None, "traceback": None, "output": None}
+        if job is None or (job["end"] is not None and end is None):   # new, or sent again after it ended
+            job = self.jobs[key] = {"client": client, "job": jobid, "worker": worker,
+                                    "function": "?" if function is None else function, "start": start, "end": end,
+                                    "outcome": outcome, "traceback": traceback, "output": output}
             self.jobs.move_to_end(key)
-        for name, value in event.items():
-            if value is not None:
-                job[name] = value
+        else:                                # what this event says adds to what an earlier one said
+            for name, value in (("worker", worker), ("function", function), ("start", start), ("end", end),
+                                ("outcome", outcome), ("traceback", traceback), ("output", output)):
+                if value is not None:
+                    job[name] = value
         self.functions.setdefault(job["function"], len(self.functions))
-        if event.get("end") is not None:
+        if end is not None:
             start = job["start"] if job["start"] is not None else job["end"]
             seconds = max(0.0, job["end"] - start)
             self.job_seconds[_bucket(seconds)] += 1
@@ -132,8 +142,16 @@ class DashboardState:
             return dict(job) if job is not None else None
 
 
+def _in_our_order(fields, rows):
+    """The rows with their values in FIELDS' order (the master's when it is
+    this version: the rows as they are); a field the master did not send is None."""
+    fields = list(fields)
+    if fields == list(FIELDS):
+        return rows
+    at = [fields.index(name) if name in fields else None for name in FIELDS]
+    return [tuple(None if i is None else row[i] for i in at) for row in rows]
+
+
 def _bucket(seconds: float) -> int:
-    for i, bound in enumerate(JOB_SECONDS_BUCKETS):
-        if seconds <= bound:
-            return i
-    return len(JOB_SECONDS_BUCKETS)
+    """The index of the first bucket whose bound is >= seconds (the last: +Inf)."""
+    return bisect.bisect_left(JOB_SECONDS_BUCKETS, seconds)
