@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import hmac
 import importlib.resources
-import json
 import logging
 import os
 import secrets
@@ -110,7 +109,7 @@ class Dashboard:
         await response.prepare(request)
         try:
             while not self.closing.is_set():
-                body = json.dumps(self.state.view(self.watch.error), separators=(",", ":"))
+                body = self.state.view_json(self.watch.error)
                 await response.write(f"data: {body}\n\n".encode())
                 try:
                     await asyncio.wait_for(self.closing.wait(), PUSH_EVERY)
