@@ -146,18 +146,20 @@ class EventFeed:
         """``job`` ended on ``worker`` with ``status`` (a frames.Status) and
         its outcome's ``payload``."""
         gid = job.gid
-        now = self.clock()
         fresh = self.fresh.pop(gid, None)
-        start = fresh[2] if fresh is not None else self.starts.pop(gid, now)
+        start = fresh[2] if fresh is not None else self.starts.pop(gid, None)
         outcome = "cancelled" if job.client is None and status != _LOST else OUTCOMES.get(status, "?")
         counts = self.counts
         counts[outcome] = counts.get(outcome, 0) + 1
         event = self.pending.get(gid)
         if event is None:
-            if len(self.pending) >= self.max_pending:   # (the common case under load: said here, not in _add)
+            if len(self.pending) >= self.max_pending:   # the common case under load: no event, no clock read
                 self.dropped += 1
                 return
-            event = self._add(gid, job, worker, start)
+            now = self.clock()
+            event = self._add(gid, job, worker, now if start is None else start)
+        else:
+            now = self.clock()
         event[5], event[6] = now, outcome           # it started since the last frame: one event says both
         if status == _RAISED:
             event[7] = traceback_text(payload)
