@@ -1,7 +1,7 @@
 """Job events for watchers such as the dashboard: which job ran on which
 worker, for which client, from when to when, and how it ended.
 
-A client sends SUBSCRIBE and from then on gets an EVENTS frame once a
+A client sends SUBSCRIBE and from then on gets an EVENTS frame twice a
 second (none when nothing happened)::
 
     {"t": 1700000000.25,                 # the master's wall clock when sent
@@ -43,9 +43,8 @@ from cw.wire.frames import Frame, Status
 log = logging.getLogger("cw.master")
 
 FIELDS = ("job", "client", "worker", "function", "start", "end", "outcome", "traceback", "output")
-#: Seconds between two EVENTS frames (the dashboard redraws once a second; each frame costs
-#: the master and the dashboard JSON work for up to MAX_PENDING events, so no more often).
-INTERVAL = 1.0
+#: Seconds between two EVENTS frames (the dashboard redraws once a second).
+INTERVAL = 0.5
 #: Events kept for the next frame at most (the rest are dropped, with a count).
 MAX_PENDING = 500
 #: Start times of running jobs kept at most (a job given back never ends here).
@@ -120,10 +119,12 @@ class EventFeed:
     """The events of one master, gathered between two frames (no I/O).
     ``clock`` gives wall-clock seconds (time.time), for people to read."""
 
-    def __init__(self, functions=None, clock=time.time, max_pending: int = MAX_PENDING):
+    def __init__(self, functions=None, clock=time.time, max_pending: int = MAX_PENDING, running=None):
         self.functions = functions          # the dispatcher's FunctionStore: names of functions sent by digest
         self.clock = clock
         self.max_pending = max_pending
+        self.running = running              # () -> (job, worker) pairs running now (see full_since)
+        self.full_since = None              # when the events filled up (MAX_PENDING) since the last take()
         self.pending: dict[int, list] = {}  # gid -> event
         self.fresh: dict[int, tuple] = {}   # gid -> (job, worker, start) of jobs started since the last take()
         self.starts: dict[int, float] = {}  # gid -> start, of jobs running since before the last take()
@@ -134,7 +135,16 @@ class EventFeed:
     # --- the dispatcher's hooks ---------------------------------------------
 
     def started(self, job, worker) -> None:
-        """``job`` runs on ``worker`` from now (called again later: no effect)."""
+        """``job`` runs on ``worker`` from now (called again later: no effect).
+
+        While the events are full (MAX_PENDING since the last frame) a start
+        is not timed: its event could not go in this frame anyway, and the
+        master saves a clock read and a record per job just when it is
+        busiest (B1 with a dashboard: most of what watching cost it).  A job
+        that started then and still runs at take() is given the time the
+        events filled up (at most INTERVAL early) from ``running``."""
+        if len(self.pending) >= self.max_pending:
+            return
         gid = job.gid
         fresh = self.fresh
         if gid in fresh or gid in self.starts:
@@ -158,6 +168,8 @@ class EventFeed:
                 return
             now = self.clock()
             event = self._add(gid, job, worker, now if start is None else start)
+            if len(self.pending) >= self.max_pending:
+                self.full_since = now           # the starts from now on are not timed one by one
         else:
             now = self.clock()
         event[5], event[6] = now, outcome           # it started since the last frame: one event says both
@@ -219,6 +231,11 @@ class EventFeed:
                 if gid not in self.pending:         # (its output made its event already)
                     self._add(gid, job, worker, start)   # started, still running (not given back and sent again)
                 starts[gid] = start
+        if self.full_since is not None and self.running is not None:
+            for job, worker in self.running():  # those that started while the events were full
+                if job.gid not in starts and job.worker is worker and job.payload is not None:
+                    starts[job.gid] = self.full_since
+        self.full_since = None
         self.fresh = {}
         while len(starts) > MAX_RUNNING:            # jobs given back never end here: forget the oldest
             del starts[next(iter(starts))]
@@ -245,7 +262,9 @@ class Watchers:
 
     def subscribe(self, peer) -> None:
         if self.feed is None:
-            self.feed = EventFeed(self.dispatcher.functions, self.clock)
+            workers = self.dispatcher.workers
+            self.feed = EventFeed(self.dispatcher.functions, self.clock,
+                                  running=lambda: ((job, w) for w in workers.values() for job in w.running()))
             self.dispatcher.events = self.feed
         self.subscribers.setdefault(peer, 0)
         if self.task is None:

@@ -96,7 +96,7 @@ class Frame(IntEnum):
     # 50-54: job events for watchers such as the dashboard (see cw.master.events).
     SUBSCRIBE = 50  # client -> master: empty; send me EVENTS from now on
     UNSUBSCRIBE = 51  # client -> master: empty; send no more EVENTS
-    EVENTS = 52     # master -> client: JSON {"t", "fields", "events", "dropped", "counts"}, once a second
+    EVENTS = 52     # master -> client: JSON {"t", "fields", "events", "dropped", "counts"}, a few times a second
     # 60-68: kept values, futures as arguments (see cw.wire.kept, cw.master.kept).
     DEPS = 60       # client -> master, just before a SUBMIT: jobid u64 + (key u64, job id u64 or 0) each
     PUT = 61        # client -> master: key u64, status u8, flags u8 + payload: a value kept under key
