@@ -168,8 +168,6 @@ class EventFeed:
                 return
             now = self.clock()
             event = self._add(gid, job, worker, now if start is None else start)
-            if len(self.pending) >= self.max_pending:
-                self.full_since = now           # the starts from now on are not timed one by one
         else:
             now = self.clock()
         event[5], event[6] = now, outcome           # it started since the last frame: one event says both
@@ -191,6 +189,8 @@ class EventFeed:
         client = job.client.cid if job.client is not None else None
         event = self.pending[gid] = [job.jobid, client, worker.wid, self.label(job.payload), start, None, None,
                                      None, None]
+        if len(self.pending) >= self.max_pending:   # full: the starts from now on are not timed one by one
+            self.full_since = self.clock()
         return event
 
     def label(self, payload) -> str:
