@@ -25,20 +25,24 @@ def noop(*args):
     return None
 
 
-def batch(system, n: int, watching: tuple = ()) -> tuple[float, float, float]:
-    """(calls per second, the master's CPU microseconds per call, the
-    watching processes' CPU microseconds per call) of n submits and waiting
-    for all.  On a machine whose cores the cluster keeps busy, what the
-    watchers use is taken from the cluster: the second figure says how much."""
-    def cpu(pids):
-        return sum(procinfo.cpu_seconds(pid) for pid in pids)
-    master0, watching0 = cpu([system.master_pid]), cpu(watching)
+def batch(system, n: int, watching: tuple = ()) -> tuple[float, dict]:
+    """(calls per second, {process group: CPU microseconds per call}) of n
+    submits and waiting for all.  The groups: the master, the workers (with
+    their supervisors), the client (this process) and the watching processes.
+    On a machine whose cores the cluster keeps busy, what any of them uses
+    more is taken from the others: the sum says how much."""
+    groups = {"master": [system.master_pid], "workers": system.worker_pids() + [p.pid for p in system.cluster.workers],
+              "client": [os.getpid()], "dashboard": list(watching)}
+
+    def cpu():
+        return {name: sum(procinfo.cpu_seconds(pid) for pid in pids) for name, pids in groups.items()}
+    before = cpu()
     t0 = time.perf_counter()
     futures = [system.submit(noop) for _ in range(n)]
     system.results(futures)
     elapsed = time.perf_counter() - t0
-    return (n / elapsed, (cpu([system.master_pid]) - master0) / n * 1e6,
-            (cpu(watching) - watching0) / n * 1e6)
+    after = cpu()
+    return n / elapsed, {name: (after[name] - before[name]) / n * 1e6 for name in groups}
 
 
 #: A browser tab's share: a process reading the page's pushes; it prints how many it got at their end.
@@ -57,10 +61,10 @@ class Watcher:
     /events as a browser tab would (not a thread of the benchmark's client,
     whose GIL it would share)."""
 
-    def __init__(self, address: str, folder: str):
+    def __init__(self, address: str, folder: str, options=()):
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "cw.dashboard", address, "--http", "127.0.0.1:0",
-             "--db", os.path.join(folder, "jobs.sqlite")], stdout=subprocess.PIPE, text=True)
+             "--db", os.path.join(folder, "jobs.sqlite"), *options], stdout=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline()
         if not line.startswith("cw dashboard listening on "):
             self.stop()
@@ -122,6 +126,8 @@ def main(argv=None) -> int:
     parser.add_argument("--calls", type=int, default=20_000, help="calls per batch (B1: 20,000)")
     parser.add_argument("--rounds", type=int, default=5, help="batches with and without, alternating (5)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="worker processes (cores)")
+    parser.add_argument("--nice", type=int, default=None, metavar="N",
+                        help="start the dashboard with --nice N (default: its own default)")
     parser.add_argument("--dispatcher", action="store_true",
                         help="measure the master's dispatcher alone, watched and not (no processes)")
     args = parser.parse_args(argv)
@@ -130,40 +136,46 @@ def main(argv=None) -> int:
         print(f"dispatcher CPU per job (least of 7 runs of 50,000): {unwatched:.2f} us unwatched, "
               f"{watched:.2f} us watched (+{watched - unwatched:.2f} us)")
         return 0
+    options = () if args.nice is None else ("--nice", str(args.nice))
     system = systems.start("cw", args.workers)
     folder = tempfile.mkdtemp(prefix="cw-bench-dashboard-")
-    without, with_dashboard, cpu_without, cpu_with, cpu_watching = [], [], [], [], []
+    without, with_dashboard, cpu_without, cpu_with, loads = [], [], [], [], []
     pushes = 0
     try:
         batch(system, min(2000, args.calls))        # warm up
         for _ in range(args.rounds):
-            rate, cpu, _ = batch(system, args.calls)
+            rate, cpu = batch(system, args.calls)
             without.append(rate)
             cpu_without.append(cpu)
-            watcher = Watcher(system.cluster.address, folder)
+            watcher = Watcher(system.cluster.address, folder, options)
             try:
                 time.sleep(1.5)       # connected, subscribed, and past its first status and push
-                rate, cpu, theirs = batch(system, args.calls, (watcher.proc.pid, watcher.reader.pid))
+                rate, cpu = batch(system, args.calls, (watcher.proc.pid, watcher.reader.pid))
                 with_dashboard.append(rate)
                 cpu_with.append(cpu)
-                cpu_watching.append(theirs)
             finally:
                 watcher.stop()
                 pushes += watcher.pushes
+            loads.append(os.getloadavg()[0])
     finally:
         system.close()
     a, b = statistics.median(without), statistics.median(with_dashboard)
-    print(f"B1 submit x{args.calls:,}, wait all, {args.workers} workers, {args.rounds} rounds each, alternating")
+    print(f"B1 submit x{args.calls:,}, wait all, {args.workers} workers, {args.rounds} rounds each, alternating"
+          + (f", the dashboard with --nice {args.nice}" if args.nice is not None else ""))
     print(f"  without a dashboard: {a:,.0f} calls/s (median of {', '.join(f'{x:,.0f}' for x in without)})")
     print(f"  with a dashboard:    {b:,.0f} calls/s (median of {', '.join(f'{x:,.0f}' for x in with_dashboard)})")
     print(f"  ratio with/without: {b / a:.3f} (target >= 0.95); the page got {pushes} pushes meanwhile")
     paired = statistics.median(w / o for w, o in zip(with_dashboard, without, strict=True))
     print(f"  median of the rounds' own ratios (each with-round over the without-round just before): {paired:.3f}")
-    c, d = statistics.median(cpu_without), statistics.median(cpu_with)
-    print(f"  master CPU per call: {c:.1f} us without, {d:.1f} us with a dashboard ({d / c:.3f}x)")
-    print(f"  the dashboard's and its page reader's CPU per call: {statistics.median(cpu_watching):.1f} us")
+    print("  CPU us per call, median of the rounds (without -> with a dashboard):")
+    for name in ("master", "workers", "client", "dashboard", "total"):
+        def value(row, name=name):
+            return sum(row.values()) if name == "total" else row[name]
+        c, d = statistics.median(map(value, cpu_without)), statistics.median(map(value, cpu_with))
+        each = statistics.median(value(w) - value(o) for w, o in zip(cpu_with, cpu_without, strict=True))
+        print(f"    {name:9s} {c:6.1f} -> {d:6.1f}  (rounds' own differences: median {each:+.1f})")
+    print(f"  load average (1 min) after each pair of rounds: {', '.join(f'{x:.1f}' for x in loads)}")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -14,9 +14,9 @@ READY_PREFIX = "cw dashboard listening on "
 
 
 class DashboardProcess:
-    def __init__(self, master_address: str, db: str, http: str = "127.0.0.1:0", env=None):
+    def __init__(self, master_address: str, db: str, http: str = "127.0.0.1:0", env=None, args=()):
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cw.dashboard", master_address, "--http", http, "--db", db],
+            [sys.executable, "-m", "cw.dashboard", master_address, "--http", http, "--db", db, *args],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True, env=env)
         self.url = self._ready_line(30.0)
         parsed = urllib.parse.urlsplit(self.url)

@@ -4,6 +4,7 @@ the token rules, ``cw status --prometheus``, and the REST API for command
 jobs (real HTTP requests, an abort, a restart of the dashboard)."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -106,6 +107,29 @@ def test_cw_status_prints_prometheus_text_for_a_textfile_collector(cluster):
 
 
 # --- the REST API for command jobs -------------------------------------------------------
+
+def niceness(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rpartition(")")[2].split()[16])   # field 19 of proc(5): nice
+
+
+def test_the_dashboard_lowers_its_own_priority_unless_told_not_to(cluster, tmp_path):
+    # A monitoring tool on the cluster's machine must yield the CPU to the cluster.
+    mine = niceness(os.getpid())
+    for args, expected in (((), min(19, mine + 10)), (("--nice", "3"), min(19, mine + 3)), (("--nice", "0"), mine)):
+        dash = DashboardProcess(cluster.address, str(tmp_path / "jobs.sqlite"), args=args)
+        try:
+            assert niceness(dash.proc.pid) == expected, args
+        finally:
+            dash.stop()
+
+
+def test_a_bad_niceness_is_refused_with_its_range(tmp_path):
+    answer = subprocess.run([sys.executable, "-m", "cw.dashboard", "--nice", "-5"], capture_output=True, text=True,
+                            timeout=60)
+    assert answer.returncode == 2
+    assert "--nice takes a whole number from 0 to 19" in answer.stderr
+
 
 def job_state(dash, jobid):
     return dash.get(f"/api/jobs/{jobid}", token=dash.token)[1]["state"]

@@ -46,6 +46,22 @@ def test_a_start_then_an_end_make_one_bar_and_a_failure_keeps_its_traceback():
     assert state.job_seconds_sum == 2.5 and sum(state.job_seconds) == 1
 
 
+def test_the_pushed_text_says_what_the_view_says_as_bars_end_and_change():
+    import json
+
+    from cw.dashboard.state import DashboardState
+    state = DashboardState(Clock())
+    state.on_events(events([[1, 3, 5, "m.f", 990.0, None, None, None, None],
+                            [2, 3, 6, "m.g", 990.5, 991.0, "ok", None, None]], {"ok": 1}))
+    assert json.loads(state.view_json("an error")) == state.view("an error")
+    state.on_events(events([[1, 3, 5, None, None, 992.5, "raised", "Traceback...boom", None]], {"raised": 1}))
+    state.view_json()                                 # the ended bars' texts are kept...
+    state.on_events(events([[2, 3, 6, None, None, 993.0, "lost", None, None]], {}))   # ...until a bar changes
+    pushed = json.loads(state.view_json())
+    assert pushed == state.view() and pushed["bars"][1][6] == "lost"
+    assert "_bar" not in state.job(3, 2)
+
+
 def test_old_jobs_fall_off_the_stream_and_a_gone_workers_job_ends():
     from cw.dashboard import state as module
     clock = Clock()

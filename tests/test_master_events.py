@@ -303,3 +303,25 @@ def test_a_subscriber_that_does_not_read_is_skipped_then_told_what_it_missed(clu
 def cluster_status(cluster):
     with cluster.executor() as ex:
         return ex.status()
+
+
+def test_while_the_events_are_full_a_start_is_timed_from_when_they_filled_if_it_runs_on():
+    # Under load the feed records no start once this frame's events are full
+    # (the master's cost of being watched); a job that started then and still
+    # runs at the frame gets the time the events filled up.
+    d = Dispatcher(slots=1)
+    workers = d.workers
+    d.events = feed = events.EventFeed(d.functions, Clock(), max_pending=1,
+                                       running=lambda: ((j, w) for w in workers.values() for j in w.running()))
+    d.add_client(C1, {"host": "c", "pid": 1})
+    d.add_worker(W1, {"host": "h", "pid": 5})
+    d.submit(C1, 1, 0, 0.0, b"p1")                  # starts at 1001 on W1...
+    (first,) = sent_gids(d, W1)
+    d.outcome(W1, first, Status.OK, b"")            # ...ends at 1002: the events are full (1003)
+    d.submit(C1, 2, 0, 0.0, b"p2")                  # starts on W1 too, not timed
+    (second,) = sent_gids(d, W1)
+    assert not feed.fresh
+    assert [e[0] for e in feed.take()[0]] == [1]
+    d.outcome(W1, second, Status.OK, b"")
+    (ended,), _ = feed.take()
+    assert ended[0] == 2 and 1002.0 < ended[4] < ended[5]   # from when the events filled (after job 1's end)

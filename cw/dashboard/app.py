@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import hmac
 import importlib.resources
-import json
 import logging
 import os
 import secrets
@@ -48,6 +47,11 @@ DEFAULT_HTTP = "127.0.0.1:8787"
 READY_PREFIX = "cw dashboard listening on "
 #: Seconds between two pushes of the page's data.
 PUSH_EVERY = 1.0
+#: How much the dashboard lowers its own scheduling priority (``--nice``): a
+#: monitoring tool should yield the CPU to the cluster's processes when it
+#: shares their machine (its bursts of JSON work, woken a few times a second,
+#: would otherwise preempt the master or a worker in the middle of a batch).
+DEFAULT_NICE = 10
 _STATIC = {"index.html": "text/html", "dashboard.js": "text/javascript", "dashboard.css": "text/css"}
 
 
@@ -105,7 +109,7 @@ class Dashboard:
         await response.prepare(request)
         try:
             while not self.closing.is_set():
-                body = json.dumps(self.state.view(self.watch.error), separators=(",", ":"))
+                body = self.state.view_json(self.watch.error)
                 await response.write(f"data: {body}\n\n".encode())
                 try:
                     await asyncio.wait_for(self.closing.wait(), PUSH_EVERY)
@@ -166,6 +170,26 @@ def make_app(dashboard: Dashboard, token: str, loopback: bool,
     return app
 
 
+def _niceness(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 19:
+        raise argparse.ArgumentTypeError(f"--nice takes a whole number from 0 to 19, not {text!r}")
+    return value
+
+
+def lower_priority(increment: int) -> None:
+    """Lowers this process's scheduling priority by ``increment`` (os.nice);
+    where that is not possible the dashboard runs on at its priority."""
+    if increment and hasattr(os, "nice"):
+        try:
+            os.nice(increment)
+        except OSError as exc:
+            log.warning("could not lower the dashboard's priority by %d (%s); it runs at its own", increment, exc)
+
+
 def _parse_args(argv, prog):
     parser = argparse.ArgumentParser(prog=prog, description="Serve a live dashboard, Prometheus metrics and a "
                                      "REST API for command jobs of a cw master.")
@@ -181,6 +205,9 @@ def _parse_args(argv, prog):
     parser.add_argument("--db", default=None, metavar="PATH",
                         help="SQLite file of the command jobs' records (default: dashboard-jobs.sqlite in "
                              "$CW_STATE_DIR or ~/.cw)")
+    parser.add_argument("--nice", type=_niceness, default=DEFAULT_NICE, metavar="N",
+                        help=f"lower the dashboard's own scheduling priority by N, 0 to 19 (default {DEFAULT_NICE}), "
+                             "so that it yields the CPU to cluster processes on the same machine; 0 keeps it")
     parser.add_argument("--log-level", default="WARNING", type=cliargs.log_level,
                         help="DEBUG, INFO, WARNING, ERROR or CRITICAL (default WARNING)")
     args = parser.parse_args(argv)
@@ -229,6 +256,7 @@ def main(argv=None, prog: str = "python -m cw.dashboard") -> int:
     args = _parse_args(argv, prog)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    lower_priority(args.nice)
     token = os.environ.get("CW_DASHBOARD_TOKEN") or secrets.token_urlsafe(18)
     try:
         asyncio.run(serve(args, token))

@@ -5,7 +5,9 @@ from its threads; read by the web handlers; one lock guards it all.
 Everything is bounded: old jobs, samples and failures fall off."""
 from __future__ import annotations
 
+import bisect
 import collections
+import json
 import threading
 import time
 
@@ -22,6 +24,9 @@ MAX_FAILURES = 20
 #: Seconds after which a job the status no longer shows running, and whose
 #: end never came (the master drops events beyond its bound), is shown ended.
 STALE = 5.0
+#: The fields of an EVENTS frame's rows, in the order this module reads them
+#: (cw.master.events.FIELDS; the frame names its own, see _in_our_order).
+FIELDS = ("job", "client", "worker", "function", "start", "end", "outcome", "traceback", "output")
 #: The bounds of cw_job_seconds' buckets.
 JOB_SECONDS_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 60, 300, 1800, 3600)
 
@@ -64,6 +69,9 @@ class DashboardState:
                     job["end"], job["outcome"] = self.status_at, "?"   # its end was among the events dropped
 
     def on_events(self, msg: dict) -> None:
+        """An EVENTS message: its ``events`` rows in the order of its ``fields``
+        (read as rows, not as a dict per event: up to 500 of them a second)."""
+        rows = _in_our_order(msg.get("fields") or FIELDS, msg.get("events") or ())
         with self.lock:
             self.dropped_total += msg.get("dropped", 0) + msg.get("missed", 0)
             counts = msg.get("counts") or {}
@@ -73,26 +81,30 @@ class DashboardState:
                 self.jobs_total[outcome] = self.jobs_total.get(outcome, 0) + delta
                 self._ended_this_second += delta
             self._last_counts = dict(counts)
-            for event in msg.get("jobs", ()):
-                self._job_event(event)
+            for row in rows:
+                self._job_event(*row)
             self._trim()
 
     def on_lost(self) -> None:
         with self.lock:
             self._last_counts = {}
 
-    def _job_event(self, event: dict) -> None:
-        key = (event.get("client"), event.get("job"))
+    def _job_event(self, jobid, client, worker, function, start, end, outcome, traceback, output) -> None:
+        key = (client, jobid)
         job = self.jobs.get(key)
-        if job is None or (job["end"] is not None and event.get("end") is None):
-            job = self.jobs[key] = {"client": key[0], "job": key[1], "worker": None, "function": "?",
-                                    "start": None, "end": None, "outcome": None, "traceback": None, "output": None}
+        if job is None or (job["end"] is not None and end is None):   # new, or sent again after it ended
+            job = self.jobs[key] = {"client": client, "job": jobid, "worker": worker,
+                                    "function": "?" if function is None else function, "start": start, "end": end,
+                                    "outcome": outcome, "traceback": traceback, "output": output}
             self.jobs.move_to_end(key)
-        for name, value in event.items():
-            if value is not None:
-                job[name] = value
+        else:                                # what this event says adds to what an earlier one said
+            job.pop("_bar", None)            # (its bar's text, if kept, is old)
+            for name, value in (("worker", worker), ("function", function), ("start", start), ("end", end),
+                                ("outcome", outcome), ("traceback", traceback), ("output", output)):
+                if value is not None:
+                    job[name] = value
         self.functions.setdefault(job["function"], len(self.functions))
-        if event.get("end") is not None:
+        if end is not None:
             start = job["start"] if job["start"] is not None else job["end"]
             seconds = max(0.0, job["end"] - start)
             self.job_seconds[_bucket(seconds)] += 1
@@ -115,25 +127,54 @@ class DashboardState:
     def view(self, error: str | None = None) -> dict:
         """What the page draws, as JSON."""
         with self.lock:
-            bars = list(self.jobs.values())[-MAX_BARS:]
-            return {
-                "t": self.clock(), "error": error, "status": self.status, "status_at": self.status_at,
-                "bars": [[b["client"], b["job"], b["worker"], self.functions.get(b["function"], 0), b["start"],
-                          b["end"], b["outcome"]] for b in bars],
-                "functions": list(self.functions),
-                "samples": list(self.samples),
-                "failures": list(self.failures),
-                "jobs_total": dict(self.jobs_total),
-            }
+            return {"bars": [self._bar(b) for b in list(self.jobs.values())[-MAX_BARS:]], **self._view_rest(error)}
+
+    def view_json(self, error: str | None = None) -> str:
+        """``view()`` as JSON text, made for every push: each ended job's bar
+        is written once and its text kept (a bar's times are floats, whose
+        text is most of the cost of the page's 1,500 bars, every second)."""
+        with self.lock:
+            bars = ",".join([self._bar_json(b) for b in list(self.jobs.values())[-MAX_BARS:]])
+            rest = _compact(self._view_rest(error))
+            return '{"bars":[' + bars + "]," + rest[1:]
+
+    def _view_rest(self, error) -> dict:
+        return {"t": self.clock(), "error": error, "status": self.status, "status_at": self.status_at,
+                "functions": list(self.functions), "samples": list(self.samples), "failures": list(self.failures),
+                "jobs_total": dict(self.jobs_total)}
+
+    def _bar(self, job: dict) -> list:
+        return [job["client"], job["job"], job["worker"], self.functions.get(job["function"], 0), job["start"],
+                job["end"], job["outcome"]]
+
+    def _bar_json(self, job: dict) -> str:
+        text = job.get("_bar")
+        if text is None:
+            text = _compact(self._bar(job))
+            if job["end"] is not None:          # an ended job's bar changes no more (see _job_event)
+                job["_bar"] = text
+        return text
 
     def job(self, client, jobid) -> dict | None:
         with self.lock:
             job = self.jobs.get((client, jobid))
-            return dict(job) if job is not None else None
+            return {k: v for k, v in job.items() if k != "_bar"} if job is not None else None
+
+
+#: json.dumps(x, separators=...) makes an encoder per call: one, made once, for the bars.
+_compact = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def _in_our_order(fields, rows):
+    """The rows with their values in FIELDS' order (the master's when it is
+    this version: the rows as they are); a field the master did not send is None."""
+    fields = list(fields)
+    if fields == list(FIELDS):
+        return rows
+    at = [fields.index(name) if name in fields else None for name in FIELDS]
+    return [tuple(None if i is None else row[i] for i in at) for row in rows]
 
 
 def _bucket(seconds: float) -> int:
-    for i, bound in enumerate(JOB_SECONDS_BUCKETS):
-        if seconds <= bound:
-            return i
-    return len(JOB_SECONDS_BUCKETS)
+    """The index of the first bucket whose bound is >= seconds (the last: +Inf)."""
+    return bisect.bisect_left(JOB_SECONDS_BUCKETS, seconds)

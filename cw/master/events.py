@@ -1,8 +1,8 @@
 """Job events for watchers such as the dashboard: which job ran on which
 worker, for which client, from when to when, and how it ended.
 
-A client sends SUBSCRIBE and from then on gets an EVENTS frame a few times
-a second (none when nothing happened)::
+A client sends SUBSCRIBE and from then on gets an EVENTS frame twice a
+second (none when nothing happened)::
 
     {"t": 1700000000.25,                 # the master's wall clock when sent
      "fields": ["job", "client", "worker", "function", "start", "end", "outcome", "traceback", "output"],
@@ -61,6 +61,7 @@ MAX_TEXT = 4000
 _TRACEBACK = b"Traceback (most recent call last)"
 
 OUTCOMES = {Status.OK: "ok", Status.RAISED: "raised", Status.LOST: "lost"}
+_LOST, _RAISED = int(Status.LOST), int(Status.RAISED)   # plain ints: an enum member's lookup costs more per job
 
 
 def _string_at(data: bytes, i: int) -> tuple[str, int] | None:
@@ -118,10 +119,12 @@ class EventFeed:
     """The events of one master, gathered between two frames (no I/O).
     ``clock`` gives wall-clock seconds (time.time), for people to read."""
 
-    def __init__(self, functions=None, clock=time.time, max_pending: int = MAX_PENDING):
+    def __init__(self, functions=None, clock=time.time, max_pending: int = MAX_PENDING, running=None):
         self.functions = functions          # the dispatcher's FunctionStore: names of functions sent by digest
         self.clock = clock
         self.max_pending = max_pending
+        self.running = running              # () -> (job, worker) pairs running now (see full_since)
+        self.full_since = None              # when the events filled up (MAX_PENDING) since the last take()
         self.pending: dict[int, list] = {}  # gid -> event
         self.fresh: dict[int, tuple] = {}   # gid -> (job, worker, start) of jobs started since the last take()
         self.starts: dict[int, float] = {}  # gid -> start, of jobs running since before the last take()
@@ -132,29 +135,43 @@ class EventFeed:
     # --- the dispatcher's hooks ---------------------------------------------
 
     def started(self, job, worker) -> None:
-        """``job`` runs on ``worker`` from now (called again later: no effect)."""
-        gid = job.gid
-        if gid in self.fresh or gid in self.starts:
+        """``job`` runs on ``worker`` from now (called again later: no effect).
+
+        While the events are full (MAX_PENDING since the last frame) a start
+        is not timed: its event could not go in this frame anyway, and the
+        master saves a clock read and a record per job just when it is
+        busiest (B1 with a dashboard: most of what watching cost it).  A job
+        that started then and still runs at take() is given the time the
+        events filled up (at most INTERVAL early) from ``running``."""
+        if len(self.pending) >= self.max_pending:
             return
-        if len(self.fresh) < MAX_RUNNING:           # its event is made at its end, or at take() if it still runs
-            self.fresh[gid] = (job, worker, self.clock())
+        gid = job.gid
+        fresh = self.fresh
+        if gid in fresh or gid in self.starts:
+            return
+        if len(fresh) < MAX_RUNNING:                # its event is made at its end, or at take() if it still runs
+            fresh[gid] = (job, worker, self.clock())
 
     def ended(self, job, worker, status: int, payload=b"") -> None:
         """``job`` ended on ``worker`` with ``status`` (a frames.Status) and
         its outcome's ``payload``."""
         gid = job.gid
-        now = self.clock()
         fresh = self.fresh.pop(gid, None)
-        start = fresh[2] if fresh is not None else self.starts.pop(gid, now)
-        outcome = "cancelled" if job.client is None and status != Status.LOST else OUTCOMES.get(status, "?")
-        self.counts[outcome] = self.counts.get(outcome, 0) + 1
+        start = fresh[2] if fresh is not None else self.starts.pop(gid, None)
+        outcome = "cancelled" if job.client is None and status != _LOST else OUTCOMES.get(status, "?")
+        counts = self.counts
+        counts[outcome] = counts.get(outcome, 0) + 1
         event = self.pending.get(gid)
         if event is None:
-            event = self._add(gid, job, worker, start)
-            if event is None:
+            if len(self.pending) >= self.max_pending:   # the common case under load: no event, no clock read
+                self.dropped += 1
                 return
+            now = self.clock()
+            event = self._add(gid, job, worker, now if start is None else start)
+        else:
+            now = self.clock()
         event[5], event[6] = now, outcome           # it started since the last frame: one event says both
-        if status == Status.RAISED:
+        if status == _RAISED:
             event[7] = traceback_text(payload)
 
     def output(self, job, worker, text: bytes) -> None:
@@ -172,6 +189,8 @@ class EventFeed:
         client = job.client.cid if job.client is not None else None
         event = self.pending[gid] = [job.jobid, client, worker.wid, self.label(job.payload), start, None, None,
                                      None, None]
+        if len(self.pending) >= self.max_pending:   # full: the starts from now on are not timed one by one
+            self.full_since = self.clock()
         return event
 
     def label(self, payload) -> str:
@@ -212,6 +231,11 @@ class EventFeed:
                 if gid not in self.pending:         # (its output made its event already)
                     self._add(gid, job, worker, start)   # started, still running (not given back and sent again)
                 starts[gid] = start
+        if self.full_since is not None and self.running is not None:
+            for job, worker in self.running():  # those that started while the events were full
+                if job.gid not in starts and job.worker is worker and job.payload is not None:
+                    starts[job.gid] = self.full_since
+        self.full_since = None
         self.fresh = {}
         while len(starts) > MAX_RUNNING:            # jobs given back never end here: forget the oldest
             del starts[next(iter(starts))]
@@ -238,7 +262,9 @@ class Watchers:
 
     def subscribe(self, peer) -> None:
         if self.feed is None:
-            self.feed = EventFeed(self.dispatcher.functions, self.clock)
+            workers = self.dispatcher.workers
+            self.feed = EventFeed(self.dispatcher.functions, self.clock,
+                                  running=lambda: ((job, w) for w in workers.values() for job in w.running()))
             self.dispatcher.events = self.feed
         self.subscribers.setdefault(peer, 0)
         if self.task is None:
