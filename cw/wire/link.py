@@ -24,13 +24,12 @@ from cw.wire.address import parse_address  # noqa: F401 - the worker imports it 
 from cw.wire.decoder import FrameDecoder
 from cw.wire.frames import Frame
 from cw.wire.tlsstream import TlsStream
+from cw.wire.writer import BURST_GAP, LinkWriter
 
 log = logging.getLogger("cw.link")
 
 HANDSHAKE_TIMEOUT = settings.HANDSHAKE_TIMEOUT
 _RECV_SIZE = 256 * 1024
-#: Posts closer together than this (seconds) are a burst, sent by the writer thread.
-BURST_GAP = 50e-6
 #: struct timeval, for SO_RCVTIMEO.
 _TIMEVAL = struct.Struct("@ll")
 #: Plain ints: looking up an IntEnum member costs more than comparing it (recv runs per frame).
@@ -51,7 +50,7 @@ class Link:
         self._recv_view = memoryview(self._recv_buf)
         self._recv_timeout: float | None = None   # the timeout the socket's reads have now (see _wait_for)
         self._send_lock = threading.Lock()
-        self._writer: _Writer | None = None
+        self._writer: LinkWriter | None = None
         # Big frames go by reference (cw.wire.segments) once both ends proved at HELLO that
         # they share a machine; ``_held``: token -> (descriptor, size) we keep until the master's RELEASE.
         self.sharing = False
@@ -62,9 +61,9 @@ class Link:
         self.received_by_reference = 0
 
     def start_writer(self, burst_gap: float = BURST_GAP) -> None:
-        """From now on ``post`` hands frames to a writer thread (see _Writer);
+        """From now on ``post`` hands frames to a writer thread (see LinkWriter);
         posts closer together than ``burst_gap`` seconds go through it."""
-        self._writer = _Writer(self, burst_gap)
+        self._writer = LinkWriter(self, burst_gap)
 
     def post(self, *chunks, direct: bool = True) -> None:
         """Sends frames, through the writer thread when there is one.  A reader
@@ -84,7 +83,7 @@ class Link:
         going out shows the master we live); never blocks a reader thread."""
         if self._writer is None:
             self.try_send(frame)
-        elif self._writer.pending_bytes < _Writer.MAX_PENDING:
+        elif self._writer.pending_bytes < LinkWriter.MAX_PENDING:
             self._writer.post((frame,), direct=False)
 
     def flush(self, timeout: float = 10.0) -> None:
@@ -266,120 +265,6 @@ class Link:
             pass
         self.sock.close()
         self._release_all()
-
-
-class _Writer:
-    """A thread that sends what other threads post, many frames per system call.
-
-    A small send on loopback costs tens of microseconds, because the kernel
-    delivers it to the receiver inside the call.  A client that submits
-    thousands of jobs would pay that for each; with this thread the
-    submitting thread only pickles and queues, and every send carries all the
-    frames queued while the previous one was going out.  ``post`` blocks once
-    MAX_PENDING bytes wait, so a master that stops reading still slows the
-    submitter down (backpressure) instead of the client's memory growing.
-    """
-
-    MAX_PENDING = 16 * 1024 * 1024
-
-    def __init__(self, link: Link, burst_gap: float = BURST_GAP):
-        self.link = link
-        self.burst_gap = burst_gap
-        self.lock = threading.Lock()       # (taken as it is where no wait is needed: a post is hot)
-        self.cond = threading.Condition(self.lock)
-        self.pending: list = []
-        self.pending_bytes = 0
-        self.error: OSError | None = None
-        self.stopped = False
-        self.sending = False
-        self.last_post = 0.0
-        self.waiters = 0            # threads waiting for room (post) or for all to be sent (drain)
-        self.thread = threading.Thread(target=self._run, name="cw-writer", daemon=True)
-        self.thread.start()
-
-    def post(self, chunks, direct: bool = True) -> None:
-        with self.lock:
-            while self.pending_bytes > self.MAX_PENDING and self.error is None and not self.stopped:
-                self.waiters += 1
-                self.cond.wait()
-                self.waiters -= 1
-            if self.error is not None:
-                raise self.error
-            if self.stopped:
-                raise OSError(f"the connection to {self.link.address} is closed")
-            # Nothing queued or going out, and no post just before (a burst
-            # is sent by the writer, many frames per send): send from this
-            # thread, with no hand-over to the writer (a lone round trip stays fast).
-            direct = direct and not self.pending and not self.sending
-            if self.burst_gap:          # (a worker's writer has none: no clock read per post)
-                now = time.perf_counter()
-                direct = direct and now - self.last_post > self.burst_gap
-                self.last_post = now
-            if direct:
-                self.sending = True
-        if direct:
-            try:
-                self.link._send_now(chunks)
-            except OSError as exc:
-                with self.lock:
-                    self.error = exc
-                raise
-            finally:
-                with self.lock:
-                    self.sending = False
-                    if self.pending or self.waiters:   # (a wake-up per job costs as much as the job)
-                        self.cond.notify_all()
-            return
-        with self.lock:
-            wake = not self.pending
-            for chunk in chunks:
-                if type(chunk) is tuple:
-                    self.pending.extend(chunk)
-                    for part in chunk:
-                        self.pending_bytes += len(part)
-                else:
-                    self.pending.append(chunk)
-                    self.pending_bytes += len(chunk)
-            if wake:
-                self.cond.notify_all()
-
-    def _run(self) -> None:
-        while True:
-            with self.cond:
-                while (not self.pending or self.sending) and not self.stopped:
-                    self.cond.wait()   # (while a post sends directly, the order is kept by waiting)
-                if self.stopped:
-                    return
-                batch, self.pending, self.pending_bytes = self.pending, [], 0
-                self.sending = True
-                if self.waiters:
-                    self.cond.notify_all()
-            try:
-                self.link._send_now(batch)
-            except OSError as exc:
-                with self.cond:
-                    self.error = exc
-                    self.sending = False
-                    self.cond.notify_all()
-                return
-            with self.cond:
-                self.sending = False
-                if self.waiters:
-                    self.cond.notify_all()
-
-    def drain(self, timeout: float) -> None:
-        """Waits until everything posted so far has been sent (or failed)."""
-        with self.cond:
-            self.waiters += 1
-            try:
-                self.cond.wait_for(lambda: not (self.pending or self.sending) or self.error or self.stopped, timeout)
-            finally:
-                self.waiters -= 1
-
-    def stop(self) -> None:
-        with self.cond:
-            self.stopped = True
-            self.cond.notify_all()
 
 
 def open_link(host: str, port: int, secret: bytes, hello: dict, connect_timeout: float = 10.0,
