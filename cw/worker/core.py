@@ -351,10 +351,7 @@ class WorkerCore:
         outcome, ``printed`` its output.  The runner is to send them (Flush)."""
         if self.over:
             return []
-        if not self.lost:
-            if printed:
-                self.outbox.append(frames.encode_output(gid, printed))
-            self.outbox.append(frames.encode_outcome(gid, status, data))
+        self._queue_outcome(gid, status, data, printed)
         self.jobs[gid].state = SENDING
         return [Flush(runner, gid)]
 
@@ -370,11 +367,14 @@ class WorkerCore:
         the next job sends, it counts as sent (the common case, one event per job)."""
         if self.over:
             return []
-        if not self.lost:
+        self._queue_outcome(gid, status, data, printed)
+        return self._release(runner, gid)
+
+    def _queue_outcome(self, gid: int, status: int, data, printed: str) -> None:
+        if not self.lost:           # (a lost connection's outcomes have nowhere to go)
             if printed:
                 self.outbox.append(frames.encode_output(gid, printed))
             self.outbox.append(frames.encode_outcome(gid, status, data))
-        return self._release(runner, gid)
 
     def lend(self, runner: int, gid: int) -> list | None:
         """The running job ``gid`` waits on a job it submitted.  Returns None
