@@ -67,7 +67,8 @@ class Watcher:
              "--db", os.path.join(folder, "jobs.sqlite"), *options], stdout=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline()
         if not line.startswith("cw dashboard listening on "):
-            self.stop()
+            self.proc.kill()
+            self.proc.wait()
             raise RuntimeError(f"the dashboard did not start: {line!r}")
         url = line.split(" on ", 1)[1].strip()
         self.reader = subprocess.Popen([sys.executable, "-c", _READER, url.split("/?")[0] + "/events"],

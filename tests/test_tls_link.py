@@ -13,6 +13,7 @@ import os
 import random
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 import threading
@@ -118,7 +119,7 @@ def test_a_tls_stream_asks_its_ssl_object_for_plaintext_only_when_it_holds_some(
     # costs more than decrypting a small record: a reader that asked before every
     # socket read and once more after every record paid two per frame.
     client, server = _stream_pair()
-    counting = server._tls = _CountingSslObject(server._tls)
+    counting = server._c = _CountingSslObject(server._c)     # (the C object the stream calls)
     buf = bytearray(65536)
     for i in range(50):                      # one frame at a time, each a record of its own
         frame = b"%d" % i * 100
@@ -198,3 +199,23 @@ def _stream_pair() -> tuple[TlsStream, TlsStream]:
     client.handshake()
     handshake.join()
     return client, server
+
+
+def test_a_tls_links_read_is_timed_by_the_kernel_and_a_record_in_time_comes_whole():
+    # Under TLS too a read with a timeout is one system call (SO_RCVTIMEO on the
+    # TCP socket), not a select() and then a read.
+    from cw.wire import frames
+    from cw.wire.decoder import FrameDecoder
+    from cw.wire.frames import Frame
+    from cw.wire.link import Link
+    client, server = _stream_pair()
+    client.settimeout(None)
+    link = Link(client, FrameDecoder(), "peer")
+    with pytest.raises(TimeoutError, match="nothing heard from the master at peer for 0.05 s"):
+        link.recv(0.05)
+    seconds, micros = struct.unpack("@ll", client.raw.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16))
+    assert seconds == 0 and 40_000 <= micros <= 60_000      # (the kernel rounds it to its ticks)
+    server.sendall(frames.frame(Frame.PING))
+    assert link.recv(30.0) == (Frame.PING, b"")
+    link.close()
+    server.close()

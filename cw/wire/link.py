@@ -46,6 +46,7 @@ class Link:
         # whose SSL object the reader and the writers must not share): it takes
         # sendall and recv_into, not sendmsg, so a writer that gathers buffers must join them.
         self.tls = isinstance(sock, TlsStream)
+        self._raw = sock.raw if self.tls else sock    # the TCP socket, whose reads SO_RCVTIMEO limits
         self._recv_buf = bytearray(_RECV_SIZE)
         self._recv_view = memoryview(self._recv_buf)
         self._recv_timeout: float | None = None   # the timeout the socket's reads have now (see _wait_for)
@@ -212,11 +213,11 @@ class Link:
             decoder.feed(self._recv_view[:n])
 
     def _wait_for(self, timeout: float | None) -> None:
-        """Arms ``timeout`` for the next read.  On a plain socket the kernel
-        keeps it (SO_RCVTIMEO: a read is one system call, no select() before
-        it); over TLS, or for a timeout of 0, select() waits before each read."""
-        if self.tls or (timeout is not None and timeout <= 0):
-            if timeout is not None and not self._tls_pending():
+        """Arms ``timeout`` for the next read.  The kernel keeps it
+        (SO_RCVTIMEO on the TCP socket, under TLS too: a read is one system
+        call, no select() before it); for a timeout of 0, select() looks first."""
+        if timeout is not None and timeout <= 0:
+            if not self._tls_pending():
                 try:
                     ready = select.select([self.sock], [], [], timeout)[0]
                 except ValueError:      # closed by this process meanwhile (its descriptor is -1)
@@ -226,7 +227,7 @@ class Link:
             return
         seconds = 0.0 if timeout is None else timeout          # (0: no limit)
         try:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+            self._raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
                                  _TIMEVAL.pack(int(seconds), int(seconds % 1 * 1e6)))
         except OSError as exc:
             if exc.errno == errno.EBADF:

@@ -41,6 +41,9 @@ class TlsStream:
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
         self._tls = context.wrap_bio(self._incoming, self._outgoing, server_side=server_side)
+        # ssl.SSLObject's read and write are Python methods around the C object's:
+        # per frame the one extra frame each costs more than a small record's AES.
+        self._c = getattr(self._tls, "_sslobj", self._tls)
         self._tls_lock = threading.Lock()     # every call into the SSL object; never across socket I/O
         self._send_lock = threading.Lock()    # one writer at a time, taken before _tls_lock
         self._raw_buf = bytearray(_RAW_READ)
@@ -103,7 +106,7 @@ class TlsStream:
         # SSLWantReadError, which costs more than decrypting a small record, and
         # every call into it lets go of the GIL: so it is asked again only while
         # ciphertext waits (``pending`` of a memory BIO is neither).
-        tls, incoming = self._tls, self._incoming
+        tls, incoming = self._c, self._incoming
         got = 0
         try:
             while True:
@@ -145,14 +148,14 @@ class TlsStream:
         if type(data) is bytes and len(data) <= _WRITE_PIECE:     # the usual: a few frames joined
             with self._send_lock:
                 with self._tls_lock:
-                    self._tls.write(data)
+                    self._c.write(data)
                     cipher = self._outgoing.read()
                 self.raw.sendall(cipher)
             return
         with memoryview(data) as view, view.cast("B") as plain, self._send_lock:
             for start in range(0, len(plain), _WRITE_PIECE):
                 with self._tls_lock:
-                    self._tls.write(plain[start:start + _WRITE_PIECE])
+                    self._c.write(plain[start:start + _WRITE_PIECE])
                     cipher = self._outgoing.read()
                 self.raw.sendall(cipher)
 
