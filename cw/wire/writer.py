@@ -69,6 +69,11 @@ class LinkWriter:
             finally:
                 with self.lock:
                     self.sending = False
+                    if self.burst_gap:
+                        # The gap to the next post counts from here: a send that takes
+                        # longer than the gap (TLS, a slow socket) must not make every
+                        # post of a burst look lone, and go out alone.
+                        self.last_post = time.perf_counter()
                     if self.pending or self.waiters:   # (a wake-up per job costs as much as the job)
                         self.cond.notify_all()
             return
