@@ -23,6 +23,13 @@ PEER_TIMEOUT = 30.0
 #: Jobs a worker holds at once: the one it runs and the next ones, sent ahead so
 #: that it never waits a round trip between jobs (master --slots; 1: no prefetch).
 WORKER_SLOTS = 2
+#: A worker whose last QUICK_STREAK jobs each ended within QUICK_JOB seconds of
+#: the one before holds twice WORKER_SLOTS: with jobs a few round trips long,
+#: jobs and outcomes then travel several to a message (fewer wake-ups, and under
+#: TLS fewer records).  Generous enough that a worker preempted for a time slice
+#: on a busy machine keeps its streak; one slower job takes it back to WORKER_SLOTS.
+QUICK_JOB = 5e-3
+QUICK_STREAK = 16
 #: Seconds a worker has to answer a REVOKE of a job sent ahead (a more urgent
 #: job wants its place, or an idle worker its job) before the job is given to
 #: another worker all the same; a late start of it there is dropped.  A frozen

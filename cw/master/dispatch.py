@@ -21,7 +21,8 @@ Rules kept here:
   (cw.master.placement).  One that no connected machine could ever run
   fails after ``unplaceable_timeout`` (cw.master.unplaceable).
 - A worker is sent up to ``slots`` jobs (default 2): the one it runs and
-  the next, sent ahead (only jobs that ask for nothing more).  A job sent
+  the next, sent ahead (only jobs that ask for nothing more); twice as many
+  while its jobs are quick (cw.master.slots).  A job sent
   ahead is asked back (REVOKE) for a worker that falls idle, or for a more
   urgent job of its client, which takes its place without using a turn
   (cw.master.outrank): no job waits behind a long one while a worker is
@@ -77,6 +78,7 @@ from cw.wire.options import DEFAULT_RETRIES
 __all__ = ["DEFAULT_MAX_ATTEMPTS", "DEFAULT_RETRIES", "Dispatcher"]
 
 DEFAULT_MAX_ATTEMPTS = settings.MAX_ATTEMPTS
+_QUICK_JOB = settings.QUICK_JOB
 _NAMED = bytes([frames.FUNCTION_MARK])   # the first byte of a payload that names its function by digest
 _OK = int(Status.OK)     # (a Status member costs a class attribute lookup: once per job is enough to matter)
 
@@ -284,7 +286,10 @@ class Dispatcher:
         worker.done += 1
         if status != _OK:
             worker.failures += 1
-        self.throughput.count(self.clock())
+        now = self.clock()
+        self.throughput.count(now)
+        worker.quick = worker.quick + 1 if now - worker.last_end < _QUICK_JOB else 0
+        worker.last_end = now
         self.slots.file(worker)
         if job.client is None:
             job.state = DONE

@@ -178,7 +178,7 @@ class ClientRecord:
 
 class WorkerRecord:
     __slots__ = ("booked", "contexts", "done", "drain_started", "draining", "failures", "functions", "gpus", "info",
-                 "jobs", "label", "lent", "node", "revoking", "since", "wid")
+                 "jobs", "label", "last_end", "lent", "node", "quick", "revoking", "since", "wid")
 
     def __init__(self, wid: int, info: dict, now: float, node):
         self.wid = wid
@@ -197,6 +197,8 @@ class WorkerRecord:
         self.done = 0
         self.failures = 0
         self.since = now
+        self.last_end = now           # when its last job ended
+        self.quick = 0                # its jobs in a row that ended within QUICK_JOB of the one before
 
     def running(self) -> list[Job]:
         """The jobs it runs: the first it was sent, and those it started while lent."""
