@@ -81,9 +81,12 @@ class TlsStream:
         least one, waiting for the socket if none are ready; 0 at the end of
         the connection (the peer's close_notify or TCP's end, as SSLSocket
         with suppress_ragged_eofs).  Raises ssl.SSLError for a corrupt record."""
-        view = memoryview(buffer).cast("B")
+        if self._eof:
+            return 0
+        # (A bytearray, a link's read buffer, is read into as it is: no view to make per read.)
+        view = buffer if type(buffer) is bytearray else memoryview(buffer).cast("B")
         want = nbytes or len(view)
-        if not want or self._eof:
+        if not want:
             return 0
         got = 0
         if self._leftover:            # (else the SSL object has nothing: asking it would only raise WantRead)
@@ -110,7 +113,7 @@ class TlsStream:
         got = 0
         try:
             while True:
-                n = tls.read(want - got, view[got:])
+                n = tls.read(want - got, view if not got else memoryview(view)[got:])
                 if not n:              # the peer's close_notify
                     self._eof = True
                     break
