@@ -41,8 +41,8 @@ class TlsStream:
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
         self._tls = context.wrap_bio(self._incoming, self._outgoing, server_side=server_side)
-        # ssl.SSLObject's read and write are Python methods around the C object's:
-        # per frame the one extra frame each costs more than a small record's AES.
+        # ssl.SSLObject's read and write are Python methods around the C object's;
+        # called directly, a small record is read or written without that extra call.
         self._c = getattr(self._tls, "_sslobj", self._tls)
         self._tls_lock = threading.Lock()     # every call into the SSL object; never across socket I/O
         self._send_lock = threading.Lock()    # one writer at a time, taken before _tls_lock
