@@ -62,22 +62,51 @@ def _workers(d: Dispatcher, now: float) -> list[dict]:
     } for w in d.workers.values()]
 
 
+def _ahead_by_client(d: Dispatcher) -> dict[int, int]:
+    """Jobs sent ahead and not started, by client id: read from the workers'
+    books (a few jobs each), not from the clients' (every job they have)."""
+    ahead: dict[int, int] = {}
+    for w in d.workers.values():
+        for job in w.jobs:
+            if job.state == AHEAD and job.client is not None:
+                cid = job.client.cid
+                ahead[cid] = ahead.get(cid, 0) + 1
+    return ahead
+
+
+def _queued_by_priority(c) -> dict[int, int]:
+    """{priority: jobs queued} of one client.  A client with one queue of one
+    priority (the usual) has them all there: its count says how many, with
+    no walk through a queue that may hold millions (a dashboard asks every
+    second).  Otherwise the buckets are counted, skipping jobs cancelled
+    while queued, which stay in them until they reach the head."""
+    queues = c.queues
+    if len(queues) == 1:
+        buckets = next(iter(queues.values())).buckets
+        if len(buckets) == 1:
+            return {next(iter(buckets)): c.queued} if c.queued else {}
+    by_priority: dict[int, int] = {}
+    for queue in queues.values():
+        for priority, bucket in queue.buckets.items():
+            count = sum(1 for j in bucket if j.state == QUEUED)
+            if count:
+                by_priority[priority] = by_priority.get(priority, 0) + count
+    return by_priority
+
+
 def _clients(d: Dispatcher, now: float) -> tuple[list, list, list]:
     """(clients, queues by priority, jobs waiting for a worker that could run them)."""
     clients, queues, waiting = [], [], []
+    ahead_by_client = _ahead_by_client(d)
     for c in d.clients.values():
-        ahead = sum(1 for j in c.jobs.values() if j.state == AHEAD)
+        ahead = ahead_by_client.get(c.cid, 0)
         clients.append({
             "id": c.cid, "host": c.info.get("host"), "pid": c.info.get("pid"),
             "submitted": c.submitted, "done": c.done, "failed": c.failed, "paused": c.paused,
             "weight": c.weight, "queued": c.queued + ahead, "running": len(c.jobs) - c.queued - ahead,
         })
-        by_priority: dict[int, int] = {}
+        by_priority = _queued_by_priority(c)
         for queue in c.queues.values():
-            for priority, bucket in queue.buckets.items():
-                count = sum(1 for j in bucket if j.state == QUEUED)
-                if count:
-                    by_priority[priority] = by_priority.get(priority, 0) + count
             if queue.waiting_since is not None:
                 waiting.append({"client": c.cid, "count": sum(1 for _ in queue.jobs()), "reason": queue.reason,
                                 "since_s": round(now - queue.waiting_since, 1)})
