@@ -3,12 +3,12 @@
 A worker is sent up to ``slots`` jobs: the one it runs and the next ones,
 sent ahead, so it never waits a round trip between jobs.  A worker whose
 jobs are quick (each of the last QUICK_STREAK ended within QUICK_JOB
-seconds of the one before) is sent twice as many: its outcomes then reach
-the master several at a time, and the jobs that take their places go to it
-several to a message, so both ends wake up, and under TLS encrypt, less
-often per job.  One slower job, or a pause, ends the streak.  A job sent
-ahead is asked back (REVOKE) in two cases, and its worker's REVOKED puts
-it back in its queue:
+seconds of the one before) is sent twice as many: the master then reads
+several of its outcomes per wake-up, and the jobs that take their places go
+to it several to a message, which it reads in one system call, so both ends
+wake up, and under TLS encrypt, less often per job.  One slower job, or a
+pause, ends the streak.  A job sent ahead is asked back (REVOKE) in two
+cases, and its worker's REVOKED puts it back in its queue:
 
 - a worker falls idle while another has a job sent ahead: the idle one
   takes that job over (a steal);
