@@ -25,9 +25,10 @@ PEER_TIMEOUT = 30.0
 WORKER_SLOTS = 2
 #: A worker whose last QUICK_STREAK jobs each ended within QUICK_JOB seconds of
 #: the one before holds twice WORKER_SLOTS: with jobs a few round trips long,
-#: jobs then reach it several to a message and the master reads several outcomes
-#: per wake-up (fewer wake-ups, and under TLS fewer records).  Generous enough that a worker preempted for a time slice
-#: on a busy machine keeps its streak; one slower job takes it back to WORKER_SLOTS.
+#: jobs then reach it several to a message and the master reads several
+#: outcomes per wake-up (fewer wake-ups, and under TLS fewer records).
+#: QUICK_JOB is generous enough that a worker preempted for a time slice on a
+#: busy machine keeps its streak; one slower job takes it back to WORKER_SLOTS.
 QUICK_JOB = 5e-3
 QUICK_STREAK = 16
 #: Seconds a worker has to answer a REVOKE of a job sent ahead (a more urgent

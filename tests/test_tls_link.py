@@ -25,7 +25,10 @@ pytest.importorskip("cryptography")
 
 from cw.errors import HandshakeFailed, TlsError  # noqa: E402
 from cw.launch.local import start_master  # noqa: E402
-from cw.wire import segments, tls  # noqa: E402
+from cw.wire import frames, segments, tls  # noqa: E402
+from cw.wire.decoder import FrameDecoder  # noqa: E402
+from cw.wire.frames import Frame  # noqa: E402
+from cw.wire.link import Link  # noqa: E402
 from cw.wire.tlsstream import TlsStream  # noqa: E402
 from tests.conftest import wait_until  # noqa: E402
 
@@ -204,10 +207,6 @@ def _stream_pair() -> tuple[TlsStream, TlsStream]:
 def test_a_tls_links_read_is_timed_by_the_kernel_and_a_record_in_time_comes_whole():
     # Under TLS too a read with a timeout is one system call (SO_RCVTIMEO on the
     # TCP socket), not a select() and then a read.
-    from cw.wire import frames
-    from cw.wire.decoder import FrameDecoder
-    from cw.wire.frames import Frame
-    from cw.wire.link import Link
     client, server = _stream_pair()
     client.settimeout(None)
     link = Link(client, FrameDecoder(), "peer")
