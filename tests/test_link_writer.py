@@ -34,10 +34,13 @@ def test_a_burst_of_posts_is_batched_though_each_send_is_slower_than_the_burst_g
     ours, theirs = socket.socketpair()
     slow = SlowSends(ours)
     link = Link(slow, FrameDecoder(), "peer")
-    link.start_writer(burst_gap=50e-6)
+    # A gap of 1 ms, still shorter than a send: a loaded machine can pause the
+    # posting loop for more than the 50 us default, and that would be a lone post.
+    link.start_writer(burst_gap=1e-3)
     received = bytearray()
     posts = 300
-    expected = b"".join(frames.encode_json(Frame.HELLO, {"n": i}) for i in range(posts))
+    messages = [frames.encode_json(Frame.HELLO, {"n": i}) for i in range(posts)]
+    expected = b"".join(messages)
 
     def read():
         while len(received) < len(expected):
@@ -45,8 +48,8 @@ def test_a_burst_of_posts_is_batched_though_each_send_is_slower_than_the_burst_g
 
     reader = threading.Thread(target=read)
     reader.start()
-    for i in range(posts):         # back to back: a burst, whatever a send costs
-        link.post(frames.encode_json(Frame.HELLO, {"n": i}))
+    for message in messages:       # back to back: a burst, whatever a send costs
+        link.post(message)
     link.flush(30)
     reader.join(30)
     assert bytes(received) == expected           # all of it, in order
