@@ -35,6 +35,7 @@ from cw.worker import channel, output, refs
 from cw.worker.channel import EXIT_CONFIG, EXIT_NO_MASTER, EXIT_NOW, EXIT_REPLACE, ExitChannel
 from cw.worker.context import ContextSwitcher
 from cw.worker.core import End, Exit, Idle, Pong, Read, Resume, Run, Spawn, Stop, WorkerCore, decode
+from cw.worker.deadlines import Deadlines
 from cw.worker.functions import FunctionLRU
 from cw.worker.nested import NestedJobHooks, enable_nested_jobs
 from cw.worker.runners import DeferredReading, Runner
@@ -76,6 +77,7 @@ class Session:
         self.drained = False
         self.exit: Exit | None = None
         self.timeout = 0.0                 # seconds of silence after which the master counts as lost (run)
+        self.deadlines = Deadlines(lambda gid: self._call(self.core.deadline, gid))
 
     def run(self) -> bool:
         """Runs jobs until the master is lost (returns False: reconnect) or this
@@ -90,6 +92,7 @@ class Session:
             self._act(self.core.start(), None)
         # An Event of its own: the threads' work never wakes this one.
         self.ended.wait()
+        self.deadlines.stop()
         return self.drained
 
     # --- doing what the core says ------------------------------------------------
@@ -235,11 +238,7 @@ class Session:
     def _run(self, me: Runner, job):
         """Runs a job on this thread; returns this thread's next task."""
         gid = job.gid
-        timer = None
-        if job.timeout > 0:
-            timer = threading.Timer(job.timeout, self._call, (self.core.deadline, gid))
-            timer.daemon = True
-            timer.start()
+        watched = self.deadlines.watch(gid, job.timeout) if job.timeout > 0 else None
         me.job, me.children = job, None    # (a list once the job submits a job, see track_child)
         contexts = self.contexts
         me.env = env = contexts.job_environ(job.env) if job.env else contexts.base_env
@@ -250,8 +249,8 @@ class Session:
             status, data = run_payload(job.payload, call, job.function)
         finally:
             printed = output.end()
-            if timer is not None:
-                timer.cancel()
+            if watched is not None:
+                self.deadlines.cancel(watched)
             # A job's unfinished children die with it: nobody will wait for them.
             if me.children:
                 for future in me.children:
