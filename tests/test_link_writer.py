@@ -65,7 +65,7 @@ def test_lone_posts_go_out_at_once_from_the_posting_thread():
     link = Link(ours, FrameDecoder(), "peer")
     link.start_writer(burst_gap=50e-6)
     writer = link._writer
-    for i in range(3):
+    for _ in range(3):
         time.sleep(0.01)          # far apart: each is a lone post (a round trip waits for it)
         link.post(frames.frame(Frame.PING))
         assert not writer.pending and not writer.sending      # sent by this thread, already out

@@ -29,7 +29,6 @@ from cw import settings
 from cw.master.placement import Placement
 from cw.master.records import Job, WorkerRecord
 
-
 _QUICK_STREAK = settings.QUICK_STREAK
 
 
