@@ -71,45 +71,36 @@ def dumps(obj):
     which matters for the many small jobs of a ``map``.  Modules registered
     with ``cloudpickle.register_pickle_by_value`` always go through cloudpickle.
     """
-    if _BY_VALUE_MODULES is not None and not _BY_VALUE_MODULES:
-        buffers = []
+    views: list[memoryview] = []      # the buffers that go out of band, in the pickle's order
+
+    def out_of_band(buffer: pickle.PickleBuffer) -> bool:
+        # Called by the pickler for each buffer (protocol 5): a true answer keeps
+        # it in the pickle.  A small one is cheaper copied than viewed (and would
+        # keep its whole received frame alive); a non-contiguous one cannot be viewed.
         try:
-            data = pickle.dumps(obj, PROTOCOL, buffer_callback=buffers.append)
+            view = buffer.raw()
+        except BufferError:
+            return True
+        if view.nbytes < OUT_OF_BAND_MIN:
+            return True
+        views.append(view)
+        return False
+
+    if _BY_VALUE_MODULES is not None and not _BY_VALUE_MODULES:
+        try:
+            data = pickle.dumps(obj, PROTOCOL, buffer_callback=out_of_band)
         except Exception:  # noqa: BLE001 - anything plain pickle refuses, cloudpickle gets a go at
             pass
         else:
             if b"__main__" not in data:
-                return _with_buffers(obj, data, buffers) if buffers else data
-    buffers = []
-    data = cloudpickle.dumps(obj, protocol=PROTOCOL, buffer_callback=buffers.append)
-    return _with_buffers(obj, data, buffers) if buffers else data
+                return _with_views(data, views) if views else data
+        views.clear()
+    data = cloudpickle.dumps(obj, protocol=PROTOCOL, buffer_callback=out_of_band)
+    return _with_views(data, views) if views else data
 
 
-def _with_buffers(obj, data: bytes, buffers: list):
-    """The payload of ``obj``, pickled as ``data`` with all its ``buffers``
-    out of band.  If some are small (cheaper copied than viewed, and a small
-    array would keep its whole frame alive) or not contiguous, ``obj`` is
-    pickled again with those in the pickle."""
-    try:
-        views = [b.raw() for b in buffers]
-    except BufferError:
-        views = None
-    if views is None or min(v.nbytes for v in views) < OUT_OF_BAND_MIN:
-        views = []
-
-        def out_of_band(buffer: pickle.PickleBuffer) -> bool:
-            try:
-                view = buffer.raw()
-            except BufferError:         # not contiguous: in the pickle it goes
-                return True
-            if view.nbytes < OUT_OF_BAND_MIN:
-                return True
-            views.append(view)
-            return False
-
-        data = cloudpickle.dumps(obj, protocol=PROTOCOL, buffer_callback=out_of_band)
-        if not views:
-            return data
+def _with_views(data: bytes, views: list):
+    """The payload of a pickle ``data`` whose big buffers ``views`` travel out of band."""
     head = _ENVELOPE.pack(_ENVELOPE_MARK, len(views), len(data))
     lengths = struct.pack(f"!{len(views)}Q", *(v.nbytes for v in views))
     return (head + lengths + data, *views)
