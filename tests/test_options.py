@@ -27,6 +27,9 @@ GOOD = [
     (({"cpu": 0, "gpu": 2.0}, None, None), {"resources": {"cpu": 0, "gpu": 2}}),
     (({"GPU": 1, "Scratch": "1.5T"}, None, None), {"resources": {"cpu": 1, "gpu": 1, "scratch": 3 << 39}}),
     (({"mem": "512MiB", "cpu": 0.5}, None, None), {"resources": {"cpu": 0.5, "mem": 512 << 20}}),
+    # The names people write for the built-in ones (Ray's, SLURM's) are those.
+    (({"cpus": 4, "Memory": "8G", "GPUs": 1}, None, None), {"resources": {"cpu": 4, "mem": 8 * G, "gpu": 1}}),
+    (({"cpus": 1}, None, None), {}),
     ((None, "db", None), {"tag": "db"}),
     ((None, "x" * 200, None), {"tag": "x" * 200}),
     ((None, None, [3, "h1"]), {"workers": [3, "h1"]}),
@@ -50,6 +53,7 @@ BAD = [
     (({"disk": None}, None, None), "resource 'disk' must be a number or a string"),
     (({"disk": [1]}, None, None), "resource 'disk' must be a number or a string"),
     (({"2gpu": 1}, None, None), "resource name '2gpu' is not valid"),
+    (({"cpu": 2, "CPUs": 4}, None, None), "resources name 'cpu' twice ('cpu' and 'CPUs')"),
     (({"a" * 65: 1}, None, None), "is not valid"),
     (({f"r{i}": 1 for i in range(33)}, None, None), "resources names 33 kinds; at most 32"),
     ((None, "", None), "tag must be a non-empty string"),

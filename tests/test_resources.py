@@ -37,6 +37,9 @@ def test_worker_spec_and_its_errors():
         m.parse_spec("gpu")
     with pytest.raises(ValueError, match="not valid"):
         m.parse_spec("2gpu=1")
+    assert m.parse_spec("cpus=4,Memory=8G,gpus=1") == {"cpu": 4, "mem": 8 << 30, "gpu": 1}
+    with pytest.raises(ValueError, match="'mem' is given twice"):
+        m.parse_spec("mem=8G,memory=16G")
 
 
 def test_a_jobs_need_defaults_to_one_cpu_and_wants_whole_gpus():

@@ -142,6 +142,9 @@ def test_gpu_jobs_get_their_own_device_ids(make_cluster, tmp_path, release):
         assert ex.submit(sched_jobs.gpu_env).result(timeout=30) == ""
         assert ex.submit(sched_jobs.job_env, resources={"cpu": 2, "mem": "1M"}).result(timeout=30) == {
             "CUDA_VISIBLE_DEVICES": "", "CW_JOB_CPUS": "2", "CW_JOB_MEM": str(1 << 20)}
+        # As Ray's and SLURM's users write them: the same resources, not ones no worker offers.
+        assert ex.submit(sched_jobs.job_env, resources={"CPUs": 2, "memory": "1M", "gpus": 1}).result(
+            timeout=30)["CW_JOB_MEM"] == str(1 << 20)
         # map passes resources on to every chunk.
         assert list(ex.map(sched_jobs.gpu_env, [None] * 3, resources={"gpu": 2})) == ["0,1"] * 3
 

@@ -11,7 +11,8 @@ The options:
 
 - ``priority``: a whole number in +-(2**31 - 1); higher goes first.
 - ``resources``: {name: amount}.  A name is letters, digits, '_', '.' or
-  '-'; an amount is a number >= 0 or a string with a binary unit ("8G",
+  '-' (case does not matter; ``cpus``, ``gpus`` and ``memory`` are taken as
+  ``cpu``, ``gpu`` and ``mem``); an amount is a number >= 0 or a string with a binary unit ("8G",
   "512MiB"), kept as a number (memory in bytes).  CPUs default to 1 (the
   worker process a job runs in); GPUs are whole, as a job gets its own ids.
 - ``tag``: names the jobs a limit (``ClusterExecutor.limit``) counts.
@@ -70,12 +71,19 @@ def parse_amount(value, name: str = "amount") -> int | float:
     return int(amount) if amount == int(amount) else amount
 
 
+#: What people write for the built-in resources (Ray's ``memory``, SLURM's
+#: ``--cpus``...): taken as the names the master places by.  Any other name is
+#: a resource of its own, which a job waits for until a worker offers it.
+ALIASES = {"cpus": "cpu", "gpus": "gpu", "memory": "mem"}
+
+
 def check_name(name) -> str:
-    """A resource name, lower-cased."""
+    """A resource name, lower-cased, an alias of a built-in one as that one."""
     if not isinstance(name, str) or not _NAME.match(name):
         raise ValueError(f"resource name {name!r} is not valid: use letters, digits, '_', '.' or '-' "
                          "(at most 64 characters, starting with a letter)")
-    return name.lower()
+    name = name.lower()
+    return ALIASES.get(name, name)
 
 
 def whole_gpus(amount) -> int:
@@ -96,9 +104,13 @@ def normalize_need(resources) -> dict:
     if len(resources) > MAX_KINDS:
         raise ValueError(f"resources names {len(resources)} kinds; at most {MAX_KINDS}")
     need = {"cpu": 1}
+    given = {}
     for name, value in resources.items():
-        name = check_name(name)
-        need[name] = parse_amount(value, name)
+        key = check_name(name)
+        if key in given:
+            raise ValueError(f"resources name {key!r} twice ({given[key]!r} and {name!r}); give it once")
+        given[key] = name
+        need[key] = parse_amount(value, key)
     whole_gpus(need.get("gpu", 0))
     need = {k: v for k, v in need.items() if v or k == "cpu"}
     return PLAIN if need == PLAIN else need

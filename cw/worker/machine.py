@@ -22,7 +22,10 @@ def parse_spec(spec: str) -> dict:
         name, sep, value = part.partition("=")
         if not sep:
             raise ValueError(f"--resources: {part!r} should be NAME=AMOUNT (like gpu=2 or mem=64G)")
-        declared[check_name(name.strip())] = parse_amount(value.strip(), name.strip())
+        key = check_name(name.strip())
+        if key in declared:
+            raise ValueError(f"--resources: {key!r} is given twice (in {spec!r}); give it once")
+        declared[key] = parse_amount(value.strip(), name.strip())
     return declared
 
 
