@@ -3,6 +3,7 @@ and cancellation of the awaiting task.  Jobs are lambdas and closures."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import threading
 import time
@@ -79,3 +80,27 @@ def test_submit_async_keeps_the_order_and_returns_futures(cluster):
             assert [f.jobid for f in futures] == sorted(f.jobid for f in futures)
             return [r[0] for r in await asyncio.gather(*futures)]
     assert asyncio.run(main()) == list(range(50))
+
+
+def test_jobs_that_finished_together_wake_the_loop_once(cluster):
+    # A busy loop (here: one that waited without awaiting) finds many jobs done:
+    # they reach it in one wake-up, not a self-pipe write and a wake-up each.
+    async def main(ex):
+        loop = asyncio.get_running_loop()
+        wakeups = []
+        threadsafe = loop.call_soon_threadsafe
+
+        def counted(*args, **kwargs):
+            wakeups.append(args[0])
+            return threadsafe(*args, **kwargs)
+
+        loop.call_soon_threadsafe = counted
+        futures = [ex.submit(lambda i=i: i, i) for i in range(1000)]
+        concurrent.futures.wait(futures, timeout=120)
+        results = await asyncio.gather(*futures)
+        return results, len(wakeups)
+
+    with ClusterExecutor(cluster.host, cluster.port) as ex:
+        results, wakeups = asyncio.run(main(ex))
+    assert results == list(range(1000))
+    assert wakeups <= 2, wakeups

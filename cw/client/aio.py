@@ -2,7 +2,8 @@
 
 ``await future`` works on every ``ClusterFuture`` (``ClusterFuture.__await__``):
 the job's completion reaches the event loop as a callback the client's
-reader thread schedules on it, so a thousand awaits cost no thread.
+reader thread schedules on it, so a thousand awaits cost no thread, and the
+jobs that finish while the loop is busy reach it in one wake-up (_LoopRelay).
 Cancelling the awaiting task cancels the job (as ``future.cancel()``
 does: a queued job is dropped, a running one aborted).
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -65,6 +67,57 @@ class AsyncSubmit:
         await asyncio.to_thread(self.shutdown, True)
 
 
+class _LoopRelay:
+    """Hands finished jobs to one event loop, all that finished since its last
+    wake-up at once.  (``asyncio.wrap_future`` wakes the loop through its
+    self-pipe for each one: a system call and a wake-up per job, which cost
+    an ``await``ed stream of small jobs a quarter of its throughput.)"""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = weakref.ref(loop)    # (a strong one would keep the loop's entry in _relays for ever)
+        self.lock = threading.Lock()
+        self.ready: list = []            # (job's future, the loop's future), finished
+        self.scheduled = False           # a drain is on its way to the loop
+
+    def finished(self, job, waiter) -> None:
+        """The job's done callback, on whichever thread finished it."""
+        with self.lock:
+            self.ready.append((job, waiter))
+            if self.scheduled:
+                return
+            self.scheduled = True
+        loop = self.loop()
+        try:
+            if loop is not None:
+                loop.call_soon_threadsafe(self.drain)
+        except RuntimeError:             # the loop is closed: nobody awaits any more
+            pass
+
+    def drain(self) -> None:
+        with self.lock:
+            ready, self.ready, self.scheduled = self.ready, [], False
+        for job, waiter in ready:
+            if waiter.done():            # the awaiting task was cancelled meanwhile
+                continue
+            if job.cancelled():
+                waiter.cancel()
+            elif (exc := job.exception()) is not None:
+                waiter.set_exception(exc)
+            else:
+                waiter.set_result(job.result())
+
+
+_relays: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def await_future(future):
     """``ClusterFuture.__await__``: the job's outcome, awaited on the running loop."""
-    return asyncio.wrap_future(future).__await__()
+    loop = asyncio.get_running_loop()
+    relay = _relays.get(loop)
+    if relay is None:
+        relay = _relays[loop] = _LoopRelay(loop)
+    waiter = loop.create_future()
+    # Cancelling the awaiting task cancels the job (dropped if queued, aborted if running).
+    waiter.add_done_callback(lambda w: future.cancel() if w.cancelled() else None)
+    future.add_done_callback(lambda job: relay.finished(job, waiter))
+    return waiter.__await__()
