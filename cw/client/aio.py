@@ -70,8 +70,8 @@ class AsyncSubmit:
 class _LoopRelay:
     """Hands finished jobs to one event loop, all that finished since its last
     wake-up at once.  (``asyncio.wrap_future`` wakes the loop through its
-    self-pipe for each one: a system call and a wake-up per job, which cost
-    an ``await``ed stream of small jobs a quarter of its throughput.)"""
+    self-pipe for each one: a system call and a wake-up per job, which an
+    ``await``ed stream of small jobs pays with its throughput.)"""
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = weakref.ref(loop)    # (a strong one would keep the loop's entry in _relays for ever)

@@ -12,9 +12,10 @@ The options:
 - ``priority``: a whole number in +-(2**31 - 1); higher goes first.
 - ``resources``: {name: amount}.  A name is letters, digits, '_', '.' or
   '-' (case does not matter; ``cpus``, ``gpus`` and ``memory`` are taken as
-  ``cpu``, ``gpu`` and ``mem``); an amount is a number >= 0 or a string with a binary unit ("8G",
-  "512MiB"), kept as a number (memory in bytes).  CPUs default to 1 (the
-  worker process a job runs in); GPUs are whole, as a job gets its own ids.
+  ``cpu``, ``gpu`` and ``mem``); an amount is a number >= 0 or a string
+  with a binary unit ("8G", "512MiB"), kept as a number (memory in bytes).
+  CPUs default to 1 (the worker process a job runs in); GPUs are whole, as
+  a job gets its own ids.
 - ``tag``: names the jobs a limit (``ClusterExecutor.limit``) counts.
 - ``workers``: the worker ids and host names a job may run on.
 - ``threads``: its BLAS/OpenMP thread pools' size, a whole number >= 1

@@ -1,8 +1,8 @@
 """Job timeouts on a worker: one thread for all of a session's jobs.
 
-A ``threading.Timer`` per job costs a thread's start and end, about 200 µs
-here: more than a small job itself, so a client that gave every job a
-timeout halved its throughput.  Only the jobs running now have a live
+A ``threading.Timer`` per job would cost a thread's start and end per job,
+more than a small job costs its worker (see docs/performance.rst, "Jobs
+with a timeout").  Only the jobs running now have a live
 deadline (a runner runs one at a time), so the watcher keeps them in a dict
 and looks for the earliest when it wakes; a job that ends in time only
 takes its entry out.  The watcher sleeps until the earliest deadline it
