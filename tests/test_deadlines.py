@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import threading
 
+from conftest import wait_until
+
 from cw.worker.deadlines import Deadlines
 
 
@@ -32,6 +34,7 @@ def test_a_sooner_deadline_wakes_the_watcher_early():
     expired = Expiries()
     deadlines = Deadlines(expired)
     deadlines.watch(1, 3600)              # the watcher sleeps for an hour...
+    wait_until(lambda: deadlines._wake_at < float("inf"), what="the watcher to wait for job 1")
     deadlines.watch(2, 0.05)              # ...unless this one wakes it
     assert expired.event.wait(30)         # (a timeout only to catch a hang)
     assert expired.gids == [2]

@@ -48,9 +48,9 @@ def test_small_payloads_stay_one_plain_pickle():
 
 
 def test_small_and_big_arrays_together_are_pickled_once_by_the_standard_pickler(monkeypatch):
-    # A job's small numpy result is the common case: deciding per buffer while
-    # pickling (not pickling again with cloudpickle once a buffer proves small)
-    # costs a quarter of the time.
+    # A job's small numpy result is the common case: each buffer is kept in the
+    # pickle or sent out of band as the standard pickler meets it, never pickled
+    # again (by cloudpickle, several times slower) once one proves small.
     def no_cloudpickle(*args, **kwargs):
         raise AssertionError("cloudpickle.dumps called for plain data")
 
