@@ -1,12 +1,14 @@
 """Checked types for the command lines' options: a bad value is refused
 by argparse with a message that names the option, what was given and what
-is allowed, before anything starts.  Imports nothing of cw but errors, so
-every command line (the master's too) can use it."""
+is allowed, before anything starts; and the options several commands
+share.  Imports nothing of cw but errors, so every command line (the
+master's too) can use it."""
 from __future__ import annotations
 
 import argparse
 import ipaddress
 import os
+import threading
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -100,6 +102,28 @@ def tls_file_options(parser: argparse.ArgumentParser) -> None:
                         help="its private key (default $CW_TLS_KEY, else tls/key.pem)")
     parser.add_argument("--tls-ca", default=None, metavar="PEM",
                         help="the CA that must sign every peer's certificate (default $CW_TLS_CA, else tls/ca.pem)")
+
+
+def until_stdin_closes_option(parser: argparse.ArgumentParser) -> None:
+    """--until-stdin-closes: the process ends with the program that started it (see watch_stdin)."""
+    parser.add_argument("--until-stdin-closes", action="store_true",
+                        help="stop when standard input ends: a program that starts this process with a pipe as "
+                             "its input, and keeps the other end, takes it down with it however it ends, even "
+                             "killed (cw.allocate and cw.start do)")
+
+
+def watch_stdin(on_end) -> None:
+    """Calls ``on_end()``, on a thread of its own, once standard input ends:
+    the pipe's other end is closed, as the kernel does when the program that
+    held it exits or is killed.  (Anything written to it is read and ignored.)"""
+    def watch():
+        try:
+            while os.read(0, 4096):
+                pass
+        except OSError:
+            pass
+        on_end()
+    threading.Thread(target=watch, name="cw-stdin-lifeline", daemon=True).start()
 
 
 def export_tls_files(args: argparse.Namespace) -> None:

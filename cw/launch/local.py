@@ -3,7 +3,11 @@
 The master is started first and its readiness line read (it names the real
 port, so port 0 works); the workers follow.  ``stop`` ends exactly the
 processes ``start`` created, by pid: the worker supervisors (which stop their
-own children) and the master.
+own children) and the master.  Each of them also has a pipe from this
+process as its standard input (``--until-stdin-closes``): should this
+process end without ``stop`` (killed, a notebook's kernel restarted), the
+kernel closes the pipe and the cluster stops itself, instead of living on
+with the port taken.
 """
 from __future__ import annotations
 
@@ -50,10 +54,10 @@ class LocalCluster:
         """Starts one supervisor running ``n`` worker processes (one worker
         machine: ``resources`` is its ``--resources``, e.g. "gpu=2,mem=8G")."""
         args = [sys.executable, "-m", "cw.worker", self.address, "-n", str(n),
-                "--connect-timeout", str(connect_timeout), "--log-level", "WARNING"]
+                "--connect-timeout", str(connect_timeout), "--log-level", "WARNING", "--until-stdin-closes"]
         if resources:
             args += ["--resources", resources]
-        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, env=env)
+        proc = subprocess.Popen(args, stdin=subprocess.PIPE, env=env)
         self.workers.append(proc)
         return proc
 
@@ -101,15 +105,16 @@ def _reap(proc: subprocess.Popen, timeout: float = STOP_TIMEOUT) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
-    if proc.stdout is not None:
-        proc.stdout.close()
+    for pipe in (proc.stdin, proc.stdout):
+        if pipe is not None:
+            pipe.close()
 
 
 def start_master(port: int = PORT, bind: str = "127.0.0.1", args=(), stderr=None) -> LocalCluster:
     """Starts ``python -m cw.master`` and waits for its readiness line."""
     proc = subprocess.Popen([sys.executable, "-m", "cw.master", "--bind", bind, "--port", str(port),
-                             "--log-level", "WARNING", *args],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr, text=True)
+                             "--log-level", "WARNING", "--until-stdin-closes", *args],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True)
     try:
         line = read_line(proc, READY_TIMEOUT)
     except BaseException:

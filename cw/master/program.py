@@ -83,6 +83,7 @@ def main(argv=None, prog: str = "python -m cw.master") -> int:
                              "with the certificates in tls/ beside the secret file on first use; needs "
                              "pip install \"cluster-workers[tls]\"); peers connect to tls://HOST:PORT")
     cliargs.tls_file_options(parser)
+    cliargs.until_stdin_closes_option(parser)
     parser.add_argument("--log-level", default="INFO", type=cliargs.log_level,
                         help="DEBUG, INFO, WARNING, ERROR or CRITICAL (default INFO)")
     args = parser.parse_args(argv)
@@ -104,6 +105,11 @@ def main(argv=None, prog: str = "python -m cw.master") -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        if args.until_stdin_closes:
+            def started_by_gone():
+                log.info("standard input ended (the program that started this master is gone): stopping")
+                loop.call_soon_threadsafe(stop.set)
+            cliargs.watch_stdin(started_by_gone)
 
         def ready(host, port):
             if args.address_file:

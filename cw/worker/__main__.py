@@ -43,6 +43,7 @@ def main(argv=None, prog: str = "python -m cw.worker") -> int:
     cliargs.tls_file_options(parser)
     parser.add_argument("--log-level", default="INFO", type=cliargs.log_level,
                         help="DEBUG, INFO, WARNING, ERROR or CRITICAL (default INFO)")
+    cliargs.until_stdin_closes_option(parser)
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--offer", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--exit-channel", type=int, default=None, help=argparse.SUPPRESS)
@@ -84,8 +85,11 @@ def main(argv=None, prog: str = "python -m cw.worker") -> int:
     offer["node"] = f"{socket.gethostname()}:{os.getpid()}"
     log.info("this machine offers %s%s", format_amounts(offer["resources"]),
              f" (GPU ids {','.join(offer['gpu_ids'])})" if offer["gpu_ids"] else "")
-    return Supervisor(args.master, args.port, args.processes, args.connect_timeout, args.log_level, offer,
-                      job_threads).run()
+    supervisor = Supervisor(args.master, args.port, args.processes, args.connect_timeout, args.log_level, offer,
+                            job_threads)
+    if args.until_stdin_closes:
+        cliargs.watch_stdin(supervisor.started_by_gone)
+    return supervisor.run()
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ log = logging.getLogger("cw.worker")
 #: A child that dies sooner than this after starting counts as crash-looping.
 QUICK_DEATH = 1.0
 MAX_RESTART_DELAY = 10.0
+#: Seconds running jobs get when the program that started the workers is gone (--until-stdin-closes).
+STOP_GRACE = 2.0
 
 
 class Supervisor:
@@ -54,7 +56,9 @@ class Supervisor:
         try:
             # Its thread variables are set before it imports anything: numpy
             # (if a job imports it) starts with a job's count, not one per core.
-            proc = subprocess.Popen(cmd, pass_fds=(self.lifeline_r, channel_w),
+            # A job that reads its standard input gets its end at once, never
+            # this supervisor's terminal or lifeline pipe.
+            proc = subprocess.Popen(cmd, pass_fds=(self.lifeline_r, channel_w), stdin=subprocess.DEVNULL,
                                     env=threads.worker_environ(os.environ, self.job_threads))
         except BaseException:
             os.close(channel_r)
@@ -83,6 +87,15 @@ class Supervisor:
                 proc.send_signal(sig)
             except ProcessLookupError:
                 pass
+
+    def started_by_gone(self) -> None:
+        """(--until-stdin-closes, on the watching thread.)  Nobody waits for
+        these workers' results any more: running jobs get STOP_GRACE seconds,
+        then die.  Signals to itself, so that ``stop`` runs on the main thread."""
+        log.info("standard input ended (the program that started these workers is gone): stopping")
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(STOP_GRACE)
+        os.kill(os.getpid(), signal.SIGTERM)
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self.stop)
