@@ -108,7 +108,10 @@ def main(argv=None, prog: str = "python -m cw.master") -> int:
         if args.until_stdin_closes:
             def started_by_gone():
                 log.info("standard input ended (the program that started this master is gone): stopping")
-                loop.call_soon_threadsafe(stop.set)
+                try:
+                    loop.call_soon_threadsafe(stop.set)
+                except RuntimeError:      # the loop is closed: this master is stopping already
+                    pass
             cliargs.watch_stdin(started_by_gone)
 
         def ready(host, port):
