@@ -7,16 +7,12 @@ from __future__ import annotations
 from collections import deque
 
 from test_dispatch import drain, of
-from test_dispatch_scheduling import client, options, worker
+from test_dispatch_scheduling import client, submit, worker
 
-from cw.master.dispatch import DEFAULT_RETRIES, Dispatcher
+from cw.master.dispatch import Dispatcher
 from cw.wire.frames import Frame, Status
 
 C1, C2, W1, W2 = 101, 102, 1, 2
-
-
-def submit(d, cid, jobid, priority=0):
-    d.submit(cid, jobid, DEFAULT_RETRIES, 0.0, b"payload", priority, options())
 
 
 class NotWalked(deque):
