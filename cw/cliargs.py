@@ -112,18 +112,23 @@ def until_stdin_closes_option(parser: argparse.ArgumentParser) -> None:
                              "killed (cw.allocate and cw.start do)")
 
 
-def watch_stdin(on_end) -> None:
-    """Calls ``on_end()``, on a thread of its own, once standard input ends:
-    the pipe's other end is closed, as the kernel does when the program that
-    held it exits or is killed.  (Anything written to it is read and ignored.)"""
+def watch_for_end(fd: int, on_end, name: str = "cw-lifeline") -> None:
+    """Calls ``on_end()``, on a thread of its own, once the pipe ``fd`` ends:
+    its other end is closed, as the kernel does when the process that held it
+    exits or is killed.  (Anything written to it is read and ignored.)"""
     def watch():
         try:
-            while os.read(0, 4096):
+            while os.read(fd, 4096):
                 pass
         except OSError:
             pass
         on_end()
-    threading.Thread(target=watch, name="cw-stdin-lifeline", daemon=True).start()
+    threading.Thread(target=watch, name=name, daemon=True).start()
+
+
+def watch_stdin(on_end) -> None:
+    """``watch_for_end`` on standard input (--until-stdin-closes)."""
+    watch_for_end(0, on_end, "cw-stdin-lifeline")
 
 
 def export_tls_files(args: argparse.Namespace) -> None:

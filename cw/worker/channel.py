@@ -9,7 +9,8 @@ died: they exit with it.
 from __future__ import annotations
 
 import os
-import threading
+
+from cw import cliargs
 
 # Exit statuses, for people reading logs; the supervisor reads the exit channel instead.
 EXIT_NO_MASTER = 3   # gave up reaching a master: do not restart
@@ -85,8 +86,4 @@ def exit_now(reason: str, status: int) -> None:
 
 def watch_lifeline(fd: int) -> None:
     """Exits this worker when its supervisor dies (the pipe's write end closes)."""
-    def watch():
-        while os.read(fd, 1):
-            pass
-        os._exit(0)
-    threading.Thread(target=watch, name="cw-lifeline", daemon=True).start()
+    cliargs.watch_for_end(fd, lambda: os._exit(0))
